@@ -1,0 +1,145 @@
+"""Tiny random checkpoints with a trained tokenizer, for tests and examples that run on a CPU
+with no model hub. ``make_toy_checkpoint(path)`` writes a complete Hugging Face model directory
+(config.json, safetensors weights, tokenizer files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+_WORDS = (
+    "the engine schedules every request over a paged cache of blocks while decodes run first and "
+    "prompts fill the rest of the budget in chunks so that the accelerator stays busy and latency "
+    "stays low for everyone who waits on a stream of tokens from the model in the loop of the host "
+    "DeepSpeed is a library for training and inference of large models Seattle is a city by the "
+    "water with rain and coffee and mountains in the distance numbers 0 1 2 3 4 5 6 7 8 9 10 42 "
+    "héllo wörld naïve café 東京 こんにちは 🙂 👍 — ñ ü ß"
+).split()
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+
+
+def _corpus() -> list[str]:
+    lines = []
+    for i in range(400):
+        words = [_WORDS[(i * 7 + j * 13) % len(_WORDS)] for j in range(12 + i % 9)]
+        lines.append(" ".join(words))
+    lines.append(" ".join(_WORDS))
+    return lines
+
+
+def train_tokenizer(path: str | Path, vocab_size: int = 384) -> int:
+    """Train a byte-level BPE tokenizer and save it (HF format) to ``path``; returns its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    wrapped.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+    )
+    wrapped.save_pretrained(str(path))
+    return len(wrapped)
+
+
+_FAMILIES = {
+    "llama": dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
+    "mistral": dict(
+        architectures=["MistralForCausalLM"],
+        model_type="mistral",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        sliding_window=24,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def make_toy_checkpoint(
+    path: str | Path,
+    family: str = "llama",
+    *,
+    seed: int = 0,
+    weight_std: float = 0.08,
+    shards: int = 1,
+    weights_format: str = "safetensors",
+    **config_overrides,
+) -> Path:
+    """Write a tiny random ``family`` checkpoint with a trained tokenizer to ``path``.
+
+    ``config_overrides`` go into config.json (e.g. ``num_key_value_heads=1``,
+    ``rope_scaling={...}``); ``shards > 1`` writes an indexed, sharded safetensors checkpoint;
+    ``weights_format="bin"`` writes ``pytorch_model.bin`` instead.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab_size = train_tokenizer(path)
+    fields = dict(_FAMILIES[family])
+    fields.update(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    fields.update(config_overrides)
+    model_type = fields.pop("model_type")
+    config = AutoConfig.for_model(model_type, **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0.0, weight_std)
+    if weights_format == "bin":
+        config.save_pretrained(path)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        torch.save(state, path / "pytorch_model.bin")
+    else:
+        shard_size = None if shards <= 1 else _shard_size_for(model, shards)
+        model.save_pretrained(path, max_shard_size=shard_size or "10GB")
+    _write_generation_config(path)
+    return path
+
+
+def _shard_size_for(model, shards: int) -> int:
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return max(1, total // shards + 1)
+
+
+def _write_generation_config(path: Path) -> None:
+    # transformers may write a generation config with sampling defaults; the toy models are greedy
+    (path / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": 2, "do_sample": False})
+    )

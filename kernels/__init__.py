@@ -1,0 +1,21 @@
+"""fastgen kernels: each op is a Triton kernel beside a plain-PyTorch reference of the same
+signature. The public functions dispatch on the tensor's device: Triton on CUDA, the reference
+on CPU (``FASTGEN_KERNELS=reference`` forces the reference)."""
+
+from .activation import gelu, silu_and_mul
+from .attention import paged_attention
+from .cache import write_kv_cache
+from .norm import layer_norm, rms_norm
+from .rotary import apply_rotary
+from .sampling import sample
+
+__all__ = [
+    "apply_rotary",
+    "gelu",
+    "layer_norm",
+    "paged_attention",
+    "rms_norm",
+    "sample",
+    "silu_and_mul",
+    "write_kv_cache",
+]

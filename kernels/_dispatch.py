@@ -1,0 +1,21 @@
+"""Backend choice: Triton on CUDA tensors, the PyTorch reference elsewhere.
+
+``FASTGEN_KERNELS=reference`` forces the reference everywhere (debugging on a GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.cache
+def _forced_reference() -> bool:
+    return os.environ.get("FASTGEN_KERNELS", "").lower() == "reference"
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """True when ``tensor`` lives on a CUDA device and Triton kernels are not disabled."""
+    return tensor.is_cuda and not _forced_reference()
