@@ -7,6 +7,8 @@ CUDA graph batch) is skipped.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from ._dispatch import use_triton
 
@@ -24,6 +26,62 @@ def write_kv_cache_reference(
     slots = slot_mapping[valid].long()
     key_cache.view(-1, num_kv_heads, head_dim)[slots] = key[valid].to(key_cache.dtype)
     value_cache.view(-1, num_kv_heads, head_dim)[slots] = value[valid].to(value_cache.dtype)
+
+
+@triton.jit
+def _write_kv_cache_kernel(
+    key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
+    num_kv_heads, head_dim,
+    stride_k_token, stride_k_head, stride_v_token, stride_v_head,
+    stride_kc_slot, stride_kc_head, stride_vc_slot, stride_vc_head,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One token per program: copy its keys and values (all KV heads) into its slot."""
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (heads[:, None] < num_kv_heads) & (dims[None, :] < head_dim)
+    key = tl.load(key_ptr + token * stride_k_token + heads[:, None] * stride_k_head + dims[None, :],
+                  mask=mask)
+    value = tl.load(value_ptr + token * stride_v_token + heads[:, None] * stride_v_head + dims[None, :],
+                    mask=mask)
+    tl.store(key_cache_ptr + slot * stride_kc_slot + heads[:, None] * stride_kc_head + dims[None, :],
+             key.to(key_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(value_cache_ptr + slot * stride_vc_slot + heads[:, None] * stride_vc_head + dims[None, :],
+             value.to(value_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_cache_triton(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Triton scatter of the step's keys and values; strided ``key``/``value`` views are fine."""
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    for name, tensor in (("key", key), ("value", value), ("key_cache", key_cache),
+                         ("value_cache", value_cache)):
+        if tensor.stride(-1) != 1:
+            raise ValueError(f"write_kv_cache needs a contiguous last dim in {name}")
+    if key_cache.stride(0) != key_cache.shape[1] * key_cache.stride(1):
+        raise ValueError("key_cache blocks must be laid out contiguously ([num_blocks, block_size, ...])")
+    if value_cache.stride(0) != value_cache.shape[1] * value_cache.stride(1):
+        raise ValueError("value_cache blocks must be laid out contiguously ([num_blocks, block_size, ...])")
+    block_d = triton.next_power_of_2(head_dim)
+    block_h = max(1, min(triton.next_power_of_2(num_kv_heads), 4096 // block_d))
+    grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
+    _write_kv_cache_kernel[grid](
+        key, value, key_cache, value_cache, slot_mapping, num_kv_heads, head_dim,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        key_cache.stride(1), key_cache.stride(2), value_cache.stride(1), value_cache.stride(2),
+        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+    )
 
 
 def write_kv_cache(

@@ -9,6 +9,8 @@ rotary, as Phi-2 uses); the rest pass through.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from ._dispatch import use_triton
 
@@ -37,6 +39,73 @@ def apply_rotary_reference(
     sin = cos_sin[:, None, half:]
     query.copy_(_rotate(query, cos, sin, rotary_dim))
     key.copy_(_rotate(key, cos, sin, rotary_dim))
+    return query, key
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr, token, num_heads, stride_token, stride_head, cos, sin,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    """Rotate the first ``2 * HALF`` features of every head of one token, in place."""
+    dims = tl.arange(0, BLOCK_HALF)
+    for head_start in range(0, num_heads, BLOCK_H):
+        heads = head_start + tl.arange(0, BLOCK_H)
+        mask = (heads[:, None] < num_heads) & (dims[None, :] < HALF)
+        ptrs = x_ptr + token * stride_token + heads[:, None] * stride_head + dims[None, :]
+        x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+        tl.store(ptrs + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    positions_ptr, query_ptr, key_ptr, cos_sin_ptr,
+    num_heads, num_kv_heads, stride_q_token, stride_q_head, stride_k_token, stride_k_head,
+    stride_cos_sin,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    """One token per program: its queries and keys, all heads."""
+    token = tl.program_id(0).to(tl.int64)
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    dims = tl.arange(0, BLOCK_HALF)
+    dim_mask = dims < HALF
+    cos = tl.load(cos_sin_ptr + position * stride_cos_sin + dims, mask=dim_mask, other=0.0)
+    sin = tl.load(cos_sin_ptr + position * stride_cos_sin + HALF + dims, mask=dim_mask, other=0.0)
+    cos = cos.to(tl.float32)[None, :]
+    sin = sin.to(tl.float32)[None, :]
+    _rotate_heads(query_ptr, token, num_heads, stride_q_token, stride_q_head, cos, sin,
+                  HALF, BLOCK_H, BLOCK_HALF)
+    _rotate_heads(key_ptr, token, num_kv_heads, stride_k_token, stride_k_head, cos, sin,
+                  HALF, BLOCK_H, BLOCK_HALF)
+
+
+def apply_rotary_triton(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    rotary_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton rotary, in place on ``query`` and ``key`` (strided views such as slices of a fused
+    QKV projection are fine as long as the last dim is contiguous)."""
+    if rotary_dim % 2 or rotary_dim > query.shape[-1]:
+        raise ValueError(f"rotary_dim must be even and <= head_dim, got {rotary_dim}")
+    if query.stride(-1) != 1 or key.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
+        raise ValueError("apply_rotary needs a contiguous last dim in query, key and cos_sin_cache")
+    num_tokens = positions.shape[0]
+    if num_tokens == 0:
+        return query, key
+    half = rotary_dim // 2
+    block_half = triton.next_power_of_2(half)
+    block_h = max(1, min(triton.next_power_of_2(max(query.shape[1], key.shape[1])), 4096 // block_half))
+    _rotary_kernel[(num_tokens,)](
+        positions, query, key, cos_sin_cache,
+        query.shape[1], key.shape[1], query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+        cos_sin_cache.stride(0),
+        HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4,
+    )
     return query, key
 
 
