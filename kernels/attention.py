@@ -13,6 +13,9 @@ Layout shared by the reference and the Triton kernel:
 - ``block_tables``: int32 ``[num_seqs, max_blocks_per_seq]``; entries past a sequence's last block
   are ignored.
 - ``sliding_window``: when set, a query at position ``p`` sees keys at positions ``> p - window``.
+
+The Triton path (``paged_attention_triton``, kernels in ``attention_triton.py``) serves the whole
+ragged batch with one launch; see that module for the work decomposition.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import use_triton
+from .attention_triton import paged_attention_triton
 
 
 def paged_attention_reference(
@@ -38,7 +42,7 @@ def paged_attention_reference(
 ) -> torch.Tensor:
     """Plain-PyTorch paged attention, one sequence at a time (also the CPU backend)."""
     del max_query_len, max_context_len  # sizes the Triton launch; not needed here
-    num_tokens, num_heads, head_dim = query.shape
+    num_heads, head_dim = query.shape[1], query.shape[2]
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
     if out is None:

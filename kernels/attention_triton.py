@@ -1,0 +1,379 @@
+"""Triton paged attention for ragged batches: one launch per step, decodes and prompt chunks mixed.
+
+Layout and semantics are ``fastgen.kernels.attention``'s (read its module docstring).
+
+Work decomposition. The grid is ``(query-tile slots, num_kv_heads, num_splits)``. A program owns one
+KV head and one tile of one sequence's query tokens; its rows are (token, query head of the KV
+head's group) pairs, so a GQA/MQA group shares every K/V tile it loads and the tile feeds ``tl.dot``.
+
+- Prompt chunks use ``BLOCK_M`` rows (``BLOCK_M // group`` tokens of every head of the group).
+- Decodes (one query token) take a separate branch with ``BLOCK_M_DECODE = max(16, group)`` rows,
+  the query heads of the group packed together: K/V are read once per KV head.
+- Sequence lookup: with ``T`` tokens and ``S`` sequences there are ``T // tokens_per_tile + S``
+  slots; sequence ``s`` owns the slots from ``query_start[s] // tokens_per_tile + s`` on, enough for
+  all its tiles (surplus slots exit at once). A program finds its sequence by binary search over
+  ``query_start``, so the launch needs only tensor shapes: no host sync, CUDA-graph capturable.
+  Decode-only launches (``max_query_len == 1``) use one slot per sequence and skip the search.
+- Keys are visited in ``BLOCK_N`` tiles aligned to multiples of ``BLOCK_N``; tiles that every row
+  sees whole (inside the causal limit and the sliding window) run without masks, the few at the
+  diagonal and at the window's start with them.
+- Split-KV (flash-decoding): with ``num_splits > 1`` each program covers one contiguous part of
+  the keys its tile needs and writes an fp32 partial output and its log-sum-exp; a second kernel
+  merges them. The host picks ``num_splits`` from the batch's shape and ``max_context_len``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+NO_WINDOW = 1 << 30  # sliding window "none": larger than any position
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _attend_range(
+    acc, m_i, l_i, q, positions, window, kv_lo, kv_hi, start, stop,
+    key_cache_ptr, value_cache_ptr, block_table_ptr, kv_head,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    qk_scale,
+    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax accumulation over key tiles ``[start, stop)`` (tile-aligned)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for tile_start in range(start, stop, BLOCK_N):
+        keys = tile_start + offs_n
+        in_range = (keys >= kv_lo) & (keys < kv_hi)
+        if BLOCK_N <= BLOCK_SIZE:
+            # an aligned tile lies inside one cache block
+            block = tl.load(block_table_ptr + tile_start // BLOCK_SIZE).to(tl.int64)
+            k_rows = block * stride_kb + (keys % BLOCK_SIZE) * stride_kt
+            v_rows = block * stride_vb + (keys % BLOCK_SIZE) * stride_vt
+        else:
+            if MASKED:
+                blocks = tl.load(block_table_ptr + keys // BLOCK_SIZE, mask=in_range, other=0)
+            else:
+                blocks = tl.load(block_table_ptr + keys // BLOCK_SIZE)
+            blocks = blocks.to(tl.int64)
+            k_rows = blocks * stride_kb + (keys % BLOCK_SIZE) * stride_kt
+            v_rows = blocks * stride_vb + (keys % BLOCK_SIZE) * stride_vt
+        k_ptrs = key_cache_ptr + kv_head * stride_kh + k_rows[:, None] + offs_d[None, :]
+        v_ptrs = value_cache_ptr + kv_head * stride_vh + v_rows[:, None] + offs_d[None, :]
+        if MASKED:
+            load_mask = in_range[:, None] & (offs_d[None, :] < HEAD_DIM)
+            k = tl.load(k_ptrs, mask=load_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=load_mask, other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            visible = (keys[None, :] <= positions[:, None]) & (keys[None, :] > positions[:, None] - window)
+            visible = visible & in_range[None, :]
+            scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_query_tile(
+    query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
+    block_table_ptr, q_start, q_len, local_tile, context_len, kv_head, split, num_splits, window,
+    qk_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
+    GROUP: tl.constexpr, TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Attention of ``TOKENS`` query tokens x ``GROUP`` heads of one sequence (or one split of it)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    token_in_tile = offs_m // GROUP
+    heads = kv_head * GROUP + offs_m % GROUP
+    q_index = local_tile * TOKENS + token_in_tile
+    row_valid = (token_in_tile < TOKENS) & (q_index < q_len)
+    tokens = (q_start + q_index).to(tl.int64)
+    positions = context_len - q_len + q_index
+    q_mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(query_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=q_mask, other=0.0)
+
+    first_pos = context_len - q_len + local_tile * TOKENS
+    last_pos = tl.minimum(first_pos + TOKENS - 1, context_len - 1)
+    kv_lo = tl.maximum(first_pos - window + 1, 0)  # the earliest key any row sees
+    kv_hi = last_pos + 1
+    # keys every row sees: [last_pos - window + 1, first_pos]; whole tiles inside need no mask
+    full_lo = tl.cdiv(tl.maximum(last_pos - window + 1, 0), BLOCK_N) * BLOCK_N
+    full_hi = ((first_pos + 1) // BLOCK_N) * BLOCK_N
+    span_lo = (kv_lo // BLOCK_N) * BLOCK_N
+    part = tl.cdiv(tl.cdiv(kv_hi - span_lo, num_splits), BLOCK_N) * BLOCK_N
+    start = span_lo + split * part
+    stop = tl.minimum(start + part, kv_hi)
+    full_start = tl.minimum(tl.maximum(full_lo, start), stop)
+    full_stop = tl.minimum(tl.maximum(full_hi, full_start), stop)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, m_i, l_i = _attend_range(
+        acc, m_i, l_i, q, positions, window, kv_lo, kv_hi, start, full_start,
+        key_cache_ptr, value_cache_ptr, block_table_ptr, kv_head,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, qk_scale,
+        True, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, DOT_PRECISION,
+    )
+    acc, m_i, l_i = _attend_range(
+        acc, m_i, l_i, q, positions, window, kv_lo, kv_hi, full_start, full_stop,
+        key_cache_ptr, value_cache_ptr, block_table_ptr, kv_head,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, qk_scale,
+        False, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, DOT_PRECISION,
+    )
+    acc, m_i, l_i = _attend_range(
+        acc, m_i, l_i, q, positions, window, kv_lo, kv_hi, full_stop, stop,
+        key_cache_ptr, value_cache_ptr, block_table_ptr, kv_head,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, qk_scale,
+        True, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, DOT_PRECISION,
+    )
+
+    if SPLIT:
+        seen = l_i > 0  # False where this split saw no key: weight exp2(-inf) = 0 in the merge
+        result = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        base = tokens * stride_pt + heads * stride_ph + split * stride_ps
+        tl.store(partial_out_ptr + base[:, None] + offs_d[None, :], result, mask=q_mask)
+        tl.store(partial_lse_ptr + tokens * stride_lt + heads * stride_lh + split, lse, mask=row_valid)
+    else:
+        result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i == 0 only on padding rows
+        tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 result.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit(do_not_specialize=["num_seqs", "num_splits", "window"])
+def _paged_attention_kernel(
+    query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
+    query_start_ptr, context_lens_ptr, block_tables_ptr,
+    num_seqs, num_splits, window, qk_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh, stride_bt, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M_DECODE: tl.constexpr, BLOCK_N_DECODE: tl.constexpr,
+    HAS_PREFILL: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid ``(slots, num_kv_heads, num_splits)``; see the module docstring."""
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    if HAS_PREFILL:
+        # heaviest (last) tiles first: reverse the slot order
+        slot = tl.num_programs(0) - 1 - tl.program_id(0)
+        lo = num_seqs * 0
+        hi = num_seqs - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            mid_first_slot = tl.load(query_start_ptr + mid).to(tl.int32) // TOKENS + mid
+            lo = tl.where(mid_first_slot <= slot, mid, lo)
+            hi = tl.where(mid_first_slot <= slot, hi, mid - 1)
+        seq = lo
+        q_start = tl.load(query_start_ptr + seq).to(tl.int32)
+        local_tile = slot - (q_start // TOKENS + seq)
+    else:
+        seq = tl.program_id(0)
+        q_start = tl.load(query_start_ptr + seq).to(tl.int32)
+        local_tile = 0
+    q_len = tl.load(query_start_ptr + seq + 1).to(tl.int32) - q_start
+    if local_tile * TOKENS >= q_len:
+        return
+    context_len = tl.load(context_lens_ptr + seq).to(tl.int32)
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    if HAS_PREFILL:
+        if q_len > 1:
+            _attend_query_tile(
+                query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
+                block_table_ptr, q_start, q_len, local_tile, context_len, kv_head, split, num_splits,
+                window, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh,
+                stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
+                GROUP, TOKENS, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_SIZE, SPLIT, DOT_PRECISION,
+            )
+        else:
+            _attend_query_tile(
+                query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
+                block_table_ptr, q_start, q_len, local_tile, context_len, kv_head, split, num_splits,
+                window, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh,
+                stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
+                GROUP, 1, BLOCK_M_DECODE, BLOCK_N_DECODE, HEAD_DIM, BLOCK_D, BLOCK_SIZE, SPLIT,
+                DOT_PRECISION,
+            )
+    else:
+        _attend_query_tile(
+            query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
+            block_table_ptr, q_start, q_len, local_tile, context_len, kv_head, split, num_splits,
+            window, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
+            GROUP, 1, BLOCK_M_DECODE, BLOCK_N_DECODE, HEAD_DIM, BLOCK_D, BLOCK_SIZE, SPLIT,
+            DOT_PRECISION,
+        )
+
+
+@triton.jit
+def _merge_splits_kernel(
+    partial_out_ptr, partial_lse_ptr, out_ptr, num_splits,
+    stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Combine the splits of one (token, head); tokens no sequence covers are left untouched."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    base = token * stride_pt + head * stride_ph
+    lse = tl.load(partial_lse_ptr + token * stride_lt + head * stride_lh + splits, mask=splits < num_splits,
+                  other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    covered = lse_max > float("-inf")
+    weights = tl.exp2(lse - tl.where(covered, lse_max, 0.0))
+    weights = weights / tl.maximum(tl.sum(weights, axis=0), 1e-30)
+    mask = (splits[:, None] < num_splits) & (offs_d[None, :] < HEAD_DIM)
+    partial = tl.load(partial_out_ptr + base + splits[:, None] * stride_ps + offs_d[None, :], mask=mask,
+                      other=0.0)
+    result = tl.sum(weights[:, None] * partial, axis=0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d,
+             result.to(out_ptr.dtype.element_ty), mask=offs_d < tl.where(covered, HEAD_DIM, 0))
+
+
+@functools.cache
+def _multiprocessor_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter: any small number exercises the same logic
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch_config(head_dim: int, group: int, dtype: torch.dtype) -> dict[str, int]:
+    """Tile sizes and warps: prompt-chunk tiles, decode tiles. Tests may monkeypatch this."""
+    big_head = head_dim > 128
+    block_m = max(64 if big_head else 128, triton.next_power_of_2(group))
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_N": 32 if big_head else 64,
+        "BLOCK_M_DECODE": max(16, triton.next_power_of_2(group)),
+        "BLOCK_N_DECODE": 32 if big_head else 64,
+        "num_warps_prefill": 4 if big_head or head_dim <= 64 else 8,
+        "num_warps_decode": 4,
+        "num_stages": 2 if big_head else 3,
+    }
+
+
+def choose_num_splits(num_programs: int, max_context_len: int, device: torch.device) -> int:
+    """Splits per sequence so that a batch of few long sequences still fills the GPU."""
+    multiprocessors = _multiprocessor_count(device)
+    if num_programs >= multiprocessors or max_context_len <= 512:
+        return 1
+    wanted = triton.cdiv(2 * multiprocessors, num_programs)
+    return max(1, min(wanted, triton.cdiv(max_context_len, 256), MAX_SPLITS))
+
+
+def paged_attention_triton(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    query_start: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    max_query_len: int | None = None,
+    max_context_len: int | None = None,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Triton paged attention (one launch, plus a merge launch when the keys are split).
+
+    ``num_splits`` overrides the host's split-KV choice (tests force the split path with it).
+    With ``max_query_len`` and ``max_context_len`` given, nothing here syncs with the device.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(query)
+    num_seqs = context_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    for name, tensor in (("key_cache", key_cache), ("value_cache", value_cache), ("out", out),
+                         ("block_tables", block_tables)):
+        if tensor.stride(-1) != 1:
+            raise ValueError(f"paged_attention needs a contiguous last dim in {name}")
+    if max_query_len is None:
+        max_query_len = int((query_start[1:] - query_start[:-1]).max())
+    if max_context_len is None:
+        max_context_len = int(context_lens.max())
+
+    config = launch_config(head_dim, group, query.dtype)
+    has_prefill = max_query_len > 1
+    tokens_per_tile = config["BLOCK_M"] // group
+    num_slots = num_tokens // tokens_per_tile + num_seqs if has_prefill else num_seqs
+    if num_splits is None:
+        num_splits = choose_num_splits(num_slots * num_kv_heads, max_context_len, query.device)
+    num_splits = max(1, min(int(num_splits), MAX_SPLITS))
+    split = num_splits > 1
+    if split:
+        partial_out = torch.empty((num_tokens, num_heads, num_splits, head_dim), dtype=torch.float32,
+                                  device=query.device)
+        partial_lse = torch.full((num_tokens, num_heads, num_splits), float("-inf"),
+                                 dtype=torch.float32, device=query.device)
+    else:
+        partial_out = partial_lse = out  # unused placeholders
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    window = NO_WINDOW if sliding_window is None else int(sliding_window)
+    grid = (num_slots, num_kv_heads, num_splits)
+    _paged_attention_kernel[grid](
+        query, key_cache, value_cache, out, partial_out, partial_lse,
+        query_start, context_lens, block_tables,
+        num_seqs, num_splits, window, scale * math.log2(math.e),
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        block_tables.stride(0),
+        *(partial_out.stride()[:3] if split else (0, 0, 0)),
+        *(partial_lse.stride()[:2] if split else (0, 0)),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+        TOKENS=tokens_per_tile, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        BLOCK_M_DECODE=config["BLOCK_M_DECODE"], BLOCK_N_DECODE=config["BLOCK_N_DECODE"],
+        HAS_PREFILL=has_prefill, SPLIT=split,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=config["num_warps_prefill" if has_prefill else "num_warps_decode"],
+        num_stages=config["num_stages"],
+    )
+    if split:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            partial_out, partial_lse, out, num_splits,
+            *partial_out.stride()[:3], *partial_lse.stride()[:2], out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out
