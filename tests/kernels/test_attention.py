@@ -13,7 +13,6 @@ import math
 
 import pytest
 import torch
-
 from fastgen.kernels import attention, attention_triton
 from fastgen.kernels.attention import paged_attention_reference
 from fastgen.kernels.attention_triton import paged_attention_triton
@@ -230,7 +229,7 @@ def test_gpu_real_shapes(model, block_size, seed) -> None:
     cuda = torch.device("cuda")
     decode = [(1, int(c)) for c in torch.randint(1, 4096, (48,))]
     check(decode, num_heads, num_kv_heads, head_dim, block_size, torch.bfloat16, cuda)
-    mixed = decode[:24] + [(512, 512), (200, 1500), (56, 3000)]
+    mixed = [*decode[:24], (512, 512), (200, 1500), (56, 3000)]
     check(mixed, num_heads, num_kv_heads, head_dim, block_size, torch.bfloat16, cuda, strided_query=True)
     few_long = [(1, 16000), (1, 9000)]
     check(few_long, num_heads, num_kv_heads, head_dim, block_size, torch.bfloat16, cuda)
