@@ -1,0 +1,96 @@
+"""`EngineConfig`: the one configuration object of an engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
+_EXECUTORS = ("auto", "inprocess", "zmq")
+
+
+class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How an engine runs. Every field has a default that works.
+
+    - ``token_budget``: tokens per forward pass (Dynamic SplitFuse budget, MII's
+      ``max_ragged_batch_size``).
+    - ``max_seqs``: sequences alive at once (MII's ``max_ragged_sequence_count``).
+    - ``block_size``: tokens per KV-cache block.
+    - ``num_kv_blocks`` / ``kv_cache_bytes``: KV capacity; when neither is set, the GPU's free
+      memory times ``gpu_memory_utilization`` after weights and activations, or on CPU enough for
+      ``max_seqs`` sequences of ``max_model_len`` capped at 1 GiB.
+    - ``max_model_len``: longest prompt + output; default: the model's context length.
+    - ``dtype``: ``auto`` is bfloat16 on GPU (float16 where bf16 is missing), float32 on CPU.
+    - ``device``: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+    - ``device_ids``: the GPUs a tensor-parallel engine uses (default ``0..tensor_parallel-1``).
+    - ``load_format``: ``auto``, ``safetensors``, ``pt`` or ``dummy`` (random weights).
+    - ``executor``: ``inprocess`` runs the model in the engine's process (in a worker thread);
+      ``zmq`` runs it in worker processes; ``auto`` is in-process unless ``tensor_parallel > 1``.
+    - ``max_queued_requests``: bound of the waiting queue; beyond it requests are refused with
+      `EngineOverloadedError`.
+    - ``cuda_graphs``: replay CUDA graphs for decode-only steps.
+    - ``seed``: the seed of the engine's own random stream (requests without a seed).
+    """
+
+    tensor_parallel: int = 1
+    token_budget: int = 768
+    max_seqs: int = 512
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    device_ids: list[int] | None = None
+    load_format: str = "auto"
+    tokenizer: str | None = None
+    executor: str = "auto"
+    max_queued_requests: int = 4096
+    cuda_graphs: bool = True
+    seed: int = 0
+    worker_start_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "tensor_parallel", "token_budget", "max_seqs", "block_size", "max_queued_requests")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        for name in ("num_kv_blocks", "kv_cache_bytes", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        _one_of(self.dtype, "dtype", _DTYPES)
+        _one_of(self.load_format, "load_format", _LOAD_FORMATS)
+        _one_of(self.executor, "executor", _EXECUTORS)
+        if self.device_ids is not None and len(self.device_ids) != self.tensor_parallel:
+            raise ValueError(
+                f"device_ids names {len(self.device_ids)} devices but tensor_parallel={self.tensor_parallel}"
+            )
+
+    @classmethod
+    def from_options(cls, **options: Any) -> EngineConfig:
+        """Build from keyword options (unknown names raise a ValueError listing the known ones)."""
+        known = set(cls.__struct_fields__)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
+        return cls(**options)
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return msgspec.structs.replace(self, **changes)
+
+
+def _positive(config: EngineConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _one_of(value: str, name: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -1,0 +1,460 @@
+"""`AsyncEngine`: the engine inside the host's event loop.
+
+One background task (the step loop) owns the scheduler, the sequences and the executor: requests
+and aborts reach it through an inbox, outputs leave through per-request channels. Nothing in the
+core needs a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence as SequenceOf
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer, TextAccumulator, make_decode_fn
+from .errors import (
+    EngineDeadError,
+    EngineOverloadedError,
+    InvalidRequestError,
+    StepError,
+)
+from .executor import Executor, create_executor
+from .models.config import ModelConfig
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledStep, Scheduler
+from .sequence import FinishReason, Sequence
+
+logger = logging.getLogger("fastgen.engine")
+
+
+class _Channel:
+    """Outputs of one request, merged while the consumer is busy (no unbounded backlog)."""
+
+    def __init__(self, request_id: str, prompt_tokens: int):
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self._text: list[str] = []
+        self._token_ids: list[int] = []
+        self._generated = 0
+        self._finish: str | None = None
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+        self.closed = False
+
+    def put(self, text: str, token_ids: list[int], generated: int, finish: str | None = None) -> None:
+        if self.closed:
+            return
+        if text:
+            self._text.append(text)
+        self._token_ids.extend(token_ids)
+        self._generated = generated
+        if finish is not None:
+            self._finish = finish
+            self.closed = True
+        self._ready.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.closed:
+            self._error = error
+            self.closed = True
+            self._ready.set()
+
+    async def get(self) -> RequestOutput:
+        await self._ready.wait()
+        self._ready.clear()
+        if self._error is not None and not self._text and not self._token_ids:
+            raise self._error
+        out = RequestOutput(
+            request_id=self.request_id,
+            text="".join(self._text),
+            token_ids=self._token_ids,
+            prompt_tokens=self.prompt_tokens,
+            generated_tokens=self._generated,
+            finish_reason=self._finish,
+        )
+        self._text, self._token_ids = [], []
+        if self._error is not None:
+            self._ready.set()  # the error comes with the next get()
+        return out
+
+
+@dataclass
+class _Request:
+    request_id: str
+    seq: Sequence
+    channel: _Channel
+    detokenizer: IncrementalDetokenizer
+    text: TextAccumulator
+    arrival_s: float = field(default_factory=time.monotonic)
+    first_token_s: float | None = None
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's state (for metrics and tests)."""
+
+    num_running: int
+    num_waiting: int
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    num_preemptions: int
+    num_steps: int
+    generated_tokens: int
+    prompt_tokens: int
+
+
+class AsyncEngine:
+    """An LLM engine living in the host's event loop.
+
+    Create it with ``await AsyncEngine.start(model_path, EngineConfig(...))`` and use it as an
+    async context manager, or call `stop` yourself. `generate` may be called from any number of
+    tasks at once.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        tokenizer: Any,
+        executor: Executor,
+        max_model_len: int,
+    ):
+        self.model_path = model_path
+        self.config = config
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.executor = executor
+        self.max_model_len = max_model_len
+        self.block_manager = BlockManager(executor.num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, token_budget=config.token_budget, max_seqs=config.max_seqs)
+        self.eos_token_ids = _eos_token_ids(model_path, model_config, tokenizer)
+        self._decode = make_decode_fn(tokenizer)
+        self._requests: dict[str, _Request] = {}
+        self._by_seq: dict[int, _Request] = {}  # seq_id -> request: the core holds no back-references
+        self._inbox_add: list[_Request] = []
+        self._inbox_abort: list[str] = []
+        self._wakeup = asyncio.Event()
+        self._seq_ids = itertools.count()
+        self._dead: BaseException | None = None
+        self._stopping = False
+        self.num_steps = 0
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+        self.step_listeners: list[Any] = []  # callables(step, seconds) for metrics
+        self._loop_task = asyncio.get_running_loop().create_task(self._step_loop(), name="fastgen-step-loop")
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    @classmethod
+    async def start(cls, model: str | Path, config: EngineConfig | None = None, **options: Any) -> AsyncEngine:
+        """Load ``model`` (a local Hugging Face directory) and start the step loop.
+
+        ``options`` are `EngineConfig` fields, for callers that do not build one.
+        """
+        if config is None:
+            config = EngineConfig.from_options(**options)
+        elif options:
+            config = config.replace(**options)
+        model_path = str(model)
+        model_config = ModelConfig.from_pretrained(model_path)
+        from .models import model_class_for
+
+        model_class_for(model_config)  # fail fast on an unsupported architecture
+        max_model_len = config.max_model_len or model_config.max_position_embeddings
+        tokenizer = await asyncio.to_thread(_load_tokenizer, config.tokenizer or model_path)
+        executor = await create_executor(model_path, config, model_config, max_model_len)
+        capacity = executor.num_kv_blocks * config.block_size
+        if capacity < max_model_len:
+            logger.warning(
+                "KV cache holds %d tokens, fewer than max_model_len=%d: limiting max_model_len",
+                capacity, max_model_len,
+            )
+            max_model_len = capacity
+        logger.info(
+            "engine ready: %d KV blocks of %d tokens (%d tokens), max_model_len=%d",
+            executor.num_kv_blocks, config.block_size, capacity, max_model_len,
+        )
+        return cls(model_path, config, model_config, tokenizer, executor, max_model_len)
+
+    async def __aenter__(self) -> AsyncEngine:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Abort every request, stop the step loop and release the executor."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._loop_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._loop_task
+        for request in list(self._requests.values()):
+            request.channel.put("", [], request.seq.num_generated, FinishReason.ABORT.value)
+        self._requests.clear()
+        self._by_seq.clear()
+        await self.executor.shutdown()
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._dead is None and not self._stopping and not self._loop_task.done()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_kv_blocks=self.block_manager.num_blocks,
+            num_free_kv_blocks=self.block_manager.num_free,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self.num_steps,
+            generated_tokens=self.generated_tokens,
+            prompt_tokens=self.prompt_tokens,
+        )
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: str | SequenceOf[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Generate from ``prompt`` (text or token ids); yields `RequestOutput` deltas.
+
+        Leaving the iteration early (``break``, cancellation, ``aclose``) aborts the request and
+        frees its KV blocks within one step. Invalid input raises `InvalidRequestError`.
+        """
+        request = self.add_request(prompt, params, request_id=request_id)
+        finished = False
+        try:
+            while True:
+                out = await request.channel.get()
+                finished = out.finish_reason is not None
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def add_request(
+        self, prompt: str | SequenceOf[int], params: SamplingParams | None = None, *, request_id: str | None = None
+    ) -> _Request:
+        """Validate and queue a request; `generate` is the usual way in."""
+        if self._dead is not None or self._stopping:
+            raise EngineDeadError(f"the engine is not running: {self._dead or 'stopped'}")
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params", f"expected SamplingParams, got {type(params).__name__}")
+        params.validate()
+        prompt_ids = self._prompt_token_ids(prompt)
+        max_total = self._max_total_tokens(len(prompt_ids), params)
+        queued = self.scheduler.num_waiting + len(self._inbox_add)
+        if queued >= self.config.max_queued_requests:
+            raise EngineOverloadedError(
+                f"{queued} requests are waiting (max_queued_requests={self.config.max_queued_requests})"
+            )
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        seq = Sequence(
+            next(self._seq_ids), prompt_ids, params, max_total_tokens=max_total, eos_token_ids=self.eos_token_ids
+        )
+        request = _Request(
+            request_id=request_id,
+            seq=seq,
+            channel=_Channel(request_id, len(prompt_ids)),
+            detokenizer=IncrementalDetokenizer(self._decode, prompt_ids),
+            text=TextAccumulator(params.stop),
+        )
+        self._requests[request_id] = request
+        self._by_seq[seq.seq_id] = request
+        self._inbox_add.append(request)
+        self._wakeup.set()
+        return request
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request; its iterator ends with ``finish_reason="abort"``."""
+        if request_id in self._requests:
+            self._inbox_abort.append(request_id)
+            self._wakeup.set()
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def _prompt_token_ids(self, prompt: str | SequenceOf[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt", "the prompt is empty")
+            ids = self.tokenize(prompt)
+        elif isinstance(prompt, SequenceOf) and not isinstance(prompt, bytes | bytearray):
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            for token in ids:
+                if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
+                    raise InvalidRequestError("prompt", f"token id {token!r} is outside the vocabulary [0, {vocab})")
+        else:
+            raise InvalidRequestError("prompt", f"expected a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise InvalidRequestError("prompt", "the prompt is empty")
+        return ids
+
+    def _max_total_tokens(self, prompt_len: int, params: SamplingParams) -> int:
+        if prompt_len >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt",
+                f"the prompt has {prompt_len} tokens; the context holds {self.max_model_len} "
+                "(prompt + at least one generated token)",
+            )
+        limit = self.max_model_len
+        if params.max_length is not None:
+            if prompt_len >= params.max_length:
+                raise InvalidRequestError(
+                    "max_length", f"max_length ({params.max_length}) must exceed the prompt length ({prompt_len})"
+                )
+            limit = min(limit, params.max_length)
+        if params.max_new_tokens is not None:
+            limit = min(limit, prompt_len + params.max_new_tokens)
+        return limit
+
+    # -- the step loop --------------------------------------------------------------------
+
+    def _apply_inbox(self) -> None:
+        for request in self._inbox_add:
+            if request.request_id in self._requests:  # not aborted while in the inbox
+                self.scheduler.add(request.seq)
+                self.prompt_tokens += request.seq.prompt_len
+        self._inbox_add.clear()
+        for request_id in self._inbox_abort:
+            request = self._requests.get(request_id)
+            if request is not None:
+                self._forget(request)
+                self.scheduler.finish(request.seq, FinishReason.ABORT)
+                request.channel.put("", [], request.seq.num_generated, FinishReason.ABORT.value)
+        self._inbox_abort.clear()
+
+    async def _step_loop(self) -> None:
+        try:
+            while True:
+                self._apply_inbox()
+                if not self.scheduler.has_work:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                step = self.scheduler.schedule()
+                if not step.plan.chunks:
+                    self._fail_unschedulable(step)
+                    await asyncio.sleep(0)
+                    continue
+                started = time.perf_counter()
+                try:
+                    result = await self.executor.execute(step.plan)
+                except Exception as exc:  # noqa: BLE001 - a step failure fails its requests only
+                    self._fail_step(step, exc)
+                    if not self.executor.is_alive:
+                        raise EngineDeadError(f"the executor died: {exc}") from exc
+                    continue
+                self.num_steps += 1
+                for seq, token in self.scheduler.commit(step, result):
+                    self._on_token(seq, token)
+                elapsed = time.perf_counter() - started
+                for listener in self.step_listeners:
+                    listener(step, elapsed)
+                await asyncio.sleep(0)  # let consumers run between steps
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._die(exc)
+            raise
+
+    def _die(self, exc: BaseException) -> None:
+        logger.error("engine step loop stopped: %r", exc)
+        self._dead = exc
+        error = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"the engine stopped: {exc!r}")
+        for request in self._requests.values():
+            request.channel.fail(error)
+        self._requests.clear()
+        self._by_seq.clear()
+
+    def _fail_step(self, step: ScheduledStep, exc: Exception) -> None:
+        logger.exception("step %d failed; failing its %d requests", step.plan.step_id, len(step.sequences))
+        error = StepError(f"a forward step failed: {exc!r}")
+        for seq in step.sequences:
+            request = self._request_of(seq)
+            if request is not None:
+                self.scheduler.finish(seq, FinishReason.ERROR)
+                request.channel.fail(error)
+                self._forget(request)
+
+    def _fail_unschedulable(self, step: ScheduledStep) -> None:
+        # Only reachable when the head of the queue cannot fit an empty cache, which the
+        # admission checks rule out; fail it rather than spin.
+        if self.scheduler.running or not self.scheduler.waiting:
+            return
+        seq = self.scheduler.waiting[0]
+        request = self._request_of(seq)
+        self.scheduler.finish(seq, FinishReason.ERROR)
+        if request is not None:
+            request.channel.fail(InvalidRequestError("prompt", "the prompt does not fit the KV cache"))
+            self._forget(request)
+
+    def _on_token(self, seq: Sequence, token: int) -> None:
+        request = self._request_of(seq)
+        if request is None:
+            return
+        self.generated_tokens += 1
+        if request.first_token_s is None:
+            request.first_token_s = time.monotonic()
+        reason = seq.token_stop_reason()
+        delta = request.detokenizer.add(token)
+        if reason is not None:
+            delta += request.detokenizer.flush()
+        visible, stopped = request.text.push(delta, final=reason is not None)
+        if stopped:
+            reason = FinishReason.STOP
+        finish = reason.value if reason is not None else None
+        request.channel.put(visible, [token], seq.num_generated, finish)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self._forget(request)
+
+    def _request_of(self, seq: Sequence) -> _Request | None:
+        return self._by_seq.get(seq.seq_id)
+
+    def _forget(self, request: _Request) -> None:
+        self._requests.pop(request.request_id, None)
+        self._by_seq.pop(request.seq.seq_id, None)
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _eos_token_ids(model_path: str, model_config: ModelConfig, tokenizer: Any) -> tuple[int, ...]:
+    ids = list(model_config.eos_token_ids)
+    generation_config = Path(model_path) / "generation_config.json"
+    if generation_config.is_file():
+        eos = json.loads(generation_config.read_text()).get("eos_token_id")
+        for token in eos if isinstance(eos, list) else [eos]:
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+    tokenizer_eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(tokenizer_eos, int) and tokenizer_eos not in ids:
+        ids.append(tokenizer_eos)
+    return tuple(ids)

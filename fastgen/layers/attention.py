@@ -1,0 +1,63 @@
+"""Attention over the paged KV cache, and the per-step batch description it reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastgen import kernels
+
+
+@dataclass
+class ForwardBatch:
+    """The ragged batch of one step, as tensors on the model's device.
+
+    Tokens of all sequences are flattened in chunk order; ``query_start`` delimits them and
+    ``context_lens`` counts each sequence's cached tokens including this step's.
+    """
+
+    positions: torch.Tensor  # int64 [num_tokens]
+    slot_mapping: torch.Tensor  # int64 [num_tokens], block * block_size + offset; -1 = padding
+    query_start: torch.Tensor  # int32 [num_seqs + 1]
+    context_lens: torch.Tensor  # int32 [num_seqs]
+    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]
+    max_query_len: int
+    max_context_len: int
+
+
+class PagedAttention(nn.Module):
+    """Writes the step's keys/values to the cache, then attends over the cache.
+
+    The runner assigns ``key_cache`` / ``value_cache`` (``[num_blocks, block_size, kv_heads,
+    head_dim]``) after it sizes the cache.
+    """
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, *, scale: float, sliding_window: int | None
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.key_cache = torch.empty(0)
+        self.value_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """``q``: [T, heads, d]; ``k``, ``v``: [T, kv_heads, d]; returns [T, heads, d]."""
+        kernels.write_kv_cache(k, v, self.key_cache, self.value_cache, batch.slot_mapping)
+        return kernels.paged_attention(
+            q,
+            self.key_cache,
+            self.value_cache,
+            batch.query_start,
+            batch.context_lens,
+            batch.block_tables,
+            scale=self.scale,
+            sliding_window=self.sliding_window,
+            max_query_len=batch.max_query_len,
+            max_context_len=batch.max_context_len,
+        )

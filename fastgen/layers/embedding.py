@@ -1,0 +1,57 @@
+"""Token embedding and LM head, split across ranks by vocabulary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .linear import copy_checked
+from .parallel import SINGLE, TensorParallel
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table whose rows (vocabulary) are split across ranks; the last shard is padded."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, tp: TensorParallel = SINGLE):
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.shard_size = -(-vocab_size // tp.size)
+        self.vocab_start = tp.rank * self.shard_size
+        self.vocab_end = min(self.vocab_start + self.shard_size, vocab_size)
+        self.weight = nn.Parameter(torch.zeros(self.shard_size, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        rows = self.vocab_end - self.vocab_start
+        copy_checked(param.data[:rows], loaded[self.vocab_start : self.vocab_end], "vocab shard")
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return nn.functional.embedding(token_ids, self.weight)
+        mine = (token_ids >= self.vocab_start) & (token_ids < self.vocab_end)
+        local_ids = torch.where(mine, token_ids - self.vocab_start, 0)
+        out = nn.functional.embedding(local_ids, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
+        return self.tp.all_reduce(out)
+
+
+class LMHead(nn.Module):
+    """Projection to vocabulary logits, split by vocabulary like ``embedding``; each rank computes
+    its slice, then the slices are gathered. With ``tie_weights`` it shares the embedding table."""
+
+    def __init__(self, embedding: VocabParallelEmbedding, *, tie_weights: bool):
+        super().__init__()
+        self.tp = embedding.tp
+        self.vocab_size = embedding.vocab_size
+        if tie_weights:
+            self.weight = embedding.weight
+        else:
+            self.weight = nn.Parameter(torch.zeros_like(embedding.weight), requires_grad=False)
+            self.weight.weight_loader = embedding._load
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = nn.functional.linear(hidden, self.weight)
+        logits = self.tp.all_gather_last_dim(logits)
+        return logits[..., : self.vocab_size]

@@ -1,0 +1,135 @@
+"""Linear layers with Megatron-style tensor-parallel sharding.
+
+Each parameter carries a ``weight_loader(param, loaded, shard_id)``: ``loaded`` is a full
+checkpoint tensor or a lazy safetensors slice (anything indexable with a ``shape`` or
+``get_shape()``), so each rank reads only the rows or columns it keeps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .parallel import SINGLE, TensorParallel
+
+
+def loaded_shape(loaded: Any) -> tuple[int, ...]:
+    return tuple(loaded.get_shape()) if hasattr(loaded, "get_shape") else tuple(loaded.shape)
+
+
+def copy_checked(dest: torch.Tensor, source: torch.Tensor, name: str) -> None:
+    if tuple(dest.shape) != tuple(source.shape):
+        raise ValueError(f"{name}: checkpoint shape {tuple(source.shape)} != expected {tuple(dest.shape)}")
+    dest.copy_(source)
+
+
+def load_full(param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+    """Loader of an unsharded parameter."""
+    copy_checked(param.data, loaded[:], "weight")
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y = x W^T``, output features split across ranks; ``output_sizes`` lists fused outputs
+    (e.g. gate and up), each split evenly, so shard ``i`` of the checkpoint lands at its offset."""
+
+    def __init__(
+        self, input_size: int, output_sizes: list[int], *, bias: bool = False, tp: TensorParallel = SINGLE
+    ):
+        super().__init__()
+        self.tp = tp
+        self.local_sizes = [tp.split(size, "output features") for size in output_sizes]
+        local_out = sum(self.local_sizes)
+        self.weight = nn.Parameter(torch.empty(local_out, input_size), requires_grad=False)
+        self.weight.weight_loader = self._load
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(local_out), requires_grad=False)
+            self.bias.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded: Any, shard_id: int | None = None) -> None:
+        index = shard_id or 0
+        size = self.local_sizes[index]
+        offset = sum(self.local_sizes[:index])
+        start = self.tp.rank * size
+        copy_checked(param.data[offset : offset + size], loaded[start : start + size], "column shard")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class QKVParallelLinear(nn.Module):
+    """Fused query/key/value projection split by heads. With fewer KV heads than ranks, each KV
+    head is replicated on ``tp.size / num_kv_heads`` ranks (as MQA/GQA models need)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        *,
+        bias: bool = False,
+        tp: TensorParallel = SINGLE,
+    ):
+        super().__init__()
+        self.tp = tp
+        self.head_dim = head_dim
+        self.num_local_heads = tp.split(num_heads, "num_attention_heads")
+        if num_kv_heads >= tp.size:
+            self.num_local_kv_heads = tp.split(num_kv_heads, "num_key_value_heads")
+            self.kv_head_start = tp.rank * self.num_local_kv_heads
+        else:
+            if tp.size % num_kv_heads:
+                raise ValueError(f"tensor_parallel={tp.size} is not a multiple of num_key_value_heads={num_kv_heads}")
+            self.num_local_kv_heads = 1
+            self.kv_head_start = tp.rank * num_kv_heads // tp.size
+        self.q_size = self.num_local_heads * head_dim
+        self.kv_size = self.num_local_kv_heads * head_dim
+        out = self.q_size + 2 * self.kv_size
+        self.weight = nn.Parameter(torch.empty(out, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self._load
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out), requires_grad=False)
+            self.bias.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded: Any, shard_id: str) -> None:
+        if shard_id == "q":
+            offset, size = 0, self.q_size
+            start = self.tp.rank * self.q_size
+        else:
+            offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
+            size = self.kv_size
+            start = self.kv_head_start * self.head_dim
+        copy_checked(param.data[offset : offset + size], loaded[start : start + size], f"{shard_id} shard")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """``y = x W^T``, input features split across ranks, partial sums all-reduced."""
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = False, tp: TensorParallel = SINGLE):
+        super().__init__()
+        self.tp = tp
+        self.local_in = tp.split(input_size, "input features")
+        self.weight = nn.Parameter(torch.empty(output_size, self.local_in), requires_grad=False)
+        self.weight.weight_loader = self._load_weight
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+            self.bias.weight_loader = load_full
+
+    def _load_weight(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        start = self.tp.rank * self.local_in
+        copy_checked(param.data, loaded[:, start : start + self.local_in], "row shard")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.linear(x, self.weight)
+        out = self.tp.all_reduce(out)
+        if self.bias is not None:
+            out = out + self.bias
+        return out

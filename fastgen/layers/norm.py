@@ -1,0 +1,40 @@
+"""Normalization layers over the fused kernels (residual add folded in)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastgen import kernels
+
+from .linear import load_full
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; ``forward(x, residual)`` also adds the residual and returns the new residual."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.weight.weight_loader = load_full
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with optional bias; same residual convention as `RMSNorm`."""
+
+    def __init__(self, hidden_size: int, eps: float, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.weight.weight_loader = load_full
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(hidden_size), requires_grad=False)
+            self.bias.weight_loader = load_full
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps, residual)

@@ -1,0 +1,119 @@
+"""Llama 1/2/3 and Mistral (Llama with sliding-window attention)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastgen.layers.attention import ForwardBatch, PagedAttention
+from fastgen.layers.embedding import LMHead, VocabParallelEmbedding
+from fastgen.layers.linear import QKVParallelLinear, RowParallelLinear
+from fastgen.layers.mlp import GatedMLP
+from fastgen.layers.norm import RMSNorm
+from fastgen.layers.parallel import TensorParallel
+from fastgen.layers.rotary import RotaryEmbedding
+
+from .config import ModelConfig
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, max_model_len: int):
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads,
+            bias=config.attention_bias, tp=tp,
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_heads * config.head_dim, config.hidden_size, bias=config.attention_bias, tp=tp
+        )
+        self.rotary = RotaryEmbedding(
+            config.rotary_dim,
+            base=config.rope_theta,
+            max_positions=config.max_position_embeddings,
+            max_model_len=max_model_len,
+            scaling=config.rope_scaling,
+        )
+        self.head_dim = config.head_dim
+        self.attn = PagedAttention(
+            self.qkv_proj.num_local_heads,
+            self.qkv_proj.num_local_kv_heads,
+            config.head_dim,
+            scale=config.head_dim**-0.5,
+            sliding_window=config.sliding_window,
+        )
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.attn.num_heads, self.head_dim)
+        k = k.view(-1, self.attn.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.attn.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v, batch)
+        return self.o_proj(out.view(-1, q_size))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, max_model_len: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.self_attn = LlamaAttention(config, tp, max_model_len)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = GatedMLP(
+            config.hidden_size, config.intermediate_size, act=config.hidden_act, bias=config.mlp_bias, tp=tp
+        )
+
+    def forward(self, positions, hidden, residual, batch: ForwardBatch):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, batch)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, max_model_len: int):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp=tp)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, tp, max_model_len) for _ in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+
+    def forward(self, token_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        hidden = self.embed_tokens(token_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(batch.positions, hidden, residual, batch)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-family causal LM over the paged KV cache."""
+
+    # checkpoint projection name -> (our fused parameter's module, shard id)
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel, max_model_len: int):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, tp, max_model_len)
+        self.lm_head = LMHead(self.model.embed_tokens, tie_weights=config.tie_word_embeddings)
+
+    def forward(self, token_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Final hidden states ``[num_tokens, hidden]`` of the step's tokens."""
+        return self.model(token_ids, batch)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)

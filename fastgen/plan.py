@@ -1,0 +1,60 @@
+"""The messages between the scheduler and the model runner(s).
+
+A `StepPlan` is the only thing that crosses from the engine to the workers, and a `StepResult`
+the only thing that comes back; both are msgspec structs, so they cross process boundaries
+cheaply. The worker keeps per-sequence state (block table, sampling options, how many tokens it
+has sampled), so a plan carries only what changed: new sequences, new blocks, released ids.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class SamplingOptions(msgspec.Struct, array_like=True, frozen=True):
+    """What a worker needs to sample for one sequence (sent once, when the sequence starts)."""
+
+    temperature: float  # 0 = greedy
+    top_k: int  # 0 = off
+    top_p: float  # 1.0 = off
+    seed: int | None  # None: draw from the engine's stream
+    min_new_tokens: int  # suppress `suppressed_token_ids` until this many tokens exist
+    suppressed_token_ids: list[int]
+
+
+class SequenceStart(msgspec.Struct, array_like=True):
+    """A sequence the worker must start tracking before this step's chunks run."""
+
+    seq_id: int
+    sampling: SamplingOptions
+    num_generated: int  # tokens generated before (non-zero when recomputing after preemption)
+
+
+class SequenceChunk(msgspec.Struct, array_like=True):
+    """One sequence's share of a step: ``token_ids`` at positions from ``start_position``."""
+
+    seq_id: int
+    token_ids: list[int]
+    start_position: int  # tokens of this sequence already in the KV cache
+    new_blocks: list[int]  # appended to the sequence's block table before the step runs
+    sample: bool  # the chunk ends at the sequence's last token: sample the next one
+
+
+class StepPlan(msgspec.Struct, array_like=True):
+    """One forward pass: the ragged batch of chunks, decodes first."""
+
+    step_id: int
+    released: list[int]  # sequences to forget (finished, aborted, preempted) before this step
+    started: list[SequenceStart]
+    chunks: list[SequenceChunk]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(chunk.token_ids) for chunk in self.chunks)
+
+
+class StepResult(msgspec.Struct, array_like=True):
+    """The sampled tokens of a step, one per chunk with ``sample=True``, in chunk order."""
+
+    step_id: int
+    sampled_token_ids: list[int]

@@ -1,0 +1,231 @@
+"""`ModelRunner`: runs step plans on one device (one tensor-parallel rank).
+
+It keeps the per-sequence state a plan does not repeat (block table, sampling options, tokens
+sampled so far), flattens each ragged batch into tensors, runs the model, computes logits only
+where a chunk samples, and samples on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastgen import kernels
+from fastgen.config import EngineConfig
+from fastgen.layers.attention import ForwardBatch, PagedAttention
+from fastgen.layers.parallel import TensorParallel
+from fastgen.models.config import ModelConfig
+from fastgen.models.loader import build_model
+from fastgen.plan import SamplingOptions, StepPlan, StepResult
+
+logger = logging.getLogger(__name__)
+
+_MASK64 = (1 << 64) - 1
+_CPU_KV_CACHE_CAP_BYTES = 1 << 30
+
+
+def mix_seed(seed: int, counter: int) -> int:
+    """A 63-bit seed for draw number ``counter`` of a request seeded with ``seed`` (splitmix64)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (counter + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+def resolve_device(config: EngineConfig, rank: int = 0) -> torch.device:
+    if config.device == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        ids = config.device_ids or list(range(config.tensor_parallel))
+        return torch.device("cuda", ids[rank])
+    device = torch.device(config.device)
+    if device.type == "cuda" and device.index is None:
+        ids = config.device_ids or list(range(config.tensor_parallel))
+        device = torch.device("cuda", ids[rank])
+    return device
+
+
+def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    if config.dtype != "auto":
+        return getattr(torch, config.dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+@dataclass
+class _SequenceState:
+    sampling: SamplingOptions
+    num_generated: int
+    block_table: list[int] = field(default_factory=list)
+
+
+class ModelRunner:
+    """Executes `StepPlan`s for one rank. Not thread-safe: one caller at a time."""
+
+    def __init__(
+        self,
+        model_path: str | Path | None,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        max_model_len: int,
+        *,
+        tp: TensorParallel = TensorParallel(),
+        show_progress: bool = True,
+    ):
+        self.config = config
+        self.model_config = model_config
+        self.max_model_len = max_model_len
+        self.tp = tp
+        self.device = resolve_device(config, tp.rank)
+        self.dtype = resolve_dtype(config, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.model = build_model(
+            model_path,
+            model_config,
+            dtype=self.dtype,
+            device=self.device,
+            tp=tp,
+            max_model_len=max_model_len,
+            load_format=config.load_format,
+            seed=config.seed,
+            show_progress=show_progress and tp.rank == 0,
+        )
+        self.block_size = config.block_size
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        self.num_kv_blocks = self._plan_kv_blocks()
+        self._allocate_kv_cache(self.num_kv_blocks)
+        self.sequences: dict[int, _SequenceState] = {}
+        self._engine_random = random.Random(config.seed)
+
+    # -- KV cache -------------------------------------------------------------------------
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        layer = self.attention_layers[0]
+        element = torch.empty((), dtype=self.dtype).element_size()
+        per_layer = 2 * self.block_size * layer.num_kv_heads * layer.head_dim * element
+        return per_layer * len(self.attention_layers)
+
+    def _plan_kv_blocks(self) -> int:
+        config = self.config
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+        if config.kv_cache_bytes is not None:
+            return max(1, config.kv_cache_bytes // self.kv_bytes_per_block)
+        if self.device.type == "cuda":
+            free_bytes, total_bytes = torch.cuda.mem_get_info(self.device)
+            used_by_others = total_bytes - free_bytes
+            budget = total_bytes * config.gpu_memory_utilization - used_by_others
+            # room for activations of a full token budget (logits and MLP intermediates)
+            budget -= self._activation_reserve_bytes()
+            return max(1, int(budget // self.kv_bytes_per_block))
+        blocks_per_seq = -(-self.max_model_len // self.block_size)
+        wanted = blocks_per_seq * config.max_seqs
+        return max(1, min(wanted, _CPU_KV_CACHE_CAP_BYTES // self.kv_bytes_per_block))
+
+    def _activation_reserve_bytes(self) -> int:
+        cfg = self.model_config
+        tokens = self.config.token_budget
+        element = torch.empty((), dtype=self.dtype).element_size()
+        widest = max(cfg.hidden_size * 4, 2 * cfg.intermediate_size // self.tp.size)
+        logits = min(tokens, self.config.max_seqs) * cfg.vocab_size * 4 * 2
+        return tokens * widest * element * 4 + logits + (256 << 20)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        layer = self.attention_layers[0]
+        shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        for module in self.attention_layers:
+            module.key_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            module.value_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # -- one step --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        for seq_id in plan.released:
+            self.sequences.pop(seq_id, None)
+        for start in plan.started:
+            self.sequences[start.seq_id] = _SequenceState(start.sampling, start.num_generated)
+        if not plan.chunks:
+            return StepResult(plan.step_id, [])
+        token_ids, batch, sample_indices, sampled_states = self._prepare(plan)
+        hidden = self.model(token_ids, batch)
+        logits = self.model.compute_logits(hidden[sample_indices])
+        tokens = self._sample(logits, sampled_states)
+        for state in sampled_states:
+            state.num_generated += 1
+        return StepResult(plan.step_id, tokens)
+
+    def _prepare(self, plan: StepPlan):
+        block_size = self.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        context_lens: list[int] = []
+        tables: list[list[int]] = []
+        sample_indices: list[int] = []
+        sampled_states: list[_SequenceState] = []
+        for chunk in plan.chunks:
+            state = self.sequences[chunk.seq_id]
+            table = state.block_table
+            table.extend(chunk.new_blocks)
+            count = len(chunk.token_ids)
+            start = chunk.start_position
+            token_ids.extend(chunk.token_ids)
+            chunk_positions = range(start, start + count)
+            positions.extend(chunk_positions)
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in chunk_positions)
+            query_start.append(query_start[-1] + count)
+            context_lens.append(start + count)
+            tables.append(table)
+            if chunk.sample:
+                sample_indices.append(query_start[-1] - 1)
+                sampled_states.append(state)
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        device = self.device
+        batch = ForwardBatch(
+            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            query_start=torch.tensor(query_start, dtype=torch.int32, device=device),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+            max_query_len=max(query_start[i + 1] - query_start[i] for i in range(len(context_lens))),
+            max_context_len=max(context_lens),
+        )
+        ids = torch.tensor(token_ids, dtype=torch.int64, device=device)
+        indices = torch.tensor(sample_indices, dtype=torch.int64, device=device)
+        return ids, batch, indices, sampled_states
+
+    def _sample(self, logits: torch.Tensor, states: list[_SequenceState]) -> list[int]:
+        if not states:
+            return []
+        logits = logits.float()
+        temperature, top_k, top_p, seeds = [], [], [], []
+        for row, state in enumerate(states):
+            options = state.sampling
+            if state.num_generated < options.min_new_tokens and options.suppressed_token_ids:
+                logits[row, options.suppressed_token_ids] = float("-inf")
+            temperature.append(options.temperature)
+            top_k.append(options.top_k)
+            top_p.append(options.top_p)
+            if options.seed is not None:
+                seeds.append(mix_seed(options.seed, state.num_generated))
+            else:
+                seeds.append(self._engine_random.getrandbits(63))
+        device = logits.device
+        tokens = kernels.sample(
+            logits,
+            torch.tensor(temperature, dtype=torch.float32, device=device),
+            torch.tensor(top_k, dtype=torch.int32, device=device),
+            torch.tensor(top_p, dtype=torch.float32, device=device),
+            torch.tensor(seeds, dtype=torch.int64, device=device),
+        )
+        return tokens.tolist()

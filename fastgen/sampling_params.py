@@ -1,0 +1,116 @@
+"""`SamplingParams`: how one request generates. Validated once, when the request arrives."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgspec
+
+from .errors import InvalidRequestError
+
+_MAX_SEED = 2**63 - 1
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Generation options of one request (names follow MII / HF `generate`).
+
+    - ``max_new_tokens``: most tokens to generate (default: until ``max_length`` or the context).
+    - ``max_length``: most tokens of prompt + output.
+    - ``min_new_tokens``: EOS and ``stop_token_ids`` are suppressed until this many tokens exist.
+    - ``do_sample``: sample (``True``) or take the argmax (``False``); ``temperature == 0`` is
+      greedy too.
+    - ``temperature``, ``top_k`` (0 = off), ``top_p`` (1.0 = off): the sampling distribution.
+    - ``ignore_eos``: keep going past EOS.
+    - ``stop``: strings that end generation; the output is cut before the stop string.
+    - ``stop_token_ids``: extra token ids that end generation (kept in the output ids).
+    - ``seed``: a per-request seed; the same seed gives the same tokens whatever else runs.
+    """
+
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    ignore_eos: bool = False
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    seed: int | None = None
+
+    @classmethod
+    def from_options(cls, **options: Any) -> SamplingParams:
+        """Build from keyword options, naming any unknown or mistyped option in the error."""
+        known = set(cls.__struct_fields__)
+        for name in options:
+            if name not in known:
+                raise InvalidRequestError(name, f"unknown option (known: {', '.join(sorted(known))})")
+        if isinstance(options.get("stop"), str):
+            options["stop"] = [options["stop"]]
+        if options.get("top_k") is None:
+            options.pop("top_k", None)
+        if options.get("temperature") is None:
+            options.pop("temperature", None)
+        try:
+            params = msgspec.convert(options, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            field = _field_from_message(str(exc))
+            raise InvalidRequestError(field, str(exc)) from None
+        params.validate()
+        return params
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0.0
+
+    def validate(self) -> None:
+        """Raise `InvalidRequestError` naming the first invalid field."""
+        _check_int(self.max_new_tokens, "max_new_tokens", minimum=1, optional=True)
+        _check_int(self.max_length, "max_length", minimum=1, optional=True)
+        _check_int(self.min_new_tokens, "min_new_tokens", minimum=0)
+        _check_int(self.top_k, "top_k", minimum=0)
+        _check_int(self.seed, "seed", minimum=0, optional=True, maximum=_MAX_SEED)
+        if not isinstance(self.do_sample, bool):
+            raise InvalidRequestError("do_sample", "must be a boolean")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequestError("ignore_eos", "must be a boolean")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequestError("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not (0.0 < self.top_p <= 1.0):
+            raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            raise InvalidRequestError(
+                "min_new_tokens",
+                f"{self.min_new_tokens} exceeds max_new_tokens ({self.max_new_tokens})",
+            )
+        for stop in self.stop:
+            if not isinstance(stop, str) or not stop:
+                raise InvalidRequestError("stop", "stop strings must be non-empty strings")
+        for token_id in self.stop_token_ids:
+            _check_int(token_id, "stop_token_ids", minimum=0)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_int(
+    value: Any, field: str, *, minimum: int, optional: bool = False, maximum: int | None = None
+) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidRequestError(field, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise InvalidRequestError(field, f"must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise InvalidRequestError(field, f"must be <= {maximum}, got {value}")
+
+
+def _field_from_message(message: str) -> str:
+    # msgspec reports e.g. "Expected `int`, got `str` - at `$.max_new_tokens`"
+    marker = "at `$."
+    if marker in message:
+        return message.split(marker, 1)[1].split("`", 1)[0].split("[", 1)[0]
+    return "options"

@@ -1,0 +1,216 @@
+"""Dynamic SplitFuse scheduling over the paged KV cache. Pure Python: no torch.
+
+Every step gets a fixed token budget. Running decodes take one token each first; the rest of the
+budget is filled exactly with prompt chunks, oldest first: a long prompt is split across steps
+(only its last chunk samples), short prompts are packed together. A sequence is admitted only
+when its whole remaining prompt fits in free blocks. When a running sequence needs a block and
+none is free, the newest running sequence is preempted: its blocks are freed and it waits to be
+recomputed from its prompt and the tokens it already generated.
+
+Liveness: the oldest running sequence is never preempted while a newer one runs, so it finishes
+if it fits the cache alone; admission is FIFO, so every request eventually becomes the oldest.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .plan import SequenceChunk, SequenceStart, StepPlan, StepResult
+from .sequence import FinishReason, Sequence, SequenceStatus
+
+
+class WaitReason(enum.Enum):
+    """Why the head of the waiting queue was not admitted this step (for logs and metrics)."""
+
+    TOKEN_BUDGET = "token_budget"
+    SEQUENCE_CAP = "sequence_cap"
+    KV_CACHE = "kv_cache"
+
+
+@dataclass
+class ScheduledStep:
+    """A plan and the host-side sequences of its chunks, in the same order."""
+
+    plan: StepPlan
+    sequences: list[Sequence]
+    num_decodes: int = 0
+    preempted: list[Sequence] = field(default_factory=list)
+    wait_reason: WaitReason | None = None
+
+
+class Scheduler:
+    """Owns the waiting queue, the running set and the block manager; one task calls it."""
+
+    def __init__(self, block_manager: BlockManager, *, token_budget: int, max_seqs: int):
+        self.block_manager = block_manager
+        self.block_size = block_manager.block_size
+        self.token_budget = token_budget
+        # every running sequence must be able to decode in every step
+        self.max_running = min(max_seqs, token_budget)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # in admission order, oldest first
+        self._released: list[int] = []
+        self._next_step_id = 0
+        self.num_preemptions = 0
+
+    # -- requests in and out -------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; its prompt must fit the cache alone (checked by the engine)."""
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Finish ``seq`` (done, aborted or failed) and free its blocks. Idempotent."""
+        if seq.status is SequenceStatus.FINISHED:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self._release_blocks(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def _release_blocks(self, seq: Sequence) -> None:
+        self.block_manager.free(seq.block_table)
+        seq.block_table = []
+        seq.num_blocks_announced = 0
+        seq.num_computed = 0
+        if seq.on_worker:
+            self._released.append(seq.seq_id)
+            seq.on_worker = False
+
+    # -- one step --------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledStep:
+        """Plan the next forward pass. May return a plan with no chunks (nothing to run)."""
+        budget = self.token_budget
+        chunks: list[SequenceChunk] = []
+        scheduled: list[Sequence] = []
+        started: list[SequenceStart] = []
+        preempted: list[Sequence] = []
+
+        # 1. decodes, oldest first; a decode that needs a block may preempt the newest sequence
+        decodes = [s for s in self.running if s.num_uncomputed == 1]
+        for seq in decodes:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            if not self._ensure_blocks(seq, seq.num_tokens, preempted):
+                continue
+            chunks.append(self._chunk(seq, seq.num_computed, 1, started))
+            scheduled.append(seq)
+            budget -= 1
+        num_decodes = len(chunks)
+
+        # 2. prompts already admitted and partly computed, oldest first
+        for seq in self.running:
+            if budget == 0:
+                break
+            if seq.num_uncomputed > 1:
+                take = min(seq.num_uncomputed, budget)
+                chunks.append(self._chunk(seq, seq.num_computed, take, started))
+                scheduled.append(seq)
+                budget -= take
+
+        # 3. admit waiting sequences while the budget, the sequence cap and the cache allow
+        wait_reason = None
+        reserve = min(len(self.running), self.block_manager.num_blocks // 100)
+        while self.waiting:
+            if budget == 0:
+                wait_reason = WaitReason.TOKEN_BUDGET
+                break
+            if len(self.running) >= self.max_running:
+                wait_reason = WaitReason.SEQUENCE_CAP
+                break
+            seq = self.waiting[0]
+            needed = self.block_manager.blocks_for(seq.num_tokens)
+            if not self.block_manager.can_allocate(needed + (reserve if self.running else 0)):
+                wait_reason = WaitReason.KV_CACHE
+                break
+            self.waiting.popleft()
+            seq.block_table = self.block_manager.allocate(needed)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            take = min(seq.num_uncomputed, budget)
+            chunks.append(self._chunk(seq, 0, take, started))
+            scheduled.append(seq)
+            budget -= take
+
+        released, self._released = self._released, []
+        plan = StepPlan(step_id=self._next_step_id, released=released, started=started, chunks=chunks)
+        self._next_step_id += 1
+        return ScheduledStep(plan, scheduled, num_decodes, preempted, wait_reason)
+
+    def _chunk(self, seq: Sequence, start: int, count: int, started: list[SequenceStart]) -> SequenceChunk:
+        if not seq.on_worker:
+            started.append(SequenceStart(seq.seq_id, seq.sampling_options, seq.num_generated))
+            seq.on_worker = True
+        new_blocks = seq.block_table[seq.num_blocks_announced :]
+        seq.num_blocks_announced = len(seq.block_table)
+        end = start + count
+        return SequenceChunk(
+            seq_id=seq.seq_id,
+            token_ids=seq.token_ids[start:end],
+            start_position=start,
+            new_blocks=new_blocks,
+            sample=end == seq.num_tokens,
+        )
+
+    def _ensure_blocks(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
+        """Give ``seq`` room for ``num_tokens``, preempting the newest sequences if needed.
+
+        Returns False when ``seq`` itself had to be preempted.
+        """
+        needed = self.block_manager.blocks_for(num_tokens) - len(seq.block_table)
+        while needed > 0:
+            if self.block_manager.can_allocate(needed):
+                seq.block_table.extend(self.block_manager.allocate(needed))
+                return True
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release_blocks(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # -- after the step ---------------------------------------------------------------------
+
+    def commit(self, step: ScheduledStep, result: StepResult) -> Iterator[tuple[Sequence, int]]:
+        """Record a finished step; yields each live sequence that sampled, with its new token."""
+        sampled = iter(result.sampled_token_ids)
+        for chunk, seq in zip(step.plan.chunks, step.sequences):
+            token = next(sampled) if chunk.sample else None
+            if seq.status is not SequenceStatus.RUNNING or not seq.on_worker:
+                continue  # finished, aborted or preempted while the step ran
+            seq.num_computed = chunk.start_position + len(chunk.token_ids)
+            if token is not None:
+                seq.append_token(token)
+                yield seq, token

@@ -1,0 +1,110 @@
+"""`Sequence`: one request's tokens and its place in the KV cache, owned by the scheduler."""
+
+from __future__ import annotations
+
+import enum
+
+from .plan import SamplingOptions
+from .sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # not admitted, or preempted and waiting to be recomputed
+    RUNNING = "running"  # holds KV blocks
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_new_tokens, max_length or the context length
+    ABORT = "abort"  # cancelled by the caller, or failed
+    ERROR = "error"
+
+
+class Sequence:
+    """A request's token ids (prompt, then generated) and its KV-cache bookkeeping.
+
+    ``num_computed`` counts the tokens whose keys and values are in the cache; the tokens after it
+    still need a forward pass. A decoding sequence has exactly one such token: the last sampled.
+    """
+
+    def __init__(
+        self,
+        seq_id: int,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        max_total_tokens: int,
+        eos_token_ids: tuple[int, ...] = (),
+    ):
+        self.seq_id = seq_id
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.prompt_len = len(prompt_token_ids)
+        self.params = params
+        self.max_total_tokens = max_total_tokens  # prompt + output, all limits applied
+        self.eos_token_ids = eos_token_ids
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.num_computed = 0
+        self.block_table: list[int] = []
+        self.num_blocks_announced = 0  # blocks of block_table the worker knows about
+        self.on_worker = False  # the worker tracks this sequence
+        self.num_preemptions = 0
+        self.sampling_options = _sampling_options(params, eos_token_ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.seq_id}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed}, blocks={len(self.block_table)})"
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def generated_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def token_stop_reason(self) -> FinishReason | None:
+        """Why generation must stop after the last token, judged on token ids alone."""
+        if self.num_generated == 0:
+            return None
+        last = self.token_ids[-1]
+        params = self.params
+        if self.num_generated >= params.min_new_tokens:
+            if not params.ignore_eos and last in self.eos_token_ids:
+                return FinishReason.STOP
+            if last in params.stop_token_ids:
+                return FinishReason.STOP
+        if self.num_tokens >= self.max_total_tokens:
+            return FinishReason.LENGTH
+        return None
+
+
+def _sampling_options(params: SamplingParams, eos_token_ids: tuple[int, ...]) -> SamplingOptions:
+    suppressed = [] if params.ignore_eos else list(eos_token_ids)
+    suppressed += [t for t in params.stop_token_ids if t not in suppressed]
+    return SamplingOptions(
+        temperature=0.0 if params.greedy else float(params.temperature),
+        top_k=params.top_k,
+        top_p=float(params.top_p),
+        seed=params.seed,
+        min_new_tokens=params.min_new_tokens,
+        suppressed_token_ids=suppressed if params.min_new_tokens > 0 else [],
+    )
