@@ -6,11 +6,28 @@ then to the smallest set whose probability reaches ``top_p[r]`` (1.0 = no limit)
 drawn by the exponential race ``argmax(p / E)``, ``E ~ Exp(1)``: the same distribution as a
 multinomial draw, in one pass. ``E`` is a deterministic function of ``seeds[r]`` alone, so a row's
 draw never depends on what else is in the batch.
+
+The Triton sampler keeps these semantics without sorting. One program per row reads the row a few
+times: pass 0 finds the maximum (greedy rows stop there; rows without top-k/top-p also run the race
+in it). Filtered rows then search for the cutoff logit (every token at or above it is kept). Top-k's
+cutoff is the largest ``t`` with ``count(logit >= t) >= k``; top-p's is the largest ``t`` with
+``mass(logit >= t) >= top_p * mass(kept by top-k)``: the same search with weights ``exp(logit/T)``
+instead of 1. Each pass splits the current interval of candidate cutoffs, as order-preserving int32
+keys of the float logits, into ``NUM_BUCKETS`` parts, sums the weights at or above each part's
+start and records the nearest actual keys on both sides of each start; the next interval is the
+part holding the cutoff, shrunk to the keys really in it. It ends when the interval holds a single
+key: that key is the exact cutoff, ties included (at most ``ceil(32 / log2(NUM_BUCKETS))`` passes
+per search, usually 2-4 on real logits). A last pass runs the race over the kept tokens.
+
+Its noise is Triton's Philox (``tl.rand(seeds[r], token_id)``), so it draws other numbers than the
+reference for the same seed, from the same distribution; the tests compare the two statistically.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from ._dispatch import use_triton
 
@@ -37,7 +54,8 @@ def filter_logits_reference(
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_value, float("-inf"))
     sorted_probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    keep = mass_before < top_p.float()[:, None]
+    # top_p >= 1 keeps everything (float32 cumsum rounding would otherwise drop a far tail)
+    keep = (mass_before < top_p.float()[:, None]) | (top_p >= 1.0)[:, None]
     keep[:, 0] = True
     # the smallest kept logit is the threshold: everything at or above it stays
     cutoff = sorted_logits.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
@@ -61,6 +79,165 @@ def sample_reference(
     probs = torch.softmax(filtered, dim=-1)
     noise = _exponential_noise(seeds[rows].tolist(), logits.shape[-1], logits.device)
     tokens[rows] = (probs / noise).argmax(dim=-1)
+    return tokens
+
+
+NUM_BUCKETS = 16
+BLOCK_VOCAB = 1024
+MAX_SEARCH_PASSES = 40  # > 2 searches x ceil(32 / log2(NUM_BUCKETS)); a guard, never reached
+
+
+@triton.jit
+def _race_update(x, cols, mask, inv_temperature, seed, best, best_index, keep_from):
+    """Exponential race ``argmax(logit/T - log(E))`` over this block's tokens with key >= keep_from."""
+    noise = -tl.log(-tl.log(tl.rand(seed, cols)))  # Gumbel(0, 1) = -log(Exp(1))
+    bits = (x + 0.0).to(tl.int32, bitcast=True)
+    keep = mask & (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) >= keep_from)
+    score = tl.where(keep, x * inv_temperature + noise, float("-inf"))
+    block_best = tl.max(score, axis=0)
+    block_index = tl.min(tl.where(score == block_best, cols, 2147483647), axis=0)
+    better = block_best > best
+    return tl.where(better, block_best, best), tl.where(better, block_index, best_index)
+
+
+@triton.jit(do_not_specialize=["vocab_size", "stride_row"])
+def _sample_kernel(
+    logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seeds_ptr, out_ptr, cutoff_ptr,
+    vocab_size, stride_row,
+    BLOCK_V: tl.constexpr, NUM_BUCKETS: tl.constexpr, MAX_PASSES: tl.constexpr,
+    WRITE_CUTOFF: tl.constexpr,
+):
+    """One row per program: greedy, or temperature + top-k + top-p + exponential race."""
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    temperature = tl.load(temperature_ptr + row).to(tl.float32)
+    top_k = tl.load(top_k_ptr + row).to(tl.int32)
+    top_p = tl.load(top_p_ptr + row).to(tl.float32)
+    seed = tl.load(seeds_ptr + row).to(tl.int64)
+    sampled = temperature > 0.0  # NaN or <= 0: greedy, as in the reference
+    use_top_k = (top_k > 0) & (top_k < vocab_size)
+    use_top_p = top_p < 1.0
+    filtered = sampled & (use_top_k | use_top_p)
+    race_in_first_pass = sampled & (filtered == 0)
+    inv_temperature = 1.0 / tl.maximum(temperature, 1e-6)
+    offs = tl.arange(0, BLOCK_V)
+    int_max = 2147483647
+    int_min = -2147483648
+
+    # pass 0: maximum and its first index, smallest key, and the race when nothing is filtered
+    max_logit = float("-inf")
+    max_index = 0
+    min_key = int_max
+    race_best = float("-inf")
+    race_index = 0
+    for start in range(0, vocab_size, BLOCK_V):
+        cols = start + offs
+        mask = cols < vocab_size
+        x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        block_max = tl.max(x, axis=0)
+        block_index = tl.min(tl.where(x == block_max, cols, int_max), axis=0)
+        if block_max > max_logit:
+            max_index = block_index
+        max_logit = tl.maximum(max_logit, block_max)
+        bits = (x + 0.0).to(tl.int32, bitcast=True)  # order key: int32 with the floats' order
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        min_key = tl.minimum(min_key, tl.min(tl.where(mask, key, int_max), axis=0))
+        if race_in_first_pass:
+            race_best, race_index = _race_update(x, cols, mask, inv_temperature, seed, race_best,
+                                                 race_index, int_min)
+
+    # cutoff search: first top-k (weights 1), then top-p (weights exp((x - max) / T))
+    buckets = tl.arange(0, NUM_BUCKETS)
+    max_bits = (max_logit + 0.0).to(tl.int32, bitcast=True)
+    max_key = tl.where(max_bits >= 0, max_bits, max_bits ^ 0x7FFFFFFF)
+    lo = tl.where(filtered, min_key, max_key)
+    hi = max_key
+    mass_phase = use_top_k == 0
+    first_mass_pass = mass_phase
+    target = top_k.to(tl.float32)
+    exp_scale = inv_temperature * 1.4426950408889634
+    passes = 0
+    while (lo < hi) & (passes < MAX_PASSES):
+        width = hi.to(tl.int64) - lo.to(tl.int64) + 1
+        thresholds = (lo.to(tl.int64) + (buckets.to(tl.int64) * width) // NUM_BUCKETS).to(tl.int32)
+        weight_at_or_above = tl.zeros([NUM_BUCKETS], dtype=tl.float32)
+        key_at_or_above = tl.full([NUM_BUCKETS], int_max, dtype=tl.int32)
+        key_below = tl.full([NUM_BUCKETS], int_min, dtype=tl.int32)
+        for start in range(0, vocab_size, BLOCK_V):
+            cols = start + offs
+            mask = cols < vocab_size
+            x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            bits = (x + 0.0).to(tl.int32, bitcast=True)
+            key = tl.where(mask, tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF), int_min)
+            weight = tl.where(mask, 1.0, 0.0)
+            if mass_phase:
+                weight = tl.exp2((x - max_logit) * exp_scale)
+            at_or_above = key[:, None] >= thresholds[None, :]
+            weight_at_or_above += tl.sum(tl.where(at_or_above, weight[:, None], 0.0), axis=0)
+            key_at_or_above = tl.minimum(
+                key_at_or_above, tl.min(tl.where(at_or_above, key[:, None], int_max), axis=0))
+            key_below = tl.maximum(key_below, tl.max(tl.where(at_or_above, int_min, key[:, None]), axis=0))
+        if first_mass_pass:
+            # top_p x the mass kept by top-k
+            target = top_p * tl.sum(tl.where(buckets == 0, weight_at_or_above, 0.0), axis=0)
+        chosen = tl.maximum(tl.sum((weight_at_or_above >= target).to(tl.int32), axis=0) - 1, 0)
+        lo = tl.sum(tl.where(buckets == chosen, key_at_or_above, 0), axis=0)
+        next_below = tl.sum(tl.where(buckets == chosen + 1, key_below, 0), axis=0)
+        hi = tl.where(chosen < NUM_BUCKETS - 1, next_below, hi)
+        to_top_p = (lo >= hi) & (mass_phase == 0) & use_top_p
+        hi = tl.where(to_top_p, max_key, hi)
+        mass_phase = mass_phase | to_top_p
+        first_mass_pass = to_top_p
+        passes += 1
+    cutoff = tl.where(filtered, lo, int_min)  # int_min: nothing filtered
+
+    if WRITE_CUTOFF:
+        tl.store(cutoff_ptr + row, cutoff)
+    if sampled == 0:
+        tl.store(out_ptr + row, max_index.to(tl.int64))
+    elif race_in_first_pass:
+        tl.store(out_ptr + row, race_index.to(tl.int64))
+    else:
+        race_best = float("-inf")
+        race_index = 0
+        for start in range(0, vocab_size, BLOCK_V):
+            cols = start + offs
+            mask = cols < vocab_size
+            x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            race_best, race_index = _race_update(x, cols, mask, inv_temperature, seed, race_best,
+                                                 race_index, cutoff)
+        tl.store(out_ptr + row, race_index.to(tl.int64))
+
+
+def order_keys(x: torch.Tensor) -> torch.Tensor:
+    """The kernel's int32 order keys of float logits (tests use them to read ``cutoffs``)."""
+    bits = (x.float() + 0.0).view(torch.int32)
+    return torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+def sample_triton(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    seeds: torch.Tensor,
+    *,
+    cutoffs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton sampler, one program per row. ``cutoffs`` (int32 ``[batch]``, optional) receives each
+    row's cutoff key (see ``order_keys``): kept tokens have ``order_keys(logits) >= cutoff``."""
+    batch, vocab_size = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    if batch == 0:
+        return tokens
+    _sample_kernel[(batch,)](
+        logits, temperature, top_k, top_p, seeds, tokens, tokens if cutoffs is None else cutoffs,
+        vocab_size, logits.stride(0),
+        BLOCK_V=min(BLOCK_VOCAB, triton.next_power_of_2(vocab_size)), NUM_BUCKETS=NUM_BUCKETS,
+        MAX_PASSES=MAX_SEARCH_PASSES, WRITE_CUTOFF=cutoffs is not None, num_warps=8,
+    )
     return tokens
 
 

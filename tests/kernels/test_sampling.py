@@ -1,0 +1,163 @@
+"""Sampling: the Triton sampler against the reference.
+
+The Triton sampler draws its noise from Philox, not from torch's generator, so it is compared with
+the reference exactly where the semantics are exact (greedy rows, top_k=1, the set of tokens kept by
+temperature/top-k/top-p, reproducibility per seed) and statistically for the draw itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastgen.kernels.sampling import filter_logits_reference, order_keys, sample_reference, sample_triton
+
+
+def random_params(batch: int, vocab_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Per-row parameters covering greedy rows, top-k only, top-p only, both and neither."""
+    temperature = (torch.rand(batch) * 1.5 + 0.2).to(device)
+    top_k = torch.randint(1, 80, (batch,), dtype=torch.int32)
+    top_p = torch.rand(batch) * 0.95 + 0.02
+    top_k[0::4] = 0  # no top-k
+    top_p[1::4] = 1.0  # no top-p
+    top_k[2::8] = vocab_size + 5  # larger than the vocab: no limit
+    top_p[2::8] = 1.0
+    temperature[3::8] = 0.0  # greedy
+    return {
+        "temperature": temperature.to(device),
+        "top_k": top_k.to(device),
+        "top_p": top_p.to(device),
+        "seeds": torch.randint(0, 2**62, (batch,), device=device),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("vocab_size", [100, 3000])
+def test_kept_set_matches_reference(vocab_size, dtype, device, seed) -> None:
+    """The cutoff the kernel finds keeps exactly the reference's tokens (ties included: bfloat16
+    logits have many), and every draw is one of them."""
+    batch = 16
+    logits = (torch.randn(batch, vocab_size) * 4).to(dtype).to(device)
+    params = random_params(batch, vocab_size, device)
+    cutoffs = torch.full((batch,), 12345, dtype=torch.int32, device=device)
+    tokens = sample_triton(logits, **params, cutoffs=cutoffs)
+    sampled = params["temperature"] > 0
+    filtered = filter_logits_reference(
+        logits[sampled], params["temperature"][sampled], params["top_k"][sampled], params["top_p"][sampled]
+    )
+    expected_kept = torch.isfinite(filtered)
+    kept = order_keys(logits[sampled]) >= cutoffs[sampled][:, None]
+    assert torch.equal(kept, expected_kept), (kept.sum(1), expected_kept.sum(1))
+    assert expected_kept.gather(1, tokens[sampled][:, None]).all(), "drew a filtered-out token"
+    torch.testing.assert_close(tokens[~sampled], logits[~sampled].argmax(-1))
+
+
+def test_greedy_rows_take_the_first_maximum(device, seed) -> None:
+    logits = torch.randn(6, 2500, device=device)
+    logits[1, [7, 1500, 2400]] = 50.0  # ties: the first index wins, as in torch.argmax
+    logits[2, 2499] = 60.0  # maximum in the last, partial block
+    params = random_params(6, 2500, device)
+    params["temperature"][:] = 0.0
+    tokens = sample_triton(logits, **params)
+    assert tokens.dtype == torch.int64
+    assert torch.equal(tokens, sample_reference(logits, **params))
+    assert tokens[1] == 7 and tokens[2] == 2499
+
+
+def test_top_k_one_is_greedy(device, seed) -> None:
+    logits = torch.randn(12, 700, device=device) * 3
+    params = random_params(12, 700, device)
+    params["temperature"][:] = torch.rand(12, device=device) + 0.1
+    params["top_k"][:] = 1
+    assert torch.equal(sample_triton(logits, **params), logits.argmax(-1))
+
+
+def test_same_seed_same_draw_whatever_the_batch(device, seed) -> None:
+    vocab_size = 500
+    logits = torch.randn(10, vocab_size, device=device) * 2
+    params = random_params(10, vocab_size, device)
+    tokens = sample_triton(logits, **params)
+    order = torch.randperm(10, device=device)
+    shuffled = sample_triton(logits[order], **{k: v[order] for k, v in params.items()})
+    assert torch.equal(shuffled, tokens[order])
+    alone = sample_triton(logits[4:5], **{k: v[4:5] for k, v in params.items()})
+    assert alone.item() == tokens[4].item()
+    bigger = torch.cat([torch.randn(5, vocab_size, device=device), logits])
+    more_params = random_params(5, vocab_size, device)
+    merged = {k: torch.cat([more_params[k], params[k]]) for k in params}
+    assert torch.equal(sample_triton(bigger, **merged)[5:], tokens)
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's statistic; an observed token of probability 0 makes it infinite."""
+    expected = probs * counts.sum()
+    if (counts[expected == 0] > 0).any():
+        return float("inf")
+    seen = expected > 0
+    return float(((counts[seen] - expected[seen]) ** 2 / expected[seen]).sum())
+
+
+def test_draws_follow_the_filtered_distribution(device, seed) -> None:
+    """Frequencies over many seeds match the reference's filtered softmax (chi-square, 4 degrees
+    of freedom, threshold at p ~ 1e-6), and the same test rejects plausible wrong filters."""
+    draws, vocab_size = 800, 12
+    # five kept tokens, a close sixth, a far tail; shuffled and jittered each run
+    base = torch.tensor([1.2, 1.0, 0.8, 0.6, 0.45, 0.4, -1.0, -1.2, -1.5, -2.0, -2.5, -3.0])
+    logits = (base + torch.rand(vocab_size) * 0.02)[torch.randperm(vocab_size)].to(device)
+    row = logits.expand(draws, vocab_size)
+    temperature = torch.full((draws,), 0.5, device=device)
+    top_k = torch.full((draws,), 5, dtype=torch.int32, device=device)
+    top_p = torch.ones(draws, device=device)
+    seeds = torch.randint(0, 2**62, (draws,), device=device)
+    tokens = sample_triton(row, temperature, top_k, top_p, seeds)
+    counts = torch.bincount(tokens, minlength=vocab_size).float()
+
+    def filtered_probs(temp: float, k: int) -> torch.Tensor:
+        one = torch.ones(1, device=device)
+        return torch.softmax(filter_logits_reference(logits[None], one * temp, one.int() * k, one), -1)[0]
+
+    threshold = 33.4  # chi-square, 4 dof, upper tail 1e-6
+    assert chi_square(counts, filtered_probs(0.5, 5)) < threshold
+    # power: a wrong temperature or top-k, or no filter, fails (expected statistics >= 50)
+    for temp, k in ((1.5, 5), (0.5, 4), (0.5, 6), (0.5, vocab_size)):
+        assert chi_square(counts, filtered_probs(temp, k)) > threshold, (temp, k)
+
+
+# ---- GPU: real vocabularies (python -m pytest -m gpu tests/kernels) ----
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab_size", [32000, 128256])
+def test_gpu_real_vocab(vocab_size, seed) -> None:
+    cuda = torch.device("cuda")
+    batch = 64
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(batch, vocab_size, device=cuda) * 3).to(dtype)
+        params = random_params(batch, vocab_size, cuda)
+        cutoffs = torch.empty(batch, dtype=torch.int32, device=cuda)
+        tokens = sample_triton(logits, **params, cutoffs=cutoffs)
+        sampled = params["temperature"] > 0
+        expected_kept = torch.isfinite(filter_logits_reference(
+            logits[sampled], params["temperature"][sampled], params["top_k"][sampled],
+            params["top_p"][sampled]))
+        kept = order_keys(logits[sampled]) >= cutoffs[sampled][:, None]
+        assert torch.equal(kept, expected_kept)
+        assert expected_kept.gather(1, tokens[sampled][:, None]).all()
+        assert torch.equal(tokens[~sampled], logits[~sampled].argmax(-1))
+
+
+@pytest.mark.gpu
+def test_gpu_distribution_many_draws(seed) -> None:
+    """Total variation between 40k draws and the filtered distribution, top-k and top-p together."""
+    cuda = torch.device("cuda")
+    draws, vocab_size = 40000, 32000
+    logits = torch.randn(vocab_size, device=cuda) * 2.5
+    row = logits.expand(draws, vocab_size)
+    temperature = torch.full((draws,), 0.9, device=cuda)
+    top_k = torch.full((draws,), 40, dtype=torch.int32, device=cuda)
+    top_p = torch.full((draws,), 0.8, device=cuda)
+    seeds = torch.randint(0, 2**62, (draws,), device=cuda)
+    tokens = sample_triton(row, temperature, top_k, top_p, seeds)
+    probs = torch.softmax(filter_logits_reference(logits[None], temperature[:1], top_k[:1], top_p[:1]), -1)[0]
+    frequencies = torch.bincount(tokens, minlength=vocab_size).float() / draws
+    assert (frequencies[probs == 0] == 0).all()
+    assert 0.5 * (frequencies - probs).abs().sum() < 0.02
