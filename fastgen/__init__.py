@@ -1,33 +1,57 @@
-"""fastgen: an embeddable LLM inference engine (Dynamic SplitFuse over a paged KV cache)."""
+"""fastgen: an embeddable LLM inference engine (Dynamic SplitFuse over a paged KV cache).
 
-from .config import EngineConfig
-from .engine import AsyncEngine, EngineStats
-from .errors import (
-    DeploymentNotFoundError,
-    EngineDeadError,
-    EngineOverloadedError,
-    FastgenError,
-    InvalidRequestError,
-    StepError,
-    UnsupportedModelError,
-)
-from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+Names are imported lazily, so ``import fastgen`` stays light (a client process never loads torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AsyncEngine",
-    "DeploymentNotFoundError",
-    "EngineConfig",
-    "EngineDeadError",
-    "EngineOverloadedError",
-    "EngineStats",
-    "FastgenError",
-    "InvalidRequestError",
-    "RequestOutput",
-    "SamplingParams",
-    "StepError",
-    "UnsupportedModelError",
-    "__version__",
-]
+_EXPORTS = {
+    "AsyncEngine": "fastgen.engine",
+    "EngineStats": "fastgen.engine",
+    "EngineConfig": "fastgen.config",
+    "SamplingParams": "fastgen.sampling_params",
+    "RequestOutput": "fastgen.outputs",
+    "Response": "fastgen.mii",
+    "pipeline": "fastgen.pipeline",
+    "DeploymentNotFoundError": "fastgen.errors",
+    "EngineDeadError": "fastgen.errors",
+    "EngineOverloadedError": "fastgen.errors",
+    "FastgenError": "fastgen.errors",
+    "InvalidRequestError": "fastgen.errors",
+    "StepError": "fastgen.errors",
+    "UnsupportedModelError": "fastgen.errors",
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastgen' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from .config import EngineConfig
+    from .engine import AsyncEngine, EngineStats
+    from .errors import (
+        DeploymentNotFoundError,
+        EngineDeadError,
+        EngineOverloadedError,
+        FastgenError,
+        InvalidRequestError,
+        StepError,
+        UnsupportedModelError,
+    )
+    from .mii import Response
+    from .outputs import RequestOutput
+    from .pipeline import pipeline
+    from .sampling_params import SamplingParams

@@ -29,6 +29,7 @@ from .errors import (
     StepError,
 )
 from .executor import Executor, create_executor
+from .models import check_supported
 from .models.config import ModelConfig
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -169,9 +170,7 @@ class AsyncEngine:
             config = config.replace(**options)
         model_path = str(model)
         model_config = ModelConfig.from_pretrained(model_path)
-        from .models import model_class_for
-
-        model_class_for(model_config)  # fail fast on an unsupported architecture
+        check_supported(model_config)  # fail fast, before loading anything
         max_model_len = config.max_model_len or model_config.max_position_embeddings
         tokenizer = await asyncio.to_thread(_load_tokenizer, config.tokenizer or model_path)
         executor = await create_executor(model_path, config, model_config, max_model_len)
@@ -258,10 +257,7 @@ class AsyncEngine:
         if self._dead is not None or self._stopping:
             raise EngineDeadError(f"the engine is not running: {self._dead or 'stopped'}")
         params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError("params", f"expected SamplingParams, got {type(params).__name__}")
-        params.validate()
-        prompt_ids = self._prompt_token_ids(prompt)
+        prompt_ids = self.validate_request(prompt, params)
         max_total = self._max_total_tokens(len(prompt_ids), params)
         queued = self.scheduler.num_waiting + len(self._inbox_add)
         if queued >= self.config.max_queued_requests:
@@ -286,6 +282,15 @@ class AsyncEngine:
         self._inbox_add.append(request)
         self._wakeup.set()
         return request
+
+    def validate_request(self, prompt: str | SequenceOf[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids, or `InvalidRequestError` naming what is wrong with the request."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params", f"expected SamplingParams, got {type(params).__name__}")
+        params.validate()
+        prompt_ids = self._prompt_token_ids(prompt)
+        self._max_total_tokens(len(prompt_ids), params)
+        return prompt_ids
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its iterator ends with ``finish_reason="abort"``."""

@@ -1,30 +1,39 @@
-"""Model families: one short file each, over the shared layers in `fastgen.layers`."""
+"""Model families: one short file each, over the shared layers in `fastgen.layers`.
+
+The registry names modules rather than importing them, so the engine process can check a
+checkpoint's architecture without importing torch.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+import importlib
 
 from fastgen.errors import UnsupportedModelError
 
 from .config import ModelConfig
-from .llama import LlamaForCausalLM
 
-# HF ``model_type`` -> implementation
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {
-    "llama": LlamaForCausalLM,
-    "mistral": LlamaForCausalLM,  # Llama with sliding-window attention (read from the config)
+# HF ``model_type`` -> (module, class)
+MODEL_REGISTRY: dict[str, tuple[str, str]] = {
+    "llama": ("fastgen.models.llama", "LlamaForCausalLM"),
+    # Mistral is Llama with sliding-window attention, which ModelConfig reads from config.json
+    "mistral": ("fastgen.models.llama", "LlamaForCausalLM"),
 }
 
 
-def model_class_for(config: ModelConfig) -> type[nn.Module]:
-    """The implementation of ``config.model_type``; an error lists the supported types."""
-    try:
-        return MODEL_REGISTRY[config.model_type]
-    except KeyError:
+def check_supported(config: ModelConfig) -> None:
+    """Raise `UnsupportedModelError` (listing the supported types) for an unknown model type."""
+    if config.model_type not in MODEL_REGISTRY:
         supported = ", ".join(sorted(MODEL_REGISTRY))
         raise UnsupportedModelError(
             f"model_type {config.model_type!r} is not supported; supported model types: {supported}"
-        ) from None
+        )
 
 
-__all__ = ["MODEL_REGISTRY", "ModelConfig", "model_class_for"]
+def model_class_for(config: ModelConfig) -> type:
+    """The implementation class of ``config.model_type``."""
+    check_supported(config)
+    module, name = MODEL_REGISTRY[config.model_type]
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = ["MODEL_REGISTRY", "ModelConfig", "check_supported", "model_class_for"]

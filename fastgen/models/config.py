@@ -1,4 +1,6 @@
-"""`ModelConfig`: the fields of a Hugging Face ``config.json`` that the model code needs."""
+"""`ModelConfig`: the fields of a Hugging Face ``config.json`` that the model code needs.
+
+No torch here: the engine process reads it without loading a model."""
 
 from __future__ import annotations
 
@@ -6,9 +8,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
-
 
 @dataclass
 class ModelConfig:
@@ -32,7 +31,7 @@ class ModelConfig:
     hidden_act: str
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
-    checkpoint_dtype: torch.dtype | None
+    checkpoint_dtype: str | None  # e.g. "bfloat16", as config.json names it
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
@@ -69,7 +68,7 @@ class ModelConfig:
             hidden_act=cfg.get("hidden_act", "silu"),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            checkpoint_dtype=getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None,
+            checkpoint_dtype=dtype_name if isinstance(dtype_name, str) else None,
             raw=cfg,
         )
 
