@@ -14,7 +14,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence as SequenceOf
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,9 @@ class AsyncEngine:
         self.executor = executor
         self.max_model_len = max_model_len
         self.block_manager = BlockManager(executor.num_kv_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, token_budget=config.token_budget, max_seqs=config.max_seqs)
+        self.scheduler = Scheduler(
+            self.block_manager, token_budget=config.token_budget, max_seqs=config.max_seqs
+        )
         self.eos_token_ids = _eos_token_ids(model_path, model_config, tokenizer)
         self._decode = make_decode_fn(tokenizer)
         self._requests: dict[str, _Request] = {}
@@ -159,7 +162,9 @@ class AsyncEngine:
     # -- life cycle -----------------------------------------------------------------------
 
     @classmethod
-    async def start(cls, model: str | Path, config: EngineConfig | None = None, **options: Any) -> AsyncEngine:
+    async def start(
+        cls, model: str | Path, config: EngineConfig | None = None, **options: Any
+    ) -> AsyncEngine:
         """Load ``model`` (a local Hugging Face directory) and start the step loop.
 
         ``options`` are `EngineConfig` fields, for callers that do not build one.
@@ -178,12 +183,16 @@ class AsyncEngine:
         if capacity < max_model_len:
             logger.warning(
                 "KV cache holds %d tokens, fewer than max_model_len=%d: limiting max_model_len",
-                capacity, max_model_len,
+                capacity,
+                max_model_len,
             )
             max_model_len = capacity
         logger.info(
             "engine ready: %d KV blocks of %d tokens (%d tokens), max_model_len=%d",
-            executor.num_kv_blocks, config.block_size, capacity, max_model_len,
+            executor.num_kv_blocks,
+            config.block_size,
+            capacity,
+            max_model_len,
         )
         return cls(model_path, config, model_config, tokenizer, executor, max_model_len)
 
@@ -251,7 +260,11 @@ class AsyncEngine:
                 self.abort(request.request_id)
 
     def add_request(
-        self, prompt: str | SequenceOf[int], params: SamplingParams | None = None, *, request_id: str | None = None
+        self,
+        prompt: str | SequenceOf[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
     ) -> _Request:
         """Validate and queue a request; `generate` is the usual way in."""
         if self._dead is not None or self._stopping:
@@ -268,7 +281,11 @@ class AsyncEngine:
         if request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         seq = Sequence(
-            next(self._seq_ids), prompt_ids, params, max_total_tokens=max_total, eos_token_ids=self.eos_token_ids
+            next(self._seq_ids),
+            prompt_ids,
+            params,
+            max_total_tokens=max_total,
+            eos_token_ids=self.eos_token_ids,
         )
         request = _Request(
             request_id=request_id,
@@ -311,9 +328,13 @@ class AsyncEngine:
             vocab = self.model_config.vocab_size
             for token in ids:
                 if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
-                    raise InvalidRequestError("prompt", f"token id {token!r} is outside the vocabulary [0, {vocab})")
+                    raise InvalidRequestError(
+                        "prompt", f"token id {token!r} is outside the vocabulary [0, {vocab})"
+                    )
         else:
-            raise InvalidRequestError("prompt", f"expected a string or a list of token ids, got {type(prompt).__name__}")
+            raise InvalidRequestError(
+                "prompt", f"expected a string or a list of token ids, got {type(prompt).__name__}"
+            )
         if not ids:
             raise InvalidRequestError("prompt", "the prompt is empty")
         return ids
@@ -329,7 +350,8 @@ class AsyncEngine:
         if params.max_length is not None:
             if prompt_len >= params.max_length:
                 raise InvalidRequestError(
-                    "max_length", f"max_length ({params.max_length}) must exceed the prompt length ({prompt_len})"
+                    "max_length",
+                    f"max_length ({params.max_length}) must exceed the prompt length ({prompt_len})",
                 )
             limit = min(limit, params.max_length)
         if params.max_new_tokens is not None:
@@ -368,7 +390,7 @@ class AsyncEngine:
                 started = time.perf_counter()
                 try:
                     result = await self.executor.execute(step.plan)
-                except Exception as exc:  # noqa: BLE001 - a step failure fails its requests only
+                except Exception as exc:
                     self._fail_step(step, exc)
                     if not self.executor.is_alive:
                         raise EngineDeadError(f"the executor died: {exc}") from exc

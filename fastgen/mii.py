@@ -44,7 +44,9 @@ def parse_mii_options(options: dict[str, Any]) -> tuple[SamplingParams, bool]:
     raise `InvalidRequestError`."""
     for name in options:
         if name not in MII_DEFAULTS:
-            raise InvalidRequestError(name, f"unknown generation option (known: {', '.join(sorted(MII_DEFAULTS))})")
+            raise InvalidRequestError(
+                name, f"unknown generation option (known: {', '.join(sorted(MII_DEFAULTS))})"
+            )
     merged = {**MII_DEFAULTS, **options}
     return_full_text = merged.pop("return_full_text")
     merged.pop("stream")

@@ -7,6 +7,7 @@ works from plain scripts and from programs that already run an event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -77,10 +78,8 @@ class Pipeline:
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None and not self._loop.loop.is_closed():
-            try:
+            with contextlib.suppress(Exception):  # best effort at interpreter exit
                 self.destroy()
-            except Exception:  # noqa: BLE001 - best effort at interpreter exit
-                pass
 
 
 async def generate_responses(

@@ -17,7 +17,7 @@ import torch
 from fastgen import kernels
 from fastgen.config import EngineConfig
 from fastgen.layers.attention import ForwardBatch, PagedAttention
-from fastgen.layers.parallel import TensorParallel
+from fastgen.layers.parallel import SINGLE, TensorParallel
 from fastgen.models.config import ModelConfig
 from fastgen.models.loader import build_model
 from fastgen.plan import SamplingOptions, StepPlan, StepResult
@@ -74,7 +74,7 @@ class ModelRunner:
         model_config: ModelConfig,
         max_model_len: int,
         *,
-        tp: TensorParallel = TensorParallel(),
+        tp: TensorParallel = SINGLE,
         show_progress: bool = True,
     ):
         self.config = config

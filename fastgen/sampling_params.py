@@ -76,7 +76,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError("ignore_eos", "must be a boolean")
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidRequestError("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
+            raise InvalidRequestError(
+                "temperature", f"must be a finite number >= 0, got {self.temperature!r}"
+            )
         if not _is_number(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:

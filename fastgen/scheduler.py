@@ -14,6 +14,7 @@ if it fits the cache alone; admission is FIFO, so every request eventually becom
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -72,10 +73,8 @@ class Scheduler:
             self.running.remove(seq)
             self._release_blocks(seq)
         else:
-            try:
+            with contextlib.suppress(ValueError):
                 self.waiting.remove(seq)
-            except ValueError:
-                pass
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 

@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastgen.toy import make_toy_checkpoint  # noqa: E402
+from fastgen.toy import make_toy_checkpoint
 
 _CHECKPOINTS: dict[tuple, str] = {}
 

@@ -80,7 +80,9 @@ def run_to_completion(scheduler: Scheduler, runner: FakeRunner, *, max_steps: in
     steps = 0
     while scheduler.has_work:
         step = scheduler.schedule()
-        assert step.plan.chunks, f"nothing scheduled while work remains: {scheduler.running} {scheduler.waiting}"
+        assert step.plan.chunks, (
+            f"nothing scheduled while work remains: {scheduler.running} {scheduler.waiting}"
+        )
         assert step.plan.num_tokens <= scheduler.token_budget
         if on_step:
             on_step(step)
@@ -147,7 +149,9 @@ def test_budget_is_filled_exactly_and_short_prompts_are_packed():
     assert first.plan.num_tokens == 32
     assert len(first.plan.chunks) >= 2  # several short prompts share the step
     runner = FakeRunner(256, 4)
-    pending = sum(s.num_uncomputed for s in scheduler.waiting) + sum(s.num_uncomputed for s in scheduler.running)
+    pending = sum(s.num_uncomputed for s in scheduler.waiting) + sum(
+        s.num_uncomputed for s in scheduler.running
+    )
     step = first
     while pending > 32:
         assert step.plan.num_tokens == 32, "budget not filled while prompts wait"
@@ -170,8 +174,7 @@ def test_decodes_come_first_and_are_never_starved():
     runner = FakeRunner(512, 4)
     # one step prefills all four, then long prompts arrive
     step = scheduler.schedule()
-    for seq, _ in scheduler.commit(step, runner.execute(step.plan)):
-        pass
+    list(scheduler.commit(step, runner.execute(step.plan)))
     for i in range(4, 10):
         scheduler.add(make_seq(i, list(range(1, 200)), max_new_tokens=2))
 

@@ -82,7 +82,9 @@ class QKVParallelLinear(nn.Module):
             self.kv_head_start = tp.rank * self.num_local_kv_heads
         else:
             if tp.size % num_kv_heads:
-                raise ValueError(f"tensor_parallel={tp.size} is not a multiple of num_key_value_heads={num_kv_heads}")
+                raise ValueError(
+                    f"tensor_parallel={tp.size} is not a multiple of num_key_value_heads={num_kv_heads}"
+                )
             self.num_local_kv_heads = 1
             self.kv_head_start = tp.rank * num_kv_heads // tp.size
         self.q_size = self.num_local_heads * head_dim

@@ -17,12 +17,19 @@ class GatedMLP(nn.Module):
     """``down(act(gate(x)) * up(x))`` with gate and up fused in one column-parallel matmul."""
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, *, act: str = "silu", bias: bool = False,
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        act: str = "silu",
+        bias: bool = False,
         tp: TensorParallel = SINGLE,
     ):
         super().__init__()
         if act not in _GATED_ACTIVATIONS:
-            raise ValueError(f"gated MLP activation {act!r} is not supported; supported: {_GATED_ACTIVATIONS}")
+            raise ValueError(
+                f"gated MLP activation {act!r} is not supported; supported: {_GATED_ACTIVATIONS}"
+            )
         self.gate_up_proj = ColumnParallelLinear(
             hidden_size, [intermediate_size, intermediate_size], bias=bias, tp=tp
         )

@@ -24,10 +24,14 @@ def inverse_frequencies(
     """
     rope_type = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+        raise ValueError(
+            f"rope_scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
+        )
     factor = float((scaling or {}).get("factor", 1.0))
     if rope_type == "dynamic" and max_model_len > max_position:
-        base = base * ((factor * max_model_len / max_position) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+        base = base * ((factor * max_model_len / max_position) - (factor - 1)) ** (
+            rotary_dim / (rotary_dim - 2)
+        )
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
     inv_freq = 1.0 / (base**exponents)
     if rope_type == "linear":

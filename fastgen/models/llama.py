@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -20,8 +22,12 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel, max_model_len: int):
         super().__init__()
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads,
-            bias=config.attention_bias, tp=tp,
+            config.hidden_size,
+            config.head_dim,
+            config.num_heads,
+            config.num_kv_heads,
+            bias=config.attention_bias,
+            tp=tp,
         )
         self.o_proj = RowParallelLinear(
             config.num_heads * config.head_dim, config.hidden_size, bias=config.attention_bias, tp=tp
@@ -97,7 +103,7 @@ class LlamaForCausalLM(nn.Module):
     """Llama-family causal LM over the paged KV cache."""
 
     # checkpoint projection name -> (our fused parameter's module, shard id)
-    packed_modules = {
+    packed_modules: ClassVar[dict[str, tuple[str, str | int]]] = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),

@@ -69,7 +69,9 @@ def fill_dummy_weights(model: nn.Module, seed: int) -> None:
         param.data.normal_(0.0, 0.02, generator=generators[device])
 
 
-def load_weights(model: nn.Module, path: Path, load_format: str = "auto", *, show_progress: bool = True) -> None:
+def load_weights(
+    model: nn.Module, path: Path, load_format: str = "auto", *, show_progress: bool = True
+) -> None:
     """Copy checkpoint tensors into ``model``'s parameters; every parameter must be filled."""
     params = dict(model.named_parameters())
     packed = getattr(model, "packed_modules", {})

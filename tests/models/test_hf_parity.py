@@ -28,14 +28,19 @@ CASES = {
             num_key_value_heads=2,
             rope_theta=500000.0,
             rope_scaling=dict(
-                rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
                 original_max_position_embeddings=64,
             ),
         ),
     ),
     "llama-mqa-linear-rope-tied": (
         "llama",
-        dict(num_key_value_heads=1, rope_scaling=dict(rope_type="linear", factor=2.0), tie_word_embeddings=True),
+        dict(
+            num_key_value_heads=1, rope_scaling=dict(rope_type="linear", factor=2.0), tie_word_embeddings=True
+        ),
     ),
     "llama-dynamic-rope": ("llama", dict(rope_scaling=dict(rope_type="dynamic", factor=2.0))),
     "mistral-sliding-window": ("mistral", dict(sliding_window=24)),
