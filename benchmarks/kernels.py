@@ -21,6 +21,7 @@ import json
 import math
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -353,8 +354,13 @@ def main() -> None:
               "sampling": sampling_cases}
     chosen = [g for g in groups if not args.only or g in args.only.split(",")]
     bench = Bench()
+    failed = []
     for name in tqdm(["ceilings", *chosen], desc="kernel benchmarks"):
-        (ceilings if name == "ceilings" else groups[name])(bench)
+        try:
+            (ceilings if name == "ceilings" else groups[name])(bench)
+        except Exception:  # report and go on: one broken group must not hide the others
+            traceback.print_exc()
+            failed.append(name)
         torch.cuda.empty_cache()
 
     device = torch.cuda.get_device_name()
@@ -377,6 +383,8 @@ def main() -> None:
         "matmul_tflop_per_s": bench.matmul_tflops, "rows": [asdict(r) for r in bench.rows],
     }, indent=1))
     print(f"wrote {stem}.md and {stem}.json")
+    if failed:
+        sys.exit(f"benchmark groups failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
