@@ -15,12 +15,14 @@ from pathlib import Path
 import torch
 
 from fastgen import kernels
+from fastgen.batch import HostBatch
 from fastgen.config import EngineConfig
-from fastgen.layers.attention import ForwardBatch, PagedAttention
+from fastgen.cuda_graphs import DecodeGraphs
+from fastgen.layers.attention import PagedAttention
 from fastgen.layers.parallel import SINGLE, TensorParallel
 from fastgen.models.config import ModelConfig
 from fastgen.models.loader import build_model
-from fastgen.plan import SamplingOptions, StepPlan, StepResult
+from fastgen.plan import SamplingOptions, SequenceChunk, StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,13 @@ class _SequenceState:
     block_table: list[int] = field(default_factory=list)
 
 
+def _plain_greedy(state: _SequenceState) -> bool:
+    options = state.sampling
+    return options.temperature == 0.0 and (
+        state.num_generated >= options.min_new_tokens or not options.suppressed_token_ids
+    )
+
+
 class ModelRunner:
     """Executes `StepPlan`s for one rank. Not thread-safe: one caller at a time."""
 
@@ -102,6 +111,16 @@ class ModelRunner:
         self._allocate_kv_cache(self.num_kv_blocks)
         self.sequences: dict[int, _SequenceState] = {}
         self._engine_random = random.Random(config.seed)
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and config.cuda_graphs:
+            self.graphs = DecodeGraphs(
+                self.model,
+                device=self.device,
+                max_batch=min(config.max_seqs, config.token_budget, 512),
+                max_model_len=max_model_len,
+                block_size=self.block_size,
+            )
+            self.graphs.capture()
 
     # -- KV cache -------------------------------------------------------------------------
 
@@ -119,23 +138,54 @@ class ModelRunner:
         if config.kv_cache_bytes is not None:
             return max(1, config.kv_cache_bytes // self.kv_bytes_per_block)
         if self.device.type == "cuda":
+            activation_bytes = self._profile_activation_bytes()
             free_bytes, total_bytes = torch.cuda.mem_get_info(self.device)
-            used_by_others = total_bytes - free_bytes
-            budget = total_bytes * config.gpu_memory_utilization - used_by_others
-            # room for activations of a full token budget (logits and MLP intermediates)
-            budget -= self._activation_reserve_bytes()
-            return max(1, int(budget // self.kv_bytes_per_block))
+            budget = (
+                total_bytes * config.gpu_memory_utilization - (total_bytes - free_bytes) - activation_bytes
+            )
+            blocks = int(budget // self.kv_bytes_per_block)
+            if blocks < 1:
+                raise MemoryError(
+                    f"no GPU memory left for the KV cache: weights and activations use "
+                    f"{(total_bytes - free_bytes + activation_bytes) / 2**30:.1f} GiB of "
+                    f"{total_bytes / 2**30:.1f} GiB (gpu_memory_utilization={config.gpu_memory_utilization})"
+                )
+            return blocks
         blocks_per_seq = -(-self.max_model_len // self.block_size)
         wanted = blocks_per_seq * config.max_seqs
         return max(1, min(wanted, _CPU_KV_CACHE_CAP_BYTES // self.kv_bytes_per_block))
 
-    def _activation_reserve_bytes(self) -> int:
-        cfg = self.model_config
-        tokens = self.config.token_budget
-        element = torch.empty((), dtype=self.dtype).element_size()
-        widest = max(cfg.hidden_size * 4, 2 * cfg.intermediate_size // self.tp.size)
-        logits = min(tokens, self.config.max_seqs) * cfg.vocab_size * 4 * 2
-        return tokens * widest * element * 4 + logits + (256 << 20)
+    def _profile_activation_bytes(self) -> int:
+        """Peak memory of a full-budget step (one long prompt chunk, then logits and sampling for
+        the most rows a step can sample), measured with a throw-away cache."""
+        config = self.config
+        tokens = config.token_budget
+        rows = min(config.max_seqs, tokens)
+        blocks = -(-tokens // self.block_size) + 1
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._allocate_kv_cache(blocks)
+        cache_bytes = torch.cuda.memory_allocated(self.device) - base
+        host = HostBatch()
+        host.add(SequenceChunk(0, [1] * tokens, 0, [], True), list(range(blocks)), self.block_size)
+        token_ids, batch, _ = host.to_device(self.device)
+        with torch.inference_mode():
+            hidden = self.model(token_ids, batch)
+            logits = self.model.compute_logits(hidden[:rows]).float()
+            kernels.sample(
+                logits,
+                torch.ones(rows, device=self.device),
+                torch.full((rows,), 50, dtype=torch.int32, device=self.device),
+                torch.full((rows,), 0.9, device=self.device),
+                torch.arange(rows, dtype=torch.int64, device=self.device),
+            )
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base - cache_bytes
+        del hidden, logits, token_ids, batch
+        self._allocate_kv_cache(0)
+        torch.cuda.empty_cache()
+        return int(peak * 1.1) + (256 << 20)  # headroom for fragmentation and CUDA graphs
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         layer = self.attention_layers[0]
@@ -154,59 +204,30 @@ class ModelRunner:
             self.sequences[start.seq_id] = _SequenceState(start.sampling, start.num_generated)
         if not plan.chunks:
             return StepResult(plan.step_id, [])
-        token_ids, batch, sample_indices, sampled_states = self._prepare(plan)
-        hidden = self.model(token_ids, batch)
-        logits = self.model.compute_logits(hidden[sample_indices])
+        host = HostBatch()
+        sampled_states: list[_SequenceState] = []
+        for chunk in plan.chunks:
+            state = self.sequences[chunk.seq_id]
+            state.block_table.extend(chunk.new_blocks)
+            host.add(chunk, state.block_table, self.block_size)
+            if chunk.sample:
+                sampled_states.append(state)
+        if self.graphs is not None and self.graphs.fits(host):
+            logits = self.graphs.run(host)
+        else:
+            token_ids, batch, sample_indices = host.to_device(self.device)
+            hidden = self.model(token_ids, batch)
+            logits = self.model.compute_logits(hidden[sample_indices])
         tokens = self._sample(logits, sampled_states)
         for state in sampled_states:
             state.num_generated += 1
         return StepResult(plan.step_id, tokens)
 
-    def _prepare(self, plan: StepPlan):
-        block_size = self.block_size
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        context_lens: list[int] = []
-        tables: list[list[int]] = []
-        sample_indices: list[int] = []
-        sampled_states: list[_SequenceState] = []
-        for chunk in plan.chunks:
-            state = self.sequences[chunk.seq_id]
-            table = state.block_table
-            table.extend(chunk.new_blocks)
-            count = len(chunk.token_ids)
-            start = chunk.start_position
-            token_ids.extend(chunk.token_ids)
-            chunk_positions = range(start, start + count)
-            positions.extend(chunk_positions)
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in chunk_positions)
-            query_start.append(query_start[-1] + count)
-            context_lens.append(start + count)
-            tables.append(table)
-            if chunk.sample:
-                sample_indices.append(query_start[-1] - 1)
-                sampled_states.append(state)
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        device = self.device
-        batch = ForwardBatch(
-            positions=torch.tensor(positions, dtype=torch.int64, device=device),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            query_start=torch.tensor(query_start, dtype=torch.int32, device=device),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
-            max_query_len=max(query_start[i + 1] - query_start[i] for i in range(len(context_lens))),
-            max_context_len=max(context_lens),
-        )
-        ids = torch.tensor(token_ids, dtype=torch.int64, device=device)
-        indices = torch.tensor(sample_indices, dtype=torch.int64, device=device)
-        return ids, batch, indices, sampled_states
-
     def _sample(self, logits: torch.Tensor, states: list[_SequenceState]) -> list[int]:
         if not states:
             return []
+        if all(_plain_greedy(state) for state in states):
+            return logits.argmax(dim=-1).tolist()
         logits = logits.float()
         temperature, top_k, top_p, seeds = [], [], [], []
         for row, state in enumerate(states):

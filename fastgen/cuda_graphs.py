@@ -1,0 +1,120 @@
+"""CUDA graphs for decode-only steps.
+
+A decode step launches a few hundred small kernels; replaying a captured graph removes their
+launch cost. Graphs are captured once per padded batch size over static input buffers; a step's
+inputs are copied into the buffers and the graph of the next larger size is replayed. Padding
+rows write no KV (slot -1) and their logits are dropped. Attention is captured with
+``max_context_len = max_model_len``, so its launch shape (split-KV count) fits every replay.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from fastgen.batch import HostBatch
+from fastgen.layers.attention import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_batch: int) -> list[int]:
+    """Padded batch sizes: 1, 2, 4, 8, then steps of 8 to 64, 16 to 256, 32 beyond."""
+    sizes = [1, 2, 4]
+    size = 8
+    while size <= max_batch:
+        sizes.append(size)
+        size += 8 if size < 64 else 16 if size < 256 else 32
+    if sizes[-1] < max_batch:
+        sizes.append(max_batch)
+    return [s for s in sizes if s <= max_batch]
+
+
+class DecodeGraphs:
+    """Captured decode graphs of one model; `run` replays the smallest one that fits."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        device: torch.device,
+        max_batch: int,
+        max_model_len: int,
+        block_size: int,
+    ):
+        self.model = model
+        self.device = device
+        self.max_batch = max_batch
+        self.max_model_len = max_model_len
+        self.max_blocks = -(-max_model_len // block_size)
+        self.sizes = capture_sizes(max_batch)
+        int64, int32 = torch.int64, torch.int32
+        self.token_ids = torch.zeros(max_batch, dtype=int64, device=device)
+        self.positions = torch.zeros(max_batch, dtype=int64, device=device)
+        self.slots = torch.full((max_batch,), -1, dtype=int64, device=device)
+        self.query_start = torch.arange(max_batch + 1, dtype=int32, device=device)
+        self.context_lens = torch.ones(max_batch, dtype=int32, device=device)
+        self.block_tables = torch.zeros(max_batch, self.max_blocks, dtype=int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def _forward(self, size: int) -> torch.Tensor:
+        batch = ForwardBatch(
+            positions=self.positions[:size],
+            slot_mapping=self.slots[:size],
+            query_start=self.query_start[: size + 1],
+            context_lens=self.context_lens[:size],
+            block_tables=self.block_tables[:size],
+            max_query_len=1,
+            max_context_len=self.max_model_len,
+        )
+        hidden = self.model(self.token_ids[:size], batch)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        started = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool
+                self._forward(size)  # warm up: compile kernels, allocate workspaces
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.logits[size] = self._forward(size)
+                self.graphs[size] = graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        logger.info("captured %d decode graphs in %.1f s", len(self.graphs), time.perf_counter() - started)
+
+    def fits(self, host: HostBatch) -> bool:
+        return host.is_decode_only and host.num_seqs <= self.max_batch
+
+    def run(self, host: HostBatch) -> torch.Tensor:
+        """Logits ``[num_seqs, vocab]`` of a decode-only step."""
+        count = host.num_seqs
+        size = next(s for s in self.sizes if s >= count)
+        pad = size - count
+        width = max(len(t) for t in host.block_tables)
+        staged = torch.tensor(
+            [
+                host.token_ids + [0] * pad,
+                host.positions + [0] * pad,
+                host.slots + [-1] * pad,
+                host.context_lens + [1] * pad,
+            ],
+            dtype=torch.int64,
+        ).pin_memory()
+        tables = torch.tensor(host.padded_block_tables(width), dtype=torch.int32).pin_memory()
+        device_staged = staged.to(self.device, non_blocking=True)
+        self.token_ids[:size].copy_(device_staged[0])
+        self.positions[:size].copy_(device_staged[1])
+        self.slots[:size].copy_(device_staged[2])
+        self.context_lens[:size].copy_(device_staged[3])
+        self.block_tables[:count, :width].copy_(tables, non_blocking=True)
+        self.graphs[size].replay()
+        return self.logits[size][:count]
