@@ -375,38 +375,63 @@ class AsyncEngine:
         self._inbox_abort.clear()
 
     async def _step_loop(self) -> None:
+        """Run steps back to back. While step N+1 runs on the device, the host detokenizes and
+        delivers step N's tokens; only the cheap token-level stop checks (EOS, lengths) stay
+        between the two steps. A sequence that a stop string ends meanwhile computes one wasted
+        token in step N+1, which `Scheduler.commit` drops."""
+        in_flight: tuple[ScheduledStep, asyncio.Future, float] | None = None
         try:
             while True:
                 self._apply_inbox()
-                if not self.scheduler.has_work:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                step = self.scheduler.schedule()
-                if not step.plan.chunks:
-                    self._fail_unschedulable(step)
-                    await asyncio.sleep(0)
-                    continue
-                started = time.perf_counter()
+                if in_flight is None:
+                    if not self.scheduler.has_work:
+                        self._wakeup.clear()
+                        await self._wakeup.wait()
+                        continue
+                    in_flight = self._launch_next()
+                    if in_flight is None:
+                        await asyncio.sleep(0)
+                        continue
+                step, future, started = in_flight
+                in_flight = None
                 try:
-                    result = await self.executor.execute(step.plan)
+                    result = await future
                 except Exception as exc:
                     self._fail_step(step, exc)
                     if not self.executor.is_alive:
                         raise EngineDeadError(f"the executor died: {exc}") from exc
                     continue
                 self.num_steps += 1
+                sampled = []
                 for seq, token in self.scheduler.commit(step, result):
-                    self._on_token(seq, token)
+                    reason = seq.token_stop_reason()
+                    if reason is not None:
+                        self.scheduler.finish(seq, reason)
+                    sampled.append((seq, token, reason))
                 elapsed = time.perf_counter() - started
                 for listener in self.step_listeners:
                     listener(step, elapsed)
+                self._apply_inbox()
+                if self.scheduler.has_work:
+                    in_flight = self._launch_next()
+                for seq, token, reason in sampled:
+                    self._deliver(seq, token, reason)
                 await asyncio.sleep(0)  # let consumers run between steps
         except asyncio.CancelledError:
+            if in_flight is not None:
+                in_flight[1].cancel()
             raise
         except BaseException as exc:
             self._die(exc)
             raise
+
+    def _launch_next(self) -> tuple[ScheduledStep, asyncio.Future, float] | None:
+        """Schedule a step and start it on the executor right away (no await in between)."""
+        step = self.scheduler.schedule()
+        if not step.plan.chunks:
+            self._fail_unschedulable(step)
+            return None
+        return step, self.executor.submit(step.plan), time.perf_counter()
 
     def _die(self, exc: BaseException) -> None:
         logger.error("engine step loop stopped: %r", exc)
@@ -439,24 +464,24 @@ class AsyncEngine:
             request.channel.fail(InvalidRequestError("prompt", "the prompt does not fit the KV cache"))
             self._forget(request)
 
-    def _on_token(self, seq: Sequence, token: int) -> None:
+    def _deliver(self, seq: Sequence, token: int, reason: FinishReason | None) -> None:
+        """Detokenize ``token``, apply stop strings and hand the delta to the request."""
         request = self._request_of(seq)
         if request is None:
-            return
+            return  # aborted meanwhile
         self.generated_tokens += 1
         if request.first_token_s is None:
             request.first_token_s = time.monotonic()
-        reason = seq.token_stop_reason()
         delta = request.detokenizer.add(token)
         if reason is not None:
             delta += request.detokenizer.flush()
         visible, stopped = request.text.push(delta, final=reason is not None)
         if stopped:
             reason = FinishReason.STOP
+            self.scheduler.finish(seq, reason)
         finish = reason.value if reason is not None else None
         request.channel.put(visible, [token], seq.num_generated, finish)
         if reason is not None:
-            self.scheduler.finish(seq, reason)
             self._forget(request)
 
     def _request_of(self, seq: Sequence) -> _Request | None:

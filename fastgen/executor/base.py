@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Protocol
 
 from fastgen.plan import StepPlan, StepResult
@@ -17,8 +18,13 @@ class Executor(Protocol):
         """False once a worker died; the engine then fails its requests and stops."""
         ...
 
+    def submit(self, plan: StepPlan) -> asyncio.Future[StepResult]:
+        """Start running ``plan`` now, before returning (the engine overlaps host work with it);
+        the future resolves to the step's result, or raises if the step failed."""
+        ...
+
     async def execute(self, plan: StepPlan) -> StepResult:
-        """Run one step; raises if the step failed."""
+        """Run one step and wait for it (``await submit(plan)``)."""
         ...
 
     async def shutdown(self) -> None:

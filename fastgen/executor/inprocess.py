@@ -41,9 +41,11 @@ class InProcessExecutor:
     def is_alive(self) -> bool:
         return not self._closed
 
+    def submit(self, plan: StepPlan) -> asyncio.Future[StepResult]:
+        return asyncio.get_running_loop().run_in_executor(self._pool, self.runner.execute, plan)
+
     async def execute(self, plan: StepPlan) -> StepResult:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.runner.execute, plan)
+        return await self.submit(plan)
 
     async def shutdown(self) -> None:
         if self._closed:
