@@ -33,6 +33,7 @@ from .executor import Executor, create_executor
 from .models import check_supported
 from .models.config import ModelConfig
 from .outputs import RequestOutput
+from .plan import StepResult
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import FinishReason, Sequence
@@ -103,6 +104,31 @@ class _Request:
 
 
 @dataclass
+class StepProfile:
+    """Where step time goes, summed over steps: the runner's host preparation and its forward
+    (launch, device work, wait for the sampled ids), and the engine's host work between a
+    step's result and the next launch (on the critical path) or overlapped with the next step."""
+
+    steps: int = 0
+    tokens: int = 0
+    prepare_s: float = 0.0
+    forward_s: float = 0.0
+    between_steps_s: float = 0.0
+    overlapped_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        per_step = 1e3 / max(self.steps, 1)
+        return {
+            "steps": self.steps,
+            "tokens_per_step": self.tokens / max(self.steps, 1),
+            "runner_prepare_ms": self.prepare_s * per_step,
+            "runner_forward_ms": self.forward_s * per_step,
+            "engine_between_steps_ms": self.between_steps_s * per_step,
+            "engine_overlapped_ms": self.overlapped_s * per_step,
+        }
+
+
+@dataclass
 class EngineStats:
     """A snapshot of the engine's state (for metrics and tests)."""
 
@@ -157,6 +183,7 @@ class AsyncEngine:
         self.generated_tokens = 0
         self.prompt_tokens = 0
         self.step_listeners: list[Any] = []  # callables(step, seconds) for metrics
+        self.profile = StepProfile()
         self._loop_task = asyncio.get_running_loop().create_task(self._step_loop(), name="fastgen-step-loop")
 
     # -- life cycle -----------------------------------------------------------------------
@@ -401,6 +428,7 @@ class AsyncEngine:
                     if not self.executor.is_alive:
                         raise EngineDeadError(f"the executor died: {exc}") from exc
                     continue
+                received = time.perf_counter()
                 self.num_steps += 1
                 sampled = []
                 for seq, token in self.scheduler.commit(step, result):
@@ -408,14 +436,15 @@ class AsyncEngine:
                     if reason is not None:
                         self.scheduler.finish(seq, reason)
                     sampled.append((seq, token, reason))
-                elapsed = time.perf_counter() - started
                 for listener in self.step_listeners:
-                    listener(step, elapsed)
+                    listener(step, received - started)
                 self._apply_inbox()
                 if self.scheduler.has_work:
                     in_flight = self._launch_next()
+                launched = time.perf_counter()
                 for seq, token, reason in sampled:
                     self._deliver(seq, token, reason)
+                self._record(step, result, launched - received, time.perf_counter() - launched)
                 await asyncio.sleep(0)  # let consumers run between steps
         except asyncio.CancelledError:
             if in_flight is not None:
@@ -424,6 +453,15 @@ class AsyncEngine:
         except BaseException as exc:
             self._die(exc)
             raise
+
+    def _record(self, step: ScheduledStep, result: StepResult, between_s: float, overlapped_s: float) -> None:
+        profile = self.profile
+        profile.steps += 1
+        profile.tokens += step.plan.num_tokens
+        profile.prepare_s += result.prepare_s
+        profile.forward_s += result.forward_s
+        profile.between_steps_s += between_s
+        profile.overlapped_s += overlapped_s
 
     def _launch_next(self) -> tuple[ScheduledStep, asyncio.Future, float] | None:
         """Schedule a step and start it on the executor right away (no await in between)."""

@@ -54,7 +54,10 @@ class StepPlan(msgspec.Struct, array_like=True):
 
 
 class StepResult(msgspec.Struct, array_like=True):
-    """The sampled tokens of a step, one per chunk with ``sample=True``, in chunk order."""
+    """The sampled tokens of a step, one per chunk with ``sample=True``, in chunk order, and where
+    the runner's time went (host preparation; then forward, sampling and the wait for the sampled ids)."""
 
     step_id: int
     sampled_token_ids: list[int]
+    prepare_s: float = 0.0
+    forward_s: float = 0.0

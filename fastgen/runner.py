@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,6 +205,7 @@ class ModelRunner:
             self.sequences[start.seq_id] = _SequenceState(start.sampling, start.num_generated)
         if not plan.chunks:
             return StepResult(plan.step_id, [])
+        started = time.perf_counter()
         host = HostBatch()
         sampled_states: list[_SequenceState] = []
         for chunk in plan.chunks:
@@ -212,6 +214,7 @@ class ModelRunner:
             host.add(chunk, state.block_table, self.block_size)
             if chunk.sample:
                 sampled_states.append(state)
+        prepared = time.perf_counter()
         if self.graphs is not None and self.graphs.fits(host):
             logits = self.graphs.run(host)
         else:
@@ -221,7 +224,8 @@ class ModelRunner:
         tokens = self._sample(logits, sampled_states)
         for state in sampled_states:
             state.num_generated += 1
-        return StepResult(plan.step_id, tokens)
+        finished = time.perf_counter()
+        return StepResult(plan.step_id, tokens, prepared - started, finished - prepared)
 
     def _sample(self, logits: torch.Tensor, states: list[_SequenceState]) -> list[int]:
         if not states:

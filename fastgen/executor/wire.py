@@ -28,6 +28,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     socket_dir: str  # ipc sockets live here
     parent_pid: int  # workers exit when this process goes away
     runner_factory: str  # "module:callable" building the runner (see fastgen.worker)
+    log_level: int = 30  # the engine's level for the "fastgen" loggers
 
     def plan_address(self, rank: int) -> str:
         return f"ipc://{self.socket_dir}/plan-{rank}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,6 +30,15 @@ class TensorParallel:
         dist.all_gather(parts, tensor.contiguous())
         return torch.cat(parts, dim=-1)
 
+    def min_max_over_ranks(self, value: int) -> tuple[int, int]:
+        """The smallest and largest ``value`` any rank holds (e.g. KV blocks each rank can fit)."""
+        if self.size == 1:
+            return value, value
+        device = torch.device("cuda", torch.cuda.current_device()) if _uses_nccl() else None
+        both = torch.tensor([-value, value], dtype=torch.int64, device=device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        return -int(both[0]), int(both[1])
+
     def split(self, total: int, what: str) -> int:
         """This rank's share of ``total`` items that must divide evenly."""
         if total % self.size:
@@ -36,3 +47,24 @@ class TensorParallel:
 
 
 SINGLE = TensorParallel()
+
+
+def _uses_nccl() -> bool:
+    return dist.get_backend() == "nccl"
+
+
+def init_distributed(tp: TensorParallel, device: torch.device, *, timeout_s: float = 600.0) -> None:
+    """Join the default process group of ``tp.size`` ranks: NCCL on CUDA, gloo on the CPU.
+
+    The rendezvous is ``env://`` (``MASTER_ADDR`` / ``MASTER_PORT``, set by the engine). NVLink
+    multicast (NVLS) stays off on GPU.
+    """
+    timeout = timedelta(seconds=timeout_s)
+    if device.type == "cuda":
+        os.environ["NCCL_NVLS_ENABLE"] = "0"
+        torch.cuda.set_device(device)
+        dist.init_process_group(
+            "nccl", rank=tp.rank, world_size=tp.size, timeout=timeout, device_id=device
+        )
+    else:
+        dist.init_process_group("gloo", rank=tp.rank, world_size=tp.size, timeout=timeout)

@@ -1,0 +1,212 @@
+"""A tensor-parallel worker process: ``python -m fastgen.worker SPEC_FILE RANK``.
+
+The engine's `ZmqExecutor` starts one per rank. A worker joins the ``torch.distributed`` group
+(NCCL on GPU, gloo on CPU), builds its `ModelRunner` shard, agrees on the KV-cache size with the
+other ranks, reports ready, then runs every plan it receives and answers it. A step that raises
+is answered with the error and the worker keeps serving. It exits on the empty frame, or by
+itself when the engine process goes away.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Protocol
+
+import zmq
+
+from fastgen.executor.wire import (
+    SHUTDOWN,
+    PlanCodec,
+    ReplyCodec,
+    StepDone,
+    StepFailed,
+    WorkerReady,
+    WorkerSpec,
+    WorkerStartFailed,
+)
+from fastgen.plan import StepPlan, StepResult
+
+logger = logging.getLogger("fastgen.worker")
+
+DEFAULT_RUNNER_FACTORY = "fastgen.worker:build_model_runner"
+_PARENT_POLL_S = 0.5
+_REPLY_LINGER_MS = 2000
+
+
+class Runner(Protocol):
+    num_kv_blocks: int
+
+    def execute(self, plan: StepPlan) -> StepResult: ...
+
+
+# -- runners --------------------------------------------------------------------------------
+
+
+def build_model_runner(spec: WorkerSpec, rank: int) -> Runner:
+    """The real runner: join the process group, load this rank's shard, agree on KV blocks."""
+    import torch
+
+    from fastgen.layers.parallel import TensorParallel, init_distributed
+    from fastgen.models.config import ModelConfig
+    from fastgen.runner import ModelRunner, resolve_device
+
+    config = spec.config
+    size = config.tensor_parallel
+    device = resolve_device(config, rank)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    tp = TensorParallel(rank, size)
+    if size > 1:
+        init_distributed(tp, device, timeout_s=max(config.worker_start_timeout_s, 60.0))
+    runner = ModelRunner(
+        spec.model_path,
+        config,
+        ModelConfig.from_dict(spec.model_config),
+        spec.max_model_len,
+        tp=tp,
+    )
+    agree_kv_blocks(runner, tp)
+    return runner
+
+
+def agree_kv_blocks(runner: Any, tp: Any) -> None:
+    """Make every rank use the smallest KV-cache size any rank planned (GPUs differ in free memory).
+
+    A no-op when the ranks already agree (always on CPU, and once the runner agrees before it
+    allocates); otherwise every rank re-allocates its cache and re-captures its decode graphs,
+    all together, since graph capture runs collectives.
+    """
+    smallest, largest = tp.min_max_over_ranks(runner.num_kv_blocks)
+    if smallest == largest:
+        return
+    logger.info("rank %d: KV blocks %d -> %d (agreed by all ranks)", tp.rank, runner.num_kv_blocks, smallest)
+    runner._allocate_kv_cache(0)
+    runner._allocate_kv_cache(smallest)
+    runner.num_kv_blocks = smallest
+    if getattr(runner, "graphs", None) is not None:
+        runner.graphs.capture()
+
+
+class EchoRunner:
+    """A runner without a model, for measuring the transport and testing supervision: it tracks
+    live sequences like a real runner and samples each sampling chunk's last token again."""
+
+    def __init__(self, spec: WorkerSpec, rank: int):
+        self.num_kv_blocks = spec.config.num_kv_blocks or 4096
+        self.live: set[int] = set()
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        self.live.difference_update(plan.released)
+        self.live.update(start.seq_id for start in plan.started)
+        sampled = []
+        for chunk in plan.chunks:
+            if chunk.seq_id not in self.live:
+                raise KeyError(f"sequence {chunk.seq_id} was never started")
+            if chunk.sample:
+                sampled.append(chunk.token_ids[-1])
+        return StepResult(plan.step_id, sampled)
+
+
+def load_factory(path: str) -> Any:
+    """The callable named ``"module:attribute"``."""
+    module, _, name = path.partition(":")
+    if not name:
+        raise ValueError(f"runner factory {path!r} is not of the form 'module:callable'")
+    return getattr(importlib.import_module(module), name)
+
+
+# -- the process ----------------------------------------------------------------------------
+
+
+def watch_parent(parent_pid: int) -> None:
+    """Exit this process as soon as ``parent_pid`` is no longer its parent (the engine died)."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="fastgen-parent-watch", daemon=True).start()
+
+
+def serve(runner: Runner, plans: zmq.Socket, replies: zmq.Socket, rank: int) -> None:
+    """Answer plans until the shutdown frame."""
+    plan_codec, reply_codec = PlanCodec(), ReplyCodec()
+    while True:
+        frame = plans.recv()
+        if frame == SHUTDOWN:
+            return
+        plan = plan_codec.decode(frame)
+        try:
+            result = runner.execute(plan)
+        except Exception as exc:
+            logger.exception("rank %d: step %d failed", rank, plan.step_id)
+            reply = StepFailed(rank, plan.step_id, f"{exc!r}\n{traceback.format_exc()}")
+        else:
+            reply = StepDone(rank, plan.step_id, result.sampled_token_ids if rank == 0 else [])
+        replies.send(reply_codec.encode(reply))
+
+
+def run_worker(spec: WorkerSpec, rank: int) -> int:
+    """Start, serve and stop one rank; returns the process exit code."""
+    watch_parent(spec.parent_pid)
+    context = zmq.Context()
+    plans = context.socket(zmq.PULL)
+    plans.connect(spec.plan_address(rank))
+    replies = context.socket(zmq.PUSH)
+    replies.setsockopt(zmq.LINGER, _REPLY_LINGER_MS)
+    replies.connect(spec.reply_address)
+    codec = ReplyCodec()
+    try:
+        try:
+            runner = load_factory(spec.runner_factory)(spec, rank)
+        except BaseException:
+            logger.exception("rank %d failed to start", rank)
+            replies.send(codec.encode(WorkerStartFailed(rank, traceback.format_exc())))
+            return 1
+        replies.send(codec.encode(WorkerReady(rank, os.getpid(), runner.num_kv_blocks)))
+        serve(runner, plans, replies, rank)
+        close = getattr(runner, "close", None)
+        if close is not None:
+            close()
+        _leave_distributed()
+        return 0
+    finally:
+        plans.close(linger=0)
+        replies.close()
+        context.term()
+
+
+def _leave_distributed() -> None:
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m fastgen.worker SPEC_FILE RANK", file=sys.stderr)
+        return 2
+    spec = WorkerSpec.read(args[0])
+    rank = int(args[1])
+    # Ctrl-C in a terminal reaches the whole process group; the engine decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=spec.log_level, format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s"
+    )
+    return run_worker(spec, rank)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
