@@ -1,0 +1,172 @@
+"""Decode step time of the model runner at several batch sizes, CUDA graphs on and off, next to
+the HBM floor (weight + KV bytes / measured copy bandwidth). GPU only.
+
+    python benchmarks/decode_step.py [--shape llama2-7b] [--context 1024] [--batches 1 8 32 64 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fastgen.config import EngineConfig
+from fastgen.models.config import ModelConfig
+from fastgen.plan import SamplingOptions, SequenceChunk, SequenceStart, StepPlan
+from fastgen.runner import ModelRunner
+
+RESULTS = Path(__file__).parent / "results"
+SHAPES = {
+    "llama2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
+}
+GREEDY = SamplingOptions(0.0, 0, 1.0, None, 0, [])
+
+
+def copy_bandwidth_bytes_per_s() -> float:
+    src = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")  # 2 GiB
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() * src.element_size() / statistics.median(times)
+
+
+def write_config(directory: Path, shape: str) -> Path:
+    fields = dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        torch_dtype="bfloat16",
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    fields.update(SHAPES[shape])
+    (directory / "config.json").write_text(json.dumps(fields))
+    return directory
+
+
+def time_steps(runner: ModelRunner, batch: int, context: int, steps: int) -> float:
+    """Median seconds of a decode step of ``batch`` sequences at ``context`` tokens."""
+    blocks_per_seq = -(-(context + steps + 8) // runner.block_size)
+    starts = [SequenceStart(i, GREEDY, 1) for i in range(batch)]
+    chunks = [
+        SequenceChunk(i, [7], context - 1, list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)), True)
+        for i in range(batch)
+    ]
+    runner.execute(StepPlan(0, [], starts, chunks))  # registers the sequences (cache holds junk: fine)
+    times = []
+    for step in range(steps):
+        chunks = [SequenceChunk(i, [7], context + step, [], True) for i in range(batch)]
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        runner.execute(StepPlan(step + 1, [], [], chunks))
+        times.append(time.perf_counter() - begin)
+    runner.execute(StepPlan(steps + 1, list(range(batch)), [], []))
+    return statistics.median(times[3:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth_bytes_per_s()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_config(Path(tmp), args.shape)
+        model_config = ModelConfig.from_pretrained(path)
+        blocks_needed = max(args.batches) * (-(-(args.context + args.steps + 8) // 16))
+        for graphs in (True, False):
+            config = EngineConfig(
+                load_format="dummy",
+                num_kv_blocks=blocks_needed,
+                cuda_graphs=graphs,
+                max_seqs=max(args.batches),
+            )
+            started = time.perf_counter()
+            runner = ModelRunner(None, config, model_config, model_config.max_position_embeddings)
+            setup_s = time.perf_counter() - started
+            weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+            for batch in tqdm(args.batches, desc=f"graphs={graphs}"):
+                seconds = time_steps(runner, batch, args.context, args.steps)
+                kv_bytes = batch * args.context * runner.kv_bytes_per_block / runner.block_size
+                floor = (weight_bytes + kv_bytes) / bandwidth
+                rows.append(
+                    dict(
+                        cuda_graphs=graphs,
+                        batch=batch,
+                        step_ms=seconds * 1e3,
+                        floor_ms=floor * 1e3,
+                        tokens_per_s=batch / seconds,
+                        of_floor=floor / seconds,
+                        setup_s=setup_s,
+                    )
+                )
+            del runner
+            torch.cuda.empty_cache()
+    device = torch.cuda.get_device_name()
+    stamp = datetime.datetime.now(datetime.UTC)
+    command = "python benchmarks/decode_step.py " + " ".join(sys.argv[1:])
+    text = (
+        f"# Decode step time, {args.shape}, context {args.context}\n\n"
+        f"- command: `{command}`\n- device: {device}\n"
+        f"- date: {stamp:%Y-%m-%d %H:%M} UTC\n- copy bandwidth (read+write): {bandwidth / 1e12:.2f} TB/s\n\n"
+        "| cuda graphs | batch | step ms | HBM floor ms | floor/step | tokens/s |\n"
+        "|---|---|---|---|---|---|\n"
+    )
+    for r in rows:
+        text += (
+            f"| {r['cuda_graphs']} | {r['batch']} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | "
+            f"{r['of_floor']:.0%} | {r['tokens_per_s']:.0f} |\n"
+        )
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    name = f"decode_step-{device.replace(' ', '_')}-{stamp:%Y%m%d}"
+    (RESULTS / f"{name}.md").write_text(text)
+    (RESULTS / f"{name}.json").write_text(
+        json.dumps(
+            dict(command=command, device=device, date=stamp.isoformat(), copy_bandwidth=bandwidth, rows=rows),
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
