@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One GPU-machine session: install offline, run the GPU tests, then the named benchmarks.
+# Usage (from the project root, on the GPU machine, with .whl carried):
+#   bash benchmarks/gpu_run.sh tests decode            # phases: tests, kernels, decode, serving
+# Results and logs land in $OUT (or benchmarks/results when OUT is unset).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+OUT=${OUT:-benchmarks/results}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -2
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+for phase in "$@"; do
+  echo "=== $phase ($(date -u +%H:%M:%S))"
+  case "$phase" in
+    tests)   timeout 300 python3 -m pytest -m gpu -q -x tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    kernels) timeout 300 python3 benchmarks/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
+    decode)  timeout 300 python3 benchmarks/decode_step.py 2>&1 | tee "$OUT/decode.log" | tail -20 ;;
+    *) echo "unknown phase $phase" ;;
+  esac
+done
+cp benchmarks/results/*"$(date -u +%Y%m%d)"* "$OUT"/ 2>/dev/null || true
