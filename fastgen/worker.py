@@ -146,11 +146,10 @@ def serve(runner: Runner, plans: zmq.Socket, replies: zmq.Socket, rank: int) -> 
         plan = plan_codec.decode(frame)
         try:
             result = runner.execute(plan)
-        except Exception as exc:
-            logger.exception("rank %d: step %d failed", rank, plan.step_id)
+        except Exception as exc:  # answered, and logged by the engine; the worker keeps serving
             reply = StepFailed(rank, plan.step_id, f"{exc!r}\n{traceback.format_exc()}")
         else:
-            reply = StepDone(rank, plan.step_id, result.sampled_token_ids if rank == 0 else [])
+            reply = StepDone(rank, plan.step_id, result if rank == 0 else None)
         replies.send(reply_codec.encode(reply))
 
 

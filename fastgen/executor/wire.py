@@ -2,7 +2,7 @@
 
 The engine pushes one frame per step to every rank: a msgspec-encoded `StepPlan` (an empty
 frame asks the worker to exit). Every rank answers each plan with a `StepDone` or `StepFailed`
-(rank 0's `StepDone` carries the sampled tokens); at start each rank sends `WorkerReady` or
+(rank 0's `StepDone` carries the `StepResult`); at start each rank sends `WorkerReady` or
 `WorkerStartFailed`. A `WorkerSpec` file tells a worker what to build and where to connect.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import msgspec
 
 from fastgen.config import EngineConfig
-from fastgen.plan import StepPlan
+from fastgen.plan import StepPlan, StepResult
 
 SHUTDOWN = b""  # the frame that asks a worker to exit
 
@@ -59,7 +59,7 @@ class WorkerStartFailed(msgspec.Struct, tag="start_failed", array_like=True):
 class StepDone(msgspec.Struct, tag="done", array_like=True):
     rank: int
     step_id: int
-    sampled_token_ids: list[int]  # rank 0 only; other ranks send []
+    result: StepResult | None  # rank 0 only
 
 
 class StepFailed(msgspec.Struct, tag="failed", array_like=True):

@@ -63,8 +63,6 @@ def init_distributed(tp: TensorParallel, device: torch.device, *, timeout_s: flo
     if device.type == "cuda":
         os.environ["NCCL_NVLS_ENABLE"] = "0"
         torch.cuda.set_device(device)
-        dist.init_process_group(
-            "nccl", rank=tp.rank, world_size=tp.size, timeout=timeout, device_id=device
-        )
+        dist.init_process_group("nccl", rank=tp.rank, world_size=tp.size, timeout=timeout, device_id=device)
     else:
         dist.init_process_group("gloo", rank=tp.rank, world_size=tp.size, timeout=timeout)
