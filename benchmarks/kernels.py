@@ -322,6 +322,65 @@ def sampling_cases(bench: Bench) -> None:
                    lambda i=inputs: torch_sampler(*i()), batch * vocab_size * 4, None)
 
 
+# ---------------------------------------------------------------- tuning variants
+
+
+def with_config(change: dict[str, int], fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run under attention launch configs patched with ``change``."""
+    original = attention_triton.launch_config
+
+    def patched(*args, **kwargs) -> dict[str, int]:
+        return {**original(*args, **kwargs), **change}
+
+    def run() -> object:
+        attention_triton.launch_config = patched
+        try:
+            return fn()
+        finally:
+            attention_triton.launch_config = original
+
+    return run
+
+
+def variant_cases(bench: Bench) -> None:
+    """Alternatives to the defaults, timed side by side (``--only variants``)."""
+    specs = [(1, 2048)] * 64
+    batch = paged_batch(specs, 32, 8, 128)
+    for splits in (1, 2, 4):
+        bench.add(f"variant: decode llama3-8b 64x2048, {splits} splits", "triton",
+                  median_us(attention_call(batch, specs, num_splits=splits)), kv_bytes(specs, 8, 128), None)
+    del batch
+    small_m = {"BLOCK_M": 64, "num_warps_prefill": 4}
+    specs = [(1, 1024)] * 256 + [(512, 2048)]
+    batch = paged_batch(specs, 32, 8, 128)
+    call = attention_call(batch, specs)
+    bench.add("variant: mixed step, BLOCK_M 64 / 4 warps", "triton", median_us(with_config(small_m, call)),
+              kv_bytes(specs, 8, 128), None)
+    bench.add("variant: mixed step, decode tiles 32 keys", "triton",
+              median_us(with_config({"BLOCK_N_DECODE": 32}, call)), kv_bytes(specs, 8, 128), None)
+    del batch
+    specs = [(4096, 4096)]
+    batch = paged_batch(specs, 32, 32, 128)
+    call = attention_call(batch, specs)
+    flops = 2 * 4096 * 4096 * 128 * 32
+    bench.add("variant: prefill 4096, BLOCK_M 64 / 4 warps", "triton", median_us(with_config(small_m, call)),
+              None, flops)
+    bench.add("variant: prefill 4096, BLOCK_N 128", "triton",
+              median_us(with_config({"BLOCK_N": 128}, call)), None, flops)
+    del batch
+    vocab_size, rows = 128256, 64
+    logits = torch.randn(rows, vocab_size, device="cuda") * 3
+    params = (torch.full((rows,), 0.8, device="cuda"),
+              torch.full((rows,), 50, dtype=torch.int32, device="cuda"),
+              torch.full((rows,), 0.9, device="cuda"), torch.randint(0, 2**62, (rows,), device="cuda"))
+    default_buckets = sampling.NUM_BUCKETS
+    for buckets in (4, 8, 16):
+        sampling.NUM_BUCKETS = buckets
+        bench.add(f"variant: sample 64x128256 top-k+top-p, {buckets} buckets", "triton",
+                  median_us(lambda: sampling.sample_triton(logits, *params)), rows * vocab_size * 4, None)
+    sampling.NUM_BUCKETS = default_buckets
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -344,15 +403,16 @@ def table(rows: list[Row]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="",
-                        help="comma-separated groups: decode,prefill,elementwise,sampling")
+                        help="comma-separated groups: decode,prefill,elementwise,sampling,variants")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
     torch.manual_seed(int(datetime.datetime.now().timestamp()))
     groups = {"decode": decode_cases, "prefill": prefill_cases, "elementwise": elementwise_cases,
-              "sampling": sampling_cases}
-    chosen = [g for g in groups if not args.only or g in args.only.split(",")]
+              "sampling": sampling_cases, "variants": variant_cases}
+    default_groups = ["decode", "prefill", "elementwise", "sampling"]
+    chosen = args.only.split(",") if args.only else default_groups
     bench = Bench()
     failed = []
     for name in tqdm(["ceilings", *chosen], desc="kernel benchmarks"):

@@ -280,11 +280,15 @@ def launch_config(head_dim: int, group: int, dtype: torch.dtype) -> dict[str, in
 
 
 def choose_num_splits(num_programs: int, max_context_len: int, device: torch.device) -> int:
-    """Splits per sequence so that a batch of few long sequences still fills the GPU."""
-    multiprocessors = _multiprocessor_count(device)
-    if num_programs >= multiprocessors or max_context_len <= 512:
+    """Splits per sequence so that a batch of few long sequences still fills the GPU.
+
+    About three decode programs fit on a multiprocessor at once; aim for four per multiprocessor
+    (one full round and a short tail), keeping at least 256 keys per split.
+    """
+    wanted_programs = 4 * _multiprocessor_count(device)
+    if num_programs >= wanted_programs or max_context_len <= 512:
         return 1
-    wanted = triton.cdiv(2 * multiprocessors, num_programs)
+    wanted = triton.cdiv(wanted_programs, num_programs)
     return max(1, min(wanted, triton.cdiv(max_context_len, 256), MAX_SPLITS))
 
 

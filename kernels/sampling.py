@@ -13,11 +13,13 @@ in it). Filtered rows then search for the cutoff logit (every token at or above 
 cutoff is the largest ``t`` with ``count(logit >= t) >= k``; top-p's is the largest ``t`` with
 ``mass(logit >= t) >= top_p * mass(kept by top-k)``: the same search with weights ``exp(logit/T)``
 instead of 1. Each pass splits the current interval of candidate cutoffs, as order-preserving int32
-keys of the float logits, into ``NUM_BUCKETS`` parts, sums the weights at or above each part's
-start and records the nearest actual keys on both sides of each start; the next interval is the
-part holding the cutoff, shrunk to the keys really in it. It ends when the interval holds a single
-key: that key is the exact cutoff, ties included (at most ``ceil(32 / log2(NUM_BUCKETS))`` passes
-per search, usually 2-4 on real logits). A last pass runs the race over the kept tokens.
+keys of the float logits, into ``NUM_BUCKETS`` parts (evenly spaced in value, or in key space
+after a pass that made no progress), sums the weights at or above each part's start and records
+the nearest actual keys on both sides of each start; the next interval is the part holding the
+cutoff, shrunk to the keys really in it. It ends when the interval holds a single key: that key is
+the exact cutoff, ties included (usually 3-6 passes per search on real logits; key-space parts
+alone would bound it by ``ceil(32 / log2(NUM_BUCKETS))``). A last pass runs the race over the kept
+tokens. Only the per-row seeds decide the draw: it never depends on the batch.
 
 Its noise is Triton's Philox (``tl.rand(seeds[r], token_id)``), so it draws other numbers than the
 reference for the same seed, from the same distribution; the tests compare the two statistically.
@@ -82,32 +84,35 @@ def sample_reference(
     return tokens
 
 
-NUM_BUCKETS = 16
-BLOCK_VOCAB = 1024
-MAX_SEARCH_PASSES = 40  # > 2 searches x ceil(32 / log2(NUM_BUCKETS)); a guard, never reached
+NUM_BUCKETS = 8
+BLOCK_VOCAB = 1024  # pass 0 and the race
+BLOCK_SEARCH = 512  # search passes: [BLOCK_SEARCH, NUM_BUCKETS] accumulators live in registers
+MAX_SEARCH_PASSES = 48  # a guard: key-space passes alone finish within 2 x ceil(32 / log2(8)) + slack
 
 
 @triton.jit
-def _race_update(x, cols, mask, inv_temperature, seed, best, best_index, keep_from):
-    """Exponential race ``argmax(logit/T - log(E))`` over this block's tokens with key >= keep_from."""
+def _race_update(x, cols, mask, inv_temperature, seed, lane_best, lane_index, keep_from):
+    """Per-lane exponential race ``argmax(logit/T - log(E))`` over tokens with key >= keep_from."""
     noise = -tl.log(-tl.log(tl.rand(seed, cols)))  # Gumbel(0, 1) = -log(Exp(1))
     bits = (x + 0.0).to(tl.int32, bitcast=True)
     keep = mask & (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) >= keep_from)
     score = tl.where(keep, x * inv_temperature + noise, float("-inf"))
-    block_best = tl.max(score, axis=0)
-    block_index = tl.min(tl.where(score == block_best, cols, 2147483647), axis=0)
-    better = block_best > best
-    return tl.where(better, block_best, best), tl.where(better, block_index, best_index)
+    better = score > lane_best  # strict: each lane keeps its first best token
+    return tl.where(better, score, lane_best), tl.where(better, cols, lane_index)
 
 
 @triton.jit(do_not_specialize=["vocab_size", "stride_row"])
 def _sample_kernel(
     logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seeds_ptr, out_ptr, cutoff_ptr,
     vocab_size, stride_row,
-    BLOCK_V: tl.constexpr, NUM_BUCKETS: tl.constexpr, MAX_PASSES: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, NUM_BUCKETS: tl.constexpr, MAX_PASSES: tl.constexpr,
     WRITE_CUTOFF: tl.constexpr,
 ):
-    """One row per program: greedy, or temperature + top-k + top-p + exponential race."""
+    """One row per program: greedy, or temperature + top-k + top-p + exponential race.
+
+    Loops keep per-lane partial results and reduce once at the end of each pass (a cross-warp
+    reduction per block would cost more than the block's arithmetic).
+    """
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     temperature = tl.load(temperature_ptr + row).to(tl.float32)
@@ -120,51 +125,68 @@ def _sample_kernel(
     filtered = sampled & (use_top_k | use_top_p)
     race_in_first_pass = sampled & (filtered == 0)
     inv_temperature = 1.0 / tl.maximum(temperature, 1e-6)
-    offs = tl.arange(0, BLOCK_V)
     int_max = 2147483647
     int_min = -2147483648
 
     # pass 0: maximum and its first index, smallest key, and the race when nothing is filtered
-    max_logit = float("-inf")
-    max_index = 0
-    min_key = int_max
-    race_best = float("-inf")
-    race_index = 0
+    offs = tl.arange(0, BLOCK_V)
+    lane_max = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
+    lane_max_index = tl.zeros([BLOCK_V], dtype=tl.int32)
+    lane_min_key = tl.full([BLOCK_V], int_max, dtype=tl.int32)
+    lane_race = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
+    lane_race_index = tl.zeros([BLOCK_V], dtype=tl.int32)
     for start in range(0, vocab_size, BLOCK_V):
         cols = start + offs
         mask = cols < vocab_size
         x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        block_max = tl.max(x, axis=0)
-        block_index = tl.min(tl.where(x == block_max, cols, int_max), axis=0)
-        if block_max > max_logit:
-            max_index = block_index
-        max_logit = tl.maximum(max_logit, block_max)
+        better = x > lane_max
+        lane_max_index = tl.where(better, cols, lane_max_index)
+        lane_max = tl.where(better, x, lane_max)
         bits = (x + 0.0).to(tl.int32, bitcast=True)  # order key: int32 with the floats' order
-        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-        min_key = tl.minimum(min_key, tl.min(tl.where(mask, key, int_max), axis=0))
+        lane_min_key = tl.minimum(lane_min_key, tl.where(mask, tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF),
+                                                         int_max))
         if race_in_first_pass:
-            race_best, race_index = _race_update(x, cols, mask, inv_temperature, seed, race_best,
-                                                 race_index, int_min)
+            lane_race, lane_race_index = _race_update(x, cols, mask, inv_temperature, seed, lane_race,
+                                                      lane_race_index, int_min)
+    max_logit = tl.max(lane_max, axis=0)
+    max_index = tl.min(tl.where(lane_max == max_logit, lane_max_index, int_max), axis=0)
+    min_key = tl.min(lane_min_key, axis=0)
 
     # cutoff search: first top-k (weights 1), then top-p (weights exp((x - max) / T))
     buckets = tl.arange(0, NUM_BUCKETS)
+    offs_s = tl.arange(0, BLOCK_S)
     max_bits = (max_logit + 0.0).to(tl.int32, bitcast=True)
     max_key = tl.where(max_bits >= 0, max_bits, max_bits ^ 0x7FFFFFFF)
     lo = tl.where(filtered, min_key, max_key)
     hi = max_key
     mass_phase = use_top_k == 0
     first_mass_pass = mass_phase
+    stalled = lo != lo  # False
     target = top_k.to(tl.float32)
     exp_scale = inv_temperature * 1.4426950408889634
     passes = 0
     while (lo < hi) & (passes < MAX_PASSES):
+        # thresholds: evenly spaced in value (fast on real logits); evenly spaced in key space
+        # (always shrinks the interval) after a pass that made no progress or on overflow
+        lo_bits = tl.where(lo >= 0, lo, lo ^ 0x7FFFFFFF)
+        hi_bits = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF)
+        lo_value = lo_bits.to(tl.float32, bitcast=True)
+        span = hi_bits.to(tl.float32, bitcast=True) - lo_value
+        use_keys = stalled | (span == float("inf"))
+        span = tl.where(span == float("inf"), 0.0, span)
+        value_bits = (lo_value + span * (buckets.to(tl.float32) / NUM_BUCKETS) + 0.0).to(tl.int32,
+                                                                                         bitcast=True)
+        value_keys = tl.minimum(tl.maximum(tl.where(value_bits >= 0, value_bits, value_bits ^ 0x7FFFFFFF),
+                                           lo), hi)
         width = hi.to(tl.int64) - lo.to(tl.int64) + 1
-        thresholds = (lo.to(tl.int64) + (buckets.to(tl.int64) * width) // NUM_BUCKETS).to(tl.int32)
-        weight_at_or_above = tl.zeros([NUM_BUCKETS], dtype=tl.float32)
-        key_at_or_above = tl.full([NUM_BUCKETS], int_max, dtype=tl.int32)
-        key_below = tl.full([NUM_BUCKETS], int_min, dtype=tl.int32)
-        for start in range(0, vocab_size, BLOCK_V):
-            cols = start + offs
+        even_keys = (lo.to(tl.int64) + (buckets.to(tl.int64) * width) // NUM_BUCKETS).to(tl.int32)
+        thresholds = tl.where(use_keys | (buckets == 0), even_keys, value_keys)
+
+        lane_weight = tl.zeros([BLOCK_S, NUM_BUCKETS], dtype=tl.float32)
+        lane_key_above = tl.full([BLOCK_S, NUM_BUCKETS], int_max, dtype=tl.int32)
+        lane_key_below = tl.full([BLOCK_S, NUM_BUCKETS], int_min, dtype=tl.int32)
+        for start in range(0, vocab_size, BLOCK_S):
+            cols = start + offs_s
             mask = cols < vocab_size
             x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
             bits = (x + 0.0).to(tl.int32, bitcast=True)
@@ -173,19 +195,26 @@ def _sample_kernel(
             if mass_phase:
                 weight = tl.exp2((x - max_logit) * exp_scale)
             at_or_above = key[:, None] >= thresholds[None, :]
-            weight_at_or_above += tl.sum(tl.where(at_or_above, weight[:, None], 0.0), axis=0)
-            key_at_or_above = tl.minimum(
-                key_at_or_above, tl.min(tl.where(at_or_above, key[:, None], int_max), axis=0))
-            key_below = tl.maximum(key_below, tl.max(tl.where(at_or_above, int_min, key[:, None]), axis=0))
+            lane_weight += tl.where(at_or_above, weight[:, None], 0.0)
+            lane_key_above = tl.minimum(lane_key_above, tl.where(at_or_above, key[:, None], int_max))
+            lane_key_below = tl.maximum(lane_key_below, tl.where(at_or_above, int_min, key[:, None]))
+        weight_at_or_above = tl.sum(lane_weight, axis=0)
+        key_at_or_above = tl.min(lane_key_above, axis=0)
+        key_below = tl.max(lane_key_below, axis=0)
         if first_mass_pass:
             # top_p x the mass kept by top-k
             target = top_p * tl.sum(tl.where(buckets == 0, weight_at_or_above, 0.0), axis=0)
+        # the part holding the cutoff: the last start with enough weight at or above it
         chosen = tl.maximum(tl.sum((weight_at_or_above >= target).to(tl.int32), axis=0) - 1, 0)
-        lo = tl.sum(tl.where(buckets == chosen, key_at_or_above, 0), axis=0)
+        new_lo = tl.sum(tl.where(buckets == chosen, key_at_or_above, 0), axis=0)
         next_below = tl.sum(tl.where(buckets == chosen + 1, key_below, 0), axis=0)
-        hi = tl.where(chosen < NUM_BUCKETS - 1, next_below, hi)
+        new_hi = tl.where(chosen < NUM_BUCKETS - 1, next_below, hi)
+        stalled = (new_lo == lo) & (new_hi == hi)
+        lo = new_lo
+        hi = new_hi
         to_top_p = (lo >= hi) & (mass_phase == 0) & use_top_p
         hi = tl.where(to_top_p, max_key, hi)
+        stalled = stalled & (to_top_p == 0)
         mass_phase = mass_phase | to_top_p
         first_mass_pass = to_top_p
         passes += 1
@@ -195,17 +224,16 @@ def _sample_kernel(
         tl.store(cutoff_ptr + row, cutoff)
     if sampled == 0:
         tl.store(out_ptr + row, max_index.to(tl.int64))
-    elif race_in_first_pass:
-        tl.store(out_ptr + row, race_index.to(tl.int64))
     else:
-        race_best = float("-inf")
-        race_index = 0
-        for start in range(0, vocab_size, BLOCK_V):
-            cols = start + offs
-            mask = cols < vocab_size
-            x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            race_best, race_index = _race_update(x, cols, mask, inv_temperature, seed, race_best,
-                                                 race_index, cutoff)
+        if filtered:
+            for start in range(0, vocab_size, BLOCK_V):
+                cols = start + offs
+                mask = cols < vocab_size
+                x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                lane_race, lane_race_index = _race_update(x, cols, mask, inv_temperature, seed, lane_race,
+                                                          lane_race_index, cutoff)
+        race_best = tl.max(lane_race, axis=0)
+        race_index = tl.min(tl.where(lane_race == race_best, lane_race_index, int_max), axis=0)
         tl.store(out_ptr + row, race_index.to(tl.int64))
 
 
@@ -235,7 +263,8 @@ def sample_triton(
     _sample_kernel[(batch,)](
         logits, temperature, top_k, top_p, seeds, tokens, tokens if cutoffs is None else cutoffs,
         vocab_size, logits.stride(0),
-        BLOCK_V=min(BLOCK_VOCAB, triton.next_power_of_2(vocab_size)), NUM_BUCKETS=NUM_BUCKETS,
+        BLOCK_V=min(BLOCK_VOCAB, triton.next_power_of_2(vocab_size)),
+        BLOCK_S=min(BLOCK_SEARCH, triton.next_power_of_2(vocab_size)), NUM_BUCKETS=NUM_BUCKETS,
         MAX_PASSES=MAX_SEARCH_PASSES, WRITE_CUTOFF=cutoffs is not None, num_warps=8,
     )
     return tokens

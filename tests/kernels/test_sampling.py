@@ -36,8 +36,12 @@ def test_kept_set_matches_reference(vocab_size, dtype, device, seed) -> None:
     """The cutoff the kernel finds keeps exactly the reference's tokens (ties included: bfloat16
     logits have many), and every draw is one of them."""
     batch = 16
-    logits = (torch.randn(batch, vocab_size) * 4).to(dtype).to(device)
+    logits = torch.randn(batch, vocab_size) * 4
+    logits[5, torch.rand(vocab_size) < 0.3] = float("-inf")  # masked-out tokens
+    logits[6, 10:] = float("-inf")  # fewer finite tokens than top_k
+    logits = logits.to(dtype).to(device)
     params = random_params(batch, vocab_size, device)
+    params["top_k"][6] = 40
     cutoffs = torch.full((batch,), 12345, dtype=torch.int32, device=device)
     tokens = sample_triton(logits, **params, cutoffs=cutoffs)
     sampled = params["temperature"] > 0
@@ -45,7 +49,8 @@ def test_kept_set_matches_reference(vocab_size, dtype, device, seed) -> None:
         logits[sampled], params["temperature"][sampled], params["top_k"][sampled], params["top_p"][sampled]
     )
     expected_kept = torch.isfinite(filtered)
-    kept = order_keys(logits[sampled]) >= cutoffs[sampled][:, None]
+    finite = torch.isfinite(logits[sampled])
+    kept = (order_keys(logits[sampled]) >= cutoffs[sampled][:, None]) & finite
     assert torch.equal(kept, expected_kept), (kept.sum(1), expected_kept.sum(1))
     assert expected_kept.gather(1, tokens[sampled][:, None]).all(), "drew a filtered-out token"
     torch.testing.assert_close(tokens[~sampled], logits[~sampled].argmax(-1))
