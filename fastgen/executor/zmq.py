@@ -106,6 +106,12 @@ class _Worker:
                 how += f" ({signal.Signals(-code).name})"
         return f"rank {self.rank} (pid {self.process.pid}) {how}{self.output_tail()}"
 
+    def close(self) -> None:
+        """After the process exited: finish forwarding its output and close the pipe."""
+        self._reader.join(timeout=1.0)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
     def output_tail(self) -> str:
         lines = list(self.output)[-15:]
         return "; last output:\n" + "\n".join(lines) if lines else "; it printed nothing"
@@ -161,6 +167,7 @@ class ZmqExecutor:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._replies.FD, self._drain)
         self._error: WorkerError | None = None
+        self._ready = False
         self._closed = False
         self._finalizer = weakref.finalize(
             self, _stop_processes, [w.process for w in workers], spec.socket_dir
@@ -253,6 +260,7 @@ class ZmqExecutor:
         if len(blocks) != 1:
             raise WorkerError(f"ranks disagree on the KV-cache size: {sorted(blocks)} blocks")
         self.num_kv_blocks = blocks.pop()
+        self._ready = True
         logger.info("%d worker(s) ready: %d KV blocks", self.size, self.num_kv_blocks)
 
     # -- steps ----------------------------------------------------------------------------
@@ -388,13 +396,15 @@ class ZmqExecutor:
         if self._closed:
             return
         self._closed = True
-        for push in self._plan_sockets:
-            with contextlib.suppress(zmq.ZMQError):
-                push.send(SHUTDOWN, zmq.NOBLOCK)
-        await self._wait_exit(_STOP_GRACE_S)
+        if self._ready and self._error is None:  # serving workers finish their step and exit
+            for push in self._plan_sockets:
+                with contextlib.suppress(zmq.ZMQError):
+                    push.send(SHUTDOWN, zmq.NOBLOCK)
+            await self._wait_exit(_STOP_GRACE_S)
         for worker in self.workers:
             if worker.exit_code is None:
-                logger.warning("worker rank %d did not exit; terminating it", worker.rank)
+                if self._ready:
+                    logger.warning("worker rank %d did not exit; terminating it", worker.rank)
                 worker.process.terminate()
         await self._wait_exit(2.0)
         for worker in self.workers:
@@ -402,8 +412,7 @@ class ZmqExecutor:
                 worker.process.kill()
         await self._wait_exit(5.0)
         for worker in self.workers:
-            if worker.process.stdout is not None:
-                worker.process.stdout.close()
+            worker.close()
         if not self._loop.is_closed():
             self._loop.remove_reader(self._replies.FD)
         for sock in [*self._plan_sockets, self._replies]:

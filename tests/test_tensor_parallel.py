@@ -1,0 +1,105 @@
+"""Tensor parallelism on the CPU (gloo): Megatron shards reassemble the checkpoint, and greedy
+outputs with 2 and 4 worker processes equal one process and HF transformers, for multi-head,
+grouped-query and multi-query attention (KV heads replicated when fewer than ranks)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastgen.layers.parallel import TensorParallel
+from fastgen.models.config import ModelConfig
+from fastgen.models.loader import build_model
+from tests.helpers import engine_greedy, hf_greedy
+
+NEW_TOKENS = 8
+
+
+def full_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.mark.parametrize(("num_kv_heads", "size"), [(4, 2), (2, 4), (1, 4)])
+def test_shards_reassemble_the_checkpoint(toy_checkpoint, num_kv_heads, size):
+    path = toy_checkpoint("llama", num_key_value_heads=num_kv_heads, vocab_size=390)
+    config = ModelConfig.from_pretrained(path)
+    full = full_checkpoint(path)
+    ranks = [
+        build_model(
+            path,
+            config,
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            tp=TensorParallel(rank, size),
+            max_model_len=64,
+        )
+        for rank in range(size)
+    ]
+    prefix = "model.layers.0."
+    head_dim = config.head_dim
+    q_parts, k_parts, o_parts, gate_parts, down_parts, vocab_parts = [], [], [], [], [], []
+    for rank, model in enumerate(ranks):
+        layer = model.model.layers[0]
+        qkv = layer.self_attn.qkv_proj
+        q, k, v = qkv.weight.split([qkv.q_size, qkv.kv_size, qkv.kv_size])
+        q_parts.append(q)
+        k_parts.append(k)
+        kv_heads_per_rank = max(1, num_kv_heads // size)
+        first_kv_head = rank * num_kv_heads // size  # replicated when fewer KV heads than ranks
+        rows = slice(first_kv_head * head_dim, (first_kv_head + kv_heads_per_rank) * head_dim)
+        assert torch.equal(v, full[prefix + "self_attn.v_proj.weight"][rows])
+        o_parts.append(layer.self_attn.o_proj.weight)
+        gate, _ = layer.mlp.gate_up_proj.weight.chunk(2)
+        gate_parts.append(gate)
+        down_parts.append(layer.mlp.down_proj.weight)
+        vocab_parts.append(model.model.embed_tokens.weight)
+    assert torch.equal(torch.cat(q_parts), full[prefix + "self_attn.q_proj.weight"])
+    if num_kv_heads >= size:
+        assert torch.equal(torch.cat(k_parts), full[prefix + "self_attn.k_proj.weight"])
+    else:  # each KV head lives on size / num_kv_heads consecutive ranks
+        replicas = size // num_kv_heads
+        assert torch.equal(torch.cat(k_parts[::replicas]), full[prefix + "self_attn.k_proj.weight"])
+        assert all(torch.equal(k_parts[r], k_parts[r - r % replicas]) for r in range(size))
+    assert torch.equal(torch.cat(o_parts, dim=1), full[prefix + "self_attn.o_proj.weight"])
+    assert torch.equal(torch.cat(gate_parts), full[prefix + "mlp.gate_proj.weight"])
+    assert torch.equal(torch.cat(down_parts, dim=1), full[prefix + "mlp.down_proj.weight"])
+    vocab = torch.cat(vocab_parts)  # the last shard is padded with zero rows
+    assert torch.equal(vocab[: config.vocab_size], full["model.embed_tokens.weight"])
+    assert not vocab[config.vocab_size :].any()
+
+
+def prompts_of_mixed_lengths(seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 384) for _ in range(n)] for n in (1, 7, 40, 130, 3, 75)]
+
+
+CASES = {
+    "mha-tp2": ({}, 2),
+    "mha-tp4": ({}, 4),
+    "gqa-tp2": ({"num_key_value_heads": 2}, 2),
+    "gqa-fewer-kv-heads-than-ranks-tp4": ({"num_key_value_heads": 2}, 4),
+    "mqa-tied-padded-vocab-tp4": ({"num_key_value_heads": 1, "tie_word_embeddings": True, "vocab_size": 390}, 4),
+    "mha-biases-tp2": ({"attention_bias": True, "mlp_bias": True}, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_matches_one_process_and_hf(toy_checkpoint, case):
+    overrides, size = CASES[case]
+    path = toy_checkpoint("llama", **overrides)
+    prompts = prompts_of_mixed_lengths()
+    expected = hf_greedy(path, prompts, NEW_TOKENS)
+    single = engine_greedy(path, prompts, NEW_TOKENS, token_budget=16, executor="inprocess")
+    sharded = engine_greedy(
+        path, prompts, NEW_TOKENS, token_budget=16, tensor_parallel=size, worker_start_timeout_s=120
+    )
+    assert single == expected
+    for prompt, want, have in zip(prompts, expected, sharded):
+        assert have == want, f"tensor_parallel={size}: prompt of {len(prompt)} tokens diverged"

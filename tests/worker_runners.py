@@ -1,0 +1,49 @@
+"""Runner factories that `tests/test_zmq_executor.py` loads inside worker processes
+(``runner_factory="tests.worker_runners:NAME"``): model-free runners that misbehave on cue."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from fastgen.executor.wire import WorkerSpec
+from fastgen.plan import StepPlan, StepResult
+from fastgen.worker import EchoRunner
+
+SLOW_TOKEN = 999  # a step holding this token takes 30 s (time to kill a worker mid-step)
+RANK1_FAILS_TOKEN = 666  # rank 1 raises, rank 0 answers: the ranks fall out of step
+RANK0_HANGS_TOKEN = 777  # rank 1 raises, rank 0 never answers (as if stuck in a collective)
+
+
+def hang_at_start(spec: WorkerSpec, rank: int) -> EchoRunner:
+    time.sleep(600)
+    raise AssertionError("unreachable")
+
+
+def rank1_fails_at_start(spec: WorkerSpec, rank: int) -> EchoRunner:
+    if rank == 1:
+        raise RuntimeError("no weights for rank 1")
+    return EchoRunner(spec, rank)
+
+
+def rank1_exits_at_start(spec: WorkerSpec, rank: int) -> EchoRunner:
+    if rank == 1:
+        print("rank 1 gives up", flush=True)
+        os._exit(7)
+    return EchoRunner(spec, rank)
+
+
+class MisbehavingRunner(EchoRunner):
+    def __init__(self, spec: WorkerSpec, rank: int):
+        super().__init__(spec, rank)
+        self.rank = rank
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        tokens = {token for chunk in plan.chunks for token in chunk.token_ids}
+        if SLOW_TOKEN in tokens:
+            time.sleep(30)
+        if self.rank == 1 and tokens & {RANK1_FAILS_TOKEN, RANK0_HANGS_TOKEN}:
+            raise RuntimeError("rank 1 alone failed")
+        if self.rank == 0 and RANK0_HANGS_TOKEN in tokens:
+            time.sleep(60)
+        return super().execute(plan)
