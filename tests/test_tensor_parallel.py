@@ -85,7 +85,10 @@ CASES = {
     "mha-tp4": ({}, 4),
     "gqa-tp2": ({"num_key_value_heads": 2}, 2),
     "gqa-fewer-kv-heads-than-ranks-tp4": ({"num_key_value_heads": 2}, 4),
-    "mqa-tied-padded-vocab-tp4": ({"num_key_value_heads": 1, "tie_word_embeddings": True, "vocab_size": 390}, 4),
+    "mqa-tied-padded-vocab-tp4": (
+        {"num_key_value_heads": 1, "tie_word_embeddings": True, "vocab_size": 390},
+        4,
+    ),
     "mha-biases-tp2": ({"attention_bias": True, "mlp_bias": True}, 2),
 }
 

@@ -65,7 +65,8 @@ async def start_executor(tp: int = 2, factory: str = ECHO, **config) -> ZmqExecu
 
 
 def first_step(step_id: int, seq_id: int, tokens: list[int]) -> StepPlan:
-    return StepPlan(step_id, [], [SequenceStart(seq_id, GREEDY, 0)], [SequenceChunk(seq_id, tokens, 0, [0], True)])
+    chunk = SequenceChunk(seq_id, tokens, 0, [0], True)
+    return StepPlan(step_id, [], [SequenceStart(seq_id, GREEDY, 0)], [chunk])
 
 
 def is_running(pid: int) -> bool:
@@ -165,7 +166,7 @@ def test_start_failure_reports_the_rank_and_its_traceback():
 
 
 def test_worker_exit_at_start_reports_exit_code_and_output():
-    with pytest.raises(WorkerError, match="rank 1 \\(pid \\d+\\) exited with code 7") as failure:
+    with pytest.raises(WorkerError, match=r"rank 1 \(pid \d+\) exited with code 7") as failure:
         run(start_executor(tp=2, factory="tests.worker_runners:rank1_exits_at_start"))
     assert "rank 1 gives up" in str(failure.value)
     assert failure.value.exit_code == 7
@@ -205,7 +206,7 @@ def test_ranks_out_of_step_kill_the_executor(monkeypatch):
         executor = await start_executor(tp=2, factory=MISBEHAVING)
         try:
             # rank 1 fails while rank 0 succeeds: their sequence states differ from now on
-            with pytest.raises(WorkerError, match="failed on rank\\(s\\) \\[1\\] but not on \\[0\\]"):
+            with pytest.raises(WorkerError, match=r"failed on rank\(s\) \[1\] but not on \[0\]"):
                 await executor.execute(first_step(0, 1, [worker_runners.RANK1_FAILS_TOKEN]))
             assert not executor.is_alive
         finally:
@@ -214,7 +215,7 @@ def test_ranks_out_of_step_kill_the_executor(monkeypatch):
         try:
             # rank 1 fails while rank 0 never answers (as if waiting in a collective for rank 1)
             started = time.monotonic()
-            with pytest.raises(WorkerError, match="did not answer within 0.5 s"):
+            with pytest.raises(WorkerError, match=r"did not answer within 0\.5 s"):
                 await executor.execute(first_step(0, 1, [worker_runners.RANK0_HANGS_TOKEN]))
             assert time.monotonic() - started < 3.0 and not executor.is_alive
         finally:

@@ -396,14 +396,15 @@ class ZmqExecutor:
         if self._closed:
             return
         self._closed = True
-        if self._ready and self._error is None:  # serving workers finish their step and exit
+        graceful = self._ready and self._error is None
+        if graceful:  # serving workers finish their step and exit
             for push in self._plan_sockets:
                 with contextlib.suppress(zmq.ZMQError):
                     push.send(SHUTDOWN, zmq.NOBLOCK)
             await self._wait_exit(_STOP_GRACE_S)
         for worker in self.workers:
             if worker.exit_code is None:
-                if self._ready:
+                if graceful:
                     logger.warning("worker rank %d did not exit; terminating it", worker.rank)
                 worker.process.terminate()
         await self._wait_exit(2.0)
