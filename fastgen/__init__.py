@@ -27,6 +27,8 @@ _EXPORTS = {
     "RequestOutput": "fastgen.outputs",
     "Response": "fastgen.mii",
     "pipeline": "fastgen.pipeline",
+    "serve": "fastgen.serving.launcher",
+    "client": "fastgen.serving.client",
     "DeploymentNotFoundError": "fastgen.errors",
     "EngineDeadError": "fastgen.errors",
     "EngineOverloadedError": "fastgen.errors",
@@ -64,3 +66,5 @@ if TYPE_CHECKING:
     from .outputs import RequestOutput
     from .pipeline import pipeline
     from .sampling_params import SamplingParams
+    from .serving.client import client
+    from .serving.launcher import serve

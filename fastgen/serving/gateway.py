@@ -1,0 +1,393 @@
+"""The HTTP gateway: a Starlette app over any `Backend`, mountable in a host's own app.
+
+Routes: ``POST /mii/{deployment_name}`` (MII's REST body), ``POST /v1/completions``,
+``POST /v1/chat/completions`` (OpenAI-compatible, ``stream: true`` as server-sent events),
+``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format).
+
+Every response that waits on generation runs in a task raced against the client's disconnect:
+when the client goes away, the task is cancelled, which aborts its engine requests and frees their
+KV blocks. A request is accepted or refused as a whole before the first byte is sent, so refusals
+(bad input, overload) get a real status code and a JSON error body, even for ``stream: true``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from fastgen.errors import DeploymentNotFoundError
+
+from . import openai_api as oai
+from .backend import Backend
+from .errors import ModelNotFoundError, describe_error
+from .metrics import CONTENT_TYPE, ServingMetrics
+from .mii_api import MiiRequest, response_dict
+from .prompts import Prompt
+from .streams import StreamGroup
+
+logger = logging.getLogger("fastgen.serving.gateway")
+
+DONE = b"data: [DONE]\n\n"
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_BACKEND_TIMEOUT_S = 5.0
+
+
+def create_app(backend: Backend, *, metrics: ServingMetrics | None = None) -> Starlette:
+    """The gateway's ASGI app over ``backend`` (the caller owns the backend's life cycle)."""
+    gateway = _Gateway(backend, metrics or ServingMetrics())
+    routes = [
+        Route("/mii/{deployment_name}", gateway.mii, methods=["POST"]),
+        Route("/v1/completions", gateway.completions, methods=["POST"]),
+        Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
+        Route("/v1/models", gateway.models, methods=["GET"]),
+        Route("/health", gateway.health, methods=["GET"]),
+        Route("/metrics", gateway.metrics_text, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
+    app.state.backend = backend
+    app.state.metrics = gateway.metrics
+    return app
+
+
+def sse(payload: Any) -> bytes:
+    """One server-sent event carrying ``payload`` as JSON."""
+    return b"data: " + msgspec.json.encode(payload) + b"\n\n"
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """The JSON error response of ``exc`` (status from the one table in `errors`)."""
+    info = describe_error(exc)
+    return JSONResponse(info.body(), status_code=info.status)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    body = {"error": {"message": exc.detail, "type": "invalid_request_error", "param": None, "code": None}}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+# -- responses raced against the client's disconnect ----------------------------------------------
+
+
+class _Respond:
+    """An ASGI response running ``respond(send)``, cancelled if the client disconnects first."""
+
+    def __init__(self, respond: Callable[[Send], Awaitable[None]]):
+        self._respond = respond
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        work = asyncio.ensure_future(self._respond(send))
+        watch = asyncio.ensure_future(_wait_for_disconnect(receive))
+        try:
+            await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, watch):
+                task.cancel()
+            await asyncio.gather(work, watch, return_exceptions=True)
+        if not work.cancelled() and work.exception() is not None:
+            raise work.exception()  # a bug: let the server log it
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _send_json(send: Send, status: int, payload: Any) -> None:
+    body = msgspec.json.encode(payload)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _send_error(send: Send, exc: BaseException) -> None:
+    info = describe_error(exc)
+    if info.status >= 500:
+        logger.warning("request failed: %s", info.message)
+    await _send_json(send, info.status, info.body())
+
+
+async def _respond_json(send: Send, result: Awaitable[Any]) -> None:
+    try:
+        payload = await result
+    except Exception as exc:
+        await _send_error(send, exc)
+        return
+    await _send_json(send, 200, payload)
+
+
+async def _respond_stream(send: Send, events: AsyncIterator[bytes]) -> None:
+    """Send ``events`` as an SSE stream; an error before the first event becomes a JSON error
+    response, an error after it a final ``data: {"error": ...}`` event."""
+    try:
+        try:
+            first = await anext(events)
+        except Exception as exc:
+            await _send_error(send, exc)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        try:
+            async for chunk in events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except Exception as exc:
+            info = describe_error(exc)
+            logger.warning("stream failed after it started: %s", info.message)
+            await send({"type": "http.response.body", "body": sse(info.body()) + DONE, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    finally:
+        await events.aclose()
+
+
+# -- collecting outputs ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Result:
+    """The accumulated output of one engine request."""
+
+    pieces: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finish_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+async def _collect(group: StreamGroup, count: int) -> list[_Result]:
+    results = [_Result() for _ in range(count)]
+    try:
+        await group.start()
+        async for index, out in group:
+            result = results[index]
+            result.pieces.append(out.text)
+            result.prompt_tokens = out.prompt_tokens
+            result.generated_tokens = out.generated_tokens
+            result.finish_reason = out.finish_reason
+    finally:
+        await group.aclose()
+    return results
+
+
+def _usage_of(choices: list[oai.Choice], results: list[_Result]) -> dict:
+    prompt_tokens = {choice.prompt_index: result.prompt_tokens for choice, result in zip(choices, results)}
+    return oai.usage(sum(prompt_tokens.values()), sum(result.generated_tokens for result in results))
+
+
+# -- the routes -------------------------------------------------------------------------------------
+
+
+class _Gateway:
+    def __init__(self, backend: Backend, metrics: ServingMetrics):
+        self.backend = backend
+        self.metrics = metrics
+
+    def _group(self, jobs: list[tuple[Prompt, Any]], request_id: str) -> StreamGroup:
+        streams = [
+            self.metrics.track(self.backend.stream_outputs(prompt, params, request_id=f"{request_id}-{i}"))
+            for i, (prompt, params) in enumerate(jobs)
+        ]
+        return StreamGroup(streams)
+
+    def _refuse(self, exc: BaseException) -> Response:
+        self.metrics.count_refused(exc)
+        return error_response(exc)
+
+    def _model(self, requested: str | None) -> str:
+        names = self.backend.model_names
+        if requested is None or requested in names:
+            return requested or names[0]
+        raise ModelNotFoundError(f"the model {requested!r} does not exist (this server serves {names[0]!r})")
+
+    # -- MII --------------------------------------------------------------------------------------
+
+    async def mii(self, request: Request) -> Any:
+        try:
+            name = request.path_params["deployment_name"]
+            if name not in self.backend.model_names:
+                raise DeploymentNotFoundError(
+                    f"no deployment named {name!r} here (this server serves {self.backend.model_names[0]!r})"
+                )
+            body = msgspec.json.decode(await request.body(), type=MiiRequest)
+            prompts = body.prompt_list()
+            params, full_text = body.sampling()
+        except Exception as exc:
+            return self._refuse(exc)
+        jobs = [(prompt, params) for prompt in prompts]
+        if body.streaming:
+            events = self._mii_events(prompts, jobs, full_text)
+            return _Respond(partial(_respond_stream, events=events))
+        return _Respond(partial(_respond_json, result=self._mii_result(prompts, jobs, full_text)))
+
+    async def _mii_result(self, prompts: list[str], jobs: list, full_text: bool) -> list[dict]:
+        results = await _collect(self._group(jobs, oai.new_id("mii")), len(prompts))
+        return [
+            response_dict(
+                (prompt + r.text) if full_text else r.text,
+                r.prompt_tokens,
+                r.generated_tokens,
+                r.finish_reason,
+            )
+            for prompt, r in zip(prompts, results)
+        ]
+
+    async def _mii_events(self, prompts: list[str], jobs: list, full_text: bool) -> AsyncIterator[bytes]:
+        group = self._group(jobs, oai.new_id("mii"))
+        try:
+            await group.start()
+            prefixed: set[int] = set()
+            async for index, out in group:
+                text = out.text
+                if full_text and index not in prefixed:
+                    prefixed.add(index)
+                    text = prompts[index] + text
+                delta = response_dict(text, out.prompt_tokens, out.generated_tokens, out.finish_reason)
+                yield sse({"index": index, **delta})
+            yield DONE
+        finally:
+            await group.aclose()
+
+    # -- OpenAI completions -----------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Any:
+        try:
+            body = msgspec.json.decode(await request.body(), type=oai.CompletionRequest)
+            model = self._model(body.model)
+            choices = oai.completion_choices(body)
+        except Exception as exc:
+            return self._refuse(exc)
+        if body.stream:
+            events = self._completion_events(body, model, choices)
+            return _Respond(partial(_respond_stream, events=events))
+        return _Respond(partial(_respond_json, result=self._completion(body, model, choices)))
+
+    def _choice_group(self, prefix: str, choices: list[oai.Choice]) -> tuple[str, StreamGroup]:
+        response_id = oai.new_id(prefix)
+        return response_id, self._group([(c.prompt, c.params) for c in choices], response_id)
+
+    async def _completion(self, body: oai.CompletionRequest, model: str, choices: list[oai.Choice]) -> dict:
+        response_id, group = self._choice_group("cmpl", choices)
+        results = await _collect(group, len(choices))
+        items = [
+            oai.completion_choice(c.index, (c.prompt + r.text) if body.echo else r.text, r.finish_reason)
+            for c, r in zip(choices, results)
+        ]
+        return oai.completion_object(
+            response_id, model, oai.now_s(), items, _usage_of(choices, results), False
+        )
+
+    async def _completion_events(
+        self, body: oai.CompletionRequest, model: str, choices: list[oai.Choice]
+    ) -> AsyncIterator[bytes]:
+        response_id, group = self._choice_group("cmpl", choices)
+        created = oai.now_s()
+        results = [_Result() for _ in choices]
+        try:
+            await group.start()
+            async for index, out in group:
+                choice, result = choices[index], results[index]
+                text = out.text
+                if body.echo and not result.prompt_tokens:
+                    text = choice.prompt + text  # type: ignore[operator]
+                result.prompt_tokens, result.generated_tokens = out.prompt_tokens, out.generated_tokens
+                if text or out.finish_reason:
+                    item = oai.completion_choice(choice.index, text, out.finish_reason)
+                    yield sse(oai.completion_object(response_id, model, created, [item], None, True))
+            if body.stream_options is not None and body.stream_options.include_usage:
+                usage = _usage_of(choices, results)
+                yield sse(oai.completion_object(response_id, model, created, [], usage, True))
+            yield DONE
+        finally:
+            await group.aclose()
+
+    # -- OpenAI chat completions ------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Any:
+        try:
+            body = msgspec.json.decode(await request.body(), type=oai.ChatCompletionRequest)
+            model = self._model(body.model)
+            choices = oai.chat_choices(body)
+        except Exception as exc:
+            return self._refuse(exc)
+        if body.stream:
+            events = self._chat_events(body, model, choices)
+            return _Respond(partial(_respond_stream, events=events))
+        return _Respond(partial(_respond_json, result=self._chat(model, choices)))
+
+    async def _chat(self, model: str, choices: list[oai.Choice]) -> dict:
+        response_id, group = self._choice_group("chatcmpl", choices)
+        results = await _collect(group, len(choices))
+        items = [oai.chat_choice(c.index, r.text, r.finish_reason) for c, r in zip(choices, results)]
+        return oai.chat_object(response_id, model, oai.now_s(), items, _usage_of(choices, results), False)
+
+    async def _chat_events(
+        self, body: oai.ChatCompletionRequest, model: str, choices: list[oai.Choice]
+    ) -> AsyncIterator[bytes]:
+        response_id, group = self._choice_group("chatcmpl", choices)
+        created = oai.now_s()
+        results = [_Result() for _ in choices]
+        started: set[int] = set()
+        chunk = partial(oai.chat_object, response_id, model, created)
+        try:
+            await group.start()
+            async for index, out in group:
+                result = results[index]
+                result.prompt_tokens, result.generated_tokens = out.prompt_tokens, out.generated_tokens
+                if index not in started:
+                    started.add(index)
+                    role = oai.chat_delta(index, {"role": "assistant", "content": ""}, None)
+                    yield sse(chunk([role], None, True))
+                if out.text or out.finish_reason:
+                    delta = {"content": out.text} if out.text else {}
+                    yield sse(chunk([oai.chat_delta(index, delta, out.finish_reason)], None, True))
+            if body.stream_options is not None and body.stream_options.include_usage:
+                yield sse(chunk([], _usage_of(choices, results), True))
+            yield DONE
+        finally:
+            await group.aclose()
+
+    # -- service routes ---------------------------------------------------------------------------
+
+    async def models(self, request: Request) -> Response:
+        name = self.backend.model_names[0]
+        card = {
+            "id": name,
+            "object": "model",
+            "created": oai.now_s(),
+            "owned_by": "fastgen",
+            "max_model_len": self.backend.max_model_len,
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def health(self, request: Request) -> Response:
+        try:
+            healthy = await asyncio.wait_for(self.backend.health(), _BACKEND_TIMEOUT_S)
+        except Exception:
+            healthy = False
+        return JSONResponse({"status": "ok" if healthy else "unhealthy"}, status_code=200 if healthy else 503)
+
+    async def metrics_text(self, request: Request) -> Response:
+        try:
+            stats = await asyncio.wait_for(self.backend.stats(), _BACKEND_TIMEOUT_S)
+        except Exception as exc:
+            logger.warning("no engine stats for /metrics: %r", exc)
+            stats = None
+        return Response(self.metrics.render(stats), media_type=CONTENT_TYPE)
