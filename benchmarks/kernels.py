@@ -350,35 +350,38 @@ def variant_cases(bench: Bench) -> None:
         bench.add(f"variant: decode llama3-8b 64x2048, {splits} splits", "triton",
                   median_us(attention_call(batch, specs, num_splits=splits)), kv_bytes(specs, 8, 128), None)
     del batch
-    small_m = {"BLOCK_M": 64, "num_warps_prefill": 4}
+    run1 = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps_prefill": 8}  # the first version's tiles
     specs = [(1, 1024)] * 256 + [(512, 2048)]
     batch = paged_batch(specs, 32, 8, 128)
     call = attention_call(batch, specs)
-    bench.add("variant: mixed step, BLOCK_M 64 / 4 warps", "triton", median_us(with_config(small_m, call)),
-              kv_bytes(specs, 8, 128), None)
-    bench.add("variant: mixed step, decode tiles 32 keys", "triton",
-              median_us(with_config({"BLOCK_N_DECODE": 32}, call)), kv_bytes(specs, 8, 128), None)
+    bench.add("variant: mixed step, run-1 tiles (128x64, 8 warps)", "triton",
+              median_us(with_config(run1, call)), kv_bytes(specs, 8, 128), None)
     del batch
     specs = [(4096, 4096)]
     batch = paged_batch(specs, 32, 32, 128)
     call = attention_call(batch, specs)
     flops = 2 * 4096 * 4096 * 128 * 32
-    bench.add("variant: prefill 4096, BLOCK_M 64 / 4 warps", "triton", median_us(with_config(small_m, call)),
-              None, flops)
-    bench.add("variant: prefill 4096, BLOCK_N 128", "triton",
-              median_us(with_config({"BLOCK_N": 128}, call)), None, flops)
+    bench.add("variant: prefill 4096, run-1 tiles (128x64, 8 warps)", "triton",
+              median_us(with_config(run1, call)), None, flops)
+    bench.add("variant: prefill 4096, 64x128 tiles, 4 warps", "triton",
+              median_us(with_config({"BLOCK_M": 64, "num_warps_prefill": 4}, call)), None, flops)
     del batch
     vocab_size, rows = 128256, 64
     logits = torch.randn(rows, vocab_size, device="cuda") * 3
     params = (torch.full((rows,), 0.8, device="cuda"),
               torch.full((rows,), 50, dtype=torch.int32, device="cuda"),
               torch.full((rows,), 0.9, device="cuda"), torch.randint(0, 2**62, (rows,), device="cuda"))
-    default_buckets = sampling.NUM_BUCKETS
-    for buckets in (4, 8, 16):
-        sampling.NUM_BUCKETS = buckets
-        bench.add(f"variant: sample 64x128256 top-k+top-p, {buckets} buckets", "triton",
+    knobs = ("NUM_WARPS", "BLOCK_VOCAB", "BLOCK_SEARCH", "SEARCH_UNROLL", "NUM_BUCKETS")
+    defaults = {name: getattr(sampling, name) for name in knobs}
+    for label, values in (("run-2 sampler (8 warps, blocks 1024/512, no unroll)", (8, 1024, 512, 1, 8)),
+                          ("16 warps, blocks 4096/512, unroll 8, 4 buckets", (16, 4096, 512, 8, 4)),
+                          ("16 warps, blocks 4096/1024, unroll 4", (16, 4096, 1024, 4, 8))):
+        for name, value in zip(knobs, values):
+            setattr(sampling, name, value)
+        bench.add(f"variant: sample 64x128256 top-k+top-p, {label}", "triton",
                   median_us(lambda: sampling.sample_triton(logits, *params)), rows * vocab_size * 4, None)
-    sampling.NUM_BUCKETS = default_buckets
+    for name, value in defaults.items():
+        setattr(sampling, name, value)
 
 
 # ---------------------------------------------------------------- report

@@ -264,31 +264,47 @@ def _multiprocessor_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def launch_config(head_dim: int, group: int, dtype: torch.dtype) -> dict[str, int]:
-    """Tile sizes and warps: prompt-chunk tiles, decode tiles. Tests may monkeypatch this."""
+def launch_config(
+    head_dim: int, group: int, dtype: torch.dtype, prefill_heavy: bool = True
+) -> dict[str, int]:
+    """Tile sizes and warps of a launch. Tests and benchmarks may monkeypatch this.
+
+    A launch with prompt chunks compiles both branches into one kernel, so the decode branch
+    inherits the chunk branch's registers and warps. Steps that are mostly decodes (a Dynamic
+    SplitFuse step with hundreds of running sequences) therefore use 64-row chunk tiles and 4 warps,
+    which leaves three decode programs per multiprocessor; prefill-heavy steps use 128 x 128 tiles
+    with 8 warps (measured on an H200: 1.5x faster mixed steps, 10% faster 4096-token prefill).
+    """
     big_head = head_dim > 128
-    block_m = max(64 if big_head else 128, triton.next_power_of_2(group))
+    half = dtype.itemsize == 2  # float32 tiles take twice the shared memory: keep them smaller
+    wide = prefill_heavy and half and not big_head and head_dim > 64
+    block_m = 64 if big_head or not prefill_heavy else 128
     return {
-        "BLOCK_M": block_m,
-        "BLOCK_N": 32 if big_head else 64,
+        "BLOCK_M": max(block_m, triton.next_power_of_2(group)),
+        "BLOCK_N": 32 if big_head else 128 if wide else 64,
         "BLOCK_M_DECODE": max(16, triton.next_power_of_2(group)),
         "BLOCK_N_DECODE": 32 if big_head else 64,
-        "num_warps_prefill": 4 if big_head or head_dim <= 64 else 8,
+        "num_warps_prefill": 8 if block_m == 128 and head_dim > 64 else 4,
         "num_warps_decode": 4,
         "num_stages": 2 if big_head else 3,
     }
 
 
+DECODE_PROGRAMS_PER_SM = 3  # 154 registers x 4 warps (ptxas, sm_90): three fit on a multiprocessor
+
+
 def choose_num_splits(num_programs: int, max_context_len: int, device: torch.device) -> int:
     """Splits per sequence so that a batch of few long sequences still fills the GPU.
 
-    About three decode programs fit on a multiprocessor at once; aim for four per multiprocessor
-    (one full round and a short tail), keeping at least 256 keys per split.
+    Measured on an H200 (run 2, benchmarks/NOTES-kernels.md): what hurts is a last, partly filled
+    round of programs. Batches that fit in one round of resident programs split up to one full
+    round; batches of one to 2.5 rounds split in two; larger ones don't split. A split keeps at
+    least 256 keys.
     """
-    wanted_programs = 4 * _multiprocessor_count(device)
-    if num_programs >= wanted_programs or max_context_len <= 512:
+    resident = DECODE_PROGRAMS_PER_SM * _multiprocessor_count(device)
+    if max_context_len <= 512 or 2 * num_programs >= 5 * resident:
         return 1
-    wanted = triton.cdiv(wanted_programs, num_programs)
+    wanted = resident // num_programs if num_programs <= resident else 2
     return max(1, min(wanted, triton.cdiv(max_context_len, 256), MAX_SPLITS))
 
 
@@ -337,7 +353,7 @@ def paged_attention_triton(
     if max_context_len is None:
         max_context_len = int(context_lens.max())
 
-    config = launch_config(head_dim, group, query.dtype)
+    config = launch_config(head_dim, group, query.dtype, prefill_heavy=num_tokens >= 8 * num_seqs)
     has_prefill = max_query_len > 1
     tokens_per_tile = config["BLOCK_M"] // group
     num_slots = num_tokens // tokens_per_tile + num_seqs if has_prefill else num_seqs

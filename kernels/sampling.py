@@ -85,8 +85,10 @@ def sample_reference(
 
 
 NUM_BUCKETS = 8
-BLOCK_VOCAB = 1024  # pass 0 and the race
+BLOCK_VOCAB = 4096  # pass 0 and the race
 BLOCK_SEARCH = 512  # search passes: [BLOCK_SEARCH, NUM_BUCKETS] accumulators live in registers
+SEARCH_UNROLL = 8  # search blocks loaded per loop iteration
+NUM_WARPS = 16  # one program per row: many warps keep enough loads in flight
 MAX_SEARCH_PASSES = 48  # a guard: key-space passes alone finish within 2 x ceil(32 / log2(8)) + slack
 
 
@@ -105,8 +107,8 @@ def _race_update(x, cols, mask, inv_temperature, seed, lane_best, lane_index, ke
 def _sample_kernel(
     logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seeds_ptr, out_ptr, cutoff_ptr,
     vocab_size, stride_row,
-    BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, NUM_BUCKETS: tl.constexpr, MAX_PASSES: tl.constexpr,
-    WRITE_CUTOFF: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, UNROLL: tl.constexpr, NUM_BUCKETS: tl.constexpr,
+    MAX_PASSES: tl.constexpr, WRITE_CUTOFF: tl.constexpr,
 ):
     """One row per program: greedy, or temperature + top-k + top-p + exponential race.
 
@@ -185,19 +187,19 @@ def _sample_kernel(
         lane_weight = tl.zeros([BLOCK_S, NUM_BUCKETS], dtype=tl.float32)
         lane_key_above = tl.full([BLOCK_S, NUM_BUCKETS], int_max, dtype=tl.int32)
         lane_key_below = tl.full([BLOCK_S, NUM_BUCKETS], int_min, dtype=tl.int32)
-        for start in range(0, vocab_size, BLOCK_S):
-            cols = start + offs_s
-            mask = cols < vocab_size
-            x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            bits = (x + 0.0).to(tl.int32, bitcast=True)
-            key = tl.where(mask, tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF), int_min)
-            weight = tl.where(mask, 1.0, 0.0)
-            if mass_phase:
-                weight = tl.exp2((x - max_logit) * exp_scale)
-            at_or_above = key[:, None] >= thresholds[None, :]
-            lane_weight += tl.where(at_or_above, weight[:, None], 0.0)
-            lane_key_above = tl.minimum(lane_key_above, tl.where(at_or_above, key[:, None], int_max))
-            lane_key_below = tl.maximum(lane_key_below, tl.where(at_or_above, int_min, key[:, None]))
+        # UNROLL blocks per iteration, one basic block: their loads can all be in flight together
+        for start in range(0, vocab_size, BLOCK_S * UNROLL):
+            for part in tl.static_range(UNROLL):
+                cols = start + part * BLOCK_S + offs_s
+                mask = cols < vocab_size
+                x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                bits = (x + 0.0).to(tl.int32, bitcast=True)
+                key = tl.where(mask, tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF), int_min)
+                weight = tl.where(mass_phase, tl.exp2((x - max_logit) * exp_scale), tl.where(mask, 1.0, 0.0))
+                at_or_above = key[:, None] >= thresholds[None, :]
+                lane_weight += tl.where(at_or_above, weight[:, None], 0.0)
+                lane_key_above = tl.minimum(lane_key_above, tl.where(at_or_above, key[:, None], int_max))
+                lane_key_below = tl.maximum(lane_key_below, tl.where(at_or_above, int_min, key[:, None]))
         weight_at_or_above = tl.sum(lane_weight, axis=0)
         key_at_or_above = tl.min(lane_key_above, axis=0)
         key_below = tl.max(lane_key_below, axis=0)
@@ -260,12 +262,13 @@ def sample_triton(
     tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
     if batch == 0:
         return tokens
+    block_search = min(BLOCK_SEARCH, triton.next_power_of_2(vocab_size))
     _sample_kernel[(batch,)](
         logits, temperature, top_k, top_p, seeds, tokens, tokens if cutoffs is None else cutoffs,
         vocab_size, logits.stride(0),
-        BLOCK_V=min(BLOCK_VOCAB, triton.next_power_of_2(vocab_size)),
-        BLOCK_S=min(BLOCK_SEARCH, triton.next_power_of_2(vocab_size)), NUM_BUCKETS=NUM_BUCKETS,
-        MAX_PASSES=MAX_SEARCH_PASSES, WRITE_CUTOFF=cutoffs is not None, num_warps=8,
+        BLOCK_V=min(BLOCK_VOCAB, triton.next_power_of_2(vocab_size)), BLOCK_S=block_search,
+        UNROLL=min(SEARCH_UNROLL, triton.cdiv(vocab_size, block_search)), NUM_BUCKETS=NUM_BUCKETS,
+        MAX_PASSES=MAX_SEARCH_PASSES, WRITE_CUTOFF=cutoffs is not None, num_warps=NUM_WARPS,
     )
     return tokens
 

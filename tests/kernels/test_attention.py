@@ -100,7 +100,7 @@ def check(
 @pytest.fixture
 def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     """Small tiles, so small test batches span many query tiles and key tiles."""
-    def config(head_dim: int, group: int, dtype: torch.dtype) -> dict[str, int]:
+    def config(head_dim: int, group: int, dtype: torch.dtype, prefill_heavy: bool = True) -> dict[str, int]:
         return {
             "BLOCK_M": max(16, triton_next_pow2(group)), "BLOCK_N": 16,
             "BLOCK_M_DECODE": max(16, triton_next_pow2(group)), "BLOCK_N_DECODE": 16,
