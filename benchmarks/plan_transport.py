@@ -157,9 +157,11 @@ def machine() -> str:
                 break
     import zmq
 
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     return (
-        f"{cpu}, {os.cpu_count()} cores, {platform.system()}, python {sys.version.split()[0]}, "
-        f"pyzmq {zmq.__version__} (libzmq {zmq.zmq_version()}), msgspec {msgspec.__version__}"
+        f"{cpu}, {os.cpu_count()} cores (load average {load} at start), {platform.system()}, "
+        f"python {sys.version.split()[0]}, pyzmq {zmq.__version__} (libzmq {zmq.zmq_version()}), "
+        f"msgspec {msgspec.__version__}"
     )
 
 
@@ -168,6 +170,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
     args = parser.parse_args()
+    machine_line = machine()
     rng = random.Random(0)
     plans = {
         "empty (0 chunks)": StepPlan(1, [], [], []),
@@ -183,7 +186,7 @@ def main() -> None:
     command = "python benchmarks/plan_transport.py " + " ".join(sys.argv[1:])
     header = (
         f"# Step-plan transport (ZmqExecutor fan-out)\n\n- command: `{command}`\n"
-        f"- date: {stamp:%Y-%m-%d %H:%M} UTC\n- machine: {machine()}\n"
+        f"- date: {stamp:%Y-%m-%d %H:%M} UTC\n- machine: {machine_line}\n"
         "- goal: a 256-sequence decode plan sent to every rank and answered in well under 1000 us\n"
         "- round trip: encode, push to each rank (ipc), decode in the worker, echo runner (no model), "
         "every rank answers, engine receives and decodes; `await executor.execute(plan)` timed\n\n"
@@ -208,7 +211,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = f"plan_transport-{stamp:%Y-%m-%d}"
     (RESULTS / f"{name}.md").write_text(report)
-    meta = {"command": command, "date": stamp.isoformat(), "machine": machine()}
+    meta = {"command": command, "date": stamp.isoformat(), "machine": machine_line}
     (RESULTS / f"{name}.json").write_text(
         json.dumps({**meta, "encoding": codec, "round_trip": trips}, indent=2)
     )

@@ -35,7 +35,6 @@ from fastgen.plan import StepPlan, StepResult
 
 logger = logging.getLogger("fastgen.worker")
 
-DEFAULT_RUNNER_FACTORY = "fastgen.worker:build_model_runner"
 _PARENT_POLL_S = 0.5
 _REPLY_LINGER_MS = 2000
 

@@ -126,11 +126,16 @@ def test_round_trip_step_error_and_clean_shutdown():
         assert isinstance(failure.value, StepError) and "Traceback" in failure.value.remote_traceback
         assert executor.is_alive
         second = await executor.execute(StepPlan(2, [], [], [SequenceChunk(7, [12], 3, [], True)]))
+        # several plans in flight: each future gets its own step's answer
+        futures = [
+            executor.submit(StepPlan(i, [], [], [SequenceChunk(7, [i], 4, [], True)])) for i in (3, 4, 5)
+        ]
+        assert [r.sampled_token_ids for r in await asyncio.gather(*futures)] == [[3], [4], [5]]
         await executor.shutdown()
         await executor.shutdown()  # idempotent
         assert not executor.is_alive
         with pytest.raises(WorkerError, match="shut down"):
-            await executor.execute(StepPlan(3, [], [], []))
+            await executor.execute(StepPlan(6, [], [], []))
         return first, second, pids
 
     first, second, pids = run(main())

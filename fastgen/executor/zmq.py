@@ -14,13 +14,6 @@ import collections
 import contextlib
 import logging
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 import weakref
 from pathlib import Path
@@ -32,6 +25,7 @@ from fastgen.errors import EngineDeadError, StepError
 from fastgen.models.config import ModelConfig
 from fastgen.plan import StepPlan, StepResult
 
+from .processes import WorkerProcess, make_socket_dir, spawn, stop_processes, worker_environment
 from .wire import (
     SHUTDOWN,
     PlanCodec,
@@ -50,7 +44,6 @@ DEFAULT_RUNNER_FACTORY = "fastgen.worker:build_model_runner"
 _POLL_S = 0.2  # how often a waiting executor checks that its workers live
 _OUT_OF_STEP_GRACE_S = 5.0  # after one rank failed a step, how long the others may take to answer
 _STOP_GRACE_S = 5.0  # after the shutdown frame, how long workers may take to exit
-_OUTPUT_LINES = 40  # lines of each worker's output kept for error messages
 
 
 class WorkerError(EngineDeadError):
@@ -70,82 +63,11 @@ class WorkerStepError(StepError):
         self.remote_traceback = remote_traceback
 
 
-class _Worker:
-    """One worker process and the tail of its output (which is forwarded to our stderr)."""
-
-    def __init__(self, rank: int, process: subprocess.Popen):
-        self.rank = rank
-        self.process = process
-        self.output: collections.deque[str] = collections.deque(maxlen=_OUTPUT_LINES)
-        self._reader = threading.Thread(
-            target=self._forward, name=f"fastgen-worker-{rank}-output", daemon=True
-        )
-        self._reader.start()
-
-    def _forward(self) -> None:
-        stream = self.process.stdout
-        assert stream is not None
-        with contextlib.suppress(ValueError, OSError):
-            for raw in stream:
-                line = raw.decode("utf-8", "replace").rstrip("\n")
-                self.output.append(line)
-                with contextlib.suppress(Exception):
-                    sys.stderr.write(f"(fastgen worker {self.rank}) {line}\n")
-
-    @property
-    def exit_code(self) -> int | None:
-        return self.process.poll()
-
-    def describe_exit(self) -> str:
-        """``rank 1 (pid 42) exited with code -9 (SIGKILL); last output: ...``."""
-        self._reader.join(timeout=1.0)  # let the last lines arrive
-        code = self.process.returncode
-        how = f"exited with code {code}"
-        if code is not None and code < 0:
-            with contextlib.suppress(ValueError):
-                how += f" ({signal.Signals(-code).name})"
-        return f"rank {self.rank} (pid {self.process.pid}) {how}{self.output_tail()}"
-
-    def close(self) -> None:
-        """After the process exited: finish forwarding its output and close the pipe."""
-        self._reader.join(timeout=1.0)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-
-    def output_tail(self) -> str:
-        lines = list(self.output)[-15:]
-        return "; last output:\n" + "\n".join(lines) if lines else "; it printed nothing"
-
-
-def _stop_processes(processes: list[subprocess.Popen], socket_dir: str) -> None:
-    """Last resort (garbage collection, interpreter exit): kill what runs, remove the sockets."""
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-    for process in processes:
-        with contextlib.suppress(Exception):
-            process.wait(timeout=5)
-    shutil.rmtree(socket_dir, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _socket_dir() -> str:
-    base = tempfile.gettempdir()
-    if len(base) > 60 and os.path.isdir("/tmp"):  # ipc paths are limited to ~107 bytes
-        base = "/tmp"
-    return tempfile.mkdtemp(prefix="fastgen-", dir=base)
-
-
 class ZmqExecutor:
     """Runs steps in ``tensor_parallel`` worker processes (also useful with one: the model's Python
     then never shares a GIL with the host's event loop)."""
 
-    def __init__(self, spec: WorkerSpec, context: zmq.Context, workers: list[_Worker]):
+    def __init__(self, spec: WorkerSpec, context: zmq.Context, workers: list[WorkerProcess]):
         self.spec = spec
         self.size = spec.config.tensor_parallel
         self.num_kv_blocks = 0
@@ -162,15 +84,18 @@ class ZmqExecutor:
         self._replies = context.socket(zmq.PULL)
         self._replies.setsockopt(zmq.LINGER, 0)
         self._replies.bind(spec.reply_address)
-        self._inbox: collections.deque[Reply] = collections.deque()
+        self._inbox: collections.deque[Reply] = collections.deque()  # start-up replies
+        self._answers: dict[int, dict[int, StepDone | StepFailed]] = {}  # step -> rank -> answer
+        self._received = 0
         self._waiter: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._replies.FD, self._drain)
         self._error: WorkerError | None = None
+        self._last_step: asyncio.Task[StepResult] | None = None
         self._ready = False
         self._closed = False
         self._finalizer = weakref.finalize(
-            self, _stop_processes, [w.process for w in workers], spec.socket_dir
+            self, stop_processes, [w.process for w in workers], spec.socket_dir
         )
 
     # -- start-up -------------------------------------------------------------------------
@@ -192,7 +117,7 @@ class ZmqExecutor:
             config=config,
             model_config=model_config.raw,
             max_model_len=max_model_len,
-            socket_dir=_socket_dir(),
+            socket_dir=make_socket_dir(),
             parent_pid=os.getpid(),
             runner_factory=runner_factory,
             log_level=logging.getLogger("fastgen").getEffectiveLevel(),
@@ -202,36 +127,18 @@ class ZmqExecutor:
         context = zmq.Context()
         executor = cls(spec, context, [])  # bind the sockets before any worker connects
         try:
-            env = cls._worker_environment()
+            env = worker_environment()
             for rank in range(config.tensor_parallel):
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "fastgen.worker", str(spec_file), str(rank)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                )
-                executor.workers.append(_Worker(rank, process))
+                executor.workers.append(spawn(str(spec_file), rank, env))
             executor._finalizer.detach()
             executor._finalizer = weakref.finalize(
-                executor, _stop_processes, [w.process for w in executor.workers], spec.socket_dir
+                executor, stop_processes, [w.process for w in executor.workers], spec.socket_dir
             )
             await executor._wait_ready(config.worker_start_timeout_s)
         except BaseException:
             await executor.shutdown()
             raise
         return executor
-
-    @staticmethod
-    def _worker_environment() -> dict[str, str]:
-        env = dict(os.environ)
-        env["MASTER_ADDR"] = "127.0.0.1"
-        env["MASTER_PORT"] = str(_free_port())
-        env["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast stays off
-        env["PYTHONUNBUFFERED"] = "1"
-        if sys.platform.startswith("linux"):
-            env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # every rank is on this host
-        return env
 
     async def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -246,9 +153,11 @@ class ZmqExecutor:
                     f"worker_start_timeout_s={timeout_s:g}\n{details}",
                     rank=missing[0].rank,
                 )
-            reply = await self._next_reply(min(remaining, _POLL_S))
-            if reply is None:
+            if not self._inbox and not await self._wait_for_replies(min(remaining, _POLL_S)):
                 self._check_processes(starting=True)
+            reply = self._inbox.popleft() if self._inbox else None
+            if reply is None:
+                continue
             elif isinstance(reply, WorkerStartFailed):
                 raise WorkerError(
                     f"tensor-parallel worker rank {reply.rank} failed to start:\n{reply.error}",
@@ -282,7 +191,12 @@ class ZmqExecutor:
             failed: asyncio.Future[StepResult] = loop.create_future()
             failed.set_exception(exc)
             return failed
-        return loop.create_task(self._gather(plan.step_id), name=f"fastgen-step-{plan.step_id}")
+        self._answers[plan.step_id] = {}
+        step = loop.create_task(
+            self._gather(plan.step_id, self._last_step), name=f"fastgen-step-{plan.step_id}"
+        )
+        self._last_step = step
+        return step
 
     async def execute(self, plan: StepPlan) -> StepResult:
         return await self.submit(plan)
@@ -300,44 +214,49 @@ class ZmqExecutor:
                 self._check_processes()
                 raise self._die(WorkerError(f"rank {rank} does not accept plans", rank=rank)) from None
 
-    async def _gather(self, step_id: int) -> StepResult:
-        done: dict[int, StepDone] = {}
-        failed: dict[int, StepFailed] = {}
+    async def _gather(self, step_id: int, previous: asyncio.Task[StepResult] | None) -> StepResult:
+        try:
+            if previous is not None and not previous.done():
+                await asyncio.wait([previous])  # one waiting step at a time: the oldest
+            return await self._await_answers(step_id)
+        finally:
+            self._answers.pop(step_id, None)
+
+    async def _await_answers(self, step_id: int) -> StepResult:
+        answers = self._answers[step_id]
         first_failure_s: float | None = None
-        while len(done) + len(failed) < self.size:
-            reply = await self._next_reply(_POLL_S)
-            if reply is None:
+        while len(answers) < self.size:
+            if self._error is not None:
+                raise self._error
+            if not await self._wait_for_replies(_POLL_S):
                 self._check_processes()
-                if first_failure_s is not None and time.monotonic() - first_failure_s > _OUT_OF_STEP_GRACE_S:
-                    silent = sorted(set(range(self.size)) - set(done) - set(failed))
-                    raise self._die(
-                        WorkerError(
-                            f"step {step_id} failed on rank(s) {sorted(failed)} and rank(s) {silent} "
-                            f"did not answer within {_OUT_OF_STEP_GRACE_S:g} s: the ranks are out of step; "
-                            f"first error: {_first_line(next(iter(failed.values())).error)}"
-                        )
+            if first_failure_s is None and any(isinstance(a, StepFailed) for a in answers.values()):
+                first_failure_s = time.monotonic()
+            if first_failure_s is not None and time.monotonic() - first_failure_s > _OUT_OF_STEP_GRACE_S:
+                failed = sorted(r for r, a in answers.items() if isinstance(a, StepFailed))
+                silent = sorted(set(range(self.size)) - set(answers))
+                first = answers[failed[0]]
+                assert isinstance(first, StepFailed)
+                raise self._die(
+                    WorkerError(
+                        f"step {step_id} failed on rank(s) {failed} and rank(s) {silent} did not answer "
+                        f"within {_OUT_OF_STEP_GRACE_S:g} s: the ranks are out of step; "
+                        f"first error: {_first_line(first.error)}"
                     )
-                continue
-            if not isinstance(reply, StepDone | StepFailed) or reply.step_id != step_id:
-                logger.warning("ignoring a stray worker reply: %r", reply)
-                continue
-            if isinstance(reply, StepDone):
-                done[reply.rank] = reply
-            else:
-                failed[reply.rank] = reply
-                if first_failure_s is None:
-                    first_failure_s = time.monotonic()
+                )
+        done = sorted(rank for rank, answer in answers.items() if isinstance(answer, StepDone))
+        failed = [answer for answer in answers.values() if isinstance(answer, StepFailed)]
         if not failed:
-            result = done[0].result
+            result = answers[0].result  # type: ignore[union-attr]
             if result is None:
                 raise self._die(WorkerError(f"rank 0 answered step {step_id} without a result", rank=0))
             return result
         self._check_processes()
-        first = failed[min(failed)]
+        first = min(failed, key=lambda answer: answer.rank)
         if done:
             raise self._die(
                 WorkerError(
-                    f"step {step_id} failed on rank(s) {sorted(failed)} but not on {sorted(done)}: "
+                    f"step {step_id} failed on rank(s) {sorted(a.rank for a in failed)} but not on {done}: "
                     f"the ranks are out of step; error: {_first_line(first.error)}",
                     rank=first.rank,
                 )
@@ -346,21 +265,32 @@ class ZmqExecutor:
         raise WorkerStepError(_first_line(first.error), first.error)
 
     def _drain(self) -> None:
-        """Move every queued reply into the inbox and wake the waiting step (the reader callback of
-        the replies socket: its descriptor only signals edges, so read until nothing is left)."""
+        """Sort every queued reply to its step (or the start-up inbox) and wake the waiting task
+        (the reader callback of the replies socket: its descriptor only signals edges, so read
+        until nothing is left)."""
+        received = self._received
         try:
             while self._replies.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                self._inbox.append(self._reply_codec.decode(self._replies.recv(zmq.NOBLOCK)))
+                reply = self._reply_codec.decode(self._replies.recv(zmq.NOBLOCK))
+                self._received += 1
+                if isinstance(reply, StepDone | StepFailed):
+                    answers = self._answers.get(reply.step_id)
+                    if answers is None:  # a step whose caller went away (cancelled)
+                        logger.debug("dropping an answer to step %d", reply.step_id)
+                    else:
+                        answers[reply.rank] = reply
+                else:
+                    self._inbox.append(reply)
         except zmq.ZMQError:  # closed under us
             return
-        if self._inbox and self._waiter is not None and not self._waiter.done():
+        if self._received > received and self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def _next_reply(self, timeout_s: float) -> Reply | None:
-        """The next worker reply, or None after ``timeout_s``."""
-        if not self._inbox:
-            self._drain()
-        if not self._inbox:
+    async def _wait_for_replies(self, timeout_s: float) -> bool:
+        """Wait until a reply arrives (True) or ``timeout_s`` passes (False)."""
+        received = self._received
+        self._drain()
+        if self._received == received:
             waiter = self._waiter = self._loop.create_future()
             timer = self._loop.call_later(timeout_s, _wake, waiter)
             try:
@@ -368,7 +298,7 @@ class ZmqExecutor:
             finally:
                 timer.cancel()
                 self._waiter = None
-        return self._inbox.popleft() if self._inbox else None
+        return self._received > received
 
     def _check_processes(self, *, starting: bool = False) -> None:
         """Raise `WorkerError` (and stop the other workers) if a worker exited."""
