@@ -1,7 +1,8 @@
 """`ZmqExecutor`: step plans fanned out over ZeroMQ to one worker process per tensor-parallel rank.
 
-The engine process (which never imports torch) pushes each msgspec-encoded plan to every rank
-over ipc sockets and gathers one answer per rank; rank 0's carries the sampled tokens. Workers are
+The engine process pushes each msgspec-encoded plan to every rank over ipc sockets and gathers
+one answer per rank; rank 0's carries the sampled tokens (this module imports no torch; the
+workers do). Workers are
 supervised: start-up has a timeout, a worker that exits is noticed within `_POLL_S` while a step
 waits, its error names the rank, exit code and last output lines, and shutdown leaves no process
 behind (workers also exit by themselves when the engine process dies).
