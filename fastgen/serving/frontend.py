@@ -80,7 +80,7 @@ class Frontend:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.socket.close()
+        self.socket.close(linger=200)  # let replies already queued (the shutdown ack) leave
 
     async def _generate(self, identity: bytes, message: Generate) -> None:
         outputs = self.metrics.track(self.backend.stream_outputs(message.prompt, message.params))
@@ -105,8 +105,9 @@ class Frontend:
             elif message.command == "ping":
                 body = "pong" if await self.backend.health() else "unhealthy"
             elif message.command == "shutdown":
-                body = "ok"
-                self.shutdown_requested.set()
+                await self._send_quietly(identity, Reply(message.request_id, "ok"))
+                self.shutdown_requested.set()  # after the reply: closing the socket would drop it
+                return
             else:
                 await self._send_quietly(
                     identity, Error(message.request_id, "InvalidRequestError", "unknown command", "command")

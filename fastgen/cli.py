@@ -1,0 +1,240 @@
+"""The ``fastgen`` command.
+
+- ``fastgen serve MODEL [--host 127.0.0.1 --port 8000 --replicas N --tensor-parallel N ...]``: the
+  HTTP gateway (MII and OpenAI-compatible routes). One replica without tensor parallelism runs the
+  engine in this process; otherwise a persistent deployment is started and stopped with the command.
+- ``fastgen generate MODEL "prompt" [--max-new-tokens N --temperature T ...]``: stream one
+  completion to the terminal. MODEL may also name a running deployment.
+
+Other commands plug in through `COMMANDS` (name -> function adding a subparser).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+_ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type, help)
+    "--tensor-parallel": ("tensor_parallel", int, "GPUs per replica"),
+    "--token-budget": ("token_budget", int, "tokens per forward pass (Dynamic SplitFuse budget)"),
+    "--max-seqs": ("max_seqs", int, "sequences alive at once"),
+    "--max-queued-requests": ("max_queued_requests", int, "waiting requests beyond which requests get 503"),
+    "--max-model-len": ("max_model_len", int, "longest prompt + output"),
+    "--num-kv-blocks": ("num_kv_blocks", int, "KV-cache blocks (default: sized from memory)"),
+    "--block-size": ("block_size", int, "tokens per KV-cache block"),
+    "--dtype": ("dtype", str, "auto, float32, float16 or bfloat16"),
+    "--device": ("device", str, "auto, cpu, cuda or cuda:N"),
+    "--load-format": ("load_format", str, "auto, safetensors, pt or dummy"),
+    "--seed": ("seed", int, "seed of the engine's random stream"),
+}
+
+
+def _add_engine_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    group = parser.add_argument_group("engine")
+    for flag, (field, kind, help_text) in _ENGINE_OPTIONS.items():
+        if flag not in skip:
+            group.add_argument(flag, dest=f"engine_{field}", type=kind, default=None, help=help_text)
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    prefix = "engine_"
+    return {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+
+
+def _run(coroutine) -> Any:
+    from fastgen.pipeline import new_event_loop  # uvloop when installed
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(coroutine)
+
+
+# -- fastgen serve ---------------------------------------------------------------------------------
+
+
+def _add_serve(subparsers) -> None:
+    parser = subparsers.add_parser("serve", help="serve a model over HTTP (MII and OpenAI-compatible routes)")
+    parser.add_argument("model", help="a local Hugging Face model directory")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free one)")
+    parser.add_argument("--replicas", type=int, default=1, help="engine processes behind a load balancer")
+    parser.add_argument("--served-model-name", default=None, help="the model's name in the API")
+    parser.add_argument("--log-level", default="warning")
+    _add_engine_options(parser)
+    parser.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    options = _engine_options(args)
+    if args.replicas > 1 or options.get("tensor_parallel", 1) > 1:
+        return _serve_deployment(args, options)
+    return _run(_serve_in_process(args, options))
+
+
+async def _serve_in_process(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    from fastgen.config import EngineConfig
+    from fastgen.engine import AsyncEngine
+    from fastgen.serving.backend import EngineBackend
+    from fastgen.serving.gateway import create_app
+    from fastgen.serving.http_server import HttpServer
+
+    engine = await AsyncEngine.start(args.model, EngineConfig.from_options(**options))
+    try:
+        backend = EngineBackend(engine, args.served_model_name)
+        server = HttpServer(create_app(backend), args.host, args.port, log_level=args.log_level)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.stop)
+        print(f"fastgen: serving {backend.model_names[0]!r} on {server.url}", file=sys.stderr, flush=True)
+        await server.serve()
+    finally:
+        await engine.stop()
+    return 0
+
+
+def _serve_deployment(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    from fastgen.serving.launcher import serve
+    from fastgen.serving.processes import pid_alive
+
+    tensor_parallel = options.pop("tensor_parallel", 1)
+    client = serve(
+        args.model,
+        deployment_name=args.served_model_name,
+        tensor_parallel=tensor_parallel,
+        replica_num=args.replicas,
+        enable_restful_api=True,
+        restful_api_port=args.port,
+        restful_api_host=args.host,
+        **options,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(
+        f"fastgen: deployment {client.name!r} ({args.replicas} replicas) serving on {client.info.http_url}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        while not stop.wait(1.0):
+            if not pid_alive(client.info.server_pid):
+                print("fastgen: the deployment's server exited", file=sys.stderr)
+                return 1
+    finally:
+        client.terminate_server()
+    return 0
+
+
+# -- fastgen generate --------------------------------------------------------------------------------
+
+
+def _add_generate(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="stream one completion to the terminal")
+    parser.add_argument("model", help="a local model directory, or the name of a running deployment")
+    parser.add_argument("prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--sampling-seed", type=int, default=None, help="seed of this request")
+    parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_engine_options(parser, skip=("--seed",))
+    parser.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fastgen.sampling_params import SamplingParams
+    from fastgen.serving.prompts import ChatMessage, ChatPrompt
+
+    params = SamplingParams.from_options(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature != 0,
+        temperature=args.temperature if args.temperature != 0 else 1.0,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.sampling_seed,
+        ignore_eos=args.ignore_eos,
+    )
+    prompt: Any = ChatPrompt([ChatMessage("user", args.prompt)]) if args.chat else args.prompt
+    return _run(_stream_to_terminal(args, prompt, params))
+
+
+async def _stream_to_terminal(args: argparse.Namespace, prompt, params) -> int:
+    from fastgen.serving.backend import EngineBackend
+
+    if Path(args.model).is_dir():
+        from fastgen.config import EngineConfig
+        from fastgen.engine import AsyncEngine
+
+        engine = await AsyncEngine.start(args.model, EngineConfig.from_options(**_engine_options(args)))
+        backend: Any = EngineBackend(engine)
+    else:
+        from fastgen.errors import DeploymentNotFoundError
+        from fastgen.serving.client import client
+
+        try:
+            engine, backend = None, client(args.model)
+        except DeploymentNotFoundError as exc:
+            raise DeploymentNotFoundError(f"{args.model!r} is not a model directory; {exc}") from None
+    try:
+        started = time.perf_counter()
+        output = None
+        async for output in backend.stream_outputs(prompt, params):
+            sys.stdout.write(output.text)
+            sys.stdout.flush()
+        elapsed = time.perf_counter() - started
+        sys.stdout.write("\n")
+        if output is not None:
+            rate = output.generated_tokens / elapsed if elapsed > 0 else 0.0
+            summary = f"{output.prompt_tokens} prompt tokens, {output.generated_tokens} generated"
+            print(
+                f"[{summary} in {elapsed:.2f} s ({rate:.1f} tokens/s), finish: {output.finish_reason}]",
+                file=sys.stderr,
+            )
+    finally:
+        if engine is not None:
+            await engine.stop()
+    return 0
+
+
+# -- entry point -------------------------------------------------------------------------------------
+
+COMMANDS: dict[str, Callable[[Any], None]] = {"serve": _add_serve, "generate": _add_generate}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastgen", description="fastgen: an embeddable LLM inference engine"
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS.values():
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "warning").upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    from fastgen.errors import FastgenError
+
+    try:
+        return args.func(args)
+    except (FastgenError, ValueError) as exc:
+        print(f"fastgen: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
