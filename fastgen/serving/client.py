@@ -305,6 +305,14 @@ class Client:
         """Stop the deployment: its server and every replica. Returns once their processes are
         gone (killing them if they do not exit within ``timeout_s``)."""
         pids = [self.info.server_pid, *(replica.pid for replica in self.info.replicas)]
+        if not pid_alive(self.info.server_pid):  # already stopped (or died): only clean up
+            kill_group(self.info.server_pid)
+            if self._process is not None:
+                self._process.wait(timeout_s)
+            wait_gone(pids, timeout_s)
+            self._forget_registration()
+            self.close()
+            return
         try:
             info = self.deployment_info()
             pids = [info.server_pid, *(replica.pid for replica in info.replicas)]
@@ -324,10 +332,13 @@ class Client:
             alive = wait_gone(alive, 5.0)
             if alive:
                 raise RuntimeError(f"processes {alive} of deployment {self.name!r} survived SIGKILL")
+        self._forget_registration()
+        self.close()
+
+    def _forget_registration(self) -> None:
         current = registry.read(self.name)
         if current is not None and current.server_pid == self.info.server_pid:
             registry.unregister(self.name)
-        self.close()
 
     def close(self) -> None:
         """Close this client's sockets (the deployment keeps running)."""

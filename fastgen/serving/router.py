@@ -2,8 +2,9 @@
 
 It starts the replica processes, tokenizes each prompt (so a request's cost is exact: prompt
 tokens + the most tokens it may generate) and sends it to the live replica with the fewest
-outstanding tokens. A replica whose process exits is taken out of rotation at once; its in-flight
-requests fail with `EngineDeadError`, the other replicas keep serving.
+outstanding tokens; a replica whose queue is full refuses, and the request moves on to the next
+one. A replica whose process exits is taken out of rotation at once; its in-flight requests fail
+with `EngineDeadError`, the other replicas keep serving.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import zmq.asyncio
 
 from fastgen.config import EngineConfig
 from fastgen.engine import EngineStats
-from fastgen.errors import EngineDeadError
+from fastgen.errors import EngineDeadError, EngineOverloadedError
 from fastgen.outputs import RequestOutput
 from fastgen.sampling_params import SamplingParams
 
@@ -184,29 +185,48 @@ class Router:
         self, prompt: Prompt, params: SamplingParams, *, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         token_ids = prompt_token_ids(self.tokenizer, prompt)
-        replica = self._pick()
+        cost = len(token_ids) + self._max_new_tokens(len(token_ids), params)
         request_id = request_id if request_id and request_id not in self._flights else uuid.uuid4().hex
-        flight = _Flight(replica, len(token_ids) + self._max_new_tokens(len(token_ids), params))
+        refused: set[_Replica] = set()
+        while True:  # a replica whose queue is full refuses; the next least loaded one may take it
+            replica = self._pick(refused)
+            flight = self._board(request_id, replica, cost)
+            finished = False
+            try:
+                await self._send(replica, Generate(request_id, token_ids, params))
+                first = await flight.queue.get()
+                if isinstance(first, EngineOverloadedError) and self._has_live_replica(refused | {replica}):
+                    finished = True
+                    refused.add(replica)
+                    continue
+                item = first
+                while True:
+                    if isinstance(item, BaseException):
+                        finished = True
+                        raise item
+                    finished = item.finish_reason is not None
+                    yield item
+                    if finished:
+                        return
+                    item = await flight.queue.get()
+            finally:
+                self._land(request_id, flight, cancel=not finished)
+
+    def _board(self, request_id: str, replica: _Replica, cost: int) -> _Flight:
+        flight = _Flight(replica, cost)
         self._flights[request_id] = flight
         replica.in_flight.add(request_id)
-        replica.outstanding_tokens += flight.cost
+        replica.outstanding_tokens += cost
         replica.requests_routed += 1
-        finished = False
-        try:
-            await self._send(replica, Generate(request_id, token_ids, params))
-            while not finished:
-                item = await flight.queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finish_reason is not None
-                yield item
-        finally:
-            self._flights.pop(request_id, None)
-            replica.in_flight.discard(request_id)
-            replica.outstanding_tokens -= flight.cost
-            if not finished and replica.alive:
-                self._send_nowait(replica, Cancel(request_id))
+        return flight
+
+    def _land(self, request_id: str, flight: _Flight, cancel: bool) -> None:
+        replica = flight.replica
+        self._flights.pop(request_id, None)
+        replica.in_flight.discard(request_id)
+        replica.outstanding_tokens -= flight.cost
+        if cancel and replica.alive:
+            self._send_nowait(replica, Cancel(request_id))
 
     async def stats(self) -> EngineStats:
         """Engine stats summed over the live replicas (those that answer in time)."""
@@ -227,11 +247,14 @@ class Router:
 
     # -- routing ------------------------------------------------------------------------------
 
-    def _pick(self) -> _Replica:
-        live = [r for r in self.replicas if r.serving]
+    def _pick(self, exclude: set[_Replica]) -> _Replica:
+        live = [r for r in self.replicas if r.serving and r not in exclude]
         if not live:
             raise EngineDeadError(f"deployment {self.name!r} has no live replica")
         return min(live, key=lambda r: (r.outstanding_tokens, r.requests_routed, r.replica_id))
+
+    def _has_live_replica(self, exclude: set[_Replica]) -> bool:
+        return any(r.serving and r not in exclude for r in self.replicas)
 
     def _max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
         limit = self.max_model_len

@@ -20,6 +20,7 @@ import msgspec
 from fastgen.config import EngineConfig
 
 from . import registry
+from .errors import DeploymentStartError
 from .gateway import create_app
 from .http_server import HttpServer
 from .metrics import ServingMetrics
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(run_deployment(spec))
+    except DeploymentStartError as exc:  # expected: the message holds the failing replica's log
+        logger.error("deployment %r failed to start: %s", spec.name, exc)
+        return 1
     except Exception:
         logger.exception("deployment %r failed", spec.name)
         return 1

@@ -1,0 +1,263 @@
+"""A persistent deployment with two replicas: ZeroMQ clients (sync, async, another process), the
+HTTP gateway over the router, overload, a replica killed mid-request, and termination.
+
+The tests share one deployment and run in file order: the last ones kill a replica and stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+import fastgen
+from fastgen import DeploymentNotFoundError, EngineDeadError, EngineOverloadedError, InvalidRequestError
+from fastgen.serving import registry
+from fastgen.serving.processes import pid_alive
+
+from .conftest import greedy_texts
+from .helpers import metric, raw_post
+
+NAME = "toy-two-replicas"
+PROMPTS = ["the engine schedules", "a paged cache of blocks", "decodes run first", "the budget"]
+LONG = 200  # tokens of a request that must still be running when the test acts
+MAX_SEQS, MAX_QUEUED = 2, 4  # per replica: 2 running + 4 waiting, then overload
+
+
+@pytest.fixture(scope="module")
+def deployment(llama_path):
+    client = fastgen.serve(
+        llama_path,
+        deployment_name=NAME,
+        replica_num=2,
+        enable_restful_api=True,
+        restful_api_port=0,
+        dtype="float32",
+        max_seqs=MAX_SEQS,
+        max_queued_requests=MAX_QUEUED,
+        start_timeout_s=240,
+    )
+    yield client
+    client.terminate_server()  # idempotent: the last test already did
+
+
+@pytest.fixture(scope="module")
+def reference(llama_path):
+    return [text for text, _, _ in greedy_texts(llama_path, PROMPTS, 8)]
+
+
+def run(coroutine, timeout_s: float = 120):
+    return asyncio.run(asyncio.wait_for(coroutine, timeout_s))
+
+
+def test_generate_spreads_requests_over_both_replicas(deployment, reference):
+    before = [r.requests_routed for r in deployment.deployment_info().replicas]
+    responses = deployment.generate(PROMPTS, max_new_tokens=8, do_sample=False)
+    assert [r.generated_text for r in responses] == reference
+    assert all(r.generated_length <= 8 and r.prompt_length > 0 for r in responses)
+    after = [r.requests_routed for r in deployment.deployment_info().replicas]
+    assert [a - b for a, b in zip(after, before)] == [2, 2]
+    # MII's call syntax and return_full_text
+    (full,) = deployment(PROMPTS[0], max_new_tokens=8, do_sample=False, return_full_text=True)
+    assert full.generated_text == PROMPTS[0] + reference[0]
+
+
+def test_async_client_and_streaming(deployment, reference):
+    async def main():
+        responses = await deployment.agenerate(PROMPTS[:2], max_new_tokens=8, do_sample=False)
+        deltas = [r async for r in deployment.astream(PROMPTS[0], max_new_tokens=8, do_sample=False)]
+        return responses, deltas
+
+    responses, deltas = run(main())
+    assert [r.generated_text for r in responses] == reference[:2]
+    assert "".join(d.generated_text for d in deltas) == reference[0]
+    assert [d.finish_reason for d in deltas][-1] != "none"
+    assert all(d.finish_reason == "none" for d in deltas[:-1])
+    assert (
+        "".join(d.generated_text for d in deployment.stream(PROMPTS[1], max_new_tokens=8, do_sample=False))
+        == (reference[1])
+    )
+
+
+def test_leaving_a_stream_cancels_the_request(deployment):
+    async def main():
+        async for _ in deployment.astream(PROMPTS[0], max_new_tokens=LONG, ignore_eos=True):
+            break
+        for _ in range(200):
+            stats = await deployment.stats()
+            if stats.num_running == 0 and stats.num_free_kv_blocks == stats.num_kv_blocks:
+                return stats
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"the request kept running: {stats}")
+
+    stats = run(main())
+    assert stats.num_kv_blocks > 0
+
+
+def test_client_in_another_process_by_name_and_by_model(deployment, llama_path, reference):
+    code = (
+        "import json, sys, fastgen\n"
+        "out = []\n"
+        f"for key in ({NAME!r}, {llama_path!r}):\n"
+        "    client = fastgen.client(key)\n"
+        f"    (response,) = client.generate({PROMPTS[0]!r}, max_new_tokens=8, do_sample=False)\n"
+        "    out.append(response.generated_text)\n"
+        "print(json.dumps({'texts': out, 'torch': 'torch' in sys.modules}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=os.environ
+    )
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["texts"] == [reference[0]] * 2
+    assert not answer["torch"]  # a client process stays light
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"max_tokens": 3}, "max_tokens"),
+        ({"top_p": 2.0}, "top_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_length": 2}, "max_length"),
+    ],
+)
+def test_bad_options_are_named(deployment, options, field):
+    with pytest.raises(InvalidRequestError) as info:
+        deployment.generate("the engine schedules every request", **options)
+    assert info.value.field == field
+
+
+def test_bad_prompts_and_unknown_deployments(deployment):
+    with pytest.raises(InvalidRequestError, match="prompt"):
+        deployment.generate("the engine " * 400, max_new_tokens=2)
+    for bad in ([], [""], "", [3]):
+        with pytest.raises(InvalidRequestError) as info:
+            deployment.generate(bad)
+        assert info.value.field == "prompts"
+    with pytest.raises(DeploymentNotFoundError, match="no-such-deployment"):
+        fastgen.client("no-such-deployment")
+    assert deployment.generate("x", max_new_tokens=1)[0].generated_length <= 1  # still serving
+
+
+def test_http_gateway_over_the_replicas(deployment, reference):
+    url = deployment.info.http_url
+    oai = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0)
+    response = oai.completions.create(model=NAME, prompt=PROMPTS[:2], max_tokens=8, temperature=0)
+    assert [c.text for c in sorted(response.choices, key=lambda c: c.index)] == reference[:2]
+    status, _, body = raw_post(
+        url,
+        f"/mii/{NAME}",
+        json.dumps({"prompts": PROMPTS[0], "do_sample": False, "max_new_tokens": 8}).encode(),
+    )
+    assert status == 200 and json.loads(body)[0]["generated_text"] == reference[0]
+    status, _, body = raw_post(url, "/mii/wrong-name", b'{"prompts": ["x"]}')
+    assert status == 404 and "wrong-name" in json.loads(body)["error"]["message"]
+    text = httpx.get(f"{url}/metrics").text
+    assert metric(text, "fastgen_kv_blocks_total") > 0 and metric(text, "fastgen_generation_tokens_total") > 0
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_zmq_overload_is_a_clear_error_and_accepted_requests_finish(deployment):
+    capacity = 2 * (MAX_SEQS + MAX_QUEUED)
+
+    async def one(prompt: str):
+        try:
+            deltas = [d async for d in deployment.astream(prompt, max_new_tokens=LONG, ignore_eos=True)]
+        except EngineOverloadedError as exc:
+            return exc
+        return deltas[-1]
+
+    async def main():
+        return await asyncio.gather(*(one(f"the engine {i}") for i in range(capacity + 4)))
+
+    results = run(main())
+    refused = [r for r in results if isinstance(r, EngineOverloadedError)]
+    finished = [r for r in results if not isinstance(r, Exception)]
+    assert len(refused) >= 4 and "max_queued_requests" in str(refused[0])
+    assert len(finished) + len(refused) == len(results)
+    assert all(r.generated_length == LONG and r.finish_reason == "length" for r in finished)
+
+
+def test_http_overload_answers_503_at_once_and_accepted_requests_finish(deployment):
+    url = deployment.info.http_url
+    body = {"prompt": "the engine", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+
+            async def fill(count: int, gauge: str, target: int) -> list[asyncio.Task]:
+                tasks = [asyncio.create_task(client.post("/v1/completions", json=body)) for _ in range(count)]
+                deadline = time.monotonic() + 30
+                while metric((await client.get("/metrics")).text, gauge) != target:
+                    assert time.monotonic() < deadline, f"{gauge} never reached {target}"
+                    await asyncio.sleep(0.005)
+                return tasks
+
+            # both replicas full: 2 running, then 4 waiting each
+            accepted = await fill(2 * MAX_SEQS, "fastgen_num_requests_running", 2 * MAX_SEQS)
+            accepted += await fill(2 * MAX_QUEUED, "fastgen_num_requests_waiting", 2 * MAX_QUEUED)
+            started = time.monotonic()
+            refused = await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(3)))
+            refused_in_s = time.monotonic() - started
+            return await asyncio.gather(*accepted), refused, refused_in_s
+
+    accepted, refused, refused_in_s = run(main())
+    assert [r.status_code for r in refused] == [503] * 3
+    assert refused[0].json()["error"]["code"] == "overloaded"
+    assert refused_in_s < 2.0
+    assert [r.status_code for r in accepted] == [200] * 12
+    assert all(r.json()["usage"]["completion_tokens"] == 400 for r in accepted)
+
+
+def test_killed_replica_fails_its_requests_and_the_rest_keep_serving(deployment, reference):
+    async def main():
+        streams = [
+            deployment.astream(f"the engine {i}", max_new_tokens=400, ignore_eos=True) for i in range(4)
+        ]
+        firsts = await asyncio.gather(*(anext(s) for s in streams))  # all four are running
+        assert all(f.generated_length >= 1 for f in firsts)
+        info = await deployment.ainfo()
+        victim = info.replicas[1]
+        assert [r.in_flight for r in info.replicas] == [2, 2]
+        os.kill(victim.pid, signal.SIGKILL)
+
+        async def drain(stream):
+            try:
+                return [d async for d in stream][-1]
+            except EngineDeadError as exc:
+                return exc
+
+        return victim, await asyncio.gather(*(drain(s) for s in streams))
+
+    victim, results = run(main(), timeout_s=60)
+    failed = [r for r in results if isinstance(r, EngineDeadError)]
+    assert len(failed) == 2 and all("replica 1" in str(e) and "exited" in str(e) for e in failed)
+    assert all(r.finish_reason == "length" for r in results if not isinstance(r, Exception))
+    # the deployment keeps serving on replica 0
+    responses = deployment.generate(PROMPTS, max_new_tokens=8, do_sample=False)
+    assert [r.generated_text for r in responses] == reference
+    replicas = deployment.deployment_info().replicas
+    assert [r.alive for r in replicas] == [True, False] and replicas[1].exit_code == -signal.SIGKILL
+    assert not pid_alive(victim.pid)
+    assert httpx.get(f"{deployment.info.http_url}/health").status_code == 200
+
+
+def test_terminate_server_leaves_no_processes(deployment):
+    info = deployment.deployment_info()
+    pids = [info.server_pid, *(r.pid for r in info.replicas)]
+    started = time.monotonic()
+    deployment.terminate_server()
+    assert time.monotonic() - started < 20
+    assert not any(pid_alive(pid) for pid in pids)
+    assert registry.read(NAME) is None
+    with pytest.raises(DeploymentNotFoundError):
+        fastgen.client(NAME)

@@ -1,0 +1,235 @@
+"""The HTTP gateway in front of an in-process engine: ``fastgen serve`` in its own process,
+exercised with the real `openai` client, raw sockets and 200 concurrent streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from fastgen.serving.prompts import ChatMessage, ChatPrompt
+
+from .conftest import greedy_texts, start_cli_server, stop_cli_server
+from .helpers import metric, raw_post, sse_events
+
+PROMPTS = ["the engine schedules", "a paged cache of blocks"]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def server(llama_path):
+    process, url = start_cli_server(llama_path, "--dtype", "float32", "--served-model-name", "toy")
+    yield url
+    stop_cli_server(process)
+
+
+@pytest.fixture(scope="module")
+def reference(llama_path):
+    chat = ChatPrompt([ChatMessage("user", PROMPTS[0])])
+    texts = greedy_texts(llama_path, [*PROMPTS, chat], MAX_TOKENS)
+    return {"completions": texts[:2], "chat": texts[2]}
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+# -- OpenAI-compatible routes ------------------------------------------------------------------------
+
+
+def test_completions_equal_engine_greedy_output(oai, reference):
+    response = oai.completions.create(model="toy", prompt=PROMPTS, max_tokens=MAX_TOKENS, temperature=0)
+    assert [c.text for c in sorted(response.choices, key=lambda c: c.index)] == [
+        text for text, _, _ in reference["completions"]
+    ]
+    assert response.usage.completion_tokens == sum(n for _, n, _ in reference["completions"])
+    assert response.model == "toy" and response.object == "text_completion"
+
+
+def test_completions_stream(oai, reference):
+    stream = oai.completions.create(
+        model="toy",
+        prompt=PROMPTS[0],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text, generated, reason = reference["completions"][0]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == generated
+
+
+def test_chat_completions_equal_engine_greedy_output(oai, reference):
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    response = oai.chat.completions.create(
+        model="toy", messages=messages, max_tokens=MAX_TOKENS, temperature=0
+    )
+    text, generated, reason = reference["chat"]
+    assert response.choices[0].message.content == text
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].finish_reason == reason
+    assert response.usage.completion_tokens == generated
+
+    stream = oai.chat.completions.create(
+        model="toy", messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+
+
+def test_n_seed_and_stop(oai, reference):
+    sampled = dict(model="toy", prompt=PROMPTS[0], max_tokens=6, temperature=0.8, seed=123, n=3)
+    first = oai.completions.create(**sampled)
+    again = oai.completions.create(**sampled)
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert sorted(c.index for c in first.choices) == [0, 1, 2]
+
+    text = reference["completions"][0][0]
+    stop = text[3:5] if len(text) >= 5 else text[-1]
+    cut = oai.completions.create(
+        model="toy", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_models_and_health(server, llama_path):
+    models = httpx.get(f"{server}/v1/models").json()
+    assert models["data"][0]["id"] == "toy" and models["data"][0]["max_model_len"] > 0
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+
+
+# -- MII route, raw HTTP -------------------------------------------------------------------------------
+
+
+def test_mii_route(server):
+    body = json.dumps({"prompts": PROMPTS, "max_new_tokens": MAX_TOKENS, "do_sample": False}).encode()
+    status, headers, payload = raw_post(server, "/mii/toy", body)
+    assert status == 200 and headers["content-type"] == "application/json"
+    responses = json.loads(payload)
+    assert [set(r) for r in responses] == [
+        {"generated_text", "prompt_length", "generated_length", "finish_reason"}
+    ] * 2
+    assert all(r["generated_length"] <= MAX_TOKENS for r in responses)
+
+    streamed = json.loads(body) | {"stream": True}
+    status, headers, payload = raw_post(server, "/mii/toy", json.dumps(streamed).encode())
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = sse_events(payload)  # byte-wise framing
+    for index, response in enumerate(responses):
+        mine = [e for e in events if e["index"] == index]
+        assert "".join(e["generated_text"] for e in mine) == response["generated_text"]
+        assert [e["finish_reason"] for e in mine][-1] == response["finish_reason"]
+        assert all(e["finish_reason"] == "none" for e in mine[:-1])
+
+
+# -- bad input ----------------------------------------------------------------------------------------
+
+LONG = "the engine " * 400
+
+
+@pytest.mark.parametrize(
+    "path, body, status, param",
+    [
+        ("/v1/completions", b"{not json", 400, None),
+        ("/v1/completions", b"", 400, None),
+        ("/v1/completions", b'{"prompt": 3}', 422, "prompt"),
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": "many"}', 422, "max_tokens"),
+        ("/v1/completions", b'{"prompt": "x", "bogus": 1}', 422, "bogus"),
+        ("/v1/completions", b'{"max_tokens": 3}', 422, "prompt"),
+        ("/v1/completions", b'{"prompt": "x", "top_p": 1.5}', 400, "top_p"),
+        ("/v1/completions", b'{"prompt": "x", "temperature": -0.5}', 400, "temperature"),
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+        ("/v1/completions", b'{"prompt": "x", "n": 500}', 400, "n"),
+        ("/v1/completions", b'{"prompt": "x", "logprobs": 2}', 400, "logprobs"),
+        ("/v1/completions", b'{"prompt": []}', 400, "prompt"),
+        ("/v1/completions", b'{"prompt": ""}', 400, "prompt"),
+        ("/v1/completions", b'{"prompt": [999999]}', 400, "prompt"),
+        ("/v1/completions", json.dumps({"prompt": LONG}).encode(), 400, "prompt"),
+        ("/v1/completions", json.dumps({"prompt": LONG, "stream": True}).encode(), 400, "prompt"),
+        ("/v1/completions", b'{"prompt": "x", "model": "gpt-17"}', 404, None),
+        ("/v1/chat/completions", b'{"messages": []}', 400, "messages"),
+        ("/v1/chat/completions", b'{"messages": [{"content": "x"}]}', 422, "role"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true}',
+            400,
+            "logprobs",
+        ),
+        ("/mii/toy", b'{"prompts": []}', 400, "prompts"),
+        ("/mii/toy", b'{"prompts": ["x"], "max_tokens": 3}', 422, "max_tokens"),
+        ("/mii/toy", b'{"prompts": ["x"], "top_k": -1}', 400, "top_k"),
+        ("/mii/other-deployment", b'{"prompts": ["x"]}', 404, None),
+    ],
+)
+def test_bad_requests_get_json_errors(server, path, body, status, param):
+    code, headers, payload = raw_post(server, path, body)
+    assert code == status, payload
+    assert headers["content-type"] == "application/json"
+    error = json.loads(payload)["error"]
+    assert error["param"] == param and error["message"]
+
+
+def test_server_keeps_serving_after_bad_input(oai):
+    assert oai.completions.create(model="toy", prompt="x", max_tokens=2).choices[0].text is not None
+
+
+# -- many streams, a quarter of them hanging up ----------------------------------------------------------
+
+
+async def _stream(client: httpx.AsyncClient, index: int, hang_up: bool) -> int | None:
+    body = {"prompt": f"the engine {index}", "stream": True, "ignore_eos": True, "temperature": 0}
+    body["max_tokens"] = 400 if hang_up else 16
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        events = 0
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                return events
+            events += 1
+            if hang_up and events == 3:
+                return None  # leaving the block closes the connection mid-stream
+    raise AssertionError("the stream ended without [DONE]")
+
+
+def test_200_concurrent_streams_with_disconnects_free_all_kv(server):
+    async def main():
+        limits = httpx.Limits(max_connections=300, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=server, timeout=120, limits=limits) as client:
+            before = (await client.get("/metrics")).text
+            results = await asyncio.gather(*(_stream(client, i, hang_up=i % 4 == 0) for i in range(200)))
+            completed = [r for r in results if r is not None]
+            assert len(completed) == 150 and all(events >= 1 for events in completed)
+            deadline = time.monotonic() + 15
+            while True:
+                text = (await client.get("/metrics")).text
+                idle = metric(text, "fastgen_num_requests_running") == 0
+                if idle and metric(text, "fastgen_kv_blocks_used") == 0:
+                    break
+                assert time.monotonic() < deadline, "KV blocks were not freed"
+                await asyncio.sleep(0.05)
+        return before, text
+
+    before, after = asyncio.run(main())
+    assert metric(after, "fastgen_kv_blocks_total") > 0
+    aborted = metric(after, "fastgen_requests_total", 'status="abort"') - metric(
+        before, "fastgen_requests_total", 'status="abort"'
+    )
+    assert aborted == 50
+    generated = metric(after, "fastgen_generation_tokens_total") - metric(
+        before, "fastgen_generation_tokens_total"
+    )
+    assert generated < 150 * 16 + 50 * 200  # the disconnected requests stopped early
+    assert metric(after, "fastgen_time_to_first_token_seconds_count") >= 150
+    assert metric(after, "fastgen_inter_token_latency_seconds_count") > 0
