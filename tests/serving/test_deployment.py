@@ -121,6 +121,37 @@ def test_client_in_another_process_by_name_and_by_model(deployment, llama_path, 
     assert not answer["torch"]  # a client process stays light
 
 
+def test_a_client_process_dying_mid_stream_aborts_its_request(deployment):
+    url = deployment.info.http_url
+    aborted_before = metric(httpx.get(f"{url}/metrics").text, "fastgen_requests_total", 'status="abort"')
+    code = (
+        "import os, fastgen\n"
+        f"client = fastgen.client({NAME!r})\n"
+        "for i, _ in enumerate(client.stream('the engine', max_new_tokens=400, ignore_eos=True)):\n"
+        "    if i == 2:\n"
+        "        print('streaming', flush=True)\n"
+        "        os._exit(0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=os.environ
+    )
+    assert result.stdout.strip() == "streaming", result.stderr
+
+    async def idle():
+        for _ in range(250):
+            stats = await deployment.stats()
+            if stats.num_running == 0 and stats.num_free_kv_blocks == stats.num_kv_blocks:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"still running: {stats}")
+
+    run(idle())
+    aborted = (
+        metric(httpx.get(f"{url}/metrics").text, "fastgen_requests_total", 'status="abort"') - aborted_before
+    )
+    assert aborted == 1
+
+
 @pytest.mark.parametrize(
     "options, field",
     [
