@@ -1,0 +1,268 @@
+"""The serving benchmark: metric arithmetic on hand-made timestamps, workloads, and a CPU smoke run
+of `benchmarks/serving.py` end to end on the tiny shape (fastgen and the HF peer)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from metrics import (  # noqa: E402
+    RequestRecord,
+    ema,
+    gaps,
+    passes_sla,
+    percentiles,
+    summarize_run,
+    token_times,
+)
+from workloads import (  # noqa: E402
+    MODEL_SHAPES,
+    ShapeArithmetic,
+    WorkloadStream,
+    parse_workload,
+    roofline,
+    write_tokenizer,
+)
+
+ALPHA = 2 / 17  # span 16
+
+
+def reference_ema(values: list[float]) -> list[float]:
+    """The bias-corrected EMA written out as weighted sums (O(n^2), independent of `ema`)."""
+    out = []
+    for t in range(len(values)):
+        weights = [(1 - ALPHA) ** (t - i) for i in range(t + 1)]
+        out.append(sum(w * v for w, v in zip(weights, values)) / sum(weights))
+    return out
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+
+def test_token_times_split_merged_deltas_evenly():
+    # deltas: 1 token at 1.0, 1 at 1.3, 3 at 1.9 -> the last three share the 0.6 s gap
+    times = token_times([1.0, 1.3, 1.9], [1, 1, 3])
+    assert times == pytest.approx([1.0, 1.3, 1.5, 1.7, 1.9])
+    assert gaps(times) == pytest.approx([0.3, 0.2, 0.2, 0.2])
+    # a multi-token first delta: all its tokens arrive with it (no gap before the first token)
+    assert token_times([2.0, 2.5], [3, 1]) == pytest.approx([2.0, 2.0, 2.0, 2.5])
+    assert token_times([], []) == []
+
+
+def test_ema_matches_weighted_sums_and_hand_values():
+    assert ema([1.0, 0.0, 0.0]) == pytest.approx([1.0, 15 / 32, 225 / 769])
+    values = [0.05, 0.3, 0.01, 0.2, 0.2, 0.9, 0.0, 0.07] * 4
+    assert ema(values) == pytest.approx(reference_ema(values))
+    assert ema([0.25] * 50) == pytest.approx([0.25] * 50)
+
+
+def test_ema_matches_pandas_when_installed():
+    pandas = pytest.importorskip("pandas")
+    values = [0.01 * ((i * 37) % 11) for i in range(40)]
+    expected = pandas.Series(values).ewm(span=16).mean().tolist()
+    assert ema(values, span=16) == pytest.approx(expected)
+
+
+def test_sla_prompt_deadline_is_prompt_tokens_over_512():
+    steady = [0.1] * 20
+    assert passes_sla(1024, 2.0, steady, 6)  # TTFT exactly at 1024 / 512 s passes
+    assert not passes_sla(1024, 2.01, steady, 2)
+    assert passes_sla(100, 0.19, [], 6)  # one generated token: TTFT alone decides
+    assert not passes_sla(100, 0.2, [], 6)
+
+
+def test_sla_token_rate_uses_the_ema_not_the_raw_gaps():
+    even = [0.2] * 30
+    assert passes_sla(512, 0.5, even, 2) and passes_sla(512, 0.5, even, 4)
+    assert not passes_sla(512, 0.5, even, 6)  # 0.2 s > 1/6 s
+    # one 1 s stall after a steady 0.1 s: the EMA peaks near 0.21 s -> passes at 4 tokens/s...
+    one_stall = [0.1] * 30 + [1.0] + [0.1] * 10
+    peak = max(reference_ema(one_stall))
+    assert 0.2 < peak < 0.25
+    assert passes_sla(512, 0.5, one_stall, 4)
+    # ...two stalls in a row push it near 0.3 s: fails at 4 tokens/s, still passes at 2
+    two_stalls = [0.1] * 30 + [1.0, 1.0] + [0.1] * 10
+    assert 0.25 < max(reference_ema(two_stalls)) < 0.5
+    assert not passes_sla(512, 0.5, two_stalls, 4)
+    assert passes_sla(512, 0.5, two_stalls, 2)
+    # strictly below 1/g: an EMA of exactly 0.25 fails at 4 tokens/s
+    assert not passes_sla(512, 0.5, [0.25] * 5, 4)
+
+
+def test_percentiles_linear_interpolation():
+    result = percentiles(range(1, 101))
+    assert result["p50"] == pytest.approx(50.5)
+    assert result["p90"] == pytest.approx(90.1)
+    assert result["p99"] == pytest.approx(99.01)
+    assert result["mean"] == pytest.approx(50.5)
+    assert percentiles([])["p50"] is None
+
+
+def _record(index, prompt, submit, arrivals, counts, end, finish="length"):
+    record = RequestRecord(index, prompt, sum(counts), submit, list(arrivals), list(counts))
+    record.end_s, record.finish_reason = end, finish
+    return record
+
+
+def test_request_summary_and_run_aggregates():
+    fast = _record(0, 1024, 0.0, [0.5, 0.6, 0.9], [1, 1, 2], 0.9)  # TTFT 0.5 s, gaps 0.1, 0.15, 0.15
+    slow_start = _record(1, 256, 0.0, [1.0, 1.1], [1, 1], 1.1)  # TTFT 1.0 s > 0.5 s allowed
+    failed = RequestRecord(2, 64, 8, 0.2)
+    failed.error = "boom"
+    summaries = [r.summary() for r in (fast, slow_start, failed)]
+
+    first = summaries[0]
+    assert first["output_tokens"] == 4 and first["num_deltas"] == 3 and first["max_tokens_per_delta"] == 2
+    assert first["ttft_s"] == pytest.approx(0.5) and first["e2e_s"] == pytest.approx(0.9)
+    assert first["gaps_ms"] == pytest.approx([100.0, 150.0, 150.0])
+    assert first["sla_pass"] == {"2": True, "4": True, "6": True}
+    assert summaries[1]["sla_pass"] == {"2": False, "4": False, "6": False}
+    assert not summaries[2]["completed"] and summaries[2]["sla_pass"]["2"] is False
+
+    run = summarize_run(summaries, wall_s=2.0)
+    assert run["requests_completed"] == 2 and run["requests_failed"] == 1
+    assert run["requests_per_s"] == pytest.approx(1.0)
+    assert run["output_tokens_per_s"] == pytest.approx(6 / 2.0)
+    assert run["total_tokens_per_s"] == pytest.approx((6 + 1024 + 256) / 2.0)
+    assert run["effective_requests_per_s"] == pytest.approx({"2": 0.5, "4": 0.5, "6": 0.5})
+    assert run["ttft_s"]["p50"] == pytest.approx(0.75)
+    assert run["token_latency_s"]["p50"] == pytest.approx(0.125)  # gaps 0.1, 0.1, 0.15, 0.15
+    assert run["merged_delta_request_fraction"] == pytest.approx(0.5)
+
+
+# -- workloads and arithmetic ------------------------------------------------------------------
+
+
+def test_workload_stream_is_reproducible_and_normal():
+    prompt, gen = parse_workload("1200-128")
+    a = WorkloadStream(prompt, gen, vocab_size=32000, max_model_len=4096).take(2000)
+    b = WorkloadStream(prompt, gen, vocab_size=32000, max_model_len=4096).take(2000)
+    assert [r.prompt_token_ids for r in a[:5]] == [r.prompt_token_ids for r in b[:5]]
+    prompts = [r.prompt_tokens for r in a]
+    gens = [r.max_new_tokens for r in a]
+    mean_p = sum(prompts) / len(prompts)
+    std_p = math.sqrt(sum((p - mean_p) ** 2 for p in prompts) / len(prompts))
+    assert abs(mean_p - 1200) < 30 and abs(std_p - 360) < 30
+    assert abs(sum(gens) / len(gens) - 128) < 4
+    assert min(prompts) >= 1 and min(gens) >= 1
+    assert all(r.prompt_tokens + r.max_new_tokens <= 4096 for r in a)
+    assert min(min(r.prompt_token_ids) for r in a[:50]) >= 3  # no special ids
+    assert parse_workload("512-512", 0.02) == (10, 10)
+    with pytest.raises(ValueError):
+        parse_workload("big")
+
+
+def test_long_prompts_are_clipped_to_the_context():
+    requests = WorkloadStream(2600, 60, vocab_size=100, max_model_len=1000).take(200)
+    assert max(r.prompt_tokens for r in requests) == 999
+    assert all(r.prompt_tokens + r.max_new_tokens <= 1000 for r in requests)
+
+
+def test_llama2_7b_arithmetic_and_roofline():
+    arithmetic = ShapeArithmetic.from_config(MODEL_SHAPES["llama2-7b"])
+    assert arithmetic.total_params == 6_738_415_616  # Llama-2-7B's published count
+    assert arithmetic.kv_bytes_per_token == 2 * 32 * 4096 * 2
+    assert arithmetic.decode_weight_bytes == 2 * (6_738_415_616 - 32000 * 4096)
+    # two requests of prompt 100, 11 tokens; matmul 1e15 FLOP/s, copy 1e12 B/s, cache for one at a time
+    bound = roofline(
+        arithmetic, [(100, 11), (100, 11)], matmul_flops_per_s=1e15, copy_bytes_per_s=1e12,
+        kv_capacity_tokens=150, max_seqs=8,
+    )  # fmt: skip
+    per_prompt = 2 * arithmetic.layer_params * 100 + 4 * 32 * 4096 * 5050 + 2 * 32000 * 4096
+    assert bound["prefill_flops"] == pytest.approx(2 * per_prompt)
+    assert bound["concurrency"] == 1 and bound["decode_steps"] == 20
+    assert bound["decode_s"] == pytest.approx(20 * arithmetic.decode_weight_bytes / 1e12)
+    assert bound["roofline_s"] == pytest.approx(2 * per_prompt / 1e15 + bound["decode_s"])
+    kv_tokens = 2 * sum(100 + j for j in range(1, 11))
+    assert bound["kv_read_s"] == pytest.approx(kv_tokens * arithmetic.kv_bytes_per_token / 1e12)
+
+
+def test_tokenizer_has_the_requested_size(tmp_path):
+    from transformers import AutoTokenizer
+
+    write_tokenizer(tmp_path, 300)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tokenizer) == 300 and tokenizer.eos_token_id == 2
+    assert isinstance(tokenizer.decode(list(range(3, 300))), str)
+
+
+def test_budget_skips_and_says_why():
+    from serving import OUTPUT_RESERVE_S, Budget
+
+    budget = Budget(limit_s=OUTPUT_RESERVE_S + 100, max_run_s=30)
+    assert budget.allows("a run")
+    assert budget.deadline() - time.perf_counter() == pytest.approx(30, abs=1)
+    assert not budget.allows("a long run", estimate_s=500)
+    spent = Budget(limit_s=OUTPUT_RESERVE_S + 1, max_run_s=None)
+    assert not spent.allows("late run")
+    assert [s.split(":")[0] for s in budget.skipped + spent.skipped] == ["a long run", "late run"]
+
+
+# -- end to end --------------------------------------------------------------------------------
+
+
+def test_serving_benchmark_smoke(tmp_path):
+    """The whole driver on the tiny shape: fastgen (batch-1, offline, two client counts) and the
+    HF peer, then the JSON, markdown and plots."""
+    command = [
+        sys.executable, str(BENCHMARKS / "serving.py"),
+        "--model-shape", "tiny", "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "out"),
+        "--workloads", "1200-128,512-512", "--scale", "0.02", "--clients", "1,2",
+        "--offline-requests", "6", "--batch1", "16,8", "--batch1-repeats", "1",
+        "--peer-requests", "2", "--peer-batch1-tokens", "4", "--peer-num-blocks", "32",
+        "--peer-max-batch-tokens", "256", "--num-kv-blocks", "256", "--time-limit-s", "600",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",  # a tiny model: threads only fight over a busy CI machine's cores
+    }
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tail = done.stdout.strip().splitlines()
+    assert "## Summary" in "\n".join(tail[-20:]) and tail[-1].startswith("| skipped / errors | 0 / 0")
+
+    [json_path] = (tmp_path / "out").glob("serving-cpu-*.json")
+    data = json.loads(json_path.read_text())
+    assert json_path.with_suffix(".md").is_file()
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
+    assert data["errors"] == [] and data["skipped"] == []
+    phases = [entry["what"] for entry in data["timeline"]]
+    assert phases[:3] == ["model dir", "peer", "engine start"] and "offline/1200-128" in phases
+    assert data["model"]["params"] == data["peer"]["params"]  # the peer built the same shape
+
+    runs = {run["name"]: run for run in data["runs"]}
+    assert set(runs) == {"offline/1200-128", "1200-128/c1", "1200-128/c2", "512-512/c1", "512-512/c2"}
+    assert runs["1200-128/c2"]["requests_planned"] == 4 * 2 + 32
+    for run in runs.values():
+        summary = run["summary"]
+        assert not run["truncated"] and summary["requests_completed"] == run["requests_planned"]
+        for key in (
+            "requests_per_s",
+            "output_tokens_per_s",
+            "total_tokens_per_s",
+            "effective_requests_per_s",
+        ):
+            assert key in summary
+        assert set(summary["token_latency_s"]) == {"p50", "p90", "p95", "p99", "mean"}
+        assert run["engine_stats"]["steps"] > 0
+        for request in run["requests"]:
+            # ignore_eos: exactly max_new_tokens each, one gap per token after the first
+            assert request["output_tokens"] == request["max_new_tokens"]
+            assert len(request["gaps_ms"]) == request["output_tokens"] - 1
+            assert 0 < request["ttft_s"] <= request["e2e_s"]
+    assert data["batch1"]["decode_tokens_per_s"] > 0
+    assert data["batch1"]["repeats"][0]["new_tokens"] == 8
+    peer = data["peer"]["continuous_batching"]["summary"]
+    assert peer["requests_completed"] == 2 and peer["output_tokens"] > 0
+    assert data["peer"]["generate_batch1"]["new_tokens"] == 4
