@@ -301,13 +301,13 @@ def run_peer(
     started = time.perf_counter()
     result: dict[str, Any] = {}
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=limit_s + 30, check=False)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=limit_s + 15, check=False)
         if done.returncode != 0:
             result["error"] = f"peer exited with {done.returncode}: {done.stderr[-2000:]}"
         elif out_file.is_file():
             result["log_tail"] = done.stderr[-1000:]
     except subprocess.TimeoutExpired:
-        result["error"] = f"peer killed after {limit_s + 30:.0f} s"
+        result["error"] = f"peer killed after {limit_s + 15:.0f} s"
     if out_file.is_file():
         try:
             result.update(json.loads(out_file.read_text()))
