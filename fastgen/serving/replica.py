@@ -22,6 +22,7 @@ from fastgen.config import EngineConfig
 from fastgen.engine import AsyncEngine
 
 from .backend import EngineBackend
+from .loops import new_event_loop
 from .protocol import Cancel, Control, Error, Generate, Output, Ready, Reply, decode, encode, error_message
 from .zmq_util import make_socket
 
@@ -165,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format=f"%(asctime)s replica-{args.replica_id} %(levelname)s %(message)s"
     )
     config = msgspec.json.decode(args.config, type=EngineConfig)
-    from fastgen.pipeline import new_event_loop
-
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(serve_replica(args.address, args.replica_id, args.replicas, args.model, config))
     logger.info("replica %d stopped", args.replica_id)

@@ -23,6 +23,7 @@ from . import registry
 from .errors import DeploymentStartError
 from .gateway import create_app
 from .http_server import HttpServer
+from .loops import new_event_loop
 from .metrics import ServingMetrics
 from .router import Router
 
@@ -143,8 +144,6 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m fastgen.serving.server SPEC_JSON", file=sys.stderr)
         return 2
     spec = msgspec.json.decode(argv[0], type=DeploymentSpec)
-    from fastgen.pipeline import new_event_loop
-
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(run_deployment(spec))
