@@ -82,7 +82,8 @@ def profile_steps(runner: ModelRunner, batch: int, chunk: int) -> str:
     def step(n: int) -> None:
         chunks = [SequenceChunk(i, [7], 1001 + n, [], True) for i in range(batch)]
         if chunk:
-            new = list(range(batch * blocks, (batch + 1) * blocks)) if n == 0 else []
+            prompt_blocks = -(-11 * chunk // 16)  # room for all the chunks this profile runs
+            new = list(range(batch * blocks, batch * blocks + prompt_blocks)) if n == 0 else []
             chunks.append(SequenceChunk(batch, [5] * chunk, n * chunk, new, False))
         runner.execute(StepPlan(n + 1, [], [], chunks))
 

@@ -26,7 +26,7 @@ _EXPORTS = {
     "SamplingParams": "fastgen.sampling_params",
     "RequestOutput": "fastgen.outputs",
     "Response": "fastgen.mii",
-    "pipeline": "fastgen.pipeline",
+    "pipeline": "fastgen.mii_pipeline",
     "serve": "fastgen.serving.launcher",
     "client": "fastgen.serving.client",
     "DeploymentNotFoundError": "fastgen.errors",
@@ -63,8 +63,8 @@ if TYPE_CHECKING:
         UnsupportedModelError,
     )
     from .mii import Response
+    from .mii_pipeline import pipeline
     from .outputs import RequestOutput
-    from .pipeline import pipeline
     from .sampling_params import SamplingParams
     from .serving.client import client
     from .serving.launcher import serve

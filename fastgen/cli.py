@@ -50,7 +50,7 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(coroutine) -> Any:
-    from fastgen.serving.loops import new_event_loop  # uvloop when installed
+    from fastgen.loops import new_event_loop  # uvloop when installed
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(coroutine)

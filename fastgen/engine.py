@@ -299,7 +299,10 @@ class AsyncEngine:
         params = params if params is not None else SamplingParams()
         prompt_ids = self.validate_request(prompt, params)
         max_total = self._max_total_tokens(len(prompt_ids), params)
-        queued = self.scheduler.num_waiting + len(self._inbox_add)
+        # requests in the inbox that the next step can start running do not count as queued
+        scheduler = self.scheduler
+        free_slots = max(0, scheduler.max_running - scheduler.num_running - scheduler.num_waiting)
+        queued = self.scheduler.num_waiting + max(0, len(self._inbox_add) - free_slots)
         if queued >= self.config.max_queued_requests:
             raise EngineOverloadedError(
                 f"{queued} requests are waiting (max_queued_requests={self.config.max_queued_requests})"

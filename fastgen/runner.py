@@ -108,7 +108,8 @@ class ModelRunner:
         )
         self.block_size = config.block_size
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
-        self.num_kv_blocks = self._plan_kv_blocks()
+        # every rank must hold the same number of blocks: the engine keeps one block table for all
+        self.num_kv_blocks, _ = tp.min_max_over_ranks(self._plan_kv_blocks())
         self._allocate_kv_cache(self.num_kv_blocks)
         self.sequences: dict[int, _SequenceState] = {}
         self._engine_random = random.Random(config.seed)

@@ -192,13 +192,17 @@ def make_toy_checkpoint(
     weight_std: float = 0.08,
     shards: int = 1,
     weights_format: str = "safetensors",
+    train_steps: int = 0,
+    train_device: str = "cpu",
     **config_overrides,
 ) -> Path:
     """Write a tiny random ``family`` checkpoint with a trained tokenizer to ``path``.
 
     ``config_overrides`` go into config.json (e.g. ``num_key_value_heads=1``,
     ``rope_scaling={...}``); ``shards > 1`` writes an indexed, sharded safetensors checkpoint;
-    ``weights_format="bin"`` writes ``pytorch_model.bin`` instead.
+    ``weights_format="bin"`` writes ``pytorch_model.bin`` instead. ``train_steps > 0`` trains the
+    random model on the tokenizer's corpus first, which gives it confident (peaked) predictions
+    like a real language model, rather than the near-ties of random weights.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -219,6 +223,8 @@ def make_toy_checkpoint(
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
             else:
                 param.normal_(0.0, weight_std)
+    if train_steps:
+        _train(model, path, train_steps, train_device, seed)
     if weights_format == "bin":
         config.save_pretrained(path)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -230,6 +236,27 @@ def make_toy_checkpoint(
         model.save_pretrained(path, max_shard_size=shard_size or "10GB")
     _write_generation_config(path)
     return path
+
+
+def _train(model, path: Path, steps: int, device: str, seed: int) -> None:
+    """A few hundred AdamW steps of next-token prediction on the toy corpus."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = torch.tensor(tokenizer("\n".join(_corpus()))["input_ids"])
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    window, batch = 64, 16
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - window, (batch,), generator=generator)
+        tokens = torch.stack([ids[s : s + window] for s in starts.tolist()]).to(device)
+        loss = model(tokens, labels=tokens, use_cache=False).loss  # HF shifts the labels itself
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.to("cpu").eval()
 
 
 def _shard_size_for(model, shards: int) -> int:

@@ -71,26 +71,7 @@ def build_model_runner(spec: WorkerSpec, rank: int) -> Runner:
         spec.max_model_len,
         tp=tp,
     )
-    agree_kv_blocks(runner, tp)
     return runner
-
-
-def agree_kv_blocks(runner: Any, tp: Any) -> None:
-    """Make every rank use the smallest KV-cache size any rank planned (GPUs differ in free memory).
-
-    A no-op when the ranks already agree (always on CPU, and once the runner agrees before it
-    allocates); otherwise every rank re-allocates its cache and re-captures its decode graphs,
-    all together, since graph capture runs collectives.
-    """
-    smallest, largest = tp.min_max_over_ranks(runner.num_kv_blocks)
-    if smallest == largest:
-        return
-    logger.info("rank %d: KV blocks %d -> %d (agreed by all ranks)", tp.rank, runner.num_kv_blocks, smallest)
-    runner._allocate_kv_cache(0)
-    runner._allocate_kv_cache(smallest)
-    runner.num_kv_blocks = smallest
-    if getattr(runner, "graphs", None) is not None:
-        runner.graphs.capture()
 
 
 class EchoRunner:

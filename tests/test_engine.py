@@ -293,12 +293,13 @@ def test_failed_step_fails_its_requests_and_engine_keeps_serving(llama_path):
 
 def test_queue_bound_refuses_with_overload_error(llama_path):
     async def main():
-        async with await start(llama_path, max_queued_requests=2) as engine:
+        async with await start(llama_path, max_queued_requests=2, max_seqs=1) as engine:
             params = SamplingParams(max_new_tokens=3, ignore_eos=True)
-            engine.add_request([5, 6], params)
+            engine.add_request([5, 6], params)  # will run at the next step: not queued
             engine.add_request([5, 7], params)
+            engine.add_request([5, 8], params)
             with pytest.raises(EngineOverloadedError, match="max_queued_requests"):
-                engine.add_request([5, 8], params)
+                engine.add_request([5, 9], params)
             await wait_idle(engine)
 
     run(main())

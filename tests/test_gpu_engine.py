@@ -56,7 +56,10 @@ def test_float32_greedy_matches_hf_on_gpu(toy_checkpoint, case, cuda_graphs):
 
 
 def test_bfloat16_top1_agreement_with_teacher_forcing(toy_checkpoint):
-    """Our bf16 engine's argmax equals HF float32's on >= 99% of 2,000 teacher-forced positions."""
+    """Our bf16 engine's argmax equals HF float32's on >= 99% of 2,000 teacher-forced positions.
+
+    The model is trained for a few hundred steps first: random weights give near-tied logits on
+    which even HF's own bf16 disagrees with its float32 on ~4% of positions."""
     from transformers import AutoModelForCausalLM
 
     path = toy_checkpoint(
@@ -104,7 +107,16 @@ def test_bfloat16_top1_agreement_with_teacher_forcing(toy_checkpoint):
             agree += token == sequences[i][len(prompts[i]) + step]
             total += 1
     assert total == num_seqs * new_tokens >= 2000
-    assert agree / total >= 0.99, f"top-1 agreement {agree / total:.4f}"
+    # context: how often HF itself in bf16 agrees with HF float32 on the same positions
+    bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    hf_agree = 0
+    with torch.no_grad():
+        for i, sequence in enumerate(sequences):
+            logits = bf16(torch.tensor([sequence[:-1]], device="cuda")).logits[0]
+            hf_predicted = logits[len(prompts[i]) - 1 :].argmax(-1).tolist()
+            hf_agree += sum(a == b for a, b in zip(hf_predicted, sequence[len(prompts[i]) :]))
+    print(f"top-1 agreement with HF fp32: fastgen bf16 {agree / total:.4f}, HF bf16 {hf_agree / total:.4f}")
+    assert agree / total >= 0.99, f"top-1 agreement {agree / total:.4f} (HF bf16: {hf_agree / total:.4f})"
 
 
 def test_bfloat16_engine_serves_concurrent_sampled_and_cancelled_requests(llama_path):

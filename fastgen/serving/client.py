@@ -28,13 +28,13 @@ from zmq.utils.monitor import recv_monitor_message
 
 from fastgen.engine import EngineStats
 from fastgen.errors import EngineDeadError, InvalidRequestError
+from fastgen.loops import BackgroundLoop
 from fastgen.mii import Response, parse_mii_options
 from fastgen.outputs import RequestOutput
 from fastgen.sampling_params import SamplingParams
 
 from . import registry
 from .backend import model_names_for
-from .loops import background_loop
 from .processes import kill, kill_group, pid_alive, wait_gone
 from .prompts import Prompt
 from .protocol import Cancel, Control, Error, Generate, Output, Reply, decode, encode, error_from_message
@@ -170,7 +170,7 @@ class Client:
     def _run(self, coroutine, timeout: float | None = None):
         with self._lock:
             if self._background is None:
-                self._background = background_loop(f"fastgen-client-{self.info.name}")
+                self._background = BackgroundLoop(name=f"fastgen-client-{self.info.name}")
         return self._background.run(coroutine, timeout)
 
     async def _control(self, command: str, timeout_s: float = CONTROL_TIMEOUT_S) -> Any:

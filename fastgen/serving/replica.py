@@ -20,9 +20,9 @@ import zmq.asyncio
 
 from fastgen.config import EngineConfig
 from fastgen.engine import AsyncEngine
+from fastgen.loops import new_event_loop
 
 from .backend import EngineBackend
-from .loops import new_event_loop
 from .protocol import Cancel, Control, Error, Generate, Output, Ready, Reply, decode, encode, error_message
 from .zmq_util import make_socket
 

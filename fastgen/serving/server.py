@@ -18,12 +18,12 @@ import sys
 import msgspec
 
 from fastgen.config import EngineConfig
+from fastgen.loops import new_event_loop
 
 from . import registry
 from .errors import DeploymentStartError
 from .gateway import create_app
 from .http_server import HttpServer
-from .loops import new_event_loop
 from .metrics import ServingMetrics
 from .router import Router
 
