@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: install offline, run the GPU tests, then the named benchmarks.
 # Usage (from the project root, on the GPU machine, with .whl carried):
-#   bash benchmarks/gpu_run.sh tests decode            # phases: tests, enginetests, kernels, decode, overhead
+#   bash benchmarks/gpu_run.sh tests decode            # phases: tests, enginetests, kernels, decode, overhead, serving
 # Results and logs land in $OUT (or benchmarks/results when OUT is unset).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -18,6 +18,10 @@ for phase in "$@"; do
     decode)  timeout 300 python3 benchmarks/decode_step.py 2>&1 | tee "$OUT/decode.log" | tail -20 ;;
     overhead) timeout 300 python3 -m benchmarks.host_overhead 2>&1 | tee "$OUT/overhead.log" | tail -70 ;;
     enginetests) timeout 300 python3 -m pytest -m gpu -q tests/test_gpu_engine.py 2>&1 | tee "$OUT/engine_tests.log" | tail -25 ;;
+    serving) timeout "${SERVING_TIMEOUT_S:-560}" python3 benchmarks/serving.py --model-shape llama2-7b \
+               --time-limit-s "${SERVING_LIMIT_S:-420}" --max-run-s 120 --peer-requests 64 --peer-time-limit-s 110 \
+               --out "$OUT" 2>&1 | tee "$OUT/serving.log" | tail -45 \
+             || python3 benchmarks/report.py "$OUT"/serving-*.json | tail -30 ;;
     *) echo "unknown phase $phase" ;;
   esac
 done
