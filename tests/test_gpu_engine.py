@@ -70,6 +70,8 @@ def test_bfloat16_top1_agreement_with_teacher_forcing(toy_checkpoint):
         num_key_value_heads=2,
         num_hidden_layers=4,
         weight_std=0.05,
+        train_steps=200,
+        train_device="cuda",
     )
     rng = random.Random(0)
     num_seqs, new_tokens = 8, 250
