@@ -245,7 +245,12 @@ class AsyncEngine:
 
     @property
     def is_healthy(self) -> bool:
-        return self._dead is None and not self._stopping and not self._loop_task.done()
+        return (
+            self._dead is None
+            and not self._stopping
+            and not self._loop_task.done()
+            and self.executor.is_alive
+        )
 
     def stats(self) -> EngineStats:
         return EngineStats(
