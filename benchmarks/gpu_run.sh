@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: install offline, run the GPU tests, then the named benchmarks.
 # Usage (from the project root, on the GPU machine, with .whl carried):
-#   bash benchmarks/gpu_run.sh tests decode            # phases: tests, enginetests, kernels, decode, overhead, serving
+#   bash benchmarks/gpu_run.sh tests decode            # phases: tests, enginetests, kernels, decode, profile, overhead, serving
 # Results and logs land in $OUT (or benchmarks/results when OUT is unset).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -16,6 +16,7 @@ for phase in "$@"; do
     tests)   timeout 300 python3 -m pytest -m gpu -q tests/kernels tests/test_gpu_engine.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     kernels) timeout 300 python3 benchmarks/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     decode)  timeout 300 python3 benchmarks/decode_step.py 2>&1 | tee "$OUT/decode.log" | tail -20 ;;
+    profile) timeout 400 python3 -m benchmarks.step_profile --out "$OUT/step_profile.json" 2>&1 | tee "$OUT/step_profile.log" | tail -80 ;;
     overhead) timeout 300 python3 -m benchmarks.host_overhead 2>&1 | tee "$OUT/overhead.log" | tail -70 ;;
     enginetests) timeout 300 python3 -m pytest -m gpu -q tests/test_gpu_engine.py 2>&1 | tee "$OUT/engine_tests.log" | tail -25 ;;
     serving) timeout "${SERVING_TIMEOUT_S:-560}" python3 benchmarks/serving.py --model-shape llama2-7b \
