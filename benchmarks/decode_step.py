@@ -106,13 +106,22 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     bandwidth = copy_bandwidth_bytes_per_s()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = write_config(Path(tmp), args.shape)
         model_config = ModelConfig.from_pretrained(path)
-        blocks_needed = max(args.batches) * (-(-(args.context + args.steps + 8) // 16))
+        blocks_per_seq = -(-(args.context + args.steps + 8) // 16)
+        block_bytes = 2 * 16 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * 2
+        weight_estimate = 2 * (12 * model_config.hidden_size**2 * model_config.num_layers)
+        room = torch.cuda.mem_get_info()[0] * 0.85 - weight_estimate
+        fitting = [b for b in args.batches if b * blocks_per_seq * block_bytes <= room]
+        if fitting != args.batches:
+            print(f"skipping batches {sorted(set(args.batches) - set(fitting))}: their KV does not fit")
+            args.batches = fitting
+        blocks_needed = max(args.batches) * blocks_per_seq
         for graphs in (True, False):
             config = EngineConfig(
                 load_format="dummy",
@@ -157,10 +166,10 @@ def main() -> None:
             f"{r['of_floor']:.0%} | {r['tokens_per_s']:.0f} |\n"
         )
     print(text)
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(exist_ok=True, parents=True)
     name = f"decode_step-{device.replace(' ', '_')}-{stamp:%Y%m%d}"
-    (RESULTS / f"{name}.md").write_text(text)
-    (RESULTS / f"{name}.json").write_text(
+    (args.out / f"{name}.md").write_text(text)
+    (args.out / f"{name}.json").write_text(
         json.dumps(
             dict(command=command, device=device, date=stamp.isoformat(), copy_bandwidth=bandwidth, rows=rows),
             indent=2,

@@ -14,8 +14,8 @@ for phase in "$@"; do
   echo "=== $phase ($(date -u +%H:%M:%S))"
   case "$phase" in
     tests)   timeout 300 python3 -m pytest -m gpu -q tests/kernels tests/test_gpu_engine.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
-    kernels) timeout 300 python3 benchmarks/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
-    decode)  timeout 300 python3 benchmarks/decode_step.py 2>&1 | tee "$OUT/decode.log" | tail -20 ;;
+    kernels) timeout 300 python3 benchmarks/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
+    decode)  timeout 300 python3 benchmarks/decode_step.py --out "$OUT" 2>&1 | tee "$OUT/decode.log" | tail -20 ;;
     profile) timeout 400 python3 -m benchmarks.step_profile --out "$OUT/step_profile.json" 2>&1 | tee "$OUT/step_profile.log" | tail -80 ;;
     overhead) timeout 300 python3 -m benchmarks.host_overhead 2>&1 | tee "$OUT/overhead.log" | tail -70 ;;
     enginetests) timeout 300 python3 -m pytest -m gpu -q tests/test_gpu_engine.py 2>&1 | tee "$OUT/engine_tests.log" | tail -25 ;;
