@@ -26,6 +26,8 @@ class HostBatch:
     block_tables: list[list[int]] = field(default_factory=list)
     sample_indices: list[int] = field(default_factory=list)
     max_query_len: int = 0
+    num_decodes: int = 0  # leading sequences with one query token
+
 
     @property
     def num_seqs(self) -> int:
@@ -43,6 +45,8 @@ class HostBatch:
     def add(self, chunk: SequenceChunk, block_table: list[int], block_size: int) -> None:
         count = len(chunk.token_ids)
         start = chunk.start_position
+        if count == 1 and self.num_decodes == self.num_seqs:
+            self.num_decodes += 1
         self.token_ids.extend(chunk.token_ids)
         if count == 1:
             self.positions.append(start)
@@ -79,5 +83,6 @@ class HostBatch:
             block_tables=tensor(self.padded_block_tables(), torch.int32),
             max_query_len=self.max_query_len,
             max_context_len=max(self.context_lens),
+            num_decodes=self.num_decodes,
         )
         return tensor(self.token_ids, torch.int64), batch, tensor(self.sample_indices, torch.int64)

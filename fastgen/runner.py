@@ -23,6 +23,7 @@ from fastgen.layers.attention import PagedAttention
 from fastgen.layers.parallel import SINGLE, TensorParallel
 from fastgen.models.config import ModelConfig
 from fastgen.models.loader import build_model
+from fastgen.piecewise_graphs import MixedGraphs
 from fastgen.plan import SamplingOptions, SequenceChunk, StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,11 @@ class ModelRunner:
         )
         self.block_size = config.block_size
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        self.mixed_graphs: MixedGraphs | None = None
+        if self.device.type == "cuda" and config.cuda_graphs:
+            # before the KV cache is sized, so that the graphs' memory is accounted for
+            self.mixed_graphs = MixedGraphs(self.model, device=self.device, max_tokens=config.token_budget)
+            self.mixed_graphs.capture()
         # every rank must hold the same number of blocks: the engine keeps one block table for all
         self.num_kv_blocks, _ = tp.min_max_over_ranks(self._plan_kv_blocks())
         self._allocate_kv_cache(self.num_kv_blocks)
@@ -220,7 +226,10 @@ class ModelRunner:
             logits = self.graphs.run(host)
         else:
             token_ids, batch, sample_indices = host.to_device(self.device)
-            hidden = self.model(token_ids, batch)
+            if self.mixed_graphs is not None and self.mixed_graphs.fits(host):
+                hidden = self.mixed_graphs.run(host, batch)
+            else:
+                hidden = self.model(token_ids, batch)
             logits = self.model.compute_logits(hidden[sample_indices])
         tokens = self._sample(logits, sampled_states)
         for state in sampled_states:

@@ -149,3 +149,53 @@ def test_bfloat16_engine_serves_concurrent_sampled_and_cancelled_requests(llama_
     first, crowded, stats = asyncio.run(main())
     assert first[0] == crowded[0]
     assert stats.num_free_kv_blocks == stats.num_kv_blocks
+
+
+@pytest.mark.parametrize("case", ["llama-mha", "llama-gqa-llama3-rope"])
+def test_piecewise_mixed_graphs_equal_eager_steps(toy_checkpoint, case):
+    """Mixed steps replayed from piecewise graphs (every token bucket) give the eager logits."""
+    family, overrides = CASES[case]
+    path = toy_checkpoint(family, **overrides)
+    model_config = ModelConfig.from_pretrained(path)
+    runners = {
+        graphs: ModelRunner(
+            path,
+            EngineConfig(
+                dtype="float32", device="cuda", num_kv_blocks=400, token_budget=300, cuda_graphs=graphs
+            ),
+            model_config,
+            1024,
+        )
+        for graphs in (True, False)
+    }
+    assert runners[True].mixed_graphs is not None and len(runners[True].mixed_graphs.sizes) > 4
+    rng = random.Random(1)
+    plans, position, next_seq = [], {}, 0
+    for step in range(14):
+        chunks, started = [], []
+        for seq in list(position)[:rng.randint(0, len(position))]:  # some decodes first
+            chunks.append(SequenceChunk(seq, [rng.randrange(3, 300)], position[seq], [], True))
+            position[seq] += 1
+        budget = rng.choice([3, 17, 40, 100, 250])
+        seq, next_seq = next_seq, next_seq + 1
+        started.append(SequenceStart(seq, GREEDY, 0))
+        blocks = list(range(seq * 20, seq * 20 + 20))
+        chunks.append(SequenceChunk(seq, [rng.randrange(3, 300) for _ in range(budget)], 0, blocks, True))
+        position[seq] = budget
+        plans.append(StepPlan(step, [], started, chunks))
+    captured = {}
+    for graphs, runner in runners.items():
+        logits = []
+        original = runner.model.compute_logits
+
+        def spy(hidden, original=original, logits=logits):
+            result = original(hidden)
+            logits.append(result.float().cpu())
+            return result
+
+        runner.model.compute_logits = spy
+        for plan in plans:
+            runner.execute(plan)
+        captured[graphs] = logits
+    for with_graphs, eager in zip(captured[True], captured[False], strict=True):
+        torch.testing.assert_close(with_graphs, eager, rtol=1e-4, atol=1e-4)

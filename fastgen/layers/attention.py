@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +26,8 @@ class ForwardBatch:
     block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]
     max_query_len: int
     max_context_len: int
+    num_decodes: int = 0  # the first sequences that have one query token (see kernels.paged_attention)
+    recorder: Any = None  # a piecewise-graph SegmentRecorder while capturing, else None
 
 
 class PagedAttention(nn.Module):
@@ -48,6 +51,19 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """``q``: [T, heads, d]; ``k``, ``v``: [T, kv_heads, d]; returns [T, heads, d]."""
+        if batch.recorder is not None:
+            return batch.recorder.attention(self, q, k, v)
+        return self.attend(q, k, v, batch)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Write this step's keys/values to the cache, then attend (into ``out`` when given)."""
         kernels.write_kv_cache(k, v, self.key_cache, self.value_cache, batch.slot_mapping)
         return kernels.paged_attention(
             q,
@@ -60,4 +76,5 @@ class PagedAttention(nn.Module):
             sliding_window=self.sliding_window,
             max_query_len=batch.max_query_len,
             max_context_len=batch.max_context_len,
+            out=out,
         )
