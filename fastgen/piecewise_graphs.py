@@ -100,10 +100,24 @@ class SegmentRecorder:
             self.graphs.append(self._current)
             self._current = None
 
-    def attention(self, module: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def _to_static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+        """Copies of q/k/v in the static buffers: one contiguous copy when they are views of one
+        fused QKV projection (the usual case), else one copy each."""
+        base = q._base
+        if base is not None and k._base is base and v._base is base and base.is_contiguous():
+            static_base = self.buffers.get("qkv", base)
+            static_base.copy_(base)
+            shift = static_base.storage_offset() - base.storage_offset()
+            return [
+                static_base.as_strided(x.shape, x.stride(), x.storage_offset() + shift) for x in (q, k, v)
+            ]
         static = [self.buffers.get(role, x) for role, x in (("q", q), ("k", k), ("v", v))]
         for buffer, x in zip(static, (q, k, v), strict=True):
             buffer.copy_(x)
+        return static
+
+    def attention(self, module: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        static = self._to_static(q, k, v)
         out = self.buffers.get("out", q)
         self.end()
         self.holes.append(_Hole(module, *static, out))
