@@ -32,6 +32,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
       `EngineOverloadedError`.
     - ``cuda_graphs``: replay CUDA graphs for decode-only steps.
     - ``seed``: the seed of the engine's own random stream (requests without a seed).
+    - ``step_timeout_s``: how long the worker processes (``zmq`` executor) may take to answer one
+      step before the engine declares them hung, kills them and stops (``None``: wait forever).
+      Generous by default: a first step may compile kernels for minutes.
     """
 
     tensor_parallel: int = 1
@@ -52,6 +55,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cuda_graphs: bool = True
     seed: int = 0
     worker_start_timeout_s: float = 300.0
+    step_timeout_s: float | None = 600.0
 
     def __post_init__(self) -> None:
         _positive(self, "tensor_parallel", "token_budget", "max_seqs", "block_size", "max_queued_requests")
@@ -63,6 +67,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise ValueError(f"{name} must be positive, got {value}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.step_timeout_s is not None and not self.step_timeout_s > 0:
+            raise ValueError(f"step_timeout_s must be positive or None, got {self.step_timeout_s}")
         _one_of(self.dtype, "dtype", _DTYPES)
         _one_of(self.load_format, "load_format", _LOAD_FORMATS)
         _one_of(self.executor, "executor", _EXECUTORS)

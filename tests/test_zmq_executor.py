@@ -204,6 +204,30 @@ def test_killed_worker_fails_the_step_within_seconds():
     assert worker_children() == []
 
 
+def test_hung_worker_times_out_the_step_and_is_killed(monkeypatch):
+    monkeypatch.setenv("FASTGEN_TEST_HANG_AT_STEP", "1:1")  # rank 1 hangs, alive, at step 1
+
+    async def main():
+        executor = await start_executor(tp=2, step_timeout_s=0.5)
+        pids = [worker.process.pid for worker in executor.workers]
+        try:
+            await executor.execute(first_step(0, 7, [5, 6]))
+            started = time.monotonic()
+            message = r"step 1 timed out: rank\(s\) \[1\] did not answer within step_timeout_s=0\.5"
+            with pytest.raises(WorkerError, match=message) as failure:
+                await executor.execute(StepPlan(1, [], [], [SequenceChunk(7, [8], 2, [], True)]))
+            waited = time.monotonic() - started
+            assert failure.value.rank == 1 and not executor.is_alive
+        finally:
+            await executor.shutdown()
+        return waited, pids
+
+    waited, pids = run(main())
+    assert 0.5 <= waited < 2.0
+    assert wait_gone(pids, 1.0) == []
+    assert worker_children() == []
+
+
 def test_ranks_out_of_step_kill_the_executor(monkeypatch):
     monkeypatch.setattr(zmq_executor, "_OUT_OF_STEP_GRACE_S", 0.5)
 
@@ -325,6 +349,33 @@ def test_killed_worker_fails_requests_within_seconds_and_engine_stops_cleanly(ll
 
     errors, waited, healthy, pids = run(main(), 120)
     assert len(errors) == 3 and any("rank 1" in str(e) for e in errors)
+    assert waited < 5.0 and not healthy
+    assert wait_gone(pids, 1.0) == []
+    assert worker_children() == []
+
+
+def test_hung_worker_fails_requests_after_step_timeout_and_engine_stops_cleanly(llama_path, monkeypatch):
+    # rank 1 hangs at step 3; rank 0 runs step 3 and waits in its all-reduce for rank 1
+    monkeypatch.setenv("FASTGEN_TEST_HANG_AT_STEP", "1:3")
+
+    async def main():
+        config = EngineConfig(dtype="float32", tensor_parallel=2, token_budget=32, step_timeout_s=1.0)
+        engine = await AsyncEngine.start(llama_path, config)
+        pids = [worker.process.pid for worker in engine.executor.workers]
+        params = SamplingParams(max_new_tokens=400, ignore_eos=True)
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(collect(engine, [5 + i, 6, 7], params) for i in range(3)), return_exceptions=True
+        )
+        waited = time.monotonic() - started
+        healthy = engine.is_healthy
+        await engine.stop()
+        return results, waited, healthy, pids
+
+    results, waited, healthy, pids = run(main(), 120)
+    assert len(results) == 3 and all(isinstance(r, StepError | EngineDeadError) for r in results), results
+    for error in results:
+        assert "step 3 timed out: rank(s) [0, 1] did not answer within step_timeout_s=1" in str(error)
     assert waited < 5.0 and not healthy
     assert wait_gone(pids, 1.0) == []
     assert worker_children() == []

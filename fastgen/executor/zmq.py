@@ -4,8 +4,10 @@ The engine process pushes each msgspec-encoded plan to every rank over ipc socke
 one answer per rank; rank 0's carries the sampled tokens (this module imports no torch; the
 workers do). Workers are
 supervised: start-up has a timeout, a worker that exits is noticed within `_POLL_S` while a step
-waits, its error names the rank, exit code and last output lines, and shutdown leaves no process
-behind (workers also exit by themselves when the engine process dies).
+waits, its error names the rank, exit code and last output lines; a step that gets no answer
+within ``step_timeout_s`` (a worker alive but hung) kills the executor and names the silent
+ranks; shutdown leaves no process behind (workers also exit by themselves when the engine
+process dies).
 """
 
 from __future__ import annotations
@@ -226,11 +228,16 @@ class ZmqExecutor:
     async def _await_answers(self, step_id: int) -> StepResult:
         answers = self._answers[step_id]
         first_failure_s: float | None = None
+        timeout_s = self.spec.config.step_timeout_s
+        # the workers run plans in order: this step's clock starts once the previous one answered
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while len(answers) < self.size:
             if self._error is not None:
                 raise self._error
             if not await self._wait_for_replies(_POLL_S):
                 self._check_processes()
+            if deadline is not None and len(answers) < self.size and time.monotonic() > deadline:
+                raise self._die(self._timed_out(step_id, timeout_s, answers))
             if first_failure_s is None and any(isinstance(a, StepFailed) for a in answers.values()):
                 first_failure_s = time.monotonic()
             if first_failure_s is not None and time.monotonic() - first_failure_s > _OUT_OF_STEP_GRACE_S:
@@ -264,6 +271,18 @@ class ZmqExecutor:
             )
         logger.error("step %d failed on every rank; rank %d says:\n%s", step_id, first.rank, first.error)
         raise WorkerStepError(_first_line(first.error), first.error)
+
+    def _timed_out(
+        self, step_id: int, timeout_s: float, answers: dict[int, StepDone | StepFailed]
+    ) -> WorkerError:
+        silent = [worker for worker in self.workers if worker.rank not in answers]
+        details = "\n".join(f"rank {w.rank} (pid {w.process.pid}){w.output_tail()}" for w in silent)
+        return WorkerError(
+            f"step {step_id} timed out: rank(s) {[w.rank for w in silent]} did not answer within "
+            f"step_timeout_s={timeout_s:g} (hung: stuck in a collective, deadlocked or on a stuck "
+            f"device); the workers are stopped\n{details}",
+            rank=silent[0].rank,
+        )
 
     def _drain(self) -> None:
         """Sort every queued reply to its step (or the start-up inbox) and wake the waiting task
@@ -311,7 +330,8 @@ class ZmqExecutor:
                 raise self._die(WorkerError(message, rank=worker.rank, exit_code=code))
 
     def _die(self, error: WorkerError) -> WorkerError:
-        """Mark the executor dead and stop the remaining workers (they may be stuck in a collective)."""
+        """Mark the executor dead and stop the remaining workers (they may be stuck in a collective;
+        `shutdown` kills those that ignore the terminate signal)."""
         if self._error is None:
             self._error = error
             logger.error("%s", error)
