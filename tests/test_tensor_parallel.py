@@ -1,6 +1,7 @@
 """Tensor parallelism on the CPU (gloo): Megatron shards reassemble the checkpoint, and greedy
 outputs with 2 and 4 worker processes equal one process and HF transformers, for multi-head,
-grouped-query and multi-query attention (KV heads replicated when fewer than ranks)."""
+grouped-query and multi-query attention (KV heads replicated when fewer than ranks). Dummy
+weights are the same model at every tensor-parallel size."""
 
 from __future__ import annotations
 
@@ -106,3 +107,51 @@ def test_greedy_matches_one_process_and_hf(toy_checkpoint, case):
     assert single == expected
     for prompt, want, have in zip(prompts, expected, sharded):
         assert have == want, f"tensor_parallel={size}: prompt of {len(prompt)} tokens diverged"
+
+
+def test_dummy_weight_shards_reassemble_the_unsharded_dummy_weights():
+    config = ModelConfig.from_dict(
+        dict(
+            model_type="llama",
+            vocab_size=390,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+
+    def dummy(rank: int, size: int, seed: int = 3):
+        options = dict(dtype=torch.float32, device=torch.device("cpu"), max_model_len=64, load_format="dummy")
+        return build_model(None, config, tp=TensorParallel(rank, size), seed=seed, **options)
+
+    full, ranks = dummy(0, 1), [dummy(rank, 4) for rank in range(4)]
+    layer, layers = full.model.layers[0], [model.model.layers[0] for model in ranks]
+    qkv = layer.self_attn.qkv_proj
+    q, k, _ = qkv.weight.split([qkv.q_size, qkv.kv_size, qkv.kv_size])
+    assert torch.equal(torch.cat([part.self_attn.qkv_proj.weight[: qkv.q_size // 4] for part in layers]), q)
+    for rank, part in enumerate(layers):  # 2 KV heads on 4 ranks: each head on 2 ranks
+        kv_rows = slice(qkv.q_size // 4, qkv.q_size // 4 + qkv.kv_size // 2)
+        head = rank // 2
+        assert torch.equal(part.self_attn.qkv_proj.weight[kv_rows], k.chunk(2)[head])
+    assert torch.equal(torch.cat([p.mlp.down_proj.weight for p in layers], dim=1), layer.mlp.down_proj.weight)
+    gate_up = torch.cat([torch.stack(p.mlp.gate_up_proj.weight.chunk(2)) for p in layers], dim=1)
+    assert torch.equal(gate_up.flatten(0, 1), layer.mlp.gate_up_proj.weight)
+    vocab = torch.cat([model.lm_head.weight for model in ranks])
+    assert torch.equal(vocab[: config.vocab_size], full.lm_head.weight)
+    assert not vocab[config.vocab_size :].any()  # the padding of the last shard
+    assert torch.equal(layers[1].input_layernorm.weight, torch.ones(64))
+    assert 0.015 < layer.mlp.down_proj.weight.std() < 0.025
+    assert not torch.equal(dummy(0, 1, seed=4).lm_head.weight, full.lm_head.weight)
+
+
+def test_dummy_weights_greedy_tp2_matches_tp1(toy_checkpoint):
+    # one KV head on two ranks (replicated), tied embeddings
+    path = toy_checkpoint("llama", num_key_value_heads=1, tie_word_embeddings=True, vocab_size=390)
+    prompts = prompts_of_mixed_lengths()[:4]
+    options = dict(token_budget=16, load_format="dummy", seed=5)
+    single = engine_greedy(path, prompts, NEW_TOKENS, executor="inprocess", **options)
+    sharded = engine_greedy(path, prompts, NEW_TOKENS, tensor_parallel=2, **options)
+    assert sharded == single
+    assert len({token for output in single for token in output}) > 1  # not a degenerate model
