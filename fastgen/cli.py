@@ -34,6 +34,8 @@ _ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type, help)
     "--device": ("device", str, "auto, cpu, cuda or cuda:N"),
     "--load-format": ("load_format", str, "auto, safetensors, pt or dummy"),
     "--seed": ("seed", int, "seed of the engine's random stream"),
+    "--gpu-memory-utilization": ("gpu_memory_utilization", float, "share of GPU memory the engine may use"),
+    "--step-timeout-s": ("step_timeout_s", float, "fail a step whose tensor-parallel workers hang this long"),
 }
 
 
