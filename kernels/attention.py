@@ -14,8 +14,14 @@ Layout shared by the reference and the Triton kernel:
   are ignored.
 - ``sliding_window``: when set, a query at position ``p`` sees keys at positions ``> p - window``.
 
-The Triton path (``paged_attention_triton``, kernels in ``attention_triton.py``) serves the whole
-ragged batch with one launch; see that module for the work decomposition.
+- ``num_decodes``: the caller guarantees that the first ``num_decodes`` sequences have exactly one
+  query token each (a Dynamic SplitFuse step puts its decodes first). Not checked (that would sync
+  with the device); a wrong value gives wrong outputs. The Triton path then runs a mixed step as a
+  decode-only launch plus a launch for the rest, each with its own tile config; ``0`` (the default)
+  keeps the whole batch in one launch. Results are the same either way; the reference ignores it.
+
+The Triton path (``paged_attention_triton``, kernels in ``attention_triton.py``) serves the ragged
+batch with one launch, or two with ``num_decodes``; see that module for the work decomposition.
 """
 
 from __future__ import annotations
@@ -39,9 +45,10 @@ def paged_attention_reference(
     max_query_len: int | None = None,
     max_context_len: int | None = None,
     out: torch.Tensor | None = None,
+    num_decodes: int = 0,
 ) -> torch.Tensor:
     """Plain-PyTorch paged attention, one sequence at a time (also the CPU backend)."""
-    del max_query_len, max_context_len  # sizes the Triton launch; not needed here
+    del max_query_len, max_context_len, num_decodes  # shape the Triton launches; not needed here
     num_heads, head_dim = query.shape[1], query.shape[2]
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -88,11 +95,16 @@ def paged_attention(
     max_query_len: int | None = None,
     max_context_len: int | None = None,
     out: torch.Tensor | None = None,
+    num_decodes: int = 0,
 ) -> torch.Tensor:
-    """Attention of a ragged batch against the paged cache (Triton on CUDA, reference elsewhere)."""
+    """Attention of a ragged batch against the paged cache (Triton on CUDA, reference elsewhere).
+
+    ``num_decodes``: the first ``num_decodes`` sequences have one query token each (the caller's
+    promise, see the module docstring); lets the Triton path launch decodes and chunks apart.
+    """
     impl = paged_attention_triton if use_triton(query) else paged_attention_reference
     return impl(
         query, key_cache, value_cache, query_start, context_lens, block_tables,
         scale=scale, sliding_window=sliding_window, max_query_len=max_query_len,
-        max_context_len=max_context_len, out=out,
+        max_context_len=max_context_len, out=out, num_decodes=num_decodes,
     )

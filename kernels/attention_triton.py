@@ -1,4 +1,4 @@
-"""Triton paged attention for ragged batches: one launch per step, decodes and prompt chunks mixed.
+"""Triton paged attention for ragged batches: decodes and prompt chunks in one launch, or two.
 
 Layout and semantics are ``fastgen.kernels.attention``'s (read its module docstring).
 
@@ -9,17 +9,27 @@ head's group) pairs, so a GQA/MQA group shares every K/V tile it loads and the t
 - Prompt chunks use ``BLOCK_M`` rows (``BLOCK_M // group`` tokens of every head of the group).
 - Decodes (one query token) take a separate branch with ``BLOCK_M_DECODE = max(16, group)`` rows,
   the query heads of the group packed together: K/V are read once per KV head.
-- Sequence lookup: with ``T`` tokens and ``S`` sequences there are ``T // tokens_per_tile + S``
-  slots; sequence ``s`` owns the slots from ``query_start[s] // tokens_per_tile + s`` on, enough for
+- Sequence lookup: a launch serves the sequences of its ``query_start`` (the whole batch, or a
+  suffix view ``query_start[d:]`` whose offsets stay absolute rows of ``query``/``out``). With
+  ``T`` tokens and ``S`` sequences there are ``T // tokens_per_tile + S`` slots; sequence ``s``
+  owns the slots from ``(query_start[s] - query_start[0]) // tokens_per_tile + s`` on, enough for
   all its tiles (surplus slots exit at once). A program finds its sequence by binary search over
   ``query_start``, so the launch needs only tensor shapes: no host sync, CUDA-graph capturable.
   Decode-only launches (``max_query_len == 1``) use one slot per sequence and skip the search.
+- Two launches: given ``num_decodes`` (the batch's leading one-token sequences), a mixed step runs
+  the decodes as a decode-only launch and the rest as a second launch, so each gets its own
+  config (a mixed launch compiles both branches into one kernel: the decode programs would carry
+  the chunk branch's registers and warps).
 - Keys are visited in ``BLOCK_N`` tiles aligned to multiples of ``BLOCK_N``; tiles that every row
   sees whole (inside the causal limit and the sliding window) run without masks, the few at the
   diagonal and at the window's start with them.
 - Split-KV (flash-decoding): with ``num_splits > 1`` each program covers one contiguous part of
   the keys its tile needs and writes an fp32 partial output and its log-sum-exp; a second kernel
-  merges them. The host picks ``num_splits`` from the batch's shape and ``max_context_len``.
+  merges them. The host picks ``num_splits`` from the launch's shape and ``max_context_len``. The
+  scratch is not initialised: for every token of the launch, every (head, split) entry is written
+  (its tile's program exists for every KV head and split and stores all valid rows, a split that
+  sees no key stores lse ``-inf`` and a zero output), and the merge skips rows past the launch's
+  last token.
 """
 
 from __future__ import annotations
@@ -93,14 +103,17 @@ def _attend_range(
 def _attend_query_tile(
     query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
     block_table_ptr, q_start, q_len, local_tile, context_len, kv_head, split, num_splits, window,
-    qk_scale,
+    first_token, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
     GROUP: tl.constexpr, TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Attention of ``TOKENS`` query tokens x ``GROUP`` heads of one sequence (or one split of it)."""
+    """Attention of ``TOKENS`` query tokens x ``GROUP`` heads of one sequence (or one split of it).
+
+    ``q_start`` is absolute (a row of ``query``/``out``); partial rows count from ``first_token``.
+    """
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     token_in_tile = offs_m // GROUP
@@ -153,9 +166,10 @@ def _attend_query_tile(
         seen = l_i > 0  # False where this split saw no key: weight exp2(-inf) = 0 in the merge
         result = acc / tl.where(seen, l_i, 1.0)[:, None]
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-        base = tokens * stride_pt + heads * stride_ph + split * stride_ps
+        rows = tokens - first_token
+        base = rows * stride_pt + heads * stride_ph + split * stride_ps
         tl.store(partial_out_ptr + base[:, None] + offs_d[None, :], result, mask=q_mask)
-        tl.store(partial_lse_ptr + tokens * stride_lt + heads * stride_lh + split, lse, mask=row_valid)
+        tl.store(partial_lse_ptr + rows * stride_lt + heads * stride_lh + split, lse, mask=row_valid)
     else:
         result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i == 0 only on padding rows
         tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -177,6 +191,8 @@ def _paged_attention_kernel(
     """Grid ``(slots, num_kv_heads, num_splits)``; see the module docstring."""
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # the launch's tokens start at query_start[0] (> 0 when it serves a suffix of the batch)
+    first_token = tl.load(query_start_ptr).to(tl.int32)
     if HAS_PREFILL:
         # heaviest (last) tiles first: reverse the slot order
         slot = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -184,12 +200,12 @@ def _paged_attention_kernel(
         hi = num_seqs - 1
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            mid_first_slot = tl.load(query_start_ptr + mid).to(tl.int32) // TOKENS + mid
+            mid_first_slot = (tl.load(query_start_ptr + mid).to(tl.int32) - first_token) // TOKENS + mid
             lo = tl.where(mid_first_slot <= slot, mid, lo)
             hi = tl.where(mid_first_slot <= slot, hi, mid - 1)
         seq = lo
         q_start = tl.load(query_start_ptr + seq).to(tl.int32)
-        local_tile = slot - (q_start // TOKENS + seq)
+        local_tile = slot - ((q_start - first_token) // TOKENS + seq)
     else:
         seq = tl.program_id(0)
         q_start = tl.load(query_start_ptr + seq).to(tl.int32)
@@ -204,7 +220,7 @@ def _paged_attention_kernel(
             _attend_query_tile(
                 query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
                 block_table_ptr, q_start, q_len, local_tile, context_len, kv_head, split, num_splits,
-                window, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh,
+                window, first_token, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh,
                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                 stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
                 GROUP, TOKENS, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_SIZE, SPLIT, DOT_PRECISION,
@@ -213,7 +229,7 @@ def _paged_attention_kernel(
             _attend_query_tile(
                 query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
                 block_table_ptr, q_start, q_len, local_tile, context_len, kv_head, split, num_splits,
-                window, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh,
+                window, first_token, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh,
                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                 stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
                 GROUP, 1, BLOCK_M_DECODE, BLOCK_N_DECODE, HEAD_DIM, BLOCK_D, BLOCK_SIZE, SPLIT,
@@ -223,7 +239,7 @@ def _paged_attention_kernel(
         _attend_query_tile(
             query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
             block_table_ptr, q_start, q_len, local_tile, context_len, kv_head, split, num_splits,
-            window, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh,
+            window, first_token, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh,
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
             stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
             GROUP, 1, BLOCK_M_DECODE, BLOCK_N_DECODE, HEAD_DIM, BLOCK_D, BLOCK_SIZE, SPLIT,
@@ -231,30 +247,37 @@ def _paged_attention_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _merge_splits_kernel(
-    partial_out_ptr, partial_lse_ptr, out_ptr, num_splits,
+    partial_out_ptr, partial_lse_ptr, out_ptr, query_start_ptr, num_seqs, num_splits,
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Combine the splits of one (token, head); tokens no sequence covers are left untouched."""
-    token = tl.program_id(0).to(tl.int64)
+    """Combine the splits of one (token, head) of the launch's tokens ``[query_start[0],
+    query_start[num_seqs])``; partial row ``r`` is token ``query_start[0] + r``. Rows past the
+    launch's last token (padding, or an upper bound on its tokens) were never written: they exit.
+    """
+    first_token = tl.load(query_start_ptr).to(tl.int64)
+    end_token = tl.load(query_start_ptr + num_seqs).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)
+    if first_token + row >= end_token:
+        return
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    base = token * stride_pt + head * stride_ph
-    lse = tl.load(partial_lse_ptr + token * stride_lt + head * stride_lh + splits, mask=splits < num_splits,
+    lse = tl.load(partial_lse_ptr + row * stride_lt + head * stride_lh + splits, mask=splits < num_splits,
                   other=float("-inf"))
+    # every split of a covered token wrote its entry, and one saw a key (the token's own); were all
+    # -inf (context_len < query_len, bad input) the result is 0, as in the unsplit path
     lse_max = tl.max(lse, axis=0)
-    covered = lse_max > float("-inf")
-    weights = tl.exp2(lse - tl.where(covered, lse_max, 0.0))
+    weights = tl.exp2(lse - tl.where(lse_max > float("-inf"), lse_max, 0.0))
     weights = weights / tl.maximum(tl.sum(weights, axis=0), 1e-30)
     mask = (splits[:, None] < num_splits) & (offs_d[None, :] < HEAD_DIM)
-    partial = tl.load(partial_out_ptr + base + splits[:, None] * stride_ps + offs_d[None, :], mask=mask,
-                      other=0.0)
+    partial = tl.load(partial_out_ptr + row * stride_pt + head * stride_ph + splits[:, None] * stride_ps
+                      + offs_d[None, :], mask=mask, other=0.0)
     result = tl.sum(weights[:, None] * partial, axis=0)
-    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d,
-             result.to(out_ptr.dtype.element_ty), mask=offs_d < tl.where(covered, HEAD_DIM, 0))
+    tl.store(out_ptr + (first_token + row) * stride_ot + head * stride_oh + offs_d,
+             result.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 @functools.cache
@@ -308,6 +331,12 @@ def choose_num_splits(num_programs: int, max_context_len: int, device: torch.dev
     return max(1, min(wanted, triton.cdiv(max_context_len, 256), MAX_SPLITS))
 
 
+def _empty_partials(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """fp32 split-KV scratch; left unfilled (every entry the merge reads is written first).
+    Tests monkeypatch this to hand out NaN-filled buffers."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
 def paged_attention_triton(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -321,14 +350,25 @@ def paged_attention_triton(
     max_query_len: int | None = None,
     max_context_len: int | None = None,
     out: torch.Tensor | None = None,
+    num_decodes: int = 0,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Triton paged attention (one launch, plus a merge launch when the keys are split).
+    """Triton paged attention: one launch (plus a merge launch when the keys are split), or two.
+
+    ``num_decodes``: the caller guarantees that the first ``num_decodes`` sequences have exactly one
+    query token each (not checked: that would sync). When ``0 < num_decodes < num_seqs`` and
+    ``max_query_len > 1``, the decodes and the rest get a launch each, into the same ``out``, each
+    with its own tile config, warps and split-KV choice; a mixed launch would give the decode
+    programs the chunk branch's registers and warps. Otherwise the whole batch is one launch.
+
+    ``query_start`` may be a suffix view ``query_start[d:]`` (with ``context_lens[d:]`` and
+    ``block_tables[d:]``): offsets stay absolute rows of ``query``/``out``, and only the tokens
+    ``[query_start[0], query_start[-1])`` are read and written.
 
     ``num_splits`` overrides the host's split-KV choice (tests force the split path with it).
     With ``max_query_len`` and ``max_context_len`` given, nothing here syncs with the device.
     """
-    num_tokens, num_heads, head_dim = query.shape
+    num_tokens, num_heads = query.shape[0], query.shape[1]
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
@@ -336,10 +376,11 @@ def paged_attention_triton(
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
     if block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two, got {block_size}")
-    group = num_heads // num_kv_heads
+    num_seqs = context_lens.shape[0]
+    if not 0 <= num_decodes <= min(num_seqs, num_tokens):
+        raise ValueError(f"num_decodes must be in [0, {min(num_seqs, num_tokens)}], got {num_decodes}")
     if out is None:
         out = torch.empty_like(query)
-    num_seqs = context_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
     if query.stride(-1) != 1:
@@ -353,6 +394,45 @@ def paged_attention_triton(
     if max_context_len is None:
         max_context_len = int(context_lens.max())
 
+    tensors = (query, key_cache, value_cache, out)
+    shared = {"scale": scale, "sliding_window": sliding_window, "max_context_len": max_context_len,
+              "num_splits": num_splits}
+    if 0 < num_decodes < num_seqs and max_query_len > 1:
+        decodes, rest = slice(None, num_decodes), slice(num_decodes, None)
+        _launch(*tensors, query_start[: num_decodes + 1], context_lens[decodes], block_tables[decodes],
+                num_tokens=num_decodes, max_query_len=1, **shared)
+        _launch(*tensors, query_start[rest], context_lens[rest], block_tables[rest],
+                num_tokens=num_tokens - num_decodes, max_query_len=max_query_len, **shared)
+    else:
+        _launch(*tensors, query_start, context_lens, block_tables,
+                num_tokens=num_tokens, max_query_len=max_query_len, **shared)
+    return out
+
+
+def _launch(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    out: torch.Tensor,
+    query_start: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    *,
+    num_tokens: int,
+    max_query_len: int,
+    scale: float,
+    sliding_window: int | None,
+    max_context_len: int,
+    num_splits: int | None,
+) -> None:
+    """One attention launch (and its merge) over the sequences of ``context_lens``; ``num_tokens``
+    bounds their tokens (rows ``query_start[0]`` on) and sizes the grid and the split scratch."""
+    if num_tokens == 0:
+        return
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    num_seqs = context_lens.shape[0]
     config = launch_config(head_dim, group, query.dtype, prefill_heavy=num_tokens >= 8 * num_seqs)
     has_prefill = max_query_len > 1
     tokens_per_tile = config["BLOCK_M"] // group
@@ -361,11 +441,9 @@ def paged_attention_triton(
         num_splits = choose_num_splits(num_slots * num_kv_heads, max_context_len, query.device)
     num_splits = max(1, min(int(num_splits), MAX_SPLITS))
     split = num_splits > 1
-    if split:
-        partial_out = torch.empty((num_tokens, num_heads, num_splits, head_dim), dtype=torch.float32,
-                                  device=query.device)
-        partial_lse = torch.full((num_tokens, num_heads, num_splits), float("-inf"),
-                                 dtype=torch.float32, device=query.device)
+    if split:  # rows relative to query_start[0]
+        partial_out = _empty_partials((num_tokens, num_heads, num_splits, head_dim), query.device)
+        partial_lse = _empty_partials((num_tokens, num_heads, num_splits), query.device)
     else:
         partial_out = partial_lse = out  # unused placeholders
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -391,9 +469,8 @@ def paged_attention_triton(
     )
     if split:
         _merge_splits_kernel[(num_tokens, num_heads)](
-            partial_out, partial_lse, out, num_splits,
+            partial_out, partial_lse, out, query_start, num_seqs, num_splits,
             *partial_out.stride()[:3], *partial_lse.stride()[:2], out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
             num_warps=4,
         )
-    return out

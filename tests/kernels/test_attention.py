@@ -4,7 +4,8 @@ On CPU the kernel runs under Triton's interpreter, in float32 and float16 only: 
 bfloat16 ``tl.dot`` is broken (and its bfloat16 casts truncate), so bfloat16 is tested on the GPU.
 Inputs are fresh random numbers each run (the ``seed`` fixture prints the seed); outputs are
 NaN-poisoned before the call; block tables are shuffled, and entries past a sequence's last block
-point at a NaN-filled block, so a read past the context shows up as NaN.
+point at a NaN-filled block, so a read past the context shows up as NaN. The split-KV scratch, left
+unfilled by the kernel's host code, is NaN-filled here, so an entry the merge reads unwritten shows.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def check(
     num_splits: int | None = None,
     give_maxima: bool = True,
     strided_query: bool = False,
+    num_decodes: int = 0,
 ) -> None:
     """Run the Triton kernel on a batch and compare it with the float32 reference."""
     batch = make_batch(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, device, strided_query)
@@ -83,7 +85,8 @@ def check(
     if give_maxima:
         maxima = {"max_query_len": max(q for q, _ in specs), "max_context_len": max(c for _, c in specs)}
     result = paged_attention_triton(
-        **batch, scale=scale, sliding_window=sliding_window, out=out, num_splits=num_splits, **maxima
+        **batch, scale=scale, sliding_window=sliding_window, out=out, num_splits=num_splits,
+        num_decodes=num_decodes, **maxima,
     )
     assert result is out
     expected = paged_attention_reference(
@@ -97,16 +100,30 @@ def check(
     torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
+def poison_split_scratch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hand out the split-KV scratch NaN-filled instead of uninitialised."""
+    def poisoned(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+    monkeypatch.setattr(attention_triton, "_empty_partials", poisoned)
+
+
+@pytest.fixture(autouse=True)
+def nan_split_scratch(monkeypatch: pytest.MonkeyPatch) -> None:
+    poison_split_scratch(monkeypatch)
+
+
+def small_tile_config(head_dim: int, group: int, dtype: torch.dtype, prefill_heavy: bool = True) -> dict:
+    """Small tiles, so small test batches span many query tiles and key tiles."""
+    return {
+        "BLOCK_M": max(16, triton_next_pow2(group)), "BLOCK_N": 16,
+        "BLOCK_M_DECODE": max(16, triton_next_pow2(group)), "BLOCK_N_DECODE": 16,
+        "num_warps_prefill": 4, "num_warps_decode": 4, "num_stages": 2,
+    }
+
+
 @pytest.fixture
 def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Small tiles, so small test batches span many query tiles and key tiles."""
-    def config(head_dim: int, group: int, dtype: torch.dtype, prefill_heavy: bool = True) -> dict[str, int]:
-        return {
-            "BLOCK_M": max(16, triton_next_pow2(group)), "BLOCK_N": 16,
-            "BLOCK_M_DECODE": max(16, triton_next_pow2(group)), "BLOCK_N_DECODE": 16,
-            "num_warps_prefill": 4, "num_warps_decode": 4, "num_stages": 2,
-        }
-    monkeypatch.setattr(attention_triton, "launch_config", config)
+    monkeypatch.setattr(attention_triton, "launch_config", small_tile_config)
 
 
 def triton_next_pow2(value: int) -> int:
