@@ -5,6 +5,7 @@ on CPU (``FASTGEN_KERNELS=reference`` forces the reference)."""
 from .activation import gelu, silu_and_mul
 from .attention import paged_attention
 from .cache import write_kv_cache
+from .gemv import linear_small_batch
 from .norm import layer_norm, rms_norm
 from .rotary import apply_rotary
 from .sampling import sample
@@ -13,6 +14,7 @@ __all__ = [
     "apply_rotary",
     "gelu",
     "layer_norm",
+    "linear_small_batch",
     "paged_attention",
     "rms_norm",
     "sample",

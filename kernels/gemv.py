@@ -1,0 +1,352 @@
+"""Small-batch linear layers for decode: ``y = x @ weight.T (+ bias)`` with x [M, K], M <= 8.
+
+At decode a 7B model multiplies a handful of activation rows by every weight matrix once per
+step, so the weights are the only large traffic and the product is bound by memory bandwidth:
+the kernel must stream ``weight`` [N, K] (nn.Linear layout, K contiguous) at copy speed and do
+nothing else that costs time. How it does that:
+
+- **Tiles of weight rows.** A program owns ``BLOCK_N`` rows of ``weight`` and a range of K; it
+  walks K in ``BLOCK_K`` steps, each step one coalesced tile of 16-byte loads along K, and
+  ``tl.range(num_stages=...)`` keeps several steps of loads in flight (software pipelining).
+- **M as a constexpr tile.** ``BLOCK_M = next_power_of_2(M)`` (1, 2, 4 or 8) selects a
+  specialized kernel; padded rows are masked on load and store, so they cost no memory traffic.
+- **Two ways to multiply.** ``use_dot=False`` multiplies on the CUDA cores, keeping a
+  [BLOCK_M, BLOCK_N, BLOCK_K] float32 accumulator and reducing over K once after the loop (no
+  per-step shuffles); it is the natural GEMV for M = 1. ``use_dot=True`` hands the tile to the
+  tensor cores (``tl.dot``, M padded to the instruction size inside registers only): for M >= 2
+  the CUDA-core version would spend more instructions than the memory system leaves room for.
+- **Split-K when N is small.** With N = 4096 there are too few row tiles to give every SM
+  several programs; the grid then also splits K. Partial sums are combined either by float32
+  atomics into a workspace, the last program of a tile to arrive (counted by a per-tile atomic
+  counter) writing the output and zeroing the workspace again (one launch), or by a second tiny
+  kernel over per-split partials (two launches, deterministic). ``benchmarks/gemv.py`` measures
+  both.
+
+Everything is CUDA-graph capturable: no host synchronization, and workspaces sized from shapes
+alone. The atomic workspace is kept per (device, N, BLOCK_N) and left zeroed by every call, so
+calls must not run concurrently on two streams of one device (the engine uses one). It is made
+on the first eager call; a first call *during* capture uses the two-launch reduction instead.
+
+Accumulation is float32 with the bias added in float32 and one rounding to x's dtype at the end,
+as :func:`linear_small_batch_reference` does. :func:`linear_small_batch_triton` returns ``None``
+when it does not apply (M > 8, K-strided weight, mixed dtypes), and the caller keeps cuBLAS;
+:func:`linear_small_batch` does that dispatch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._dispatch import use_triton
+
+MAX_ROWS = 8  # largest M served; the caller keeps cuBLAS beyond
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def linear_small_batch_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` accumulated in float32 and rounded once to x's dtype; written into
+    ``out`` (shape ``x.shape[:-1] + (N,)``) when given."""
+    result = F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, workspace_ptr, counter_ptr,
+    M, N, K, k_per_split, stride_xm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of weight over K range pid_k."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    w_rows = offs_n.to(tl.int64) * stride_wn
+
+    if USE_DOT:
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+        w_ptrs = w_ptr + w_rows[:, None] + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+            if EVEN_K:
+                x = tl.load(x_ptrs + k, mask=m_mask[:, None], other=0.0)
+                if EVEN_N:
+                    w = tl.load(w_ptrs + k)
+                else:
+                    w = tl.load(w_ptrs + k, mask=n_mask[:, None], other=0.0)
+            else:
+                k_mask = (k + offs_k) < K
+                x = tl.load(x_ptrs + k, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                w = tl.load(w_ptrs + k, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    else:
+        # 3-D: [BLOCK_M, 1, BLOCK_K] activations times [1, BLOCK_N, BLOCK_K] weights, summed over K
+        # once after the loop so that the loop body is loads and FMAs only
+        x_ptrs = x_ptr + offs_m[:, None, None] * stride_xm + offs_k[None, None, :]
+        w_ptrs = w_ptr + w_rows[None, :, None] + offs_k[None, None, :]
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+            if EVEN_K:
+                x = tl.load(x_ptrs + k, mask=m_mask[:, None, None], other=0.0)
+                if EVEN_N:
+                    w = tl.load(w_ptrs + k)
+                else:
+                    w = tl.load(w_ptrs + k, mask=n_mask[None, :, None], other=0.0)
+            else:
+                k_mask = (k + offs_k) < K
+                x = tl.load(x_ptrs + k, mask=m_mask[:, None, None] & k_mask[None, None, :], other=0.0)
+                w = tl.load(w_ptrs + k, mask=n_mask[None, :, None] & k_mask[None, None, :], other=0.0)
+            acc3 += x.to(tl.float32) * w.to(tl.float32)
+        acc = tl.sum(acc3, axis=2)
+
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    elif ATOMIC:
+        # float32 workspace [M, N], zero on entry; the last program of this row tile to arrive
+        # takes the sum (zeroing the workspace as it reads) and resets the tile's counter
+        work_ptrs = workspace_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(work_ptrs, acc, mask=out_mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds precede the counter's release
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            # read-and-zero in one atomic, on the bits (float atomic_xchg is missing in the interpreter)
+            bits = tl.atomic_xchg(work_ptrs.to(tl.pointer_type(tl.int32)), tl.zeros_like(acc).to(tl.int32),
+                                  mask=out_mask, sem="relaxed")
+            total = tl.where(out_mask, bits.to(tl.float32, bitcast=True), 0.0)  # masked lanes: undefined
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed")
+    else:
+        # per-split partials [SPLIT_K, M, N], summed in split order by _split_k_sum_kernel
+        work_ptrs = workspace_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(work_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
+def _split_k_sum_kernel(
+    partial_ptr, bias_ptr, out_ptr, M, N, stride_om,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Second pass of the two-launch split-K: out[row] = sum of SPLIT_K partial rows (+ bias)."""
+    row = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for split in tl.static_range(SPLIT_K):
+        total += tl.load(partial_ptr + (split * M + row) * N + cols, mask=mask, other=0.0)
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + cols, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters of one small-batch linear; :func:`choose_config` picks them by shape."""
+
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    use_dot: bool = False
+    atomic_reduce: bool = True  # split-K: float32 atomics, one launch (else per-split partials, two)
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def path_tile(block_m: int, use_dot: bool) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of each multiply path for a row bucket (4 warps, 128 threads).
+
+    CUDA cores: 8 bf16 (16 bytes) per thread along K and 256 K per warp; BLOCK_N shrinks as
+    BLOCK_M grows so that the float32 accumulator stays at <= 64 registers a thread
+    (BLOCK_M * BLOCK_N * BLOCK_K / 128). Tensor cores: a 64 x 128 weight tile, 16 KB a stage;
+    with num_stages=4 Triton keeps three stages in flight (~50 KB of shared memory, four programs
+    an SM). Both issue 16-byte cp.async loads of the weight (checked in sm_90 PTX, Triton 3.9).
+    """
+    if use_dot:
+        return 64, 128
+    return {1: 16, 2: 16, 4: 8, 8: 4}[block_m], 256
+
+
+def choose_config(m: int, n: int, k: int, num_sms: int = 132, use_dot: bool | None = None) -> GemvConfig:
+    """The shape rule (no autotuning: CUDA graphs need the launch fixed before capture).
+
+    - M = 1 multiplies on the CUDA cores, M >= 2 on the tensor cores (see the module doc);
+      ``use_dot`` overrides that (the benchmark times both paths).
+    - Split K by powers of two until the grid has at least two programs per SM (so every SM
+      streams from two tiles and one program's pipeline ramp hides behind another's loads),
+      at most 8 ways, keeping >= 4 K steps per split so the pipeline reaches steady state.
+      For Llama-2-7B this splits only the N = 4096 matrices (o_proj, down).
+    """
+    block_m = triton.next_power_of_2(max(m, 1))
+    if use_dot is None:
+        use_dot = block_m >= 2
+    block_n, block_k = path_tile(block_m, use_dot)
+    tiles = triton.cdiv(n, block_n)
+    k_steps = triton.cdiv(k, block_k)
+    split_k = 1
+    while tiles * split_k < 2 * num_sms and split_k < 8 and k_steps // (2 * split_k) >= 4:
+        split_k *= 2
+    return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k, use_dot=use_dot)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: pretend to be an H100 so CPU tests see the GPU's configs
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_ATOMIC_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _atomic_workspace(device: torch.device, n: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Zeroed float32 [MAX_ROWS * n] sums and int32 per-tile counters, kept for the process
+    (graphs captured with them keep their addresses); ``None`` when first asked for during
+    graph capture, where a zero-fill would run only at replay."""
+    key = (device, n, block_n)
+    found = _ATOMIC_WORKSPACES.get(key)
+    if found is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        found = (torch.zeros(MAX_ROWS * n, dtype=torch.float32, device=device),
+                 torch.zeros(triton.cdiv(n, block_n), dtype=torch.int32, device=device))
+        _ATOMIC_WORKSPACES[key] = found
+    return found
+
+
+def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (
+        weight.dim() == 2 and x.shape[-1] == weight.shape[1] and weight.stride(1) == 1
+        and x.dtype == weight.dtype and x.dtype in _DTYPES and x.device == weight.device
+        and (bias is None or (bias.shape == (weight.shape[0],) and bias.dtype == x.dtype))
+        and math.prod(x.shape[:-1]) <= MAX_ROWS
+    )
+
+
+def _output_rows(x: torch.Tensor, n: int, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out as given or new, its [M, N] view with unit column stride)."""
+    shape = (*x.shape[:-1], n)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out must be {x.dtype} of shape {shape} on {x.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    rows = out if out.dim() == 2 else out.view(-1, n)
+    if n > 1 and rows.stride(1) != 1:
+        raise ValueError("out must have unit stride along its last dim")
+    return out, rows
+
+
+def linear_small_batch_with_config(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None,
+    config: GemvConfig,
+) -> torch.Tensor:
+    """The Triton launch with explicit parameters (benchmarks and tests try variants through it);
+    the caller has checked that the kernel applies (M <= 8, see :func:`linear_small_batch_triton`)."""
+    n, k = weight.shape
+    rows = x.reshape(-1, k)
+    if k > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    m = rows.shape[0]
+    out, out_rows = _output_rows(x, n, out)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        out_rows.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out_rows))
+        return out
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    block_m = triton.next_power_of_2(m)
+    split_k = max(1, min(config.split_k, triton.cdiv(k, config.block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, config.block_k), split_k) * config.block_k
+    atomic = config.atomic_reduce
+    workspace = counters = out_rows  # placeholders when unused
+    if split_k > 1:
+        found = _atomic_workspace(x.device, n, config.block_n) if atomic else None
+        if found is None:
+            atomic = False
+            workspace = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+        else:
+            workspace, counters = found
+    grid = (triton.cdiv(n, config.block_n), split_k)
+    _gemv_kernel[grid](
+        rows, weight, weight if bias is None else bias, out_rows, workspace, counters,
+        m, n, k, k_per_split, rows.stride(0), weight.stride(0), out_rows.stride(0),
+        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
+        ATOMIC=atomic, USE_DOT=config.use_dot, HAS_BIAS=bias is not None,
+        EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", NUM_STAGES=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if split_k > 1 and not atomic:
+        block = min(1024, triton.next_power_of_2(n))
+        _split_k_sum_kernel[(triton.cdiv(n, block), m)](
+            workspace, weight if bias is None else bias, out_rows, m, n, out_rows.stride(0),
+            SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+        )
+    return out
+
+
+def linear_small_batch_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Triton ``x @ weight.T + bias`` for at most 8 rows of x, launch chosen by
+    :func:`choose_config`; ``None`` when the kernel does not apply (more rows, a weight that is
+    not K-contiguous, mixed dtypes): the caller then uses cuBLAS."""
+    if not _applies(x, weight, bias):
+        return None
+    m = math.prod(x.shape[:-1])
+    n, k = weight.shape
+    config = choose_config(m, n, k, _num_sms(x.device))
+    return linear_small_batch_with_config(x, weight, bias, out, config)
+
+
+def linear_small_batch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ weight.T + bias``: the Triton kernel on CUDA when M <= 8, else torch
+    (``F.linear``, i.e. cuBLAS, on CUDA; the float32 reference on CPU)."""
+    if use_triton(x):
+        result = linear_small_batch_triton(x, weight, bias, out)
+        if result is not None:
+            return result
+        if out is None:
+            return F.linear(x, weight, bias)
+        out.copy_(F.linear(x, weight, bias))
+        return out
+    return linear_small_batch_reference(x, weight, bias, out)
