@@ -176,7 +176,10 @@ def _attend_query_tile(
                  result.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_splits", "window"])
+# the sequence-table pointers are views at any offset (suffix launches): don't compile a variant
+# per alignment of theirs
+@triton.jit(do_not_specialize=["query_start_ptr", "context_lens_ptr", "block_tables_ptr",
+                               "num_seqs", "num_splits", "window"])
 def _paged_attention_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
     query_start_ptr, context_lens_ptr, block_tables_ptr,
@@ -247,7 +250,7 @@ def _paged_attention_kernel(
         )
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
+@triton.jit(do_not_specialize=["query_start_ptr", "num_seqs", "num_splits"])
 def _merge_splits_kernel(
     partial_out_ptr, partial_lse_ptr, out_ptr, query_start_ptr, num_seqs, num_splits,
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,

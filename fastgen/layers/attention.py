@@ -76,5 +76,6 @@ class PagedAttention(nn.Module):
             sliding_window=self.sliding_window,
             max_query_len=batch.max_query_len,
             max_context_len=batch.max_context_len,
+            num_decodes=batch.num_decodes,
             out=out,
         )
