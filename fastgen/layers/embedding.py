@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .linear import copy_checked
+from .linear import copy_checked, linear
 from .parallel import SINGLE, TensorParallel
 
 
@@ -52,6 +52,6 @@ class LMHead(nn.Module):
             self.weight.weight_loader = embedding._load
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = nn.functional.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         logits = self.tp.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]

@@ -12,7 +12,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastgen import kernels
+
 from .parallel import SINGLE, TensorParallel
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``. Decode-sized half-precision inputs on CUDA (up to 8 rows) take the
+    Triton small-batch kernel (1.06-1.09x cuBLAS in a 7B decode graph on an H100,
+    benchmarks/results/gemv-*.md); everything else cuBLAS / torch."""
+    if x.is_cuda and x.dtype in _HALF and x.dim() == 2 and x.shape[0] <= 8:
+        return kernels.linear_small_batch(x, weight, bias)
+    return nn.functional.linear(x, weight, bias)
 
 
 def loaded_shape(loaded: Any) -> tuple[int, ...]:
@@ -56,7 +69,7 @@ class ColumnParallelLinear(nn.Module):
         copy_checked(param.data[offset : offset + size], loaded[start : start + size], "column shard")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class QKVParallelLinear(nn.Module):
@@ -108,7 +121,7 @@ class QKVParallelLinear(nn.Module):
         copy_checked(param.data[offset : offset + size], loaded[start : start + size], f"{shard_id} shard")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -130,7 +143,7 @@ class RowParallelLinear(nn.Module):
         copy_checked(param.data, loaded[:, start : start + self.local_in], "row shard")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = nn.functional.linear(x, self.weight)
+        out = linear(x, self.weight)
         out = self.tp.all_reduce(out)
         if self.bias is not None:
             out = out + self.bias
