@@ -595,9 +595,14 @@ def _versions() -> dict[str, str | None]:
         except Exception:
             versions[name] = None
     try:
-        versions["fastgen_commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
-        ).stdout.strip()
+        def git(*command: str) -> str:
+            return subprocess.run(
+                ["git", *command], cwd=HERE, capture_output=True, text=True, check=True
+            ).stdout.strip()
+
+        # a copied working tree (the GPU machine's) may carry an older .git: say when files differ
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        versions["fastgen_commit"] = git("rev-parse", "--short", "HEAD") + ("+modified" if dirty else "")
     except Exception:
         versions["fastgen_commit"] = None
     return versions

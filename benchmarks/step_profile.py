@@ -214,9 +214,9 @@ def attention_split(args, bandwidth: float, results: dict) -> None:
     t_chunk = cuda_time(chunk_part)
     kv = decodes * 1300 * 2 * heads * head_dim * 2
     results["attention_split"] = dict(mixed_us=t_mixed * 1e6, decode_us=t_decode * 1e6,
-                                      chunk_us=t_chunk * 1e6, decode_of_copy=kv / t_decode / (bandwidth / 2))
+                                      chunk_us=t_chunk * 1e6, decode_of_copy=kv / t_decode / bandwidth)
     print(f"\n## attention of the mixed step (one layer): one launch {t_mixed * 1e6:.0f} us; "
-          f"decodes alone {t_decode * 1e6:.0f} us ({kv / t_decode / (bandwidth / 2):.0%} of copy read rate) "
+          f"decodes alone {t_decode * 1e6:.0f} us (KV at {kv / t_decode / bandwidth:.0%} of copy) "
           f"+ chunk alone {t_chunk * 1e6:.0f} us = {(t_decode + t_chunk) * 1e6:.0f} us")
 
 
