@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -31,6 +32,23 @@ def capture_sizes(max_batch: int) -> list[int]:
     if sizes[-1] < max_batch:
         sizes.append(max_batch)
     return [s for s in sizes if s <= max_batch]
+
+
+def capture_sizes_on_side_stream(
+    device: torch.device, sizes: list[int], capture_one: Callable[[int, object, torch.cuda.Stream], None]
+) -> float:
+    """Call ``capture_one(size, pool, stream)`` for every size, largest first (smaller graphs
+    then reuse the largest one's memory pool), on a side stream as capture requires; seconds taken."""
+    started = time.perf_counter()
+    pool = torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.inference_mode(), torch.cuda.stream(stream):
+        for size in sorted(sizes, reverse=True):
+            capture_one(size, pool, stream)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    return time.perf_counter() - started
 
 
 class DecodeGraphs:
@@ -74,22 +92,16 @@ class DecodeGraphs:
         hidden = self.model(self.token_ids[:size], batch)
         return self.model.compute_logits(hidden)
 
-    @torch.inference_mode()
+    def _capture_one(self, size: int, pool, stream: torch.cuda.Stream) -> None:
+        self._forward(size)  # warm up: compile kernels, allocate workspaces
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            self.logits[size] = self._forward(size)
+        self.graphs[size] = graph
+
     def capture(self) -> None:
-        started = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool
-                self._forward(size)  # warm up: compile kernels, allocate workspaces
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.logits[size] = self._forward(size)
-                self.graphs[size] = graph
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
-        logger.info("captured %d decode graphs in %.1f s", len(self.graphs), time.perf_counter() - started)
+        seconds = capture_sizes_on_side_stream(self.device, self.sizes, self._capture_one)
+        logger.info("captured %d decode graphs in %.1f s", len(self.graphs), seconds)
 
     def fits(self, host: HostBatch) -> bool:
         return host.is_decode_only and host.num_seqs <= self.max_batch

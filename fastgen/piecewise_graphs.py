@@ -22,13 +22,13 @@ computes logits on the sampled rows only.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fastgen.batch import HostBatch
+from fastgen.cuda_graphs import capture_sizes_on_side_stream
 from fastgen.layers.attention import ForwardBatch, PagedAttention
 
 logger = logging.getLogger(__name__)
@@ -152,27 +152,19 @@ class MixedGraphs:
         )
         return self.model(self.token_ids[:size], batch)
 
-    @torch.inference_mode()
+    def _capture_one(self, size: int, pool, stream: torch.cuda.Stream) -> None:
+        self._forward(size, SegmentRecorder(pool, self.buffers, capture=False))  # warm-up
+        recorder = SegmentRecorder(pool, self.buffers)
+        recorder.begin()
+        self.hidden[size] = self._forward(size, recorder)
+        recorder.end()
+        self.segments[size] = recorder
+
     def capture(self) -> None:
-        started = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool
-                self._forward(size, SegmentRecorder(pool, self.buffers, capture=False))  # warm-up
-                recorder = SegmentRecorder(pool, self.buffers)
-                recorder.begin()
-                self.hidden[size] = self._forward(size, recorder)
-                recorder.end()
-                self.segments[size] = recorder
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
+        seconds = capture_sizes_on_side_stream(self.device, self.sizes, self._capture_one)
         count = sum(len(r.graphs) for r in self.segments.values())
-        logger.info(
-            "captured %d graph segments for %d token buckets in %.1f s",
-            count, len(self.sizes), time.perf_counter() - started,
-        )
+        buckets = len(self.sizes)
+        logger.info("captured %d graph segments, %d token buckets, in %.1f s", count, buckets, seconds)
 
     def fits(self, host: HostBatch) -> bool:
         return host.num_tokens <= self.sizes[-1]
