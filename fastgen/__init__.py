@@ -25,6 +25,7 @@ _EXPORTS = {
     "EngineConfig": "fastgen.config",
     "SamplingParams": "fastgen.sampling_params",
     "RequestOutput": "fastgen.outputs",
+    "TokenLogprob": "fastgen.outputs",
     "Response": "fastgen.mii",
     "pipeline": "fastgen.mii_pipeline",
     "serve": "fastgen.serving.launcher",
@@ -64,7 +65,7 @@ if TYPE_CHECKING:
     )
     from .mii import Response
     from .mii_pipeline import pipeline
-    from .outputs import RequestOutput
+    from .outputs import RequestOutput, TokenLogprob
     from .sampling_params import SamplingParams
     from .serving.client import client
     from .serving.launcher import serve

@@ -13,12 +13,38 @@ from collections.abc import Callable, Sequence
 _WINDOW = 6  # tokens of context before the new ones; enough for merges and leading spaces
 
 
-def make_decode_fn(tokenizer) -> Callable[[Sequence[int]], str]:
+def make_decode_fn(tokenizer, *, skip_special_tokens: bool = True) -> Callable[[Sequence[int]], str]:
     """A fast ``ids -> text`` for ``tokenizer`` (the Rust tokenizer directly when there is one)."""
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is not None:
-        return lambda ids: backend.decode(list(ids), skip_special_tokens=True)
-    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)
+        return lambda ids: backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def token_texts(
+    decode: Callable[[Sequence[int]], str], context: Sequence[int], token_ids: Sequence[int]
+) -> list[str]:
+    """How each of ``token_ids`` reads right after ``context`` (a few preceding tokens, which
+    settle merges and leading spaces): the text that ``context + [token]`` adds to ``context``."""
+    context = list(context)
+    before = decode(context)
+    texts = []
+    for token_id in token_ids:
+        full = decode([*context, token_id])
+        # when the context ends inside a character that the token completes, ``before`` ends in
+        # U+FFFD where ``full`` has the character: the token's text starts where they differ
+        common = len(before) if full.startswith(before) else _common_prefix_length(before, full)
+        texts.append(full[common:])
+    return texts
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
 
 
 class IncrementalDetokenizer:
@@ -65,6 +91,7 @@ class TextAccumulator:
         self.stop = tuple(stop)
         self._longest_stop = max((len(s) for s in self.stop), default=0)
         self.text = ""
+        self.stopped_by: str | None = None  # the stop string that ended generation
         self._emitted = 0
 
     def push(self, delta: str, *, final: bool = False) -> tuple[str, bool]:
@@ -81,8 +108,12 @@ class TextAccumulator:
         return self._take(visible), False
 
     def _find_stop(self, start: int) -> int | None:
-        found = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-        return min(found) if found else None
+        hits = [(self.text.find(stop, start), stop) for stop in self.stop]
+        found = [hit for hit in hits if hit[0] >= 0]
+        if not found:
+            return None
+        cut, self.stopped_by = min(found, key=lambda hit: hit[0])
+        return cut
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that could begin a stop string."""

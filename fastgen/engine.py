@@ -22,7 +22,7 @@ from typing import Any
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .detokenizer import IncrementalDetokenizer, TextAccumulator, make_decode_fn
+from .detokenizer import IncrementalDetokenizer, TextAccumulator, make_decode_fn, token_texts
 from .errors import (
     EngineDeadError,
     EngineOverloadedError,
@@ -32,38 +32,54 @@ from .errors import (
 from .executor import Executor, create_executor
 from .models import check_supported
 from .models.config import ModelConfig
-from .outputs import RequestOutput
-from .plan import StepResult
+from .outputs import RequestOutput, TokenLogprob
+from .plan import SampleLogprobs, StepResult
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import FinishReason, Sequence
 
 logger = logging.getLogger("fastgen.engine")
 
+LOGPROB_TEXT_CONTEXT = 6  # tokens before a position that its logprob texts are decoded after
+
 
 class _Channel:
     """Outputs of one request, merged while the consumer is busy (no unbounded backlog)."""
 
-    def __init__(self, request_id: str, prompt_tokens: int):
+    def __init__(self, request_id: str, prompt_tokens: int, *, logprobs: bool = False):
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
         self._text: list[str] = []
         self._token_ids: list[int] = []
+        self._logprobs: list[TokenLogprob] | None = [] if logprobs else None
         self._generated = 0
         self._finish: str | None = None
+        self._stop_reason: str | int | None = None
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
         self.closed = False
 
-    def put(self, text: str, token_ids: list[int], generated: int, finish: str | None = None) -> None:
+    def put(
+        self,
+        text: str,
+        token_ids: list[int],
+        generated: int,
+        finish: str | None = None,
+        *,
+        logprob: TokenLogprob | None = None,
+        stop_reason: str | int | None = None,
+    ) -> None:
         if self.closed:
             return
         if text:
             self._text.append(text)
         self._token_ids.extend(token_ids)
+        if logprob is not None and self._logprobs is not None:
+            self._logprobs.append(logprob)
         self._generated = generated
         if finish is not None:
             self._finish = finish
+            self._stop_reason = stop_reason
             self.closed = True
         self._ready.set()
 
@@ -85,8 +101,12 @@ class _Channel:
             prompt_tokens=self.prompt_tokens,
             generated_tokens=self._generated,
             finish_reason=self._finish,
+            logprobs=self._logprobs,
+            stop_reason=self._stop_reason,
         )
         self._text, self._token_ids = [], []
+        if self._logprobs is not None:
+            self._logprobs = []
         if self._error is not None:
             self._ready.set()  # the error comes with the next get()
         return out
@@ -171,6 +191,7 @@ class AsyncEngine:
         )
         self.eos_token_ids = _eos_token_ids(model_path, model_config, tokenizer)
         self._decode = make_decode_fn(tokenizer)
+        self._decode_special = make_decode_fn(tokenizer, skip_special_tokens=False)  # logprob texts
         self._requests: dict[str, _Request] = {}
         self._by_seq: dict[int, _Request] = {}  # seq_id -> request: the core holds no back-references
         self._inbox_add: list[_Request] = []
@@ -325,7 +346,7 @@ class AsyncEngine:
         request = _Request(
             request_id=request_id,
             seq=seq,
-            channel=_Channel(request_id, len(prompt_ids)),
+            channel=_Channel(request_id, len(prompt_ids), logprobs=params.logprobs is not None),
             detokenizer=IncrementalDetokenizer(self._decode, prompt_ids),
             text=TextAccumulator(params.stop),
         )
@@ -439,19 +460,20 @@ class AsyncEngine:
                 received = time.perf_counter()
                 self.num_steps += 1
                 sampled = []
+                logprobs = _logprobs_by_seq(step, result)
                 for seq, token in self.scheduler.commit(step, result):
                     reason = seq.token_stop_reason()
                     if reason is not None:
                         self.scheduler.finish(seq, reason)
-                    sampled.append((seq, token, reason))
+                    sampled.append((seq, token, reason, logprobs.get(seq.seq_id)))
                 for listener in self.step_listeners:
                     listener(step, received - started)
                 self._apply_inbox()
                 if self.scheduler.has_work:
                     in_flight = self._launch_next()
                 launched = time.perf_counter()
-                for seq, token, reason in sampled:
-                    self._deliver(seq, token, reason)
+                for seq, token, reason, token_logprobs in sampled:
+                    self._deliver(seq, token, reason, token_logprobs)
                 self._record(step, result, launched - received, time.perf_counter() - launched)
                 await asyncio.sleep(0)  # let consumers run between steps
         except asyncio.CancelledError:
@@ -510,7 +532,9 @@ class AsyncEngine:
             request.channel.fail(InvalidRequestError("prompt", "the prompt does not fit the KV cache"))
             self._forget(request)
 
-    def _deliver(self, seq: Sequence, token: int, reason: FinishReason | None) -> None:
+    def _deliver(
+        self, seq: Sequence, token: int, reason: FinishReason | None, sample: SampleLogprobs | None
+    ) -> None:
         """Detokenize ``token``, apply stop strings and hand the delta to the request."""
         request = self._request_of(seq)
         if request is None:
@@ -521,14 +545,46 @@ class AsyncEngine:
         delta = request.detokenizer.add(token)
         if reason is not None:
             delta += request.detokenizer.flush()
+        logprob = None
+        if sample is not None:
+            logprob = self._token_logprob(seq, token, sample, len(request.text.text), len(delta))
         visible, stopped = request.text.push(delta, final=reason is not None)
+        stop_reason: str | int | None = None
         if stopped:
             reason = FinishReason.STOP
+            stop_reason = request.text.stopped_by
             self.scheduler.finish(seq, reason)
+        elif reason is FinishReason.STOP:
+            stop_reason = seq.stop_token_reason()
         finish = reason.value if reason is not None else None
-        request.channel.put(visible, [token], seq.num_generated, finish)
+        request.channel.put(
+            visible, [token], seq.num_generated, finish, logprob=logprob, stop_reason=stop_reason
+        )
         if reason is not None:
             self._forget(request)
+
+    def _token_logprob(
+        self, seq: Sequence, token: int, sample: SampleLogprobs, text_length: int, delta_length: int
+    ) -> TokenLogprob:
+        """``sample`` with the texts of ``token`` (the sequence's last) and its alternatives, read
+        after the tokens before it. The generated text had ``text_length`` characters before the
+        token and ``delta_length`` more after it (more than the token's own when it completes a
+        character that earlier tokens began, none while a character is incomplete)."""
+        position = seq.num_tokens - 1
+        context = seq.token_ids[max(0, position - LOGPROB_TEXT_CONTEXT) : position]
+        alternatives = [t for t in sample.top_ids if t != token]
+        texts = token_texts(self._decode_special, context, [token, *alternatives])
+        text_of = dict(zip([token, *alternatives], texts))
+        return TokenLogprob(
+            token_id=token,
+            logprob=sample.logprob,
+            top=dict(zip(sample.top_ids, sample.top_logprobs)),
+            text=texts[0],
+            top_text={t: text_of[t] for t in sample.top_ids},
+            # the token's text ends the delta; not before the delta starts (a special token is not
+            # in the text, a token that ends in an incomplete character adds nothing to it yet)
+            text_offset=max(text_length, text_length + delta_length - len(texts[0])),
+        )
 
     def _request_of(self, seq: Sequence) -> _Request | None:
         return self._by_seq.get(seq.seq_id)
@@ -536,6 +592,14 @@ class AsyncEngine:
     def _forget(self, request: _Request) -> None:
         self._requests.pop(request.request_id, None)
         self._by_seq.pop(request.seq.seq_id, None)
+
+
+def _logprobs_by_seq(step: ScheduledStep, result: StepResult) -> dict[int, SampleLogprobs]:
+    """seq_id -> the raw log-probabilities the runner computed for it this step."""
+    if result.logprobs is None:
+        return {}
+    sampling = [seq for chunk, seq in zip(step.plan.chunks, step.sequences) if chunk.sample]
+    return {seq.seq_id: row for seq, row in zip(sampling, result.logprobs) if row is not None}
 
 
 def _load_tokenizer(path: str):

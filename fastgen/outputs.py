@@ -5,11 +5,40 @@ from __future__ import annotations
 import msgspec
 
 
+class TokenLogprob(msgspec.Struct, array_like=True, frozen=True):
+    """The raw log-probabilities at one generated position (see `SamplingParams.logprobs`).
+
+    - ``token_id``, ``logprob``: the generated token and its log-probability.
+    - ``top``: the ``logprobs`` most likely tokens at this position, most likely first
+      (token id -> log-probability); the generated token is among them only if it ranks there.
+    - ``text``: how the generated token reads after the tokens before it (special tokens spelled
+      out, e.g. ``</s>``); ``top_text`` the same for each alternative.
+    - ``text_offset``: where the token's text begins in the generated text. Tokens that hold
+      parts of one character (an incomplete UTF-8 sequence reads as U+FFFD on its own) begin
+      where the character does; a special token, absent from the text, where the text stands.
+    """
+
+    token_id: int
+    logprob: float
+    top: dict[int, float]
+    text: str
+    top_text: dict[int, str]
+    text_offset: int
+
+
 class RequestOutput(msgspec.Struct, kw_only=True):
     """The new part of one request's output since the previous `RequestOutput`.
 
     ``text`` and ``token_ids`` are deltas; the counts are cumulative. ``finish_reason`` is
-    ``None`` until the last output, then ``"stop"``, ``"length"`` or ``"abort"``.
+    ``None`` until the last output, then ``"stop"``, ``"length"`` or ``"abort"``; ``stop_reason``
+    then names the stop string or stop token id that ended generation (``None`` for EOS and for
+    the other reasons).
+
+    ``logprobs`` is ``None`` unless the request asked for them; then it holds one `TokenLogprob`
+    per token of ``token_ids``, in the same order. A stop string cuts the text, not the token ids:
+    the tokens that produced the stop string keep their log-probabilities, and those that begin
+    past the cut have a ``text_offset`` of at least the final text's length (the OpenAI layer
+    leaves them out).
     """
 
     request_id: str
@@ -18,6 +47,8 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     prompt_tokens: int
     generated_tokens: int
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    stop_reason: str | int | None = None
 
     @property
     def finished(self) -> bool:

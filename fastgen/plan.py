@@ -20,6 +20,7 @@ class SamplingOptions(msgspec.Struct, array_like=True, frozen=True):
     seed: int | None  # None: draw from the engine's stream
     min_new_tokens: int  # suppress `suppressed_token_ids` until this many tokens exist
     suppressed_token_ids: list[int]
+    logprobs: int | None = None  # None: none; N >= 0: the sampled token's and the top N (raw)
 
 
 class SequenceStart(msgspec.Struct, array_like=True):
@@ -53,11 +54,25 @@ class StepPlan(msgspec.Struct, array_like=True):
         return sum(len(chunk.token_ids) for chunk in self.chunks)
 
 
+class SampleLogprobs(msgspec.Struct, array_like=True):
+    """Raw log-probabilities at one sampled position (log-softmax of the logits over the whole
+    vocabulary, before temperature, top-k and top-p): the sampled token's, then the N most likely
+    tokens, most likely first."""
+
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
 class StepResult(msgspec.Struct, array_like=True):
     """The sampled tokens of a step, one per chunk with ``sample=True``, in chunk order, and where
-    the runner's time went (host preparation; then forward, sampling and the wait for the sampled ids)."""
+    the runner's time went (host preparation; then forward, sampling and the wait for the sampled ids).
+
+    ``logprobs`` is ``None`` when no sequence of the step asked for log-probabilities; otherwise it
+    is aligned with ``sampled_token_ids``, ``None`` for the rows that did not ask."""
 
     step_id: int
     sampled_token_ids: list[int]
     prepare_s: float = 0.0
     forward_s: float = 0.0
+    logprobs: list[SampleLogprobs | None] | None = None

@@ -2,7 +2,8 @@
 
 It keeps the per-sequence state a plan does not repeat (block table, sampling options, tokens
 sampled so far), flattens each ragged batch into tensors, runs the model, computes logits only
-where a chunk samples, and samples on the device.
+where a chunk samples, and samples on the device. For the sequences that ask, it also computes raw
+log-probabilities there (see `_sample`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from fastgen.layers.parallel import SINGLE, TensorParallel
 from fastgen.models.config import ModelConfig
 from fastgen.models.loader import build_model
 from fastgen.piecewise_graphs import MixedGraphs
-from fastgen.plan import SamplingOptions, SequenceChunk, StepPlan, StepResult
+from fastgen.plan import SampleLogprobs, SamplingOptions, SequenceChunk, StepPlan, StepResult
+from fastgen.sampling_params import MAX_LOGPROBS
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +166,8 @@ class ModelRunner:
         return max(1, min(wanted, _CPU_KV_CACHE_CAP_BYTES // self.kv_bytes_per_block))
 
     def _profile_activation_bytes(self) -> int:
-        """Peak memory of a full-budget step (one long prompt chunk, then logits and sampling for
-        the most rows a step can sample), measured with a throw-away cache."""
+        """Peak memory of a full-budget step (one long prompt chunk, then logits, sampling and
+        log-probabilities for the most rows a step can sample), measured with a throw-away cache."""
         config = self.config
         tokens = config.token_budget
         rows = min(config.max_seqs, tokens)
@@ -188,6 +190,7 @@ class ModelRunner:
                 torch.full((rows,), 0.9, device=self.device),
                 torch.arange(rows, dtype=torch.int64, device=self.device),
             )
+            torch.log_softmax(logits, dim=-1).topk(min(MAX_LOGPROBS, logits.shape[-1]), dim=-1)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base - cache_bytes
         del hidden, logits, token_ids, batch
@@ -231,17 +234,42 @@ class ModelRunner:
             else:
                 hidden = self.model(token_ids, batch)
             logits = self.model.compute_logits(hidden[sample_indices])
-        tokens = self._sample(logits, sampled_states)
+        tokens, logprobs = self._sample(logits, sampled_states)
         for state in sampled_states:
             state.num_generated += 1
         finished = time.perf_counter()
-        return StepResult(plan.step_id, tokens, prepared - started, finished - prepared)
+        return StepResult(plan.step_id, tokens, prepared - started, finished - prepared, logprobs)
 
-    def _sample(self, logits: torch.Tensor, states: list[_SequenceState]) -> list[int]:
+    def _sample(
+        self, logits: torch.Tensor, states: list[_SequenceState]
+    ) -> tuple[list[int], list[SampleLogprobs | None] | None]:
+        """One token per row, and for the rows whose sequence asks, raw log-probabilities: the
+        log-softmax in float32 over the whole vocabulary of the logits as the model produced them
+        (before temperature, top-k, top-p and ``min_new_tokens`` suppression, like vLLM's default),
+        evaluated at the sampled token and at the top N. Under tensor parallelism the LM head
+        gathers the vocabulary slices, so every rank holds whole rows; only rank 0, whose result
+        the engine reads, computes them. Everything comes back in one device-to-host copy."""
         if not states:
-            return []
-        if all(_plain_greedy(state) for state in states):
-            return logits.argmax(dim=-1).tolist()
+            return [], None
+        asking = [row for row, state in enumerate(states) if state.sampling.logprobs is not None]
+        if self.tp.rank != 0:
+            asking = []  # the engine reads rank 0's result alone
+        greedy = all(_plain_greedy(state) for state in states)
+        if greedy and not asking:
+            return logits.argmax(dim=-1).tolist(), None
+        raw = index = None
+        if asking:  # before sampling may change the logits
+            if len(asking) < len(states):
+                index = torch.tensor(asking, dtype=torch.int64, device=logits.device)
+            raw = torch.log_softmax((logits if index is None else logits[index]).float(), dim=-1)
+        tokens = logits.argmax(dim=-1) if greedy else self._sample_tokens(logits, states)
+        if raw is None:
+            return tokens.tolist(), None
+        picked = tokens if index is None else tokens[index]
+        wanted = [states[row].sampling.logprobs for row in asking]
+        return _unpack_logprobs(tokens, raw, picked, asking, wanted)
+
+    def _sample_tokens(self, logits: torch.Tensor, states: list[_SequenceState]) -> torch.Tensor:
         logits = logits.float()
         temperature, top_k, top_p, seeds = [], [], [], []
         for row, state in enumerate(states):
@@ -256,11 +284,37 @@ class ModelRunner:
             else:
                 seeds.append(self._engine_random.getrandbits(63))
         device = logits.device
-        tokens = kernels.sample(
+        return kernels.sample(
             logits,
             torch.tensor(temperature, dtype=torch.float32, device=device),
             torch.tensor(top_k, dtype=torch.int32, device=device),
             torch.tensor(top_p, dtype=torch.float32, device=device),
             torch.tensor(seeds, dtype=torch.int64, device=device),
         )
-        return tokens.tolist()
+
+
+def _unpack_logprobs(
+    tokens: torch.Tensor, raw: torch.Tensor, picked: torch.Tensor, rows: list[int], wanted: list[int]
+) -> tuple[list[int], list[SampleLogprobs | None]]:
+    """The sampled ids ``tokens`` and, for each of ``rows`` (whose log-softmax is ``raw[i]`` and
+    sampled token ``picked[i]``), that token's log-probability and the top ``wanted[i]``; gathered
+    on the device, packed into one float64 vector (exact for token ids and float32 values) and
+    copied to the host once."""
+    num_rows, num_asking = tokens.shape[0], len(rows)
+    top_n = min(max(wanted), raw.shape[-1])  # a vocabulary smaller than N has fewer alternatives
+    parts = [tokens.double(), raw.gather(1, picked.unsqueeze(1)).squeeze(1).double()]
+    if top_n:
+        top_logprobs, top_ids = raw.topk(top_n, dim=-1)  # sorted, most likely first
+        parts += [top_ids.flatten().double(), top_logprobs.flatten().double()]
+    packed = torch.cat(parts).tolist()
+    sampled = [int(token) for token in packed[:num_rows]]
+    chosen = packed[num_rows : num_rows + num_asking]
+    ids_start = num_rows + num_asking
+    values_start = ids_start + num_asking * top_n
+    result: list[SampleLogprobs | None] = [None] * num_rows
+    for i, (row, n) in enumerate(zip(rows, wanted)):
+        ids_at, values_at = ids_start + i * top_n, values_start + i * top_n
+        count = min(n, top_n)
+        top_ids = [int(token) for token in packed[ids_at : ids_at + count]]
+        result[row] = SampleLogprobs(chosen[i], top_ids, packed[values_at : values_at + count])
+    return sampled, result

@@ -10,6 +10,7 @@ import msgspec
 from .errors import InvalidRequestError
 
 _MAX_SEED = 2**63 - 1
+MAX_LOGPROBS = 20  # most alternatives a request may ask for at each position (OpenAI's limit)
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -25,6 +26,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     - ``stop``: strings that end generation; the output is cut before the stop string.
     - ``stop_token_ids``: extra token ids that end generation (kept in the output ids).
     - ``seed``: a per-request seed; the same seed gives the same tokens whatever else runs.
+    - ``logprobs``: ``None`` (off), ``0`` (the log-probability of each generated token) or ``N``
+      (also the ``N`` most likely tokens at each position, at most 20). These are *raw*
+      log-probabilities: log-softmax over the whole vocabulary of the model's logits, before
+      temperature, top-k, top-p and ``min_new_tokens`` touch them (vLLM's default), so a sampled
+      request reports the model's distribution, not the one it sampled from.
     """
 
     max_new_tokens: int | None = None
@@ -38,6 +44,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stop: list[str] = []
     stop_token_ids: list[int] = []
     seed: int | None = None
+    logprobs: int | None = None
 
     @classmethod
     def from_options(cls, **options: Any) -> SamplingParams:
@@ -71,6 +78,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         _check_int(self.min_new_tokens, "min_new_tokens", minimum=0)
         _check_int(self.top_k, "top_k", minimum=0)
         _check_int(self.seed, "seed", minimum=0, optional=True, maximum=_MAX_SEED)
+        _check_int(self.logprobs, "logprobs", minimum=0, optional=True, maximum=MAX_LOGPROBS)
         if not isinstance(self.do_sample, bool):
             raise InvalidRequestError("do_sample", "must be a boolean")
         if not isinstance(self.ignore_eos, bool):

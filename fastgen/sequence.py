@@ -96,6 +96,15 @@ class Sequence:
             return FinishReason.LENGTH
         return None
 
+    def stop_token_reason(self) -> int | None:
+        """The stop token id that ended generation (``None`` when it was EOS, or another reason)."""
+        if self.num_generated == 0 or self.token_stop_reason() is not FinishReason.STOP:
+            return None
+        last = self.token_ids[-1]
+        if not self.params.ignore_eos and last in self.eos_token_ids:
+            return None
+        return last
+
 
 def _sampling_options(params: SamplingParams, eos_token_ids: tuple[int, ...]) -> SamplingOptions:
     suppressed = [] if params.ignore_eos else list(eos_token_ids)
@@ -107,4 +116,5 @@ def _sampling_options(params: SamplingParams, eos_token_ids: tuple[int, ...]) ->
         seed=params.seed,
         min_new_tokens=params.min_new_tokens,
         suppressed_token_ids=suppressed if params.min_new_tokens > 0 else [],
+        logprobs=params.logprobs,
     )

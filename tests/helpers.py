@@ -6,7 +6,7 @@ import asyncio
 
 import torch
 
-from fastgen import AsyncEngine, EngineConfig, SamplingParams
+from fastgen import AsyncEngine, EngineConfig, RequestOutput, SamplingParams
 
 
 async def collect(engine: AsyncEngine, prompt, params: SamplingParams) -> tuple[list[int], str, str]:
@@ -19,6 +19,33 @@ async def collect(engine: AsyncEngine, prompt, params: SamplingParams) -> tuple[
         text.append(out.text)
         reason = out.finish_reason
     return ids, "".join(text), reason
+
+
+async def merged_output(engine: AsyncEngine, prompt, params: SamplingParams) -> RequestOutput:
+    """One request's outputs merged into one: the deltas' text, token ids and logprobs, in order."""
+    merged = None
+    async for out in engine.generate(prompt, params):
+        if merged is None:
+            merged = out
+            continue
+        merged.text += out.text
+        merged.token_ids += out.token_ids
+        if out.logprobs is not None:
+            merged.logprobs += out.logprobs
+        merged.generated_tokens = out.generated_tokens
+        merged.finish_reason, merged.stop_reason = out.finish_reason, out.stop_reason
+    return merged
+
+
+def generate_together(path: str, requests: list[tuple], **config) -> list[RequestOutput]:
+    """The merged outputs of ``requests`` (prompt, params), all submitted at once to one engine."""
+
+    async def main():
+        async with await AsyncEngine.start(path, EngineConfig(dtype="float32", **config)) as engine:
+            together = (merged_output(engine, prompt, params) for prompt, params in requests)
+            return await asyncio.gather(*together)
+
+    return asyncio.run(asyncio.wait_for(main(), 120))
 
 
 def engine_greedy(path: str, prompts: list[list[int]], max_new_tokens: int, **config) -> list[list[int]]:

@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fastgen import SamplingParams
 from fastgen.layers.parallel import TensorParallel
 from fastgen.models.config import ModelConfig
 from fastgen.models.loader import build_model
-from tests.helpers import engine_greedy, hf_greedy
+from tests.helpers import engine_greedy, generate_together, hf_greedy
 
 NEW_TOKENS = 8
 
@@ -155,3 +156,24 @@ def test_dummy_weights_greedy_tp2_matches_tp1(toy_checkpoint):
     sharded = engine_greedy(path, prompts, NEW_TOKENS, tensor_parallel=2, **options)
     assert sharded == single
     assert len({token for output in single for token in output}) > 1  # not a degenerate model
+
+
+def test_logprobs_tp2_equal_tp1(toy_checkpoint):
+    # an odd vocabulary: the last rank's LM-head shard is padded, and the padding is no token
+    path = toy_checkpoint("llama", vocab_size=391)
+    prompts = prompts_of_mixed_lengths()[:3]
+    requests = [
+        (prompt, SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=n))
+        for prompt, n in zip(prompts, [None, 0, 5])
+    ]
+    single = generate_together(path, requests, token_budget=16, executor="inprocess")
+    sharded = generate_together(path, requests, token_budget=16, tensor_parallel=2)
+    assert [out.token_ids for out in sharded] == [out.token_ids for out in single]
+    assert single[0].logprobs is None and sharded[0].logprobs is None
+    for one, two in zip(single[1:], sharded[1:]):
+        assert len(two.logprobs) == len(one.logprobs) == len(one.token_ids)
+        for a, b in zip(one.logprobs, two.logprobs):
+            assert b.token_id == a.token_id and b.logprob == pytest.approx(a.logprob, abs=1e-4)
+            assert list(b.top) == list(a.top)
+            assert list(b.top.values()) == pytest.approx(list(a.top.values()), abs=1e-4)
+            assert b.text == a.text and b.text_offset == a.text_offset

@@ -1,0 +1,137 @@
+"""Log-probabilities: the engine reports HF transformers' log-softmax of the raw logits (float32,
+CPU, teacher-forced on the generated tokens), for greedy and sampled requests, in mixed batches,
+through stop strings, and across the worker wire."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+import torch
+
+from fastgen import InvalidRequestError, RequestOutput, SamplingParams
+from fastgen.executor.wire import ReplyCodec, StepDone
+from fastgen.plan import SampleLogprobs, StepResult
+from tests.helpers import generate_together as generate_all
+
+TOLERANCE = 1e-4
+PROMPTS = [[5, 80, 17, 230, 41], list(range(3, 60)), [300]]
+
+
+_HF: dict[str, torch.nn.Module] = {}
+
+
+def hf_logprobs(path: str, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """HF's log-softmax ``[len(generated), vocab]`` at each generated position, teacher-forced."""
+    from transformers import AutoModelForCausalLM
+
+    if path not in _HF:
+        _HF[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = _HF[path](torch.tensor([prompt + generated])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)[len(prompt) - 1 : -1]
+
+
+def check_against_hf(path: str, prompt: list[int], out: RequestOutput, top_n: int) -> None:
+    reference = hf_logprobs(path, prompt, out.token_ids)
+    assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids)
+    for position, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        row = reference[position]
+        assert entry.token_id == token
+        assert entry.logprob == pytest.approx(row[token].item(), abs=TOLERANCE)
+        assert len(entry.top) == top_n and list(entry.top_text) == list(entry.top)
+        values = list(entry.top.values())
+        assert values == sorted(values, reverse=True)
+        assert values == pytest.approx(row.topk(top_n).values.tolist(), abs=TOLERANCE)
+        for token_id, value in entry.top.items():
+            assert value == pytest.approx(row[token_id].item(), abs=TOLERANCE)
+        if top_n:
+            assert max(entry.top.values()) == pytest.approx(row.max().item(), abs=TOLERANCE)
+
+
+def test_greedy_logprobs_equal_hf_log_softmax(llama_path):
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=5)
+    outs = generate_all(llama_path, [(prompt, params) for prompt in PROMPTS], token_budget=16)
+    for prompt, out in zip(PROMPTS, outs):
+        check_against_hf(llama_path, prompt, out, top_n=5)
+        for token, entry in zip(out.token_ids, out.logprobs):  # greedy: the argmax is the top 1
+            assert next(iter(entry.top)) == token and entry.top[token] == entry.logprob
+
+
+def test_sampled_requests_report_raw_logprobs(llama_path):
+    # temperature, top-k, top-p and min_new_tokens (EOS suppressed throughout) shape the sampling,
+    # not the reported distribution
+    options = dict(do_sample=True, temperature=0.5, top_k=3, top_p=0.9, seed=7, min_new_tokens=10)
+    params = SamplingParams(max_new_tokens=10, logprobs=2, **options)
+    (out,) = generate_all(llama_path, [(PROMPTS[0], params)])
+    check_against_hf(llama_path, PROMPTS[0], out, top_n=2)
+
+
+def test_mixed_batch_only_some_requests_ask(llama_path):
+    greedy = dict(max_new_tokens=8, ignore_eos=True)
+    sampled = dict(max_new_tokens=8, ignore_eos=True, do_sample=True, temperature=0.8, seed=3)
+    requests = [
+        (PROMPTS[0], SamplingParams(**greedy)),
+        (PROMPTS[1], SamplingParams(**greedy, logprobs=0)),
+        (PROMPTS[2], SamplingParams(**sampled, logprobs=3)),
+        (PROMPTS[1], SamplingParams(**sampled)),
+        (PROMPTS[0], SamplingParams(**greedy, logprobs=20)),
+    ]
+    outs = generate_all(llama_path, requests, token_budget=16)
+    alone = [generate_all(llama_path, [request])[0] for request in requests[:4]]
+    assert [out.token_ids for out in outs[:4]] == [out.token_ids for out in alone]
+    assert outs[0].logprobs is None and outs[3].logprobs is None
+    assert outs[4].token_ids == outs[0].token_ids  # asking for logprobs does not change the tokens
+    assert all(entry.top == {} for entry in outs[1].logprobs)
+    check_against_hf(llama_path, PROMPTS[1], outs[1], top_n=0)
+    check_against_hf(llama_path, PROMPTS[2], outs[2], top_n=3)
+    check_against_hf(llama_path, PROMPTS[0], outs[4], top_n=20)
+
+
+def test_logprobs_follow_the_token_ids_and_texts_through_a_stop_string(llama_path):
+    prompt = PROMPTS[1]
+    params = dict(max_new_tokens=16, ignore_eos=True, logprobs=1)
+    (free,) = generate_all(llama_path, [(prompt, SamplingParams(**params))])
+    text = free.text
+    for entry in free.logprobs:  # each token's text sits at its offset in the generated text
+        if "\ufffd" not in entry.text and not entry.text.startswith("<"):
+            assert text[entry.text_offset : entry.text_offset + len(entry.text)] == entry.text
+    offsets = [entry.text_offset for entry in free.logprobs]
+    assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] <= len(text)
+    middle = next(e for e in free.logprobs[4:] if e.text.strip() and "\ufffd" not in e.text)
+    stop = middle.text.strip()[:2]
+    (cut,) = generate_all(llama_path, [(prompt, SamplingParams(**params, stop=[stop]))])
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == text[: text.index(stop)]
+    # the token ids are not cut, and the logprobs stay aligned with them
+    assert len(cut.logprobs) == len(cut.token_ids) and cut.token_ids == free.token_ids[: len(cut.token_ids)]
+    assert cut.logprobs == free.logprobs[: len(cut.token_ids)]
+    assert cut.logprobs[-1].text_offset + len(cut.logprobs[-1].text) > len(cut.text)
+
+
+def test_stop_token_is_the_stop_reason(llama_path):
+    (free,) = generate_all(llama_path, [(PROMPTS[0], SamplingParams(max_new_tokens=6, ignore_eos=True))])
+    stop_token = free.token_ids[2]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True, stop_token_ids=[stop_token])
+    (out,) = generate_all(llama_path, [(PROMPTS[0], params)])
+    assert out.finish_reason == "stop" and out.stop_reason == stop_token
+    assert free.stop_reason is None and free.finish_reason == "length"
+
+
+@pytest.mark.parametrize("value", [-1, 21, "3", 1.5, True])
+def test_invalid_logprobs_are_named(value):
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(logprobs=value).validate()
+    assert info.value.field == "logprobs"
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams.from_options(logprobs=value if value != "3" else "many")
+    assert info.value.field == "logprobs"
+
+
+def test_step_result_wire_stays_compact():
+    codec = ReplyCodec()
+    rows = [None, SampleLogprobs(-0.5, [12, 4], [-0.5, -1.25]), None]
+    result = StepResult(9, [11, 12, 13], logprobs=rows)
+    assert codec.decode(codec.encode(StepDone(0, 9, result))).result == result
+    # a step in which nobody asks pays one byte for the field
+    plain = msgspec.msgpack.encode(StepResult(9, [11, 12, 13]))
+    assert len(plain) == len(msgspec.msgpack.encode([9, [11, 12, 13], 0.0, 0.0])) + 1
