@@ -28,6 +28,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from fastgen.errors import DeploymentNotFoundError
+from fastgen.outputs import RequestOutput, TokenLogprob
 
 from . import openai_api as oai
 from .backend import Backend
@@ -166,10 +167,27 @@ class _Result:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # those of the text so far, when asked for
+    visible: oai.VisibleLogprobs = field(default_factory=oai.VisibleLogprobs)
 
     @property
     def text(self) -> str:
         return "".join(self.pieces)
+
+    def add(self, out: RequestOutput) -> list[TokenLogprob] | None:
+        """Take one output delta; returns the log-probabilities to show with its text (``None``
+        when the request did not ask for them)."""
+        self.pieces.append(out.text)
+        self.prompt_tokens = out.prompt_tokens
+        self.generated_tokens = out.generated_tokens
+        self.finish_reason = out.finish_reason
+        if out.logprobs is None:
+            return None
+        ready = self.visible.push(out)
+        if self.logprobs is None:
+            self.logprobs = []
+        self.logprobs.extend(ready)
+        return ready
 
 
 async def _collect(group: StreamGroup, count: int) -> list[_Result]:
@@ -177,11 +195,7 @@ async def _collect(group: StreamGroup, count: int) -> list[_Result]:
     try:
         await group.start()
         async for index, out in group:
-            result = results[index]
-            result.pieces.append(out.text)
-            result.prompt_tokens = out.prompt_tokens
-            result.generated_tokens = out.generated_tokens
-            result.finish_reason = out.finish_reason
+            results[index].add(out)
     finally:
         await group.aclose()
     return results
@@ -287,7 +301,9 @@ class _Gateway:
         response_id, group = self._choice_group("cmpl", choices)
         results = await _collect(group, len(choices))
         items = [
-            oai.completion_choice(c.index, (c.prompt + r.text) if body.echo else r.text, r.finish_reason)
+            oai.completion_choice(
+                c.index, (c.prompt + r.text) if body.echo else r.text, r.finish_reason, r.logprobs
+            )
             for c, r in zip(choices, results)
         ]
         return oai.completion_object(
@@ -307,9 +323,9 @@ class _Gateway:
                 text = out.text
                 if body.echo and not result.prompt_tokens:
                     text = choice.prompt + text  # type: ignore[operator]
-                result.prompt_tokens, result.generated_tokens = out.prompt_tokens, out.generated_tokens
-                if text or out.finish_reason:
-                    item = oai.completion_choice(choice.index, text, out.finish_reason)
+                logprobs = result.add(out)
+                if text or out.finish_reason or logprobs:
+                    item = oai.completion_choice(choice.index, text, out.finish_reason, logprobs)
                     yield sse(oai.completion_object(response_id, model, created, [item], None, True))
             if body.stream_options is not None and body.stream_options.include_usage:
                 usage = _usage_of(choices, results)
@@ -335,7 +351,9 @@ class _Gateway:
     async def _chat(self, model: str, choices: list[oai.Choice]) -> dict:
         response_id, group = self._choice_group("chatcmpl", choices)
         results = await _collect(group, len(choices))
-        items = [oai.chat_choice(c.index, r.text, r.finish_reason) for c, r in zip(choices, results)]
+        items = [
+            oai.chat_choice(c.index, r.text, r.finish_reason, r.logprobs) for c, r in zip(choices, results)
+        ]
         return oai.chat_object(response_id, model, oai.now_s(), items, _usage_of(choices, results), False)
 
     async def _chat_events(
@@ -349,15 +367,14 @@ class _Gateway:
         try:
             await group.start()
             async for index, out in group:
-                result = results[index]
-                result.prompt_tokens, result.generated_tokens = out.prompt_tokens, out.generated_tokens
+                logprobs = results[index].add(out)
                 if index not in started:
                     started.add(index)
                     role = oai.chat_delta(index, {"role": "assistant", "content": ""}, None)
                     yield sse(chunk([role], None, True))
-                if out.text or out.finish_reason:
+                if out.text or out.finish_reason or logprobs:
                     delta = {"content": out.text} if out.text else {}
-                    yield sse(chunk([oai.chat_delta(index, delta, out.finish_reason)], None, True))
+                    yield sse(chunk([oai.chat_delta(index, delta, out.finish_reason, logprobs)], None, True))
             if body.stream_options is not None and body.stream_options.include_usage:
                 yield sse(chunk([], _usage_of(choices, results), True))
             yield DONE

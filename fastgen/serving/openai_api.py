@@ -2,6 +2,14 @@
 
 Requests become a list of `Choice` jobs: one engine request per (prompt, choice) pair, ``n``
 choices of one prompt getting derived seeds. Responses are plain dicts ready for JSON.
+
+Log-probabilities are the engine's raw ones (before temperature, top-k, top-p): ``logprobs: N``
+on ``/v1/completions`` (the legacy ``tokens`` / ``token_logprobs`` / ``top_logprobs`` /
+``text_offset`` lists), ``logprobs: true`` with ``top_logprobs: N`` on ``/v1/chat/completions``
+(``content: [{token, logprob, bytes, top_logprobs}]``); N is at most 20. A token's ``bytes`` are the
+UTF-8 encoding of its text, so a token that holds part of a character shows U+FFFD there. The
+log-probabilities follow the text: a token appears with the text it begins (streamed or not), and
+when a stop string cuts the text, the tokens past the cut are left out.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from dataclasses import dataclass
 import msgspec
 
 from fastgen.errors import InvalidRequestError
+from fastgen.outputs import RequestOutput, TokenLogprob
 from fastgen.sampling_params import SamplingParams
 
 from .prompts import ChatMessage, ChatPrompt, Prompt
@@ -21,6 +30,8 @@ MAX_CHOICES = 128
 _SEED_MODULUS = 2**63
 # engine option names -> the OpenAI names a client used
 _FIELD_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+_CHAT_FIELD_NAMES = {**_FIELD_NAMES, "logprobs": "top_logprobs"}
+_MIN_LOGPROB = -9999.0  # what OpenAI reports for a token too unlikely to have a log-probability
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -94,8 +105,8 @@ class Choice:
 
 def completion_choices(request: CompletionRequest) -> list[Choice]:
     _check_unsupported(request)
-    if request.logprobs is not None:
-        raise InvalidRequestError("logprobs", "log probabilities are not supported by this server yet")
+    if request.logprobs is not None and request.echo:
+        raise InvalidRequestError("echo", "echo with logprobs (prompt log-probabilities) is not supported")
     if request.best_of is not None and request.best_of != request.n:
         raise InvalidRequestError("best_of", "only best_of == n (or unset) is supported")
     if request.suffix:
@@ -104,22 +115,22 @@ def completion_choices(request: CompletionRequest) -> list[Choice]:
     if request.echo and not all(isinstance(p, str) for p in prompts):
         raise InvalidRequestError("echo", "echo needs text prompts")
     max_tokens = 16 if request.max_tokens is None else request.max_tokens
-    return _choices(request, prompts, max_tokens)
+    return _choices(request, prompts, sampling_params(request, max_tokens, logprobs=request.logprobs))
 
 
 def chat_choices(request: ChatCompletionRequest) -> list[Choice]:
     _check_unsupported(request)
-    if request.logprobs:
-        raise InvalidRequestError("logprobs", "log probabilities are not supported by this server yet")
-    if request.top_logprobs:
-        raise InvalidRequestError("top_logprobs", "log probabilities are not supported by this server yet")
+    if request.top_logprobs and not request.logprobs:
+        raise InvalidRequestError("top_logprobs", "needs logprobs: true")
     if not request.messages:
         raise InvalidRequestError("messages", "expected at least one message")
     messages = [ChatMessage(message.role, _message_text(message)) for message in request.messages]
     max_tokens = (
         request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     )
-    return _choices(request, [ChatPrompt(messages)], max_tokens)
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    params = sampling_params(request, max_tokens, logprobs=logprobs, field_names=_CHAT_FIELD_NAMES)
+    return _choices(request, [ChatPrompt(messages)], params)
 
 
 def _check_unsupported(request: _Common) -> None:
@@ -157,8 +168,7 @@ def _message_text(message: ChatMessageIn) -> str:
     return "".join(pieces)
 
 
-def _choices(request: _Common, prompts: list[Prompt], max_tokens: int | None) -> list[Choice]:
-    base = sampling_params(request, max_tokens)
+def _choices(request: _Common, prompts: list[Prompt], base: SamplingParams) -> list[Choice]:
     choices = []
     for prompt_index, prompt in enumerate(prompts):
         for j in range(request.n):
@@ -169,7 +179,13 @@ def _choices(request: _Common, prompts: list[Prompt], max_tokens: int | None) ->
     return choices
 
 
-def sampling_params(request: _Common, max_tokens: int | None) -> SamplingParams:
+def sampling_params(
+    request: _Common,
+    max_tokens: int | None,
+    *,
+    logprobs: int | None = None,
+    field_names: dict[str, str] = _FIELD_NAMES,
+) -> SamplingParams:
     """OpenAI options -> `SamplingParams`; errors name the OpenAI field."""
     temperature = 1.0 if request.temperature is None else request.temperature
     options = {
@@ -183,11 +199,12 @@ def sampling_params(request: _Common, max_tokens: int | None) -> SamplingParams:
         "stop": [request.stop] if isinstance(request.stop, str) else list(request.stop or []),
         "stop_token_ids": list(request.stop_token_ids or []),
         "ignore_eos": request.ignore_eos,
+        "logprobs": logprobs,
     }
     try:
         return SamplingParams.from_options(**options)
     except InvalidRequestError as exc:
-        field = _FIELD_NAMES.get(exc.field, exc.field)
+        field = field_names.get(exc.field, exc.field)
         raise InvalidRequestError(field, exc.reason.replace(exc.field, field)) from None
 
 
@@ -225,8 +242,28 @@ def completion_object(
     return body
 
 
-def completion_choice(index: int, text: str, finish_reason: str | None) -> dict:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def completion_choice(
+    index: int, text: str, finish_reason: str | None, logprobs: list[TokenLogprob] | None = None
+) -> dict:
+    legacy = None if logprobs is None else completion_logprobs(logprobs)
+    return {"index": index, "text": text, "logprobs": legacy, "finish_reason": finish_reason}
+
+
+def completion_logprobs(entries: list[TokenLogprob]) -> dict:
+    """The legacy completions format: parallel lists, alternatives keyed by their text (where
+    two alternatives read the same, the likelier one is kept)."""
+    top_logprobs = []
+    for entry in entries:
+        alternatives: dict[str, float] = {}
+        for token_id, logprob in entry.top.items():
+            alternatives.setdefault(entry.top_text[token_id], _finite(logprob))
+        top_logprobs.append(alternatives)
+    return {
+        "tokens": [entry.text for entry in entries],
+        "token_logprobs": [_finite(entry.logprob) for entry in entries],
+        "top_logprobs": top_logprobs,
+        "text_offset": [entry.text_offset for entry in entries],
+    }
 
 
 def chat_object(
@@ -244,14 +281,64 @@ def chat_object(
     return body
 
 
-def chat_choice(index: int, text: str, finish_reason: str | None) -> dict:
+def chat_choice(
+    index: int, text: str, finish_reason: str | None, logprobs: list[TokenLogprob] | None = None
+) -> dict:
     return {
         "index": index,
         "message": {"role": "assistant", "content": text},
-        "logprobs": None,
+        "logprobs": None if logprobs is None else chat_logprobs(logprobs),
         "finish_reason": finish_reason,
     }
 
 
-def chat_delta(index: int, delta: dict, finish_reason: str | None) -> dict:
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def chat_delta(
+    index: int, delta: dict, finish_reason: str | None, logprobs: list[TokenLogprob] | None = None
+) -> dict:
+    chat = None if logprobs is None else chat_logprobs(logprobs)
+    return {"index": index, "delta": delta, "logprobs": chat, "finish_reason": finish_reason}
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict:
+    """The chat format: one object per token, its alternatives most likely first."""
+    content = []
+    for entry in entries:
+        top = [_chat_token(entry.top_text[token_id], logprob) for token_id, logprob in entry.top.items()]
+        content.append({**_chat_token(entry.text, entry.logprob), "top_logprobs": top})
+    return {"content": content, "refusal": None}
+
+
+def _chat_token(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
+
+
+def _finite(logprob: float) -> float:
+    return logprob if logprob >= _MIN_LOGPROB else _MIN_LOGPROB  # -inf (and NaN) are not JSON
+
+
+class VisibleLogprobs:
+    """The log-probabilities of one choice, released with the text they describe.
+
+    `push` takes each `RequestOutput` delta and returns the entries to show with its text: those
+    whose text begins before the end of the text shown so far (the engine holds back text that
+    may begin a stop string; its tokens wait with it). At the end, a stop string's cut leaves out
+    the tokens that begin past it; otherwise everything left is released.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[TokenLogprob] = []
+        self._text_length = 0
+
+    def push(self, output: RequestOutput) -> list[TokenLogprob]:
+        self._text_length += len(output.text)
+        self._pending.extend(output.logprobs or ())
+        if output.finish_reason is not None:
+            cut = isinstance(output.stop_reason, str)
+            ready = [e for e in self._pending if not cut or e.text_offset < self._text_length]
+            self._pending = []
+            return ready
+        count = 0
+        while count < len(self._pending) and self._pending[count].text_offset < self._text_length:
+            count += 1
+        ready, self._pending = self._pending[:count], self._pending[count:]
+        return ready

@@ -182,8 +182,13 @@ def test_bad_prompts_and_unknown_deployments(deployment):
 def test_http_gateway_over_the_replicas(deployment, reference):
     url = deployment.info.http_url
     oai = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0)
-    response = oai.completions.create(model=NAME, prompt=PROMPTS[:2], max_tokens=8, temperature=0)
+    response = oai.completions.create(model=NAME, prompt=PROMPTS[:2], max_tokens=8, temperature=0, logprobs=2)
     assert [c.text for c in sorted(response.choices, key=lambda c: c.index)] == reference[:2]
+    for choice in response.choices:  # log-probabilities cross from the replicas too
+        logprobs = choice.logprobs
+        assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) > 0
+        assert all(logprob <= 0 for logprob in logprobs.token_logprobs)
+        assert all(1 <= len(top) <= 2 for top in logprobs.top_logprobs)
     status, _, body = raw_post(
         url,
         f"/mii/{NAME}",

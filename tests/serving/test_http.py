@@ -102,6 +102,77 @@ def test_n_seed_and_stop(oai, reference):
     assert cut.choices[0].finish_reason == "stop"
 
 
+def test_completions_logprobs(oai, reference):
+    options = dict(model="toy", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, logprobs=3)
+    choice = oai.completions.create(**options).choices[0]
+    text, generated, _ = reference["completions"][0]
+    assert choice.text == text
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.text_offset) == generated
+    assert len(logprobs.top_logprobs) == generated
+    for token, logprob, top, offset in zip(
+        logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, logprobs.text_offset
+    ):
+        assert 1 <= len(top) <= 3 and logprob <= 0
+        assert max(top.values()) == logprob and top[token] == logprob  # greedy: the token is the top 1
+        assert 0 <= offset <= len(text)
+    assert logprobs.text_offset == sorted(logprobs.text_offset)
+
+    chunks = [c for c in oai.completions.create(**options, stream=True) if c.choices]
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs is not None]
+    assert [t for lp in streamed for t in lp.tokens] == logprobs.tokens
+    assert [v for lp in streamed for v in lp.token_logprobs] == logprobs.token_logprobs
+    assert [o for lp in streamed for o in lp.text_offset] == logprobs.text_offset
+    seen = ""
+    for chunk in chunks:  # each token arrives with the text it begins
+        seen += chunk.choices[0].text
+        for offset in chunk.choices[0].logprobs.text_offset if chunk.choices[0].logprobs else []:
+            assert offset < len(seen) or chunk.choices[0].finish_reason
+
+    plain = oai.completions.create(model="toy", prompt=PROMPTS[0], max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs(oai, reference):
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    options = dict(model="toy", messages=messages, max_tokens=MAX_TOKENS, temperature=0, logprobs=True)
+    text, generated, _ = reference["chat"]
+    response = oai.chat.completions.create(**options, top_logprobs=2)
+    content = response.choices[0].logprobs.content
+    assert response.choices[0].message.content == text and len(content) == generated
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode("utf-8")) and entry.logprob <= 0
+        assert len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert (entry.top_logprobs[0].token, entry.top_logprobs[0].logprob) == (entry.token, entry.logprob)
+    only_sampled = oai.chat.completions.create(**options).choices[0].logprobs.content
+    assert [(e.token, e.logprob, e.top_logprobs) for e in only_sampled] == [
+        (e.token, e.logprob, []) for e in content
+    ]
+
+    chunks = list(oai.chat.completions.create(**options, top_logprobs=2, stream=True))
+    streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    assert chunks[0].choices[0].logprobs is None  # the role chunk
+
+
+def test_stop_string_cuts_the_logprobs_with_the_text(oai, reference):
+    text = reference["completions"][0][0]
+    stop = text[3:5] if len(text) >= 5 else text[-1]
+    options = dict(model="toy", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, logprobs=0)
+    full = oai.completions.create(**options).choices[0].logprobs
+    options["stop"] = [stop]
+    cut = oai.completions.create(**options).choices[0]
+    assert cut.text == text[: text.index(stop)] and cut.finish_reason == "stop"
+    # the tokens that begin past the cut are left out, the one the stop string begins in is kept
+    kept = [offset < len(cut.text) for offset in full.text_offset]
+    assert not all(kept)
+    assert cut.logprobs.tokens == [token for token, keep in zip(full.tokens, kept) if keep]
+    assert cut.logprobs.text_offset == [offset for offset in full.text_offset if offset < len(cut.text)]
+    streamed = [c.choices[0].logprobs for c in oai.completions.create(**options, stream=True) if c.choices]
+    assert [t for lp in streamed if lp for t in lp.tokens] == cut.logprobs.tokens
+
+
 def test_models_and_health(server, llama_path):
     models = httpx.get(f"{server}/v1/models").json()
     assert models["data"][0]["id"] == "toy" and models["data"][0]["max_model_len"] > 0
@@ -150,7 +221,11 @@ LONG = "the engine " * 400
         ("/v1/completions", b'{"prompt": "x", "temperature": -0.5}', 400, "temperature"),
         ("/v1/completions", b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
         ("/v1/completions", b'{"prompt": "x", "n": 500}', 400, "n"),
-        ("/v1/completions", b'{"prompt": "x", "logprobs": 2}', 400, "logprobs"),
+        ("/v1/completions", b'{"prompt": "x", "logprobs": 21}', 400, "logprobs"),
+        ("/v1/completions", b'{"prompt": "x", "logprobs": -1}', 400, "logprobs"),
+        ("/v1/completions", b'{"prompt": "x", "logprobs": 2, "echo": true}', 400, "echo"),
+        ("/v1/completions", b'{"prompt": "x", "frequency_penalty": 0.5}', 400, "frequency_penalty"),
+        ("/v1/completions", b'{"prompt": "x", "logit_bias": {"5": 1.0}}', 400, "logit_bias"),
         ("/v1/completions", b'{"prompt": []}', 400, "prompt"),
         ("/v1/completions", b'{"prompt": ""}', 400, "prompt"),
         ("/v1/completions", b'{"prompt": [999999]}', 400, "prompt"),
@@ -161,9 +236,21 @@ LONG = "the engine " * 400
         ("/v1/chat/completions", b'{"messages": [{"content": "x"}]}', 422, "role"),
         (
             "/v1/chat/completions",
-            b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true}',
+            b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}',
             400,
-            "logprobs",
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}',
+            400,
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "x"}], "presence_penalty": 1}',
+            400,
+            "presence_penalty",
         ),
         ("/mii/toy", b'{"prompts": []}', 400, "prompts"),
         ("/mii/toy", b'{"prompts": ["x"], "max_tokens": 3}', 422, "max_tokens"),

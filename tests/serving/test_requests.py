@@ -6,6 +6,7 @@ import msgspec
 import pytest
 
 from fastgen.errors import InvalidRequestError
+from fastgen.outputs import RequestOutput, TokenLogprob
 from fastgen.serving import openai_api as oai
 from fastgen.serving.mii_api import MiiRequest
 from fastgen.serving.prompts import ChatPrompt
@@ -36,6 +37,71 @@ def test_n_and_prompt_lists_make_one_choice_each_with_derived_seeds():
     assert [c.prompt for c in completion(prompt=[[1], [2, 3]])] == [[1], [2, 3]]
 
 
+def test_logprobs_options_map_to_sampling_params():
+    assert completion(prompt="hi")[0].params.logprobs is None
+    assert completion(prompt="hi", logprobs=0)[0].params.logprobs == 0
+    assert completion(prompt="hi", logprobs=5)[0].params.logprobs == 5
+    message = [{"role": "user", "content": "hi"}]
+    assert chat(messages=message)[0].params.logprobs is None
+    assert chat(messages=message, logprobs=False, top_logprobs=0)[0].params.logprobs is None
+    assert chat(messages=message, logprobs=True)[0].params.logprobs == 0
+    assert chat(messages=message, logprobs=True, top_logprobs=20)[0].params.logprobs == 20
+
+
+def _entry(token_id: int, offset: int, text: str = "x") -> TokenLogprob:
+    return TokenLogprob(token_id, -1.0, {token_id: -1.0, 9: -2.0}, text, {token_id: text, 9: "y"}, offset)
+
+
+def _output(text: str, entries: list, finish: str | None = None, stop_reason=None) -> RequestOutput:
+    return RequestOutput(
+        request_id="r",
+        text=text,
+        token_ids=[e.token_id for e in entries],
+        prompt_tokens=1,
+        generated_tokens=0,
+        finish_reason=finish,
+        logprobs=entries,
+        stop_reason=stop_reason,
+    )
+
+
+def test_logprobs_are_released_with_their_text_and_cut_with_it():
+    visible = oai.VisibleLogprobs()
+    a, b, c, d = _entry(1, 0, "ab"), _entry(2, 2, "c"), _entry(3, 3, "de"), _entry(4, 5, "f")
+    assert visible.push(_output("ab", [a])) == [a]
+    assert visible.push(_output("", [b])) == []  # its text is held back (it may begin a stop string)
+    assert visible.push(_output("c", [c])) == [b]
+    assert visible.push(_output("", [d], "stop", stop_reason="de")) == []  # past the cut at 3
+    ended = oai.VisibleLogprobs()
+    ended.push(_output("ab", [a]))
+    assert ended.push(_output("", [b, _entry(2, 2, "</s>")], "stop")) == [b, _entry(2, 2, "</s>")]
+
+
+def test_logprob_response_shapes():
+    entries = [_entry(1, 0, "ab"), _entry(2, 2, "é")]
+    legacy = oai.completion_logprobs(entries)
+    assert legacy == {
+        "tokens": ["ab", "é"],
+        "token_logprobs": [-1.0, -1.0],
+        "top_logprobs": [{"ab": -1.0, "y": -2.0}, {"é": -1.0, "y": -2.0}],
+        "text_offset": [0, 2],
+    }
+    content = oai.chat_logprobs(entries[1:])["content"]
+    assert content == [
+        {
+            "token": "é",
+            "logprob": -1.0,
+            "bytes": [0xC3, 0xA9],
+            "top_logprobs": [
+                {"token": "é", "logprob": -1.0, "bytes": [0xC3, 0xA9]},
+                {"token": "y", "logprob": -2.0, "bytes": [0x79]},
+            ],
+        }
+    ]
+    impossible = TokenLogprob(1, float("-inf"), {}, "x", {}, 0)
+    assert oai.chat_logprobs([impossible])["content"][0]["logprob"] == -9999.0
+
+
 def test_chat_content_parts_are_joined():
     parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
     (choice,) = chat(messages=[{"role": "user", "content": parts}])
@@ -49,12 +115,15 @@ def test_chat_content_parts_are_joined():
         (completion, {"prompt": "x", "top_p": 0}, "top_p"),
         (completion, {"prompt": "x", "temperature": -1}, "temperature"),
         (completion, {"prompt": "x", "n": 0}, "n"),
-        (completion, {"prompt": "x", "logprobs": 1}, "logprobs"),
+        (completion, {"prompt": "x", "logprobs": 21}, "logprobs"),
+        (completion, {"prompt": "x", "logprobs": 1, "echo": True}, "echo"),
+        (completion, {"prompt": "x", "logit_bias": {"3": 1.0}}, "logit_bias"),
         (completion, {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
         (completion, {"prompt": []}, "prompt"),
         (completion, {"prompt": ["a", 1]}, "prompt"),
         (chat, {"messages": []}, "messages"),
-        (chat, {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+        (chat, {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 1}, "top_logprobs"),
+        (chat, {"messages": [{"role": "user"}], "logprobs": True, "top_logprobs": -1}, "top_logprobs"),
         (chat, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
     ],
 )
