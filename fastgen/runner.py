@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,7 +209,10 @@ class ModelRunner:
     # -- one step --------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(self, plan: StepPlan, on_launched: Callable[[], None] | None = None) -> StepResult:
+        """Run one step. ``on_launched`` is called once the step's device work is all queued, just
+        before this thread blocks for the sampled ids (the in-process executor lets the engine
+        continue from there, so its host work does not hold the GIL while this thread launches)."""
         for seq_id in plan.released:
             self.sequences.pop(seq_id, None)
         for start in plan.started:
@@ -234,15 +238,16 @@ class ModelRunner:
             else:
                 hidden = self.model(token_ids, batch)
             logits = self.model.compute_logits(hidden[sample_indices])
-        tokens, logprobs = self._sample(logits, sampled_states)
+        pending = self._sample(logits, sampled_states)
+        if on_launched is not None:
+            on_launched()
+        tokens, logprobs = pending.to_host()
         for state in sampled_states:
             state.num_generated += 1
         finished = time.perf_counter()
         return StepResult(plan.step_id, tokens, prepared - started, finished - prepared, logprobs)
 
-    def _sample(
-        self, logits: torch.Tensor, states: list[_SequenceState]
-    ) -> tuple[list[int], list[SampleLogprobs | None] | None]:
+    def _sample(self, logits: torch.Tensor, states: list[_SequenceState]) -> _PendingSample:
         """One token per row, and for the rows whose sequence asks, raw log-probabilities: the
         log-softmax in float32 over the whole vocabulary of the logits as the model produced them
         (before temperature, top-k, top-p and ``min_new_tokens`` suppression, like vLLM's default),
@@ -250,13 +255,13 @@ class ModelRunner:
         gathers the vocabulary slices, so every rank holds whole rows; only rank 0, whose result
         the engine reads, computes them. Everything comes back in one device-to-host copy."""
         if not states:
-            return [], None
+            return _PendingSample(None)
         asking = [row for row, state in enumerate(states) if state.sampling.logprobs is not None]
         if self.tp.rank != 0:
             asking = []  # the engine reads rank 0's result alone
         greedy = all(_plain_greedy(state) for state in states)
         if greedy and not asking:
-            return logits.argmax(dim=-1).tolist(), None
+            return _PendingSample(logits.argmax(dim=-1))
         raw = index = None
         if asking:  # before sampling may change the logits
             if len(asking) < len(states):
@@ -264,10 +269,10 @@ class ModelRunner:
             raw = torch.log_softmax((logits if index is None else logits[index]).float(), dim=-1)
         tokens = logits.argmax(dim=-1) if greedy else self._sample_tokens(logits, states)
         if raw is None:
-            return tokens.tolist(), None
+            return _PendingSample(tokens)
         picked = tokens if index is None else tokens[index]
         wanted = [states[row].sampling.logprobs for row in asking]
-        return _unpack_logprobs(tokens, raw, picked, asking, wanted)
+        return _pack_logprobs(tokens, raw, picked, asking, wanted)
 
     def _sample_tokens(self, logits: torch.Tensor, states: list[_SequenceState]) -> torch.Tensor:
         logits = logits.float()
@@ -293,28 +298,45 @@ class ModelRunner:
         )
 
 
-def _unpack_logprobs(
+class _PendingSample:
+    """Sampled ids (and logprobs) queued on the device; `to_host` waits for them."""
+
+    def __init__(self, values: torch.Tensor | None, unpack: Callable[[list], tuple] | None = None):
+        self.values = values
+        self.unpack = unpack
+
+    def to_host(self) -> tuple[list[int], list[SampleLogprobs | None] | None]:
+        if self.values is None:
+            return [], None
+        values = self.values.tolist()
+        return self.unpack(values) if self.unpack is not None else (values, None)
+
+
+def _pack_logprobs(
     tokens: torch.Tensor, raw: torch.Tensor, picked: torch.Tensor, rows: list[int], wanted: list[int]
-) -> tuple[list[int], list[SampleLogprobs | None]]:
+) -> _PendingSample:
     """The sampled ids ``tokens`` and, for each of ``rows`` (whose log-softmax is ``raw[i]`` and
     sampled token ``picked[i]``), that token's log-probability and the top ``wanted[i]``; gathered
-    on the device, packed into one float64 vector (exact for token ids and float32 values) and
-    copied to the host once."""
+    on the device and packed into one float64 vector (exact for token ids and float32 values), so
+    that one copy brings everything to the host."""
     num_rows, num_asking = tokens.shape[0], len(rows)
     top_n = min(max(wanted), raw.shape[-1])  # a vocabulary smaller than N has fewer alternatives
     parts = [tokens.double(), raw.gather(1, picked.unsqueeze(1)).squeeze(1).double()]
     if top_n:
         top_logprobs, top_ids = raw.topk(top_n, dim=-1)  # sorted, most likely first
         parts += [top_ids.flatten().double(), top_logprobs.flatten().double()]
-    packed = torch.cat(parts).tolist()
-    sampled = [int(token) for token in packed[:num_rows]]
-    chosen = packed[num_rows : num_rows + num_asking]
-    ids_start = num_rows + num_asking
-    values_start = ids_start + num_asking * top_n
-    result: list[SampleLogprobs | None] = [None] * num_rows
-    for i, (row, n) in enumerate(zip(rows, wanted)):
-        ids_at, values_at = ids_start + i * top_n, values_start + i * top_n
-        count = min(n, top_n)
-        top_ids = [int(token) for token in packed[ids_at : ids_at + count]]
-        result[row] = SampleLogprobs(chosen[i], top_ids, packed[values_at : values_at + count])
-    return sampled, result
+
+    def unpack(packed: list[float]) -> tuple[list[int], list[SampleLogprobs | None]]:
+        sampled = [int(token) for token in packed[:num_rows]]
+        chosen = packed[num_rows : num_rows + num_asking]
+        ids_start = num_rows + num_asking
+        values_start = ids_start + num_asking * top_n
+        result: list[SampleLogprobs | None] = [None] * num_rows
+        for i, (row, n) in enumerate(zip(rows, wanted)):
+            ids_at, values_at = ids_start + i * top_n, values_start + i * top_n
+            count = min(n, top_n)
+            top_ids = [int(token) for token in packed[ids_at : ids_at + count]]
+            result[row] = SampleLogprobs(chosen[i], top_ids, packed[values_at : values_at + count])
+        return sampled, result
+
+    return _PendingSample(torch.cat(parts), unpack)

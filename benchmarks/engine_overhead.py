@@ -1,0 +1,121 @@
+"""The engine's host overhead per step, on any machine: a simulated device instead of a model.
+
+The runner stand-in does the real per-step host preparation (`HostBatch`), then "launches" and
+blocks for ``--device-ms`` in a GIL-free sleep, as a CUDA runner blocks in its device-to-host copy.
+N streams generate through a real `AsyncEngine` (scheduler, detokenizer, output delivery) with
+the in-process executor, with and without waiting for the launch in `submit` (see
+`fastgen/executor/inprocess.py`). Overhead = step period - (preparation + device time).
+
+    python benchmarks/engine_overhead.py [--device-ms 5] [--clients 1 16 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import datetime
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fastgen import EngineConfig, SamplingParams
+from fastgen.batch import HostBatch
+from fastgen.engine import AsyncEngine, StepProfile, _load_tokenizer
+from fastgen.executor.inprocess import InProcessExecutor
+from fastgen.loops import new_event_loop
+from fastgen.models.config import ModelConfig
+from fastgen.plan import StepPlan, StepResult
+from fastgen.toy import make_toy_checkpoint
+
+
+class SimulatedRunner:
+    """`ModelRunner`'s contract without a model: prepare the batch, launch, block for the device."""
+
+    num_kv_blocks = 16384
+
+    def __init__(self, device_s: float):
+        self.device_s = device_s
+        self.block_tables: dict[int, list[int]] = {}
+
+    def execute(self, plan: StepPlan, on_launched=None) -> StepResult:
+        for seq_id in plan.released:
+            self.block_tables.pop(seq_id, None)
+        started = time.perf_counter()
+        host = HostBatch()
+        for chunk in plan.chunks:
+            table = self.block_tables.setdefault(chunk.seq_id, [])
+            table.extend(chunk.new_blocks)
+            host.add(chunk, table, 16)
+        prepared = time.perf_counter()
+        if on_launched is not None:
+            on_launched()
+        if plan.chunks:
+            time.sleep(self.device_s)  # releases the GIL, as a CUDA sync does
+        tokens = [7] * len(host.sample_indices)
+        return StepResult(plan.step_id, tokens, prepared - started, time.perf_counter() - prepared)
+
+
+async def measure(model_dir: str, device_s: float, clients: int, wait_for_launch: bool, tokens: int) -> dict:
+    runner = SimulatedRunner(device_s)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    executor = InProcessExecutor(runner, pool, wait_for_launch=wait_for_launch)
+    model_config = ModelConfig.from_pretrained(model_dir)
+    engine = AsyncEngine(model_dir, EngineConfig(device="cpu"), model_config, _load_tokenizer(model_dir),
+                         executor, 4096)
+    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+
+    async def stream() -> None:
+        async for _ in engine.generate(list(range(5, 133)), params):
+            pass
+
+    await asyncio.gather(*(stream() for _ in range(2)))  # warm-up
+    engine.profile = StepProfile()
+    started = time.perf_counter()
+    await asyncio.gather(*(stream() for _ in range(clients)))
+    wall = time.perf_counter() - started
+    profile = engine.profile.as_dict()
+    await engine.stop()
+    period_ms = wall / profile["steps"] * 1e3
+    busy_ms = profile["runner_prepare_ms"] + device_s * 1e3
+    return dict(clients=clients, wait_for_launch=wait_for_launch, period_ms=period_ms,
+                overhead_us=(period_ms - busy_ms) * 1e3, **profile)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device-ms", type=float, default=5.0)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        make_toy_checkpoint(tmp)
+        for clients in args.clients:
+            for wait in (False, True):
+                coroutine = measure(tmp, args.device_ms / 1e3, clients, wait, args.tokens)
+                with asyncio.Runner(loop_factory=new_event_loop) as runner:
+                    rows.append(runner.run(coroutine))
+    text = (
+        f"# Engine host overhead per step (simulated {args.device_ms} ms device step)\n\n"
+        f"- command: `python benchmarks/engine_overhead.py {' '.join(sys.argv[1:])}`\n"
+        f"- machine: {platform.processor() or platform.machine()}, python {platform.python_version()}; "
+        f"date {datetime.date.today()}\n\n"
+        "| streams | submit waits for launch | step period ms | overhead us | runner prepare ms | "
+        "engine between steps ms | engine overlapped ms |\n|---|---|---|---|---|---|---|\n"
+    )
+    for r in rows:
+        text += (f"| {r['clients']} | {r['wait_for_launch']} | {r['period_ms']:.3f} | "
+                 f"{r['overhead_us']:.0f} | {r['runner_prepare_ms']:.3f} | "
+                 f"{r['engine_between_steps_ms']:.3f} | {r['engine_overlapped_ms']:.3f} |\n")
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"engine_overhead-{datetime.date.today()}.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
