@@ -379,6 +379,21 @@ def variant_cases(bench: Bench) -> None:
     bench.add("variant: prefill 4096, 64x128 tiles, 4 warps", "triton",
               median_us(with_config({"BLOCK_M": 64, "num_warps_prefill": 4}, call)), None, flops)
     del batch
+    # the chunk launch of an offline (1200, 128) step: a 688-token chunk at context 1288, alone
+    # (as the two-launch path runs it); 6 tiles x 32 heads is ~1.5 programs per SM at 128 rows
+    specs = [(688, 1288)]
+    batch = paged_batch(specs, 32, 32, 128)
+    call = attention_call(batch, specs)
+    flops = 4 * 688 * (1288 - 688 / 2) * 128 * 32  # causal inside the chunk, full context before it
+    small_tiles = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps_prefill": 4}
+    wide_tiles = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps_prefill": 4}
+    for label, change, splits in (("defaults", {}, None), ("1 split", {}, 1), ("4 splits", {}, 4),
+                                  ("64x64 tiles, 4 warps", small_tiles, None),
+                                  ("64x128 tiles, 4 warps", wide_tiles, None)):
+        run = attention_call(batch, specs, **({} if splits is None else {"num_splits": splits}))
+        bench.add(f"variant: chunk 688 at 1288 (llama2-7b), {label}", "triton",
+                  median_us(with_config(change, run)), kv_bytes(specs, 32, 128), flops)
+    del batch, call
     vocab_size, rows = 128256, 64
     logits = torch.randn(rows, vocab_size, device="cuda") * 3
     params = (torch.full((rows,), 0.8, device="cuda"),
