@@ -58,7 +58,8 @@ def submit_once(runner: ScriptedRunner, wait: bool) -> tuple[float, bool, StepRe
     return asyncio.run(main())
 
 
-def test_submit_returns_after_the_launch_and_before_the_result():
+def test_submit_returns_after_the_launch_and_before_the_result(monkeypatch):
+    monkeypatch.setattr(InProcessExecutor, "LAUNCH_WAIT_S", 2.0)
     runner = ScriptedRunner(launch_s=0.2, device_s=0.6)
     took, running, outcome = submit_once(runner, wait=True)
     assert runner.launched_at is not None
