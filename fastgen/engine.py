@@ -361,6 +361,11 @@ class AsyncEngine:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params", f"expected SamplingParams, got {type(params).__name__}")
         params.validate()
+        vocab = self.model_config.vocab_size
+        outside = [token for token in params.logit_bias if token >= vocab]
+        if outside:
+            reason = f"token id {outside[0]} is outside the vocabulary [0, {vocab})"
+            raise InvalidRequestError("logit_bias", reason)
         prompt_ids = self._prompt_token_ids(prompt)
         self._max_total_tokens(len(prompt_ids), params)
         return prompt_ids

@@ -21,6 +21,16 @@ class SamplingOptions(msgspec.Struct, array_like=True, frozen=True):
     min_new_tokens: int  # suppress `suppressed_token_ids` until this many tokens exist
     suppressed_token_ids: list[int]
     logprobs: int | None = None  # None: none; N >= 0: the sampled token's and the top N (raw)
+    # penalties and biases (see `SamplingParams`; the neutral values are off)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = {}
+
+    @property
+    def adjusts_logits(self) -> bool:
+        penalties = self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+        return bool(penalties or self.logit_bias)
 
 
 class SequenceStart(msgspec.Struct, array_like=True):

@@ -3,7 +3,7 @@
 It keeps the per-sequence state a plan does not repeat (block table, sampling options, tokens
 sampled so far), flattens each ragged batch into tensors, runs the model, computes logits only
 where a chunk samples, and samples on the device. For the sequences that ask, it also computes raw
-log-probabilities there (see `_sample`).
+log-probabilities there (see `_sample`), and applies penalties and logit biases (`fastgen.penalties`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from fastgen.layers.attention import PagedAttention
 from fastgen.layers.parallel import SINGLE, TensorParallel
 from fastgen.models.config import ModelConfig
 from fastgen.models.loader import build_model
+from fastgen.penalties import PenaltyTable, PenaltyTracker, worst_case_trackers
 from fastgen.piecewise_graphs import MixedGraphs
 from fastgen.plan import SampleLogprobs, SamplingOptions, SequenceChunk, StepPlan, StepResult
 from fastgen.sampling_params import MAX_LOGPROBS
@@ -69,6 +70,7 @@ class _SequenceState:
     sampling: SamplingOptions
     num_generated: int
     block_table: list[int] = field(default_factory=list)
+    penalties: PenaltyTracker | None = None  # for a sequence with penalties or logit biases
 
 
 def _plain_greedy(state: _SequenceState) -> bool:
@@ -121,6 +123,7 @@ class ModelRunner:
         self.num_kv_blocks, _ = tp.min_max_over_ranks(self._plan_kv_blocks())
         self._allocate_kv_cache(self.num_kv_blocks)
         self.sequences: dict[int, _SequenceState] = {}
+        self.penalties = PenaltyTable(min(config.max_seqs, config.token_budget), self.device)
         self._engine_random = random.Random(config.seed)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and config.cuda_graphs:
@@ -167,8 +170,9 @@ class ModelRunner:
         return max(1, min(wanted, _CPU_KV_CACHE_CAP_BYTES // self.kv_bytes_per_block))
 
     def _profile_activation_bytes(self) -> int:
-        """Peak memory of a full-budget step (one long prompt chunk, then logits, sampling and
-        log-probabilities for the most rows a step can sample), measured with a throw-away cache."""
+        """Peak memory of a full-budget step (one long prompt chunk, then logits, log-probabilities,
+        penalties and sampling for the most rows a step can sample), measured with a throw-away
+        cache."""
         config = self.config
         tokens = config.token_budget
         rows = min(config.max_seqs, tokens)
@@ -184,17 +188,21 @@ class ModelRunner:
         with torch.inference_mode():
             hidden = self.model(token_ids, batch)
             logits = self.model.compute_logits(hidden[:rows]).float()
+            raw = torch.log_softmax(logits, dim=-1)  # alive while the step samples, as in `_sample`
+            raw.topk(min(MAX_LOGPROBS, logits.shape[-1]), dim=-1)
+            table = PenaltyTable(rows, self.device)
+            trackers = worst_case_trackers(table, rows)
+            adjusted = table.apply(logits.clone(), list(range(rows)), trackers, [1] * rows)
             kernels.sample(
-                logits,
+                adjusted,
                 torch.ones(rows, device=self.device),
                 torch.full((rows,), 50, dtype=torch.int32, device=self.device),
                 torch.full((rows,), 0.9, device=self.device),
                 torch.arange(rows, dtype=torch.int64, device=self.device),
             )
-            torch.log_softmax(logits, dim=-1).topk(min(MAX_LOGPROBS, logits.shape[-1]), dim=-1)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base - cache_bytes
-        del hidden, logits, token_ids, batch
+        del hidden, logits, raw, table, trackers, adjusted, token_ids, batch
         self._allocate_kv_cache(0)
         torch.cuda.empty_cache()
         return int(peak * 1.1) + (256 << 20)  # headroom for fragmentation and CUDA graphs
@@ -214,9 +222,14 @@ class ModelRunner:
         before this thread blocks for the sampled ids (the in-process executor lets the engine
         continue from there, so its host work does not hold the GIL while this thread launches)."""
         for seq_id in plan.released:
-            self.sequences.pop(seq_id, None)
+            released = self.sequences.pop(seq_id, None)
+            if released is not None and released.penalties is not None:
+                self.penalties.release(released.penalties)
         for start in plan.started:
-            self.sequences[start.seq_id] = _SequenceState(start.sampling, start.num_generated)
+            state = _SequenceState(start.sampling, start.num_generated)
+            if start.sampling.adjusts_logits:
+                state.penalties = self.penalties.track(start.sampling)
+            self.sequences[start.seq_id] = state
         if not plan.chunks:
             return StepResult(plan.step_id, [])
         started = time.perf_counter()
@@ -226,6 +239,8 @@ class ModelRunner:
             state = self.sequences[chunk.seq_id]
             state.block_table.extend(chunk.new_blocks)
             host.add(chunk, state.block_table, self.block_size)
+            if state.penalties is not None:
+                state.penalties.observe(chunk)
             if chunk.sample:
                 sampled_states.append(state)
         prepared = time.perf_counter()
@@ -253,20 +268,32 @@ class ModelRunner:
         (before temperature, top-k, top-p and ``min_new_tokens`` suppression, like vLLM's default),
         evaluated at the sampled token and at the top N. Under tensor parallelism the LM head
         gathers the vocabulary slices, so every rank holds whole rows; only rank 0, whose result
-        the engine reads, computes them. Everything comes back in one device-to-host copy."""
+        the engine reads, computes them. Everything comes back in one device-to-host copy.
+
+        Penalties and logit biases change the logits of the rows that ask after the raw
+        log-probabilities are taken and before anything else (greedy rows take the argmax of the
+        changed logits). Every rank applies them: each keeps the same trackers, fed by the same
+        chunks, so the ranks sample alike."""
         if not states:
             return _PendingSample(None)
         asking = [row for row, state in enumerate(states) if state.sampling.logprobs is not None]
         if self.tp.rank != 0:
             asking = []  # the engine reads rank 0's result alone
         greedy = all(_plain_greedy(state) for state in states)
-        if greedy and not asking:
+        penalized = []
+        if self.penalties.num_tracked:
+            penalized = [row for row, state in enumerate(states) if state.penalties is not None]
+        if greedy and not asking and not penalized:
             return _PendingSample(logits.argmax(dim=-1))
         raw = index = None
         if asking:  # before sampling may change the logits
             if len(asking) < len(states):
                 index = torch.tensor(asking, dtype=torch.int64, device=logits.device)
             raw = torch.log_softmax((logits if index is None else logits[index]).float(), dim=-1)
+        if penalized:
+            trackers = [states[row].penalties for row in penalized]
+            generated = [states[row].num_generated for row in penalized]
+            logits = self.penalties.apply(logits, penalized, trackers, generated)
         tokens = logits.argmax(dim=-1) if greedy else self._sample_tokens(logits, states)
         if raw is None:
             return _PendingSample(tokens)

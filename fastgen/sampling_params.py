@@ -11,6 +11,12 @@ from .errors import InvalidRequestError
 
 _MAX_SEED = 2**63 - 1
 MAX_LOGPROBS = 20  # most alternatives a request may ask for at each position (OpenAI's limit)
+MAX_PRESENCE_FREQUENCY_PENALTY = 2.0  # OpenAI's range: -2..2
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100..100
+# options for which None (JSON null) means the default
+_NONE_IS_DEFAULT = (
+    "top_k", "temperature", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"
+)
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -31,6 +37,16 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
       log-probabilities: log-softmax over the whole vocabulary of the model's logits, before
       temperature, top-k, top-p and ``min_new_tokens`` touch them (vLLM's default), so a sampled
       request reports the model's distribution, not the one it sampled from.
+    - ``presence_penalty``, ``frequency_penalty`` (OpenAI, -2..2, 0 = off): each token's logit is
+      lowered by ``presence_penalty`` if it occurs in the output so far, plus ``frequency_penalty``
+      times the number of times it does (the prompt does not count).
+    - ``repetition_penalty`` (HF / vLLM, > 0, 1.0 = off): for each token of the prompt or the output
+      so far, a positive logit is divided by it, a negative one multiplied by it.
+    - ``logit_bias``: token id -> a value in -100..100 added to that token's logit.
+
+    The penalties apply to the model's logits first (repetition, then frequency and presence),
+    then the biases, then ``min_new_tokens`` suppression, temperature, top-k and top-p; a greedy
+    request takes the argmax of the adjusted logits.
     """
 
     max_new_tokens: int | None = None
@@ -45,6 +61,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stop_token_ids: list[int] = []
     seed: int | None = None
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = {}
 
     @classmethod
     def from_options(cls, **options: Any) -> SamplingParams:
@@ -55,10 +75,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise InvalidRequestError(name, f"unknown option (known: {', '.join(sorted(known))})")
         if isinstance(options.get("stop"), str):
             options["stop"] = [options["stop"]]
-        if options.get("top_k") is None:
-            options.pop("top_k", None)
-        if options.get("temperature") is None:
-            options.pop("temperature", None)
+        for name in _NONE_IS_DEFAULT:
+            if name in options and options[name] is None:
+                del options[name]
         try:
             params = msgspec.convert(options, cls, strict=False)
         except msgspec.ValidationError as exc:
@@ -99,6 +118,27 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise InvalidRequestError("stop", "stop strings must be non-empty strings")
         for token_id in self.stop_token_ids:
             _check_int(token_id, "stop_token_ids", minimum=0)
+        limit = MAX_PRESENCE_FREQUENCY_PENALTY
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -limit <= value <= limit:
+                raise InvalidRequestError(name, f"must be a number in [-{limit:g}, {limit:g}], got {value!r}")
+        penalty = self.repetition_penalty
+        if not _is_number(penalty) or not math.isfinite(penalty) or penalty <= 0:
+            raise InvalidRequestError("repetition_penalty", f"must be a finite number > 0, got {penalty!r}")
+        if not isinstance(self.logit_bias, dict):
+            raise InvalidRequestError("logit_bias", "must map token ids to numbers")
+        for token_id, bias in self.logit_bias.items():
+            if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
+                raise InvalidRequestError(
+                    "logit_bias", f"keys must be token ids (integers >= 0), got {token_id!r}"
+                )
+            if not _is_number(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise InvalidRequestError(
+                    "logit_bias",
+                    f"the bias of token {token_id} must be a number in "
+                    f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}",
+                )
 
 
 def _is_number(value: Any) -> bool:

@@ -117,4 +117,8 @@ def _sampling_options(params: SamplingParams, eos_token_ids: tuple[int, ...]) ->
         min_new_tokens=params.min_new_tokens,
         suppressed_token_ids=suppressed if params.min_new_tokens > 0 else [],
         logprobs=params.logprobs,
+        presence_penalty=float(params.presence_penalty),
+        frequency_penalty=float(params.frequency_penalty),
+        repetition_penalty=float(params.repetition_penalty),
+        logit_bias={token: float(bias) for token, bias in params.logit_bias.items()},
     )

@@ -44,6 +44,7 @@ def test_sampling_options_with_mii_names(pipe):
         ({"temperature": 0}, "temperature"),
         ({"max_new_tokens": -1}, "max_new_tokens"),
         ({"return_full_text": "yes"}, "return_full_text"),
+        ({"repetition_penalty": 1.2}, "repetition_penalty"),  # not one of MII's generate options
     ],
 )
 def test_bad_options_are_named(pipe, options, field):

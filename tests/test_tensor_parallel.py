@@ -177,3 +177,20 @@ def test_logprobs_tp2_equal_tp1(toy_checkpoint):
             assert list(b.top) == list(a.top)
             assert list(b.top.values()) == pytest.approx(list(a.top.values()), abs=1e-4)
             assert b.text == a.text and b.text_offset == a.text_offset
+
+
+def test_penalties_tp2_equal_tp1(toy_checkpoint):
+    path = toy_checkpoint("llama", vocab_size=391)
+    prompts = prompts_of_mixed_lengths()[:4]
+    base = dict(max_new_tokens=10, ignore_eos=True)
+    sampled = dict(base, do_sample=True, temperature=0.9, seed=4)
+    options = [
+        dict(base),
+        dict(base, repetition_penalty=1.4, logit_bias={7: 2.0}),
+        dict(sampled, presence_penalty=0.8, frequency_penalty=0.5),
+        dict(base, frequency_penalty=1.0, logprobs=1),
+    ]
+    requests = [(prompt, SamplingParams(**o)) for prompt, o in zip(prompts, options)]
+    single = generate_together(path, requests, token_budget=16, executor="inprocess")
+    sharded = generate_together(path, requests, token_budget=16, tensor_parallel=2)
+    assert [out.token_ids for out in sharded] == [out.token_ids for out in single]
