@@ -10,6 +10,10 @@ on ``/v1/completions`` (the legacy ``tokens`` / ``token_logprobs`` / ``top_logpr
 UTF-8 encoding of its text, so a token that holds part of a character shows U+FFFD there. The
 log-probabilities follow the text: a token appears with the text it begins (streamed or not), and
 when a stop string cuts the text, the tokens past the cut are left out.
+
+Penalties: ``presence_penalty`` and ``frequency_penalty`` (OpenAI's, -2..2), ``repetition_penalty``
+(vLLM's extension field, > 0) and ``logit_bias`` (token id, as a string key -> -100..100); see
+`SamplingParams`.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     top_k: int | None = None
+    repetition_penalty: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
@@ -104,7 +109,7 @@ class Choice:
 
 
 def completion_choices(request: CompletionRequest) -> list[Choice]:
-    _check_unsupported(request)
+    _check_n(request)
     if request.logprobs is not None and request.echo:
         raise InvalidRequestError("echo", "echo with logprobs (prompt log-probabilities) is not supported")
     if request.best_of is not None and request.best_of != request.n:
@@ -119,7 +124,7 @@ def completion_choices(request: CompletionRequest) -> list[Choice]:
 
 
 def chat_choices(request: ChatCompletionRequest) -> list[Choice]:
-    _check_unsupported(request)
+    _check_n(request)
     if request.top_logprobs and not request.logprobs:
         raise InvalidRequestError("top_logprobs", "needs logprobs: true")
     if not request.messages:
@@ -133,12 +138,7 @@ def chat_choices(request: ChatCompletionRequest) -> list[Choice]:
     return _choices(request, [ChatPrompt(messages)], params)
 
 
-def _check_unsupported(request: _Common) -> None:
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(request, name):
-            raise InvalidRequestError(name, "penalties are not supported by this server yet")
-    if request.logit_bias:
-        raise InvalidRequestError("logit_bias", "logit_bias is not supported by this server yet")
+def _check_n(request: _Common) -> None:
     if not isinstance(request.n, int) or not 1 <= request.n <= MAX_CHOICES:
         raise InvalidRequestError("n", f"must be between 1 and {MAX_CHOICES}, got {request.n}")
 
@@ -200,12 +200,29 @@ def sampling_params(
         "stop_token_ids": list(request.stop_token_ids or []),
         "ignore_eos": request.ignore_eos,
         "logprobs": logprobs,
+        "presence_penalty": request.presence_penalty,
+        "frequency_penalty": request.frequency_penalty,
+        "repetition_penalty": request.repetition_penalty,
+        "logit_bias": _logit_bias(request.logit_bias),
     }
     try:
         return SamplingParams.from_options(**options)
     except InvalidRequestError as exc:
         field = field_names.get(exc.field, exc.field)
         raise InvalidRequestError(field, exc.reason.replace(exc.field, field)) from None
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's token-id strings -> ints (the values are checked with the other options)."""
+    if bias is None:
+        return None
+    converted = {}
+    for key, value in bias.items():
+        try:
+            converted[int(key)] = value
+        except ValueError:
+            raise InvalidRequestError("logit_bias", f"keys must be token ids, got {key!r}") from None
+    return converted
 
 
 # -- responses ----------------------------------------------------------------------------------

@@ -29,16 +29,18 @@ def runtime_dir(tmp_path_factory):
         os.environ["FASTGEN_RUNTIME_DIR"] = previous
 
 
-def greedy_texts(path: str, prompts: list[Prompt], max_new_tokens: int) -> list[tuple[str, int, str]]:
+def greedy_texts(
+    path: str, prompts: list[Prompt], max_new_tokens: int, **options
+) -> list[tuple[str, int, str]]:
     """(text, generated tokens, finish reason) of each prompt, run one at a time on an engine in
-    this process: the reference the servers must reproduce."""
+    this process: the reference the servers must reproduce (``options``: more `SamplingParams`)."""
 
     async def main():
         async with await AsyncEngine.start(path, EngineConfig(dtype="float32")) as engine:
             results = []
             for prompt in prompts:
                 ids = prompt if isinstance(prompt, str) else prompt_token_ids(engine.tokenizer, prompt)
-                params = SamplingParams(max_new_tokens=max_new_tokens)
+                params = SamplingParams(max_new_tokens=max_new_tokens, **options)
                 token_ids, text, reason = await collect(engine, ids, params)
                 results.append((text, len(token_ids), reason))
             return results

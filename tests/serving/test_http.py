@@ -27,11 +27,15 @@ def server(llama_path):
     stop_cli_server(process)
 
 
+PENALTIES = dict(presence_penalty=0.8, frequency_penalty=0.4, repetition_penalty=1.3, logit_bias={50: 3.0})
+
+
 @pytest.fixture(scope="module")
 def reference(llama_path):
     chat = ChatPrompt([ChatMessage("user", PROMPTS[0])])
     texts = greedy_texts(llama_path, [*PROMPTS, chat], MAX_TOKENS)
-    return {"completions": texts[:2], "chat": texts[2]}
+    penalized = greedy_texts(llama_path, [PROMPTS[0], chat], MAX_TOKENS, **PENALTIES)
+    return {"completions": texts[:2], "chat": texts[2], "penalized": penalized}
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +104,59 @@ def test_n_seed_and_stop(oai, reference):
     )
     assert cut.choices[0].text == text[: text.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
+
+
+def test_penalties_and_logit_bias(oai, reference):
+    options = dict(
+        model="toy",
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        presence_penalty=PENALTIES["presence_penalty"],
+        frequency_penalty=PENALTIES["frequency_penalty"],
+        logit_bias={str(token): bias for token, bias in PENALTIES["logit_bias"].items()},
+        extra_body={"repetition_penalty": PENALTIES["repetition_penalty"]},  # vLLM's extension field
+    )
+    completion, chat = reference["penalized"]
+    assert completion[0] != reference["completions"][0][0] and chat[0] != reference["chat"][0]
+    assert oai.completions.create(prompt=PROMPTS[0], **options).choices[0].text == completion[0]
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    assert oai.chat.completions.create(messages=messages, **options).choices[0].message.content == chat[0]
+    streamed = oai.chat.completions.create(messages=messages, stream=True, **options)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat[0]
+
+
+def test_n_choices_streamed_and_not(oai):
+    sampled = dict(model="toy", max_tokens=6, temperature=0.9, seed=5, n=3, extra_body={"ignore_eos": True})
+    usage_options = dict(stream=True, stream_options={"include_usage": True})
+    one = oai.completions.create(model="toy", prompt=PROMPTS[1], max_tokens=1)
+
+    full = oai.completions.create(prompt=PROMPTS[1], **sampled)
+    texts = [c.text for c in sorted(full.choices, key=lambda c: c.index)]
+    assert len(texts) == 3 and len(set(texts)) > 1  # derived seeds: different samples
+    assert full.usage.completion_tokens == 3 * 6 and full.usage.prompt_tokens == one.usage.prompt_tokens
+    chunks = list(oai.completions.create(prompt=PROMPTS[1], **sampled, **usage_options))
+    streamed = ["", "", ""]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == texts
+    assert chunks[-1].usage.completion_tokens == 3 * 6
+
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    full = oai.chat.completions.create(messages=messages, **sampled)
+    texts = [c.message.content for c in sorted(full.choices, key=lambda c: c.index)]
+    assert len(texts) == 3 and len(set(texts)) > 1 and full.usage.completion_tokens == 3 * 6
+    assert oai.chat.completions.create(messages=messages, **sampled).choices[2].message.content == texts[2]
+    chunks = list(oai.chat.completions.create(messages=messages, **sampled, **usage_options))
+    streamed, roles = ["", "", ""], []
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            if choice.delta.role:
+                roles.append(choice.index)
+    assert streamed == texts and sorted(roles) == [0, 1, 2]
+    assert chunks[-1].usage.completion_tokens == 3 * 6
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
 
 
 def test_completions_logprobs(oai, reference):
@@ -224,8 +281,13 @@ LONG = "the engine " * 400
         ("/v1/completions", b'{"prompt": "x", "logprobs": 21}', 400, "logprobs"),
         ("/v1/completions", b'{"prompt": "x", "logprobs": -1}', 400, "logprobs"),
         ("/v1/completions", b'{"prompt": "x", "logprobs": 2, "echo": true}', 400, "echo"),
-        ("/v1/completions", b'{"prompt": "x", "frequency_penalty": 0.5}', 400, "frequency_penalty"),
-        ("/v1/completions", b'{"prompt": "x", "logit_bias": {"5": 1.0}}', 400, "logit_bias"),
+        ("/v1/completions", b'{"prompt": "x", "frequency_penalty": 2.5}', 400, "frequency_penalty"),
+        ("/v1/completions", b'{"prompt": "x", "presence_penalty": "high"}', 422, "presence_penalty"),
+        ("/v1/completions", b'{"prompt": "x", "repetition_penalty": 0}', 400, "repetition_penalty"),
+        ("/v1/completions", b'{"prompt": "x", "logit_bias": {"5": 101}}', 400, "logit_bias"),
+        ("/v1/completions", b'{"prompt": "x", "logit_bias": {"five": 1}}', 400, "logit_bias"),
+        ("/v1/completions", b'{"prompt": "x", "logit_bias": {"999999": 1}}', 400, "logit_bias"),
+        ("/v1/completions", b'{"prompt": "x", "n": 2, "best_of": 3}', 400, "best_of"),
         ("/v1/completions", b'{"prompt": []}', 400, "prompt"),
         ("/v1/completions", b'{"prompt": ""}', 400, "prompt"),
         ("/v1/completions", b'{"prompt": [999999]}', 400, "prompt"),
@@ -248,7 +310,7 @@ LONG = "the engine " * 400
         ),
         (
             "/v1/chat/completions",
-            b'{"messages": [{"role": "user", "content": "x"}], "presence_penalty": 1}',
+            b'{"messages": [{"role": "user", "content": "x"}], "presence_penalty": -2.5}',
             400,
             "presence_penalty",
         ),

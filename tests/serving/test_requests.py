@@ -37,6 +37,20 @@ def test_n_and_prompt_lists_make_one_choice_each_with_derived_seeds():
     assert [c.prompt for c in completion(prompt=[[1], [2, 3]])] == [[1], [2, 3]]
 
 
+def test_penalty_options_map_to_sampling_params():
+    plain = completion(prompt="hi")[0].params
+    assert (plain.presence_penalty, plain.frequency_penalty, plain.repetition_penalty) == (0.0, 0.0, 1.0)
+    assert plain.logit_bias == {}
+    options = dict(presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2, logit_bias={"5": -100})
+    for choice in [*completion(prompt="hi", n=2, **options), *chat(messages=[{"role": "user"}], **options)]:
+        params = choice.params
+        assert (params.presence_penalty, params.frequency_penalty) == (0.5, -1)
+        assert params.repetition_penalty == 1.2
+        assert params.logit_bias == {5: -100.0}
+    nulls = dict(presence_penalty=None, frequency_penalty=None, repetition_penalty=None, logit_bias=None)
+    assert completion(prompt="hi", **nulls)[0].params == plain
+
+
 def test_logprobs_options_map_to_sampling_params():
     assert completion(prompt="hi")[0].params.logprobs is None
     assert completion(prompt="hi", logprobs=0)[0].params.logprobs == 0
@@ -117,8 +131,14 @@ def test_chat_content_parts_are_joined():
         (completion, {"prompt": "x", "n": 0}, "n"),
         (completion, {"prompt": "x", "logprobs": 21}, "logprobs"),
         (completion, {"prompt": "x", "logprobs": 1, "echo": True}, "echo"),
-        (completion, {"prompt": "x", "logit_bias": {"3": 1.0}}, "logit_bias"),
-        (completion, {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+        (completion, {"prompt": "x", "logit_bias": {"three": 1.0}}, "logit_bias"),
+        (completion, {"prompt": "x", "logit_bias": {"3": 100.5}}, "logit_bias"),
+        (completion, {"prompt": "x", "logit_bias": {"-3": 1.0}}, "logit_bias"),
+        (completion, {"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+        (completion, {"prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
+        (completion, {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+        (completion, {"prompt": "x", "n": 2, "best_of": 3}, "best_of"),
+        (chat, {"messages": [{"role": "user"}], "frequency_penalty": 2.1}, "frequency_penalty"),
         (completion, {"prompt": []}, "prompt"),
         (completion, {"prompt": ["a", 1]}, "prompt"),
         (chat, {"messages": []}, "messages"),
