@@ -2,7 +2,9 @@
 # One GPU-machine session: install offline, run the GPU tests, then the named benchmarks.
 # Usage (from the project root, on the GPU machine, with .whl carried):
 #   bash benchmarks/gpu_run.sh tests decode            # phases: tests, enginetests, kernels, decode, profile, overhead, serving
-# Results and logs land in $OUT (or benchmarks/results when OUT is unset).
+# Results and logs land in $OUT (or benchmarks/results when OUT is unset). The serving phase takes
+# SERVING_LIMIT_S / SERVING_TIMEOUT_S and extra arguments in SERVING_ARGS, e.g. to finish a sweep:
+#   SERVING_ARGS="--workloads 512-512 --offline-requests 0 --skip-peer" bash benchmarks/gpu_run.sh serving
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 OUT=${OUT:-benchmarks/results}
@@ -21,7 +23,7 @@ for phase in "$@"; do
     enginetests) timeout 300 python3 -m pytest -m gpu -q tests/test_gpu_engine.py 2>&1 | tee "$OUT/engine_tests.log" | tail -25 ;;
     serving) timeout "${SERVING_TIMEOUT_S:-560}" python3 benchmarks/serving.py --model-shape llama2-7b \
                --time-limit-s "${SERVING_LIMIT_S:-420}" --max-run-s 120 --peer-requests 64 --peer-time-limit-s 110 \
-               --out "$OUT" 2>&1 | tee "$OUT/serving.log" | tail -45 \
+               --out "$OUT" ${SERVING_ARGS:-} 2>&1 | tee "$OUT/serving.log" | tail -45 \
              || python3 benchmarks/report.py "$OUT"/serving-*.json | tail -30 ;;
     *) echo "unknown phase $phase" ;;
   esac
