@@ -244,19 +244,26 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def completion_object(
-    response_id: str, model: str, created: int, choices: list[dict], usage_: dict | None, chunk: bool
+def _response_object(
+    kind: str,
+    response_id: str,
+    model: str,
+    created: int,
+    choices: list[dict],
+    usage_: dict | None,
+    chunk: bool,
 ) -> dict:
-    body = {
-        "id": response_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
+    """A response body (``chunk``: one streamed event, which carries usage only when given)."""
+    body = {"id": response_id, "object": kind, "created": created, "model": model, "choices": choices}
     if usage_ is not None or not chunk:
         body["usage"] = usage_
     return body
+
+
+def completion_object(
+    response_id: str, model: str, created: int, choices: list[dict], usage_: dict | None, chunk: bool
+) -> dict:
+    return _response_object("text_completion", response_id, model, created, choices, usage_, chunk)
 
 
 def completion_choice(
@@ -286,16 +293,8 @@ def completion_logprobs(entries: list[TokenLogprob]) -> dict:
 def chat_object(
     response_id: str, model: str, created: int, choices: list[dict], usage_: dict | None, chunk: bool
 ) -> dict:
-    body = {
-        "id": response_id,
-        "object": "chat.completion.chunk" if chunk else "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if usage_ is not None or not chunk:
-        body["usage"] = usage_
-    return body
+    kind = "chat.completion.chunk" if chunk else "chat.completion"
+    return _response_object(kind, response_id, model, created, choices, usage_, chunk)
 
 
 def chat_choice(
