@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastgen.batch import HostBatch
 from fastgen.cuda_graphs import capture_sizes_on_side_stream
 from fastgen.layers.attention import ForwardBatch, PagedAttention
 
@@ -166,20 +165,19 @@ class MixedGraphs:
         buckets = len(self.sizes)
         logger.info("captured %d graph segments, %d token buckets, in %.1f s", count, buckets, seconds)
 
-    def fits(self, host: HostBatch) -> bool:
-        return host.num_tokens <= self.sizes[-1]
+    def fits(self, num_tokens: int) -> bool:
+        return num_tokens <= self.sizes[-1]
 
-    def run(self, host: HostBatch, batch: ForwardBatch) -> torch.Tensor:
+    def run(self, token_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Final hidden states ``[num_tokens, hidden]`` of the step's tokens.
 
-        ``batch`` is the step's exact-size batch on the device (for the attention holes)."""
-        count = host.num_tokens
+        ``token_ids`` and ``batch`` are the step's exact-size inputs on the device. The padding
+        rows of the static buffers keep earlier steps' values: valid ids and positions, whose
+        rows nothing reads."""
+        count = token_ids.shape[0]
         size = next(s for s in self.sizes if s >= count)
-        pad = size - count
-        staged = torch.tensor([host.token_ids + [0] * pad, host.positions + [0] * pad], dtype=torch.int64)
-        staged = staged.pin_memory().to(self.device, non_blocking=True)
-        self.token_ids[:size].copy_(staged[0])
-        self.positions[:size].copy_(staged[1])
+        self.token_ids[:count].copy_(token_ids)
+        self.positions[:count].copy_(batch.positions)
         recorder = self.segments[size]
         for index, graph in enumerate(recorder.graphs):
             graph.replay()

@@ -248,8 +248,8 @@ class ModelRunner:
             logits = self.graphs.run(host)
         else:
             token_ids, batch, sample_indices = host.to_device(self.device)
-            if self.mixed_graphs is not None and self.mixed_graphs.fits(host):
-                hidden = self.mixed_graphs.run(host, batch)
+            if self.mixed_graphs is not None and self.mixed_graphs.fits(host.num_tokens):
+                hidden = self.mixed_graphs.run(token_ids, batch)
             else:
                 hidden = self.model(token_ids, batch)
             logits = self.model.compute_logits(hidden[sample_indices])
