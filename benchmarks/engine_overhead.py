@@ -3,8 +3,10 @@
 The runner stand-in does the real per-step host preparation (`HostBatch`), then "launches" and
 blocks for ``--device-ms`` in a GIL-free sleep, as a CUDA runner blocks in its device-to-host copy.
 N streams generate through a real `AsyncEngine` (scheduler, detokenizer, output delivery) with
-the in-process executor, with and without waiting for the launch in `submit` (see
-`fastgen/executor/inprocess.py`). Overhead = step period - (preparation + device time).
+the in-process executor: synchronous scheduling with and without waiting for the launch in
+`submit` (see `fastgen/executor/inprocess.py`), and asynchronous scheduling (the next step is
+queued on the runner before the current one ends). Overhead = step period - (preparation + device
+time).
 
     python benchmarks/engine_overhead.py [--device-ms 5] [--clients 1 16 64]
 """
@@ -58,13 +60,15 @@ class SimulatedRunner:
         return StepResult(plan.step_id, tokens, prepared - started, time.perf_counter() - prepared)
 
 
-async def measure(model_dir: str, device_s: float, clients: int, wait_for_launch: bool, tokens: int) -> dict:
+async def measure(
+    model_dir: str, device_s: float, clients: int, wait_for_launch: bool, async_scheduling: bool, tokens: int
+) -> dict:
     runner = SimulatedRunner(device_s)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     executor = InProcessExecutor(runner, pool, wait_for_launch=wait_for_launch)
     model_config = ModelConfig.from_pretrained(model_dir)
-    engine = AsyncEngine(model_dir, EngineConfig(device="cpu"), model_config, _load_tokenizer(model_dir),
-                         executor, 4096)
+    config = EngineConfig(device="cpu", async_scheduling=async_scheduling)
+    engine = AsyncEngine(model_dir, config, model_config, _load_tokenizer(model_dir), executor, 4096)
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
 
     async def stream() -> None:
@@ -80,7 +84,8 @@ async def measure(model_dir: str, device_s: float, clients: int, wait_for_launch
     await engine.stop()
     period_ms = wall / profile["steps"] * 1e3
     busy_ms = profile["runner_prepare_ms"] + device_s * 1e3
-    return dict(clients=clients, wait_for_launch=wait_for_launch, period_ms=period_ms,
+    return dict(clients=clients, wait_for_launch=wait_for_launch, async_scheduling=async_scheduling,
+                period_ms=period_ms,
                 overhead_us=(period_ms - busy_ms) * 1e3, **profile)
 
 
@@ -95,8 +100,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         make_toy_checkpoint(tmp)
         for clients in args.clients:
-            for wait in (False, True):
-                coroutine = measure(tmp, args.device_ms / 1e3, clients, wait, args.tokens)
+            for wait, ahead in ((False, False), (True, False), (True, True)):
+                coroutine = measure(tmp, args.device_ms / 1e3, clients, wait, ahead, args.tokens)
                 with asyncio.Runner(loop_factory=new_event_loop) as runner:
                     rows.append(runner.run(coroutine))
     text = (
@@ -104,11 +109,13 @@ def main() -> None:
         f"- command: `python benchmarks/engine_overhead.py {' '.join(sys.argv[1:])}`\n"
         f"- machine: {platform.processor() or platform.machine()}, python {platform.python_version()}; "
         f"date {datetime.date.today()}\n\n"
-        "| streams | submit waits for launch | step period ms | overhead us | runner prepare ms | "
-        "engine between steps ms | engine overlapped ms |\n|---|---|---|---|---|---|---|\n"
+        "| streams | submit waits for launch | async scheduling | step period ms | overhead us | "
+        "runner prepare ms | engine between steps ms | engine overlapped ms |\n"
+        "|---|---|---|---|---|---|---|---|\n"
     )
     for r in rows:
-        text += (f"| {r['clients']} | {r['wait_for_launch']} | {r['period_ms']:.3f} | "
+        text += (f"| {r['clients']} | {r['wait_for_launch']} | {r['async_scheduling']} | "
+                 f"{r['period_ms']:.3f} | "
                  f"{r['overhead_us']:.0f} | {r['runner_prepare_ms']:.3f} | "
                  f"{r['engine_between_steps_ms']:.3f} | {r['engine_overlapped_ms']:.3f} |\n")
     print(text)

@@ -39,11 +39,22 @@ _ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type, help)
 }
 
 
+_ENGINE_SWITCHES = {  # flag -> (EngineConfig field turned off, help)
+    "--no-cuda-graphs": ("cuda_graphs", "run every step eagerly"),
+    "--no-async-scheduling": ("async_scheduling", "plan each step only after the previous one's tokens"),
+}
+
+
 def _add_engine_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     group = parser.add_argument_group("engine")
     for flag, (field, kind, help_text) in _ENGINE_OPTIONS.items():
         if flag not in skip:
             group.add_argument(flag, dest=f"engine_{field}", type=kind, default=None, help=help_text)
+    for flag, (field, help_text) in _ENGINE_SWITCHES.items():
+        if flag not in skip:
+            group.add_argument(
+                flag, dest=f"engine_{field}", action="store_const", const=False, default=None, help=help_text
+            )
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -31,6 +31,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     - ``max_queued_requests``: bound of the waiting queue; beyond it requests are refused with
       `EngineOverloadedError`.
     - ``cuda_graphs``: replay CUDA graphs for decode-only steps.
+    - ``async_scheduling``: plan step N+1 while step N runs, before its tokens reach the host (the
+      workers fill them in), so the device does not wait for the engine between steps. A sequence
+      that stops at N computes one more token, which is dropped; outputs are the same.
     - ``seed``: the seed of the engine's own random stream (requests without a seed).
     - ``step_timeout_s``: how long the worker processes (``zmq`` executor) may take to answer one
       step before the engine declares them hung, kills them and stops (``None``: wait forever).
@@ -53,6 +56,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     executor: str = "auto"
     max_queued_requests: int = 4096
     cuda_graphs: bool = True
+    async_scheduling: bool = True
     seed: int = 0
     worker_start_timeout_s: float = 300.0
     step_timeout_s: float | None = 600.0

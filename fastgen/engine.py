@@ -8,6 +8,7 @@ core needs a lock.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -39,6 +40,8 @@ from .scheduler import ScheduledStep, Scheduler
 from .sequence import FinishReason, Sequence
 
 logger = logging.getLogger("fastgen.engine")
+
+_InFlight = tuple[ScheduledStep, asyncio.Future, float]  # a step, its result, when it was submitted
 
 LOGPROB_TEXT_CONTEXT = 6  # tokens before a position that its logprob texts are decoded after
 
@@ -439,22 +442,29 @@ class AsyncEngine:
         """Run steps back to back. While step N+1 runs on the device, the host detokenizes and
         delivers step N's tokens; only the cheap token-level stop checks (EOS, lengths) stay
         between the two steps. A sequence that a stop string ends meanwhile computes one wasted
-        token in step N+1, which `Scheduler.commit` drops."""
-        in_flight: tuple[ScheduledStep, asyncio.Future, float] | None = None
+        token in step N+1, which `Scheduler.commit` drops.
+
+        With ``async_scheduling``, step N+1 is planned and submitted while step N runs (the
+        workers fill in N's tokens), so two steps are in flight and the next one is queued on the
+        worker before the current one ends."""
+        ahead = 2 if self.config.async_scheduling else 1  # steps in flight at most
+        in_flight: collections.deque[_InFlight] = collections.deque()
         try:
             while True:
                 self._apply_inbox()
-                if in_flight is None:
+                if not in_flight:
                     if not self.scheduler.has_work:
                         self._wakeup.clear()
                         await self._wakeup.wait()
                         continue
-                    in_flight = self._launch_next()
-                    if in_flight is None:
+                    launched = self._launch_next()
+                    if launched is None:
+                        self._fail_unschedulable()
                         await asyncio.sleep(0)
                         continue
-                step, future, started = in_flight
-                in_flight = None
+                    in_flight.append(launched)
+                self._launch_ahead(in_flight, ahead)
+                step, future, started = in_flight.popleft()
                 try:
                     result = await future
                 except Exception as exc:
@@ -474,20 +484,27 @@ class AsyncEngine:
                 for listener in self.step_listeners:
                     listener(step, received - started)
                 self._apply_inbox()
-                if self.scheduler.has_work:
-                    in_flight = self._launch_next()
-                launched = time.perf_counter()
+                self._launch_ahead(in_flight, ahead)
+                launched_s = time.perf_counter()
                 for seq, token, reason, token_logprobs in sampled:
                     self._deliver(seq, token, reason, token_logprobs)
-                self._record(step, result, launched - received, time.perf_counter() - launched)
+                self._record(step, result, launched_s - received, time.perf_counter() - launched_s)
                 await asyncio.sleep(0)  # let consumers run between steps
         except asyncio.CancelledError:
-            if in_flight is not None:
-                in_flight[1].cancel()
+            for _, future, _ in in_flight:
+                future.cancel()
             raise
         except BaseException as exc:
             self._die(exc)
             raise
+
+    def _launch_ahead(self, in_flight: collections.deque[_InFlight], ahead: int) -> None:
+        """Submit steps until ``ahead`` are in flight or nothing more can be scheduled yet."""
+        while len(in_flight) < ahead and self.scheduler.has_work:
+            launched = self._launch_next()
+            if launched is None:
+                return
+            in_flight.append(launched)
 
     def _record(self, step: ScheduledStep, result: StepResult, between_s: float, overlapped_s: float) -> None:
         profile = self.profile
@@ -498,11 +515,11 @@ class AsyncEngine:
         profile.between_steps_s += between_s
         profile.overlapped_s += overlapped_s
 
-    def _launch_next(self) -> tuple[ScheduledStep, asyncio.Future, float] | None:
-        """Schedule a step and start it on the executor right away (no await in between)."""
+    def _launch_next(self) -> _InFlight | None:
+        """Schedule a step and start it on the executor right away (no await in between); None
+        when nothing can run now."""
         step = self.scheduler.schedule()
         if not step.plan.chunks:
-            self._fail_unschedulable(step)
             return None
         return step, self.executor.submit(step.plan), time.perf_counter()
 
@@ -525,9 +542,9 @@ class AsyncEngine:
                 request.channel.fail(error)
                 self._forget(request)
 
-    def _fail_unschedulable(self, step: ScheduledStep) -> None:
-        # Only reachable when the head of the queue cannot fit an empty cache, which the
-        # admission checks rule out; fail it rather than spin.
+    def _fail_unschedulable(self) -> None:
+        # With no step in flight, only reachable when the head of the queue cannot fit an empty
+        # cache, which the admission checks rule out; fail it rather than spin.
         if self.scheduler.running or not self.scheduler.waiting:
             return
         seq = self.scheduler.waiting[0]

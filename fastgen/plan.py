@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import msgspec
 
+PENDING_TOKEN = -1
+"""A chunk's token id that the worker fills in: the token this sequence sampled in the step before
+(asynchronous scheduling plans a step before the host has seen the previous step's tokens)."""
+
 
 class SamplingOptions(msgspec.Struct, array_like=True, frozen=True):
     """What a worker needs to sample for one sequence (sent once, when the sequence starts)."""
@@ -42,7 +46,8 @@ class SequenceStart(msgspec.Struct, array_like=True):
 
 
 class SequenceChunk(msgspec.Struct, array_like=True):
-    """One sequence's share of a step: ``token_ids`` at positions from ``start_position``."""
+    """One sequence's share of a step: ``token_ids`` at positions from ``start_position``. A decode
+    may carry `PENDING_TOKEN`: the token its sequence sampled in the previous step."""
 
     seq_id: int
     token_ids: list[int]

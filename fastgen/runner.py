@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import torch
 
 from fastgen import kernels
@@ -27,7 +28,14 @@ from fastgen.models.config import ModelConfig
 from fastgen.models.loader import build_model
 from fastgen.penalties import PenaltyTable, PenaltyTracker, worst_case_trackers
 from fastgen.piecewise_graphs import MixedGraphs
-from fastgen.plan import SampleLogprobs, SamplingOptions, SequenceChunk, StepPlan, StepResult
+from fastgen.plan import (
+    PENDING_TOKEN,
+    SampleLogprobs,
+    SamplingOptions,
+    SequenceChunk,
+    StepPlan,
+    StepResult,
+)
 from fastgen.sampling_params import MAX_LOGPROBS
 
 logger = logging.getLogger(__name__)
@@ -71,6 +79,7 @@ class _SequenceState:
     num_generated: int
     block_table: list[int] = field(default_factory=list)
     penalties: PenaltyTracker | None = None  # for a sequence with penalties or logit biases
+    last_sampled: int = 0  # what a `PENDING_TOKEN` of the next step stands for
 
 
 def _plain_greedy(state: _SequenceState) -> bool:
@@ -237,6 +246,10 @@ class ModelRunner:
         sampled_states: list[_SequenceState] = []
         for chunk in plan.chunks:
             state = self.sequences[chunk.seq_id]
+            if chunk.token_ids[0] == PENDING_TOKEN:
+                # the token sampled in the step before (if that step failed, the sequence was
+                # failed too and this step's output for it is dropped)
+                chunk = msgspec.structs.replace(chunk, token_ids=[state.last_sampled])
             state.block_table.extend(chunk.new_blocks)
             host.add(chunk, state.block_table, self.block_size)
             if state.penalties is not None:
@@ -257,8 +270,9 @@ class ModelRunner:
         if on_launched is not None:
             on_launched()
         tokens, logprobs = pending.to_host()
-        for state in sampled_states:
+        for state, token in zip(sampled_states, tokens):
             state.num_generated += 1
+            state.last_sampled = token
         finished = time.perf_counter()
         return StepResult(plan.step_id, tokens, prepared - started, finished - prepared, logprobs)
 

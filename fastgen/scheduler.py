@@ -9,6 +9,13 @@ recomputed from its prompt and the tokens it already generated.
 
 Liveness: the oldest running sequence is never preempted while a newer one runs, so it finishes
 if it fits the cache alone; admission is FIFO, so every request eventually becomes the oldest.
+
+Asynchronous scheduling: `schedule` may be called again before the previous step's `commit`. A
+scheduled step advances each sequence's ``num_computed`` at once, and a chunk that samples leaves
+one pending token, which the next step decodes as `PENDING_TOKEN` (the worker knows it by then).
+Sequences that turn out to be finished when the earlier step commits waste that one decode; a
+pending token that reaches the length limit is never decoded. A sequence preempted while a step
+that contains it is in flight starts a new incarnation: that step's token for it is dropped.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
-from .plan import SequenceChunk, SequenceStart, StepPlan, StepResult
+from .plan import PENDING_TOKEN, SequenceChunk, SequenceStart, StepPlan, StepResult
 from .sequence import FinishReason, Sequence, SequenceStatus
 
 
@@ -38,6 +45,7 @@ class ScheduledStep:
 
     plan: StepPlan
     sequences: list[Sequence]
+    incarnations: list[int]  # each sequence's preemption count when scheduled
     num_decodes: int = 0
     preempted: list[Sequence] = field(default_factory=list)
     wait_reason: WaitReason | None = None
@@ -95,6 +103,7 @@ class Scheduler:
         seq.block_table = []
         seq.num_blocks_announced = 0
         seq.num_computed = 0
+        seq.num_pending = 0
         if seq.on_worker:
             self._released.append(seq.seq_id)
             seq.on_worker = False
@@ -102,7 +111,8 @@ class Scheduler:
     # -- one step --------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledStep:
-        """Plan the next forward pass. May return a plan with no chunks (nothing to run)."""
+        """Plan the next forward pass. May return a plan with no chunks (nothing to run); such a
+        plan is not numbered and keeps the released ids for the next one."""
         budget = self.token_budget
         chunks: list[SequenceChunk] = []
         scheduled: list[Sequence] = []
@@ -110,11 +120,11 @@ class Scheduler:
         preempted: list[Sequence] = []
 
         # 1. decodes, oldest first; a decode that needs a block may preempt the newest sequence
-        decodes = [s for s in self.running if s.num_uncomputed == 1]
+        decodes = [s for s in self.running if s.num_uncomputed == 1 and s.can_decode_pending]
         for seq in decodes:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            if not self._ensure_blocks(seq, seq.num_tokens, preempted):
+            if not self._ensure_blocks(seq, seq.num_scheduled_tokens, preempted):
                 continue
             chunks.append(self._chunk(seq, seq.num_computed, 1, started))
             scheduled.append(seq)
@@ -155,10 +165,13 @@ class Scheduler:
             scheduled.append(seq)
             budget -= take
 
-        released, self._released = self._released, []
+        released = []
+        if chunks:
+            released, self._released = self._released, []
         plan = StepPlan(step_id=self._next_step_id, released=released, started=started, chunks=chunks)
-        self._next_step_id += 1
-        return ScheduledStep(plan, scheduled, num_decodes, preempted, wait_reason)
+        self._next_step_id += bool(chunks)
+        incarnations = [seq.num_preemptions for seq in scheduled]
+        return ScheduledStep(plan, scheduled, incarnations, num_decodes, preempted, wait_reason)
 
     def _chunk(self, seq: Sequence, start: int, count: int, started: list[SequenceStart]) -> SequenceChunk:
         if not seq.on_worker:
@@ -167,12 +180,17 @@ class Scheduler:
         new_blocks = seq.block_table[seq.num_blocks_announced :]
         seq.num_blocks_announced = len(seq.block_table)
         end = start + count
+        # a pending token is always decoded alone: its sequence was fully scheduled before
+        token_ids = [PENDING_TOKEN] if start == seq.num_tokens else seq.token_ids[start:end]
+        sample = end == seq.num_scheduled_tokens
+        seq.num_computed = end
+        seq.num_pending += sample
         return SequenceChunk(
             seq_id=seq.seq_id,
-            token_ids=seq.token_ids[start:end],
+            token_ids=token_ids,
             start_position=start,
             new_blocks=new_blocks,
-            sample=end == seq.num_tokens,
+            sample=sample,
         )
 
     def _ensure_blocks(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
@@ -205,11 +223,11 @@ class Scheduler:
     def commit(self, step: ScheduledStep, result: StepResult) -> Iterator[tuple[Sequence, int]]:
         """Record a finished step; yields each live sequence that sampled, with its new token."""
         sampled = iter(result.sampled_token_ids)
-        for chunk, seq in zip(step.plan.chunks, step.sequences):
+        for chunk, seq, incarnation in zip(step.plan.chunks, step.sequences, step.incarnations):
             token = next(sampled) if chunk.sample else None
-            if seq.status is not SequenceStatus.RUNNING or not seq.on_worker:
-                continue  # finished, aborted or preempted while the step ran
-            seq.num_computed = chunk.start_position + len(chunk.token_ids)
+            if seq.status is not SequenceStatus.RUNNING or seq.num_preemptions != incarnation:
+                continue  # finished, aborted or preempted since the step was scheduled
             if token is not None:
+                seq.num_pending -= 1
                 seq.append_token(token)
                 yield seq, token

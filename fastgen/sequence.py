@@ -24,8 +24,11 @@ class FinishReason(enum.StrEnum):
 class Sequence:
     """A request's token ids (prompt, then generated) and its KV-cache bookkeeping.
 
-    ``num_computed`` counts the tokens whose keys and values are in the cache; the tokens after it
-    still need a forward pass. A decoding sequence has exactly one such token: the last sampled.
+    ``num_computed`` counts the tokens whose keys and values are in the cache or being put there by
+    a scheduled step; the tokens after it still need a forward pass. A decoding sequence has
+    exactly one such token: the last sampled. ``num_pending`` counts tokens that a scheduled step
+    samples and the host has not seen yet (0 or 1): with asynchronous scheduling, the next step
+    decodes such a token before it is known (the worker fills it in).
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.num_computed = 0
+        self.num_pending = 0
         self.block_table: list[int] = []
         self.num_blocks_announced = 0  # blocks of block_table the worker knows about
         self.on_worker = False  # the worker tracks this sequence
@@ -67,8 +71,18 @@ class Sequence:
         return len(self.token_ids) - self.prompt_len
 
     @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens known or pending: what the next step continues from."""
+        return len(self.token_ids) + self.num_pending
+
+    @property
     def num_uncomputed(self) -> int:
-        return len(self.token_ids) - self.num_computed
+        return len(self.token_ids) + self.num_pending - self.num_computed
+
+    @property
+    def can_decode_pending(self) -> bool:
+        """False when the pending token is the last the sequence may have (nothing to decode)."""
+        return self.num_pending == 0 or self.num_scheduled_tokens < self.max_total_tokens
 
     @property
     def generated_token_ids(self) -> list[int]:

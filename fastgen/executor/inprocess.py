@@ -7,6 +7,8 @@ N+1, and the device would wait for Python. So on a device that runs asynchronous
 `submit` blocks until the runner has queued the step's device work (a fraction of a millisecond
 for a graph replay, a few for a piecewise mixed step); the engine's host work then runs while the
 device does. Measured with a simulated 5 ms device step, 64 streams: `benchmarks/engine_overhead.py`.
+A step submitted while another one runs (asynchronous scheduling) is queued without waiting: the
+runner starts it as soon as the one before returns its tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class InProcessExecutor:
         if wait_for_launch is None:
             wait_for_launch = getattr(runner, "device", None) is not None and runner.device.type == "cuda"
         self.wait_for_launch = wait_for_launch
+        self._outstanding = 0  # steps submitted and not finished
 
     @classmethod
     async def create(
@@ -59,12 +62,19 @@ class InProcessExecutor:
 
     def submit(self, plan: StepPlan) -> asyncio.Future[StepResult]:
         loop = asyncio.get_running_loop()
-        if not self.wait_for_launch:
-            return loop.run_in_executor(self._pool, self.runner.execute, plan)
-        launched = threading.Event()
-        future = loop.run_in_executor(self._pool, self._execute, plan, launched)
-        launched.wait(self.LAUNCH_WAIT_S)
+        wait = self.wait_for_launch and self._outstanding == 0
+        self._outstanding += 1
+        if wait:
+            launched = threading.Event()
+            future = loop.run_in_executor(self._pool, self._execute, plan, launched)
+            launched.wait(self.LAUNCH_WAIT_S)
+        else:
+            future = loop.run_in_executor(self._pool, self.runner.execute, plan)
+        future.add_done_callback(self._finished)
         return future
+
+    def _finished(self, _: asyncio.Future) -> None:
+        self._outstanding -= 1
 
     def _execute(self, plan: StepPlan, launched: threading.Event) -> StepResult:
         try:

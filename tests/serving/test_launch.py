@@ -78,7 +78,7 @@ def test_cli_generate_streams_to_the_terminal(llama_path):
     ((text, generated, _),) = greedy_texts(llama_path, ["the engine schedules"], 8)
     command = [sys.executable, "-m", "fastgen.cli", "generate", llama_path, "the engine schedules"]
     result = subprocess.run(
-        [*command, "--max-new-tokens", "8", "--dtype", "float32"],
+        [*command, "--max-new-tokens", "8", "--dtype", "float32", "--no-async-scheduling"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -111,3 +111,14 @@ def test_embed_starlette_example(llama_path):
     streamed, models = asyncio.run(asyncio.wait_for(main(), 60))
     assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/plain")
     assert models.json()["data"][0]["id"]
+
+
+def test_cli_engine_switches_turn_features_off():
+    from fastgen.cli import _engine_options, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "model", "--no-async-scheduling", "--token-budget", "64"])
+    assert _engine_options(args) == {"async_scheduling": False, "token_budget": 64}
+    assert _engine_options(parser.parse_args(["generate", "model", "x", "--no-cuda-graphs"])) == {
+        "cuda_graphs": False
+    }
