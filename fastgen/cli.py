@@ -42,6 +42,7 @@ _ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type, help)
 _ENGINE_SWITCHES = {  # flag -> (EngineConfig field turned off, help)
     "--no-cuda-graphs": ("cuda_graphs", "run every step eagerly"),
     "--no-async-scheduling": ("async_scheduling", "plan each step only after the previous one's tokens"),
+    "--no-prefix-caching": ("enable_prefix_caching", "compute every prompt in full"),
 }
 
 

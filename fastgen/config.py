@@ -34,6 +34,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     - ``async_scheduling``: plan step N+1 while step N runs, before its tokens reach the host (the
       workers fill them in), so the device does not wait for the engine between steps. A sequence
       that stops at N computes one more token, which is dropped; outputs are the same.
+    - ``enable_prefix_caching``: reuse the KV blocks of prompt prefixes computed before (shared
+      system prompts, multi-turn chats); unused cached blocks are evicted when space is needed.
     - ``seed``: the seed of the engine's own random stream (requests without a seed).
     - ``step_timeout_s``: how long the worker processes (``zmq`` executor) may take to answer one
       step before the engine declares them hung, kills them and stops (``None``: wait forever).
@@ -57,6 +59,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_queued_requests: int = 4096
     cuda_graphs: bool = True
     async_scheduling: bool = True
+    enable_prefix_caching: bool = True
     seed: int = 0
     worker_start_timeout_s: float = 300.0
     step_timeout_s: float | None = 600.0

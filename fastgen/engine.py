@@ -61,6 +61,7 @@ class _Channel:
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
         self.closed = False
+        self.cached_tokens = 0
 
     def put(
         self,
@@ -106,6 +107,7 @@ class _Channel:
             finish_reason=self._finish,
             logprobs=self._logprobs,
             stop_reason=self._stop_reason,
+            cached_tokens=self.cached_tokens,
         )
         self._text, self._token_ids = [], []
         if self._logprobs is not None:
@@ -163,6 +165,7 @@ class EngineStats:
     num_steps: int
     generated_tokens: int
     prompt_tokens: int
+    prefix_cache_hit_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 class AsyncEngine:
@@ -188,7 +191,9 @@ class AsyncEngine:
         self.tokenizer = tokenizer
         self.executor = executor
         self.max_model_len = max_model_len
-        self.block_manager = BlockManager(executor.num_kv_blocks, config.block_size)
+        self.block_manager = BlockManager(
+            executor.num_kv_blocks, config.block_size, prefix_caching=config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             self.block_manager, token_budget=config.token_budget, max_seqs=config.max_seqs
         )
@@ -286,6 +291,7 @@ class AsyncEngine:
             num_steps=self.num_steps,
             generated_tokens=self.generated_tokens,
             prompt_tokens=self.prompt_tokens,
+            prefix_cache_hit_tokens=self.scheduler.num_cached_tokens,
         )
 
     # -- requests -------------------------------------------------------------------------
@@ -491,10 +497,10 @@ class AsyncEngine:
                 self._record(step, result, launched_s - received, time.perf_counter() - launched_s)
                 await asyncio.sleep(0)  # let consumers run between steps
         except asyncio.CancelledError:
-            for _, future, _ in in_flight:
-                future.cancel()
+            _abandon(in_flight)
             raise
         except BaseException as exc:
+            _abandon(in_flight)
             self._die(exc)
             raise
 
@@ -564,6 +570,7 @@ class AsyncEngine:
         self.generated_tokens += 1
         if request.first_token_s is None:
             request.first_token_s = time.monotonic()
+            request.channel.cached_tokens = seq.num_cached_tokens
         delta = request.detokenizer.add(token)
         if reason is not None:
             delta += request.detokenizer.flush()
@@ -614,6 +621,20 @@ class AsyncEngine:
     def _forget(self, request: _Request) -> None:
         self._requests.pop(request.request_id, None)
         self._by_seq.pop(request.seq.seq_id, None)
+
+
+def _abandon(in_flight: collections.deque[_InFlight]) -> None:
+    """Cancel steps whose results nobody will read, and mark their errors as seen (an unread
+    error is logged when the future is collected, at an arbitrary point of the host's program)."""
+    for _, future, _ in in_flight:
+        future.cancel()
+        future.add_done_callback(_consume_error)
+    in_flight.clear()
+
+
+def _consume_error(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _logprobs_by_seq(step: ScheduledStep, result: StepResult) -> dict[int, SampleLogprobs]:

@@ -39,6 +39,9 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     the tokens that produced the stop string keep their log-probabilities, and those that begin
     past the cut have a ``text_offset`` of at least the final text's length (the OpenAI layer
     leaves them out).
+
+    ``cached_tokens`` counts the prompt tokens whose keys and values came from the prefix cache
+    (known from the first output on).
     """
 
     request_id: str
@@ -49,6 +52,7 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
     stop_reason: str | int | None = None
+    cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:

@@ -3,9 +3,11 @@
 Every step gets a fixed token budget. Running decodes take one token each first; the rest of the
 budget is filled exactly with prompt chunks, oldest first: a long prompt is split across steps
 (only its last chunk samples), short prompts are packed together. A sequence is admitted only
-when its whole remaining prompt fits in free blocks. When a running sequence needs a block and
-none is free, the newest running sequence is preempted: its blocks are freed and it waits to be
-recomputed from its prompt and the tokens it already generated.
+when its whole remaining prompt fits in free blocks; with prefix caching, the full blocks of its
+prompt that another sequence computed before are taken from the cache (`BlockManager.lookup`)
+and only the rest is computed (always at least one token, which samples). When a running
+sequence needs a block and none is free, the newest running sequence is preempted: its blocks
+are freed and it waits to be recomputed from its prompt and the tokens it already generated.
 
 Liveness: the oldest running sequence is never preempted while a newer one runs, so it finishes
 if it fits the cache alone; admission is FIFO, so every request eventually becomes the oldest.
@@ -26,7 +28,7 @@ import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .block_manager import BlockManager
+from .block_manager import BlockManager, block_keys
 from .plan import PENDING_TOKEN, SequenceChunk, SequenceStart, StepPlan, StepResult
 from .sequence import FinishReason, Sequence, SequenceStatus
 
@@ -65,6 +67,7 @@ class Scheduler:
         self._released: list[int] = []
         self._next_step_id = 0
         self.num_preemptions = 0
+        self.num_cached_tokens = 0  # prompt tokens admitted from the prefix cache
 
     # -- requests in and out -------------------------------------------------------------
 
@@ -104,6 +107,7 @@ class Scheduler:
         seq.num_blocks_announced = 0
         seq.num_computed = 0
         seq.num_pending = 0
+        seq.num_registered_blocks = 0
         if seq.on_worker:
             self._released.append(seq.seq_id)
             seq.on_worker = False
@@ -152,16 +156,23 @@ class Scheduler:
                 wait_reason = WaitReason.SEQUENCE_CAP
                 break
             seq = self.waiting[0]
-            needed = self.block_manager.blocks_for(seq.num_tokens)
+            cached = self._cached_prefix(seq)
+            needed = self.block_manager.blocks_for(seq.num_tokens) - len(cached)
             if not self.block_manager.can_allocate(needed + (reserve if self.running else 0)):
+                self.block_manager.free(cached)
                 wait_reason = WaitReason.KV_CACHE
                 break
             self.waiting.popleft()
-            seq.block_table = self.block_manager.allocate(needed)
+            seq.block_table = cached + self.block_manager.allocate(needed)
+            seq.num_registered_blocks = len(cached)
+            seq.num_computed = len(cached) * self.block_size
+            self.num_cached_tokens += seq.num_computed
+            if seq.num_preemptions == 0:  # what the request reports: its first admission
+                seq.num_cached_tokens = seq.num_computed
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             take = min(seq.num_uncomputed, budget)
-            chunks.append(self._chunk(seq, 0, take, started))
+            chunks.append(self._chunk(seq, seq.num_computed, take, started))
             scheduled.append(seq)
             budget -= take
 
@@ -172,6 +183,23 @@ class Scheduler:
         self._next_step_id += bool(chunks)
         incarnations = [seq.num_preemptions for seq in scheduled]
         return ScheduledStep(plan, scheduled, incarnations, num_decodes, preempted, wait_reason)
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Blocks of the prefix cache that hold the start of ``seq`` (with references taken)."""
+        if not self.block_manager.prefix_caching or seq.sampling_options.adjusts_logits:
+            return []  # penalties count every token id, so the worker must see the whole prompt
+        full = (seq.num_tokens - 1) // self.block_size  # the last token is computed: it samples
+        return self.block_manager.lookup(block_keys(seq.token_ids, self.block_size, full, seq.block_keys))
+
+    def _register_computed(self, seq: Sequence, computed: int) -> None:
+        """Offer the blocks that the first ``computed`` tokens fill to the prefix cache."""
+        full = computed // self.block_size
+        if full <= seq.num_registered_blocks:
+            return
+        keys = block_keys(seq.token_ids, self.block_size, full, seq.block_keys)
+        for index in range(seq.num_registered_blocks, full):
+            self.block_manager.register(seq.block_table[index], keys[index])
+        seq.num_registered_blocks = full
 
     def _chunk(self, seq: Sequence, start: int, count: int, started: list[SequenceStart]) -> SequenceChunk:
         if not seq.on_worker:
@@ -227,6 +255,8 @@ class Scheduler:
             token = next(sampled) if chunk.sample else None
             if seq.status is not SequenceStatus.RUNNING or seq.num_preemptions != incarnation:
                 continue  # finished, aborted or preempted since the step was scheduled
+            if self.block_manager.prefix_caching:
+                self._register_computed(seq, chunk.start_position + len(chunk.token_ids))
             if token is not None:
                 seq.num_pending -= 1
                 seq.append_token(token)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 
+from .block_manager import BlockKey
 from .plan import SamplingOptions
 from .sampling_params import SamplingParams
 
@@ -52,6 +53,9 @@ class Sequence:
         self.num_pending = 0
         self.block_table: list[int] = []
         self.num_blocks_announced = 0  # blocks of block_table the worker knows about
+        self.block_keys: list[BlockKey] = []  # prefix-cache keys of the full blocks, computed lazily
+        self.num_registered_blocks = 0  # blocks of block_table known to the prefix cache
+        self.num_cached_tokens = 0  # prompt tokens taken from the prefix cache at the first admission
         self.on_worker = False  # the worker tracks this sequence
         self.num_preemptions = 0
         self.sampling_options = _sampling_options(params, eos_token_ids)

@@ -165,6 +165,7 @@ class _Result:
 
     pieces: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     generated_tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None  # those of the text so far, when asked for
@@ -179,6 +180,7 @@ class _Result:
         when the request did not ask for them)."""
         self.pieces.append(out.text)
         self.prompt_tokens = out.prompt_tokens
+        self.cached_tokens = out.cached_tokens
         self.generated_tokens = out.generated_tokens
         self.finish_reason = out.finish_reason
         if out.logprobs is None:
@@ -202,8 +204,13 @@ async def _collect(group: StreamGroup, count: int) -> list[_Result]:
 
 
 def _usage_of(choices: list[oai.Choice], results: list[_Result]) -> dict:
-    prompt_tokens = {choice.prompt_index: result.prompt_tokens for choice, result in zip(choices, results)}
-    return oai.usage(sum(prompt_tokens.values()), sum(result.generated_tokens for result in results))
+    # each prompt counts once, however many choices it has (the first choice's cache hits)
+    prompts = {choice.prompt_index: result for choice, result in reversed(list(zip(choices, results)))}
+    return oai.usage(
+        sum(result.prompt_tokens for result in prompts.values()),
+        sum(result.generated_tokens for result in results),
+        cached_tokens=sum(result.cached_tokens for result in prompts.values()),
+    )
 
 
 # -- the routes -------------------------------------------------------------------------------------

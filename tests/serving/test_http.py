@@ -230,6 +230,21 @@ def test_stop_string_cuts_the_logprobs_with_the_text(oai, reference):
     assert [t for lp in streamed if lp for t in lp.tokens] == cut.logprobs.tokens
 
 
+def test_repeated_prompt_reports_cached_tokens(oai, server):
+    prompt = "a shared system prompt that many requests begin with, " * 4
+    before = metric(httpx.get(f"{server}/metrics").text, "fastgen_prefix_cache_hit_tokens_total")
+    first, second = (
+        oai.completions.create(model="toy", prompt=prompt, max_tokens=4, temperature=0) for _ in range(2)
+    )
+    assert first.choices[0].text == second.choices[0].text
+    assert first.usage.prompt_tokens == second.usage.prompt_tokens > 32
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached % 16 == 0 and second.usage.prompt_tokens - 16 <= cached < second.usage.prompt_tokens
+    after = metric(httpx.get(f"{server}/metrics").text, "fastgen_prefix_cache_hit_tokens_total")
+    assert after - before == cached
+
+
 def test_models_and_health(server, llama_path):
     models = httpx.get(f"{server}/v1/models").json()
     assert models["data"][0]["id"] == "toy" and models["data"][0]["max_model_len"] > 0
