@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One GPU-machine session: install offline, run the GPU tests, then the named benchmarks.
 # Usage (from the project root, on the GPU machine, with .whl carried):
-#   bash benchmarks/gpu_run.sh tests decode            # phases: tests, enginetests, kernels, decode, profile, overhead, serving
+#   bash benchmarks/gpu_run.sh tests decode
+# phases: tests, enginetests, kernels, decode, profile, overhead, serving, async (batch-1 decode with
+# and without asynchronous scheduling), prefix (a closed loop with and without a shared prompt prefix)
 # Results and logs land in $OUT (or benchmarks/results when OUT is unset). The serving phase takes
 # SERVING_LIMIT_S / SERVING_TIMEOUT_S and extra arguments in SERVING_ARGS, e.g. to finish a sweep:
 #   SERVING_ARGS="--workloads 512-512 --offline-requests 0 --skip-peer" bash benchmarks/gpu_run.sh serving
@@ -25,6 +27,15 @@ for phase in "$@"; do
                --time-limit-s "${SERVING_LIMIT_S:-420}" --max-run-s 120 --peer-requests 64 --peer-time-limit-s 110 \
                --out "$OUT" ${SERVING_ARGS:-} 2>&1 | tee "$OUT/serving.log" | tail -45 \
              || python3 benchmarks/report.py "$OUT"/serving-*.json | tail -30 ;;
+    async) for flag in "" "--no-async-scheduling"; do
+             echo "--- batch-1 ${flag:-with asynchronous scheduling}"
+             timeout 280 python3 benchmarks/serving.py --model-shape llama2-7b --workloads 1200-128 --clients "" \
+               --offline-requests 0 --skip-peer --time-limit-s 200 --out "$OUT" $flag 2>&1 \
+               | tee -a "$OUT/async.log" | grep -iE "batch-1|decode tok" | tail -4
+           done ;;
+    prefix) timeout 400 python3 benchmarks/serving.py --model-shape llama2-7b --workloads 1200-128 --clients "" \
+              --offline-requests 0 --skip-peer --batch1-repeats 0 --shared-prefix 1024,200,128 \
+              --time-limit-s 330 --out "$OUT" 2>&1 | tee "$OUT/prefix.log" | grep -E "prefix|TTFT" | tail -8 ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

@@ -197,6 +197,13 @@ def _workload(data: dict[str, Any], workload: str) -> list[str]:
             f"{_f(e['step_ms']['median'], 2)} | {_f(s['merged_delta_request_fraction'], 0, 100)}% | "
             f"{_f(s['client_overhead_fraction'], 1, 100)}% |"
         )
+    for run in runs:
+        if "prefix_cache_hit_tokens" in run:
+            prompt_tokens = sum(r["prompt_tokens"] for r in run["requests"] if r["completed"])
+            lines.append(
+                f"\nprefix cache ({run['clients']} clients): {run['prefix_cache_hit_tokens']} of "
+                f"{prompt_tokens} prompt tokens came from the cache"
+            )
     return lines
 
 

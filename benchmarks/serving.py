@@ -53,6 +53,7 @@ from workloads import (
     WorkloadStream,
     fixed_request,
     parse_workload,
+    prefix_requests,
     roofline,
     write_model_dir,
 )
@@ -398,11 +399,12 @@ async def bench_fastgen(
         report.mark("warm-up", warm_started)
 
         b1_prompt, b1_new = args.batch1
-        b1_request = fixed_request(b1_prompt, b1_new, vocab)
         rates = []
         for repeat in range(args.batch1_repeats):
             if not budget.allows(f"batch-1 decode #{repeat + 1}"):
                 break
+            # a new prompt each time: a cached prompt would flatter the TTFT of the repeats
+            b1_request = fixed_request(b1_prompt, b1_new, vocab, seed=SEED + repeat)
             started = time.perf_counter()
             run = await driver.run("batch1", [b1_request], 1, budget.deadline())
             report.mark("batch-1 decode", started)
@@ -419,6 +421,9 @@ async def bench_fastgen(
             )
             report.add_run(run, workload=name, means=workloads[name], offline=True)
             _check_alive(engine)
+
+        if args.shared_prefix:
+            await bench_prefix_cache(args, driver, engine, report, budget, vocab)
 
         for name, (prompt, gen) in workloads.items():
             previous: dict[str, Any] | None = None
@@ -437,6 +442,27 @@ async def bench_fastgen(
                 _check_alive(engine)
     finally:
         await engine.stop()
+
+
+async def bench_prefix_cache(
+    args: argparse.Namespace, driver: Driver, engine: Any, report: Report, budget: Budget, vocab: int
+) -> None:
+    """The same closed loop twice: prompts that share no prefix, then prompts that share one (a
+    system prompt): what the prefix cache saves in TTFT and throughput."""
+    prefix, suffix, gen = args.shared_prefix
+    clients = args.shared_prefix_clients
+    count = 4 * clients + 32
+    for shared in (False, True):
+        name = f"prefix {prefix}+{suffix}-{gen} {'shared' if shared else 'distinct'}"
+        if not budget.allows(name):
+            return
+        requests = prefix_requests(prefix, suffix, gen, count, vocab, shared=shared)
+        hits = engine.stats().prefix_cache_hit_tokens
+        run = await driver.run(f"{name}/c{clients}", requests, clients, budget.deadline())
+        run["prefix_cache_hit_tokens"] = engine.stats().prefix_cache_hit_tokens - hits
+        tqdm.write(f"{name}: {run['prefix_cache_hit_tokens']} prompt tokens from the prefix cache")
+        report.add_run(run, workload=name, means=(prefix + suffix, gen), offline=False)
+        _check_alive(engine)
 
 
 def _check_alive(engine: Any) -> None:
@@ -560,6 +586,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--batch1", type=ints, default=[128, 256], help="PROMPT,GEN of the batch-1 decode run"
     )
     parser.add_argument("--batch1-repeats", type=int, default=3)
+    parser.add_argument(
+        "--shared-prefix",
+        type=ints,
+        default=[],
+        help="PREFIX,SUFFIX,GEN: a closed loop whose prompts share PREFIX tokens, against one whose do not",
+    )
+    parser.add_argument("--shared-prefix-clients", type=int, default=16)
     parser.add_argument("--peer-requests", type=int, default=64)
     parser.add_argument(
         "--peer-batch1-tokens", type=int, default=128, help="tokens of the peer's batch-1 run"

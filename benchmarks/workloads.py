@@ -155,6 +155,23 @@ def fixed_request(prompt_tokens: int, new_tokens: int, vocab_size: int, seed: in
     return BenchRequest(-1, ids, new_tokens)
 
 
+def prefix_requests(
+    prefix_tokens: int, suffix_tokens: int, new_tokens: int, count: int, vocab_size: int, *, shared: bool
+) -> list[BenchRequest]:
+    """``count`` requests of ``prefix_tokens + suffix_tokens`` prompt tokens: with ``shared``, all
+    begin with the same ``prefix_tokens`` (a system prompt), otherwise no two share a prefix
+    (the same lengths with nothing for a prefix cache to find)."""
+    rng = np.random.default_rng(SEED + 7 + shared)
+    low = min(NUM_SPECIAL_TOKENS, vocab_size - 1)
+    common = rng.integers(low, vocab_size, size=prefix_tokens).tolist()
+    requests = []
+    for index in range(count):
+        prefix = common if shared else rng.integers(low, vocab_size, size=prefix_tokens).tolist()
+        suffix = rng.integers(low, vocab_size, size=suffix_tokens).tolist()
+        requests.append(BenchRequest(index, prefix + suffix, new_tokens))
+    return requests
+
+
 # -- model directories for dummy-weight runs -------------------------------------------------------
 
 

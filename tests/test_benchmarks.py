@@ -221,6 +221,7 @@ def test_serving_benchmark_smoke(tmp_path):
         "--offline-requests", "6", "--batch1", "16,8", "--batch1-repeats", "1",
         "--peer-requests", "2", "--peer-batch1-tokens", "4", "--peer-num-blocks", "32",
         "--peer-max-batch-tokens", "256", "--num-kv-blocks", "256", "--time-limit-s", "600",
+        "--shared-prefix", "48,8,4", "--shared-prefix-clients", "2",
     ]  # fmt: skip
     env = {
         **os.environ,
@@ -242,7 +243,13 @@ def test_serving_benchmark_smoke(tmp_path):
     assert data["model"]["params"] == data["peer"]["params"]  # the peer built the same shape
 
     runs = {run["name"]: run for run in data["runs"]}
-    assert set(runs) == {"offline/1200-128", "1200-128/c1", "1200-128/c2", "512-512/c1", "512-512/c2"}
+    prefix_runs = {"prefix 48+8-4 distinct/c2", "prefix 48+8-4 shared/c2"}
+    assert set(runs) == {"offline/1200-128", "1200-128/c1", "1200-128/c2", "512-512/c1", "512-512/c2"} | (
+        prefix_runs
+    )
+    # 40 prompts of 56 tokens; with a shared 48-token prefix, all but the first few find 3 blocks
+    assert runs["prefix 48+8-4 distinct/c2"]["prefix_cache_hit_tokens"] == 0
+    assert runs["prefix 48+8-4 shared/c2"]["prefix_cache_hit_tokens"] >= 36 * 48
     assert runs["1200-128/c2"]["requests_planned"] == 4 * 2 + 32
     for run in runs.values():
         summary = run["summary"]
