@@ -92,13 +92,15 @@ CASES = {
         4,
     ),
     "mha-biases-tp2": ({"attention_bias": True, "mlp_bias": True}, 2),
+    "qwen3-qk-norm-gqa-tp2": ({"family": "qwen3"}, 2),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_matches_one_process_and_hf(toy_checkpoint, case):
     overrides, size = CASES[case]
-    path = toy_checkpoint("llama", **overrides)
+    overrides = dict(overrides)
+    path = toy_checkpoint(overrides.pop("family", "llama"), **overrides)
     prompts = prompts_of_mixed_lengths()
     expected = hf_greedy(path, prompts, NEW_TOKENS)
     single = engine_greedy(path, prompts, NEW_TOKENS, token_budget=16, executor="inprocess")

@@ -25,9 +25,11 @@ class ModelConfig:
     rope_theta: float
     rope_scaling: dict[str, Any] | None
     partial_rotary_factor: float
-    sliding_window: int | None
+    layer_sliding_windows: tuple[int | None, ...]  # per layer; None: full attention
     tie_word_embeddings: bool
-    attention_bias: bool
+    qkv_bias: bool
+    o_proj_bias: bool
+    qk_norm: bool  # RMSNorm over each query and key head before rotary (Qwen3)
     mlp_bias: bool
     hidden_act: str
     bos_token_id: int | None
@@ -48,6 +50,7 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         dtype_name = cfg.get("torch_dtype") or cfg.get("dtype")
+        attention_bias = bool(cfg.get("attention_bias", False))
         return cls(
             model_type=model_type,
             vocab_size=cfg["vocab_size"],
@@ -62,9 +65,11 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             partial_rotary_factor=float(cfg.get("partial_rotary_factor", 1.0)),
-            sliding_window=cfg.get("sliding_window") if model_type == "mistral" else None,
+            layer_sliding_windows=_layer_sliding_windows(cfg, model_type, cfg["num_hidden_layers"]),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", False)),
+            qkv_bias=attention_bias or model_type == "qwen2",  # Qwen2 always has q/k/v biases
+            o_proj_bias=attention_bias,
+            qk_norm=model_type == "qwen3",
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             hidden_act=cfg.get("hidden_act", "silu"),
             bos_token_id=cfg.get("bos_token_id"),
@@ -79,6 +84,21 @@ class ModelConfig:
         if not config_file.is_file():
             raise FileNotFoundError(f"no config.json in {path}: expected a Hugging Face model directory")
         return cls.from_dict(json.loads(config_file.read_text()))
+
+
+def _layer_sliding_windows(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple[int | None, ...]:
+    """Mistral slides every layer's window; Qwen2/3 only the layers ``layer_types`` names (by
+    default those from ``max_window_layers`` on), and only with ``use_sliding_window``."""
+    window = cfg.get("sliding_window")
+    if model_type == "mistral":
+        return (window,) * num_layers
+    if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window") and window:
+        first = cfg.get("max_window_layers", num_layers)
+        types = cfg.get("layer_types") or [
+            "sliding_attention" if i >= first else "full_attention" for i in range(num_layers)
+        ]
+        return tuple(window if kind == "sliding_attention" else None for kind in types)
+    return (None,) * num_layers
 
 
 def _rope_settings(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

@@ -1,4 +1,6 @@
-"""Llama 1/2/3 and Mistral (Llama with sliding-window attention)."""
+"""Llama 1/2/3 and the models that differ from it in details read from their config: Mistral
+(sliding-window attention), Qwen2 (q/k/v biases, optional per-layer sliding windows) and Qwen3
+(RMSNorm over each query and key head before rotary)."""
 
 from __future__ import annotations
 
@@ -19,19 +21,23 @@ from .config import ModelConfig
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel, max_model_len: int):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, max_model_len: int, layer: int):
         super().__init__()
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
             config.head_dim,
             config.num_heads,
             config.num_kv_heads,
-            bias=config.attention_bias,
+            bias=config.qkv_bias,
             tp=tp,
         )
         self.o_proj = RowParallelLinear(
-            config.num_heads * config.head_dim, config.hidden_size, bias=config.attention_bias, tp=tp
+            config.num_heads * config.head_dim, config.hidden_size, bias=config.o_proj_bias, tp=tp
         )
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
         self.rotary = RotaryEmbedding(
             config.rotary_dim,
             base=config.rope_theta,
@@ -45,7 +51,7 @@ class LlamaAttention(nn.Module):
             self.qkv_proj.num_local_kv_heads,
             config.head_dim,
             scale=config.head_dim**-0.5,
-            sliding_window=config.sliding_window,
+            sliding_window=config.layer_sliding_windows[layer],
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -55,16 +61,19 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.attn.num_heads, self.head_dim)
         k = k.view(-1, self.attn.num_kv_heads, self.head_dim)
         v = v.view(-1, self.attn.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         q, k = self.rotary(positions, q, k)
         out = self.attn(q, k, v, batch)
         return self.o_proj(out.view(-1, q_size))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel, max_model_len: int):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, max_model_len: int, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.self_attn = LlamaAttention(config, tp, max_model_len)
+        self.self_attn = LlamaAttention(config, tp, max_model_len, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = GatedMLP(
             config.hidden_size, config.intermediate_size, act=config.hidden_act, bias=config.mlp_bias, tp=tp
@@ -86,7 +95,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp=tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, tp, max_model_len) for _ in range(config.num_layers)
+            LlamaDecoderLayer(config, tp, max_model_len, layer) for layer in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
 

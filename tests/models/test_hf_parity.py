@@ -44,6 +44,13 @@ CASES = {
     ),
     "llama-dynamic-rope": ("llama", dict(rope_scaling=dict(rope_type="dynamic", factor=2.0))),
     "mistral-sliding-window": ("mistral", dict(sliding_window=24)),
+    "qwen2-qkv-bias": ("qwen2", {}),
+    # the last layer slides a 24-token window, the first attends to everything
+    "qwen2-sliding-last-layer": (
+        "qwen2",
+        dict(use_sliding_window=True, sliding_window=24, max_window_layers=1),
+    ),
+    "qwen3-qk-norm-head-dim": ("qwen3", {}),
 }
 
 
@@ -64,6 +71,21 @@ def test_sliding_window_matters(toy_checkpoint):
     full = toy_checkpoint("mistral", sliding_window=None)
     prompts = prompts_of_mixed_lengths(384)[3:4]  # 130 tokens, well past the window
     assert engine_greedy(window, prompts, 8) != engine_greedy(full, prompts, 8)
+
+
+def test_qwen_details_matter(toy_checkpoint):
+    """What the Qwen cases add must be exercised: their q/k/v biases and q/k norms are not
+    neutral, and the sliding layer changes the output."""
+    from safetensors.torch import load_file
+
+    for family, names in (("qwen2", ("q_proj.bias", "k_proj.bias")), ("qwen3", ("q_norm", "k_norm"))):
+        weights = load_file(str(Path(toy_checkpoint(family)) / "model.safetensors"))
+        for name in names:
+            tensor = next(t for key, t in weights.items() if name in key)
+            assert tensor.std() > 0.01, (family, name)
+    sliding = toy_checkpoint("qwen2", use_sliding_window=True, sliding_window=24, max_window_layers=1)
+    prompts = prompts_of_mixed_lengths(384)[3:4]
+    assert engine_greedy(sliding, prompts, 8) != engine_greedy(toy_checkpoint("qwen2"), prompts, 8)
 
 
 @pytest.mark.parametrize("layout", ["sharded-safetensors", "bin", "legacy-config"])
