@@ -44,7 +44,16 @@ def hf_greedy_cuda(path: str, prompts: list[list[int]], max_new_tokens: int) -> 
     return outputs
 
 
-@pytest.mark.parametrize("case", ["llama-mha", "llama-gqa-llama3-rope", "mistral-sliding-window"])
+GPU_CASES = [
+    "llama-mha",
+    "llama-gqa-llama3-rope",
+    "mistral-sliding-window",
+    "qwen2-qkv-bias",
+    "qwen3-qk-norm-head-dim",
+]
+
+
+@pytest.mark.parametrize("case", GPU_CASES)
 @pytest.mark.parametrize("cuda_graphs", [True, False])
 def test_float32_greedy_matches_hf_on_gpu(toy_checkpoint, case, cuda_graphs):
     family, overrides = CASES[case]
