@@ -153,61 +153,37 @@ def train_tokenizer(path: str | Path, vocab_size: int = 384) -> int:
     return len(wrapped)
 
 
+_TINY = dict(  # the shape every toy family shares
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,  # tied toy embeddings tend to repeat one token: a weak test
+)
+_QWEN = dict(num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0)
+
 _FAMILIES = {
     "llama": dict(
+        _TINY,
         architectures=["LlamaForCausalLM"],
         model_type="llama",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=512,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
-        tie_word_embeddings=False,
     ),
     "mistral": dict(
+        _TINY,
         architectures=["MistralForCausalLM"],
         model_type="mistral",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         sliding_window=24,
-        tie_word_embeddings=False,
     ),
-    "qwen2": dict(
-        architectures=["Qwen2ForCausalLM"],
-        model_type="qwen2",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        tie_word_embeddings=False,  # tied toy embeddings repeat one token: a weak test
-    ),
-    "qwen3": dict(
-        architectures=["Qwen3ForCausalLM"],
-        model_type="qwen3",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,  # not hidden / heads, as in the real Qwen3 models
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        tie_word_embeddings=False,  # tied toy embeddings repeat one token: a weak test
-    ),
+    "qwen2": dict(_TINY, **_QWEN, architectures=["Qwen2ForCausalLM"], model_type="qwen2"),
+    # head_dim is not hidden / heads, as in the real Qwen3 models
+    "qwen3": dict(_TINY, **_QWEN, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=32),
 }
 
 
