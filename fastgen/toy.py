@@ -184,6 +184,16 @@ _FAMILIES = {
     "qwen2": dict(_TINY, **_QWEN, architectures=["Qwen2ForCausalLM"], model_type="qwen2"),
     # head_dim is not hidden / heads, as in the real Qwen3 models
     "qwen3": dict(_TINY, **_QWEN, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=32),
+    "phi": dict(
+        _TINY,
+        architectures=["PhiForCausalLM"],
+        model_type="phi",
+        num_key_value_heads=4,
+        hidden_act="gelu_new",
+        layer_norm_eps=1e-5,
+        rope_theta=10000.0,
+        partial_rotary_factor=0.5,  # rotary on 8 of the 16 features of each head
+    ),
 }
 
 
@@ -222,7 +232,9 @@ def make_toy_checkpoint(
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name and name.endswith("bias"):
+                param.normal_(0.0, 0.1)
+            elif "norm" in name:
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
             else:
                 param.normal_(0.0, weight_std)

@@ -50,6 +50,7 @@ GPU_CASES = [
     "mistral-sliding-window",
     "qwen2-qkv-bias",
     "qwen3-qk-norm-head-dim",
+    "phi-parallel-block-partial-rotary",
 ]
 
 

@@ -93,6 +93,7 @@ CASES = {
     ),
     "mha-biases-tp2": ({"attention_bias": True, "mlp_bias": True}, 2),
     "qwen3-qk-norm-gqa-tp2": ({"family": "qwen3"}, 2),
+    "phi-biases-lm-head-bias-tp2": ({"family": "phi"}, 2),
 }
 
 

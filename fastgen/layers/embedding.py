@@ -39,9 +39,10 @@ class VocabParallelEmbedding(nn.Module):
 
 class LMHead(nn.Module):
     """Projection to vocabulary logits, split by vocabulary like ``embedding``; each rank computes
-    its slice, then the slices are gathered. With ``tie_weights`` it shares the embedding table."""
+    its slice, then the slices are gathered. With ``tie_weights`` it shares the embedding table;
+    ``bias`` adds a bias split the same way (Phi)."""
 
-    def __init__(self, embedding: VocabParallelEmbedding, *, tie_weights: bool):
+    def __init__(self, embedding: VocabParallelEmbedding, *, tie_weights: bool, bias: bool = False):
         super().__init__()
         self.tp = embedding.tp
         self.vocab_size = embedding.vocab_size
@@ -50,8 +51,12 @@ class LMHead(nn.Module):
         else:
             self.weight = nn.Parameter(torch.zeros_like(embedding.weight), requires_grad=False)
             self.weight.weight_loader = embedding._load
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(embedding.shard_size), requires_grad=False)
+            self.bias.weight_loader = embedding._load
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.weight)
+        logits = linear(hidden, self.weight, self.bias)
         logits = self.tp.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]

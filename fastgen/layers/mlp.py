@@ -13,6 +13,33 @@ from .parallel import SINGLE, TensorParallel
 _GATED_ACTIVATIONS = ("silu", "swish")
 
 
+_PLAIN_ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+
+
+class MLP(nn.Module):
+    """``fc2(act(fc1(x)))`` with GELU (exact or tanh-approximated, as the config names it)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        act: str = "gelu",
+        bias: bool = True,
+        tp: TensorParallel = SINGLE,
+    ):
+        super().__init__()
+        if act not in _PLAIN_ACTIVATIONS:
+            supported = sorted(_PLAIN_ACTIVATIONS)
+            raise ValueError(f"MLP activation {act!r} is not supported; supported: {supported}")
+        self.approximate = _PLAIN_ACTIVATIONS[act]
+        self.fc1 = ColumnParallelLinear(hidden_size, [intermediate_size], bias=bias, tp=tp)
+        self.fc2 = RowParallelLinear(intermediate_size, hidden_size, bias=bias, tp=tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(kernels.gelu(self.fc1(x), self.approximate))
+
+
 class GatedMLP(nn.Module):
     """``down(act(gate(x)) * up(x))`` with gate and up fused in one column-parallel matmul."""
 

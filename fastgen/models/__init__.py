@@ -19,6 +19,7 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     "mistral": ("fastgen.models.llama", "LlamaForCausalLM"),
     "qwen2": ("fastgen.models.llama", "LlamaForCausalLM"),
     "qwen3": ("fastgen.models.llama", "LlamaForCausalLM"),
+    "phi": ("fastgen.models.phi", "PhiForCausalLM"),
 }
 
 
@@ -29,6 +30,8 @@ def check_supported(config: ModelConfig) -> None:
         raise UnsupportedModelError(
             f"model_type {config.model_type!r} is not supported; supported model types: {supported}"
         )
+    if config.raw.get("qk_layernorm"):
+        raise UnsupportedModelError(f"{config.model_type} with qk_layernorm=true is not supported")
 
 
 def model_class_for(config: ModelConfig) -> type:

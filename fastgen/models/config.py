@@ -64,14 +64,14 @@ class ModelConfig:
             norm_eps=cfg.get("rms_norm_eps", cfg.get("layer_norm_eps", 1e-5)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            partial_rotary_factor=float(cfg.get("partial_rotary_factor", 1.0)),
+            partial_rotary_factor=_partial_rotary_factor(cfg),
             layer_sliding_windows=_layer_sliding_windows(cfg, model_type, cfg["num_hidden_layers"]),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=attention_bias or model_type == "qwen2",  # Qwen2 always has q/k/v biases
-            o_proj_bias=attention_bias,
+            qkv_bias=attention_bias or model_type in ("qwen2", "phi"),  # always there in these
+            o_proj_bias=attention_bias or model_type == "phi",
             qk_norm=model_type == "qwen3",
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            hidden_act=cfg.get("hidden_act", "silu"),
+            hidden_act=cfg.get("hidden_act", "gelu_new" if model_type == "phi" else "silu"),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             checkpoint_dtype=dtype_name if isinstance(dtype_name, str) else None,
@@ -84,6 +84,14 @@ class ModelConfig:
         if not config_file.is_file():
             raise FileNotFoundError(f"no config.json in {path}: expected a Hugging Face model directory")
         return cls.from_dict(json.loads(config_file.read_text()))
+
+
+def _partial_rotary_factor(cfg: dict[str, Any]) -> float:
+    """Top-level in older configs, inside ``rope_parameters`` in transformers 5."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "partial_rotary_factor" in params:
+        return float(params["partial_rotary_factor"])
+    return float(cfg.get("partial_rotary_factor", 1.0))
 
 
 def _layer_sliding_windows(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple[int | None, ...]:
@@ -106,7 +114,7 @@ def _rope_settings(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     ``rope_theta`` + ``rope_scaling`` fields."""
     params = cfg.get("rope_parameters")
     if isinstance(params, dict) and "rope_theta" in params:
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
         if scaling.get("rope_type", "default") == "default":
             scaling = None
         return float(params["rope_theta"]), scaling

@@ -51,6 +51,7 @@ CASES = {
         dict(use_sliding_window=True, sliding_window=24, max_window_layers=1),
     ),
     "qwen3-qk-norm-head-dim": ("qwen3", {}),
+    "phi-parallel-block-partial-rotary": ("phi", {}),
 }
 
 
