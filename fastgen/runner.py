@@ -124,7 +124,9 @@ class ModelRunner:
         self.block_size = config.block_size
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.mixed_graphs: MixedGraphs | None = None
-        if self.device.type == "cuda" and config.cuda_graphs:
+        capturable = getattr(self.model, "supports_cuda_graphs", True)
+        use_graphs = self.device.type == "cuda" and config.cuda_graphs and capturable
+        if use_graphs:
             # before the KV cache is sized, so that the graphs' memory is accounted for
             self.mixed_graphs = MixedGraphs(self.model, device=self.device, max_tokens=config.token_budget)
             self.mixed_graphs.capture()
@@ -135,7 +137,7 @@ class ModelRunner:
         self.penalties = PenaltyTable(min(config.max_seqs, config.token_budget), self.device)
         self._engine_random = random.Random(config.seed)
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and config.cuda_graphs:
+        if use_graphs:
             self.graphs = DecodeGraphs(
                 self.model,
                 device=self.device,

@@ -184,6 +184,16 @@ _FAMILIES = {
     "qwen2": dict(_TINY, **_QWEN, architectures=["Qwen2ForCausalLM"], model_type="qwen2"),
     # head_dim is not hidden / heads, as in the real Qwen3 models
     "qwen3": dict(_TINY, **_QWEN, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=32),
+    "mixtral": dict(
+        _TINY,
+        architectures=["MixtralForCausalLM"],
+        model_type="mixtral",
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
     "phi": dict(
         _TINY,
         architectures=["PhiForCausalLM"],

@@ -94,6 +94,7 @@ CASES = {
     "mha-biases-tp2": ({"attention_bias": True, "mlp_bias": True}, 2),
     "qwen3-qk-norm-gqa-tp2": ({"family": "qwen3"}, 2),
     "phi-biases-lm-head-bias-tp2": ({"family": "phi"}, 2),
+    "mixtral-experts-split-tp2": ({"family": "mixtral"}, 2),
 }
 
 
@@ -148,6 +149,31 @@ def test_dummy_weight_shards_reassemble_the_unsharded_dummy_weights():
     assert torch.equal(layers[1].input_layernorm.weight, torch.ones(64))
     assert 0.015 < layer.mlp.down_proj.weight.std() < 0.025
     assert not torch.equal(dummy(0, 1, seed=4).lm_head.weight, full.lm_head.weight)
+
+
+def test_dummy_expert_shards_reassemble_the_unsharded_experts():
+    config = ModelConfig.from_dict(
+        dict(
+            model_type="mixtral",
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_local_experts=3,
+            num_experts_per_tok=2,
+        )
+    )
+    options = dict(dtype=torch.float32, device=torch.device("cpu"), max_model_len=64, load_format="dummy")
+    layouts = ((0, 1), (0, 2), (1, 2))  # (rank, size)
+    full, *ranks = (build_model(None, config, tp=TensorParallel(*layout), **options) for layout in layouts)
+    moe, parts = full.model.layers[0].block_sparse_moe, [m.model.layers[0].block_sparse_moe for m in ranks]
+    assert torch.equal(torch.cat([part.w2 for part in parts], dim=2), moe.w2)
+    for which in range(2):  # gate (w1), then up (w3): each rank holds its half of each
+        halves = [part.w13[:, which * 24 : (which + 1) * 24] for part in parts]
+        assert torch.equal(torch.cat(halves, dim=1), moe.w13[:, which * 48 : (which + 1) * 48])
+    assert torch.equal(parts[1].gate.weight, moe.gate.weight)  # the router is replicated
+    assert len({float(moe.w13[e].std()) for e in range(3)}) == 3  # experts drawn independently
 
 
 def test_dummy_weights_greedy_tp2_matches_tp1(toy_checkpoint):

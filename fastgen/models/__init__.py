@@ -17,6 +17,7 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     "llama": ("fastgen.models.llama", "LlamaForCausalLM"),
     # Mistral is Llama with sliding-window attention, which ModelConfig reads from config.json
     "mistral": ("fastgen.models.llama", "LlamaForCausalLM"),
+    "mixtral": ("fastgen.models.llama", "LlamaForCausalLM"),
     "qwen2": ("fastgen.models.llama", "LlamaForCausalLM"),
     "qwen3": ("fastgen.models.llama", "LlamaForCausalLM"),
     "phi": ("fastgen.models.phi", "PhiForCausalLM"),

@@ -31,6 +31,8 @@ class ModelConfig:
     o_proj_bias: bool
     qk_norm: bool  # RMSNorm over each query and key head before rotary (Qwen3)
     mlp_bias: bool
+    num_experts: int  # 0: a dense MLP; otherwise a mixture of experts (Mixtral)
+    num_experts_per_tok: int
     hidden_act: str
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
@@ -71,6 +73,8 @@ class ModelConfig:
             o_proj_bias=attention_bias or model_type == "phi",
             qk_norm=model_type == "qwen3",
             mlp_bias=bool(cfg.get("mlp_bias", False)),
+            num_experts=int(cfg.get("num_local_experts") or 0),
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
             hidden_act=cfg.get("hidden_act", "gelu_new" if model_type == "phi" else "silu"),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -95,10 +99,10 @@ def _partial_rotary_factor(cfg: dict[str, Any]) -> float:
 
 
 def _layer_sliding_windows(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple[int | None, ...]:
-    """Mistral slides every layer's window; Qwen2/3 only the layers ``layer_types`` names (by
+    """Mistral and Mixtral slide every layer's window; Qwen2/3 only the layers ``layer_types`` names (by
     default those from ``max_window_layers`` on), and only with ``use_sliding_window``."""
     window = cfg.get("sliding_window")
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         return (window,) * num_layers
     if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window") and window:
         first = cfg.get("max_window_layers", num_layers)

@@ -1,6 +1,7 @@
 """Llama 1/2/3 and the models that differ from it in details read from their config: Mistral
-(sliding-window attention), Qwen2 (q/k/v biases, optional per-layer sliding windows) and Qwen3
-(RMSNorm over each query and key head before rotary)."""
+(sliding-window attention), Mixtral (Mistral with a mixture of experts for the MLP), Qwen2 (q/k/v
+biases, optional per-layer sliding windows) and Qwen3 (RMSNorm over each query and key head
+before rotary)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from fastgen.layers.attention import ForwardBatch, PagedAttention
 from fastgen.layers.embedding import LMHead, VocabParallelEmbedding
 from fastgen.layers.linear import QKVParallelLinear, RowParallelLinear
 from fastgen.layers.mlp import GatedMLP
+from fastgen.layers.moe import MoE
 from fastgen.layers.norm import RMSNorm
 from fastgen.layers.parallel import TensorParallel
 from fastgen.layers.rotary import RotaryEmbedding
@@ -75,9 +77,27 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.self_attn = LlamaAttention(config, tp, max_model_len, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mlp = GatedMLP(
-            config.hidden_size, config.intermediate_size, act=config.hidden_act, bias=config.mlp_bias, tp=tp
-        )
+        self.moe = bool(config.num_experts)
+        if self.moe:
+            self.block_sparse_moe = MoE(
+                config.hidden_size,
+                config.intermediate_size,
+                config.num_experts,
+                config.num_experts_per_tok,
+                tp=tp,
+            )
+        else:
+            self.mlp = GatedMLP(
+                config.hidden_size,
+                config.intermediate_size,
+                act=config.hidden_act,
+                bias=config.mlp_bias,
+                tp=tp,
+            )
+
+    @property
+    def feed_forward(self) -> nn.Module:
+        return self.block_sparse_moe if self.moe else self.mlp
 
     def forward(self, positions, hidden, residual, batch: ForwardBatch):
         if residual is None:
@@ -87,7 +107,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, batch)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.feed_forward(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -123,6 +143,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel, max_model_len: int):
         super().__init__()
         self.config = config
+        self.supports_cuda_graphs = not config.num_experts  # experts are routed on the host
         self.model = LlamaModel(config, tp, max_model_len)
         self.lm_head = LMHead(self.model.embed_tokens, tie_weights=config.tie_word_embeddings)
 

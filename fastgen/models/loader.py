@@ -86,9 +86,14 @@ def fill_dummy_weights(model: nn.Module, unsharded: nn.Module, seed: int) -> Non
 def _checkpoint_tensors(unsharded: nn.Module) -> Iterator[tuple[str, tuple[int, ...], str, Any]]:
     """(checkpoint name, full shape, our parameter, shard id) of every tensor a checkpoint of
     ``unsharded`` holds: fused parameters (``qkv_proj``) split back into their checkpoint tensors
-    (``q_proj``, ``k_proj``, ``v_proj``) in the order of ``packed_modules``."""
+    (``q_proj``, ``k_proj``, ``v_proj``) in the order of ``packed_modules``, and stacked ones
+    (experts) into the tensors they list themselves."""
     packed = getattr(unsharded, "packed_modules", {})
     for target, param in unsharded.named_parameters():
+        if hasattr(param, "checkpoint_tensors"):
+            for name, shard_id, shape in _stacked_tensors(target, param):
+                yield name, shape, target, shard_id
+            continue
         shards = [(source, fused, shard_id) for source, (fused, shard_id) in packed.items()]
         shards = [shard for shard in shards if f".{shard[1]}." in target]
         if not shards:
@@ -135,19 +140,34 @@ def load_weights(
     params = dict(model.named_parameters())
     packed = getattr(model, "packed_modules", {})
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    stacked = {
+        name: (target, shard_id)
+        for target, param in params.items()
+        if hasattr(param, "checkpoint_tensors")
+        for name, shard_id, _ in _stacked_tensors(target, param)
+    }
     filled: set[str] = set()
     for name, loaded in _iterate_checkpoint(path, load_format, show_progress):
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
-        target, shard_id = _target_name(name, packed)
+        target, shard_id = stacked.get(name) or _target_name(name, packed)
         param = params.get(target)
         if param is None:
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
         param.weight_loader(param, loaded, shard_id)
         filled.add(target if shard_id is None else f"{target}#{shard_id}")
     missing = [n for n in params if n not in filled and not any(f.startswith(n + "#") for f in filled)]
+    missing += [name for name, (target, shard_id) in stacked.items() if f"{target}#{shard_id}" not in filled]
     if missing:
         raise ValueError(f"checkpoint in {path} lacks weights for: {', '.join(missing[:8])}")
+
+
+def _stacked_tensors(target: str, param: nn.Parameter) -> Iterator[tuple[str, Any, tuple[int, ...]]]:
+    """(checkpoint name, shard id, full shape) of the checkpoint tensors a stacked parameter
+    (e.g. one tensor for all experts) gathers; the parameter lists them under its module."""
+    module = target.rpartition(".")[0]
+    for suffix, shard_id, shape in param.checkpoint_tensors():
+        yield f"{module}.{suffix}", shard_id, shape
 
 
 def _target_name(name: str, packed: dict[str, tuple[str, Any]]) -> tuple[str, Any]:

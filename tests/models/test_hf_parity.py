@@ -3,6 +3,7 @@ token budget so prompts are split across steps and mixed with decodes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from pathlib import Path
@@ -52,6 +53,7 @@ CASES = {
     ),
     "qwen3-qk-norm-head-dim": ("qwen3", {}),
     "phi-parallel-block-partial-rotary": ("phi", {}),
+    "mixtral-top2-of-4-experts": ("mixtral", {}),
 }
 
 
@@ -87,6 +89,27 @@ def test_qwen_details_matter(toy_checkpoint):
     sliding = toy_checkpoint("qwen2", use_sliding_window=True, sliding_window=24, max_window_layers=1)
     prompts = prompts_of_mixed_lengths(384)[3:4]
     assert engine_greedy(sliding, prompts, 8) != engine_greedy(toy_checkpoint("qwen2"), prompts, 8)
+
+
+def test_a_checkpoint_missing_an_expert_is_refused(toy_checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fastgen import AsyncEngine, EngineConfig
+
+    source = Path(toy_checkpoint("mixtral"))
+    target = tmp_path / "no-expert"
+    shutil.copytree(source, target)
+    weights = load_file(str(target / "model.safetensors"))
+    del weights["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    save_file(weights, str(target / "model.safetensors"), metadata={"format": "pt"})
+
+    async def start():
+        await AsyncEngine.start(str(target), EngineConfig(dtype="float32"))
+
+    with pytest.raises(ValueError, match=r"experts\.3\.w2"):
+        asyncio.run(start())
 
 
 @pytest.mark.parametrize("layout", ["sharded-safetensors", "bin", "legacy-config"])
