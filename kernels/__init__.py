@@ -2,20 +2,24 @@
 signature. The public functions dispatch on the tensor's device: Triton on CUDA, the reference
 on CPU (``FASTGEN_KERNELS=reference`` forces the reference)."""
 
+from ._dispatch import reference_forced
 from .activation import gelu, silu_and_mul
 from .attention import paged_attention
 from .cache import write_kv_cache
 from .gemv import linear_small_batch
+from .moe import fused_moe
 from .norm import layer_norm, rms_norm
 from .rotary import apply_rotary
 from .sampling import sample
 
 __all__ = [
     "apply_rotary",
+    "fused_moe",
     "gelu",
     "layer_norm",
     "linear_small_batch",
     "paged_attention",
+    "reference_forced",
     "rms_norm",
     "sample",
     "silu_and_mul",

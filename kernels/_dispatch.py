@@ -16,6 +16,11 @@ def _forced_reference() -> bool:
     return os.environ.get("FASTGEN_KERNELS", "").lower() == "reference"
 
 
+def reference_forced() -> bool:
+    """True when ``FASTGEN_KERNELS=reference`` turns the Triton kernels off."""
+    return _forced_reference()
+
+
 def use_triton(tensor: torch.Tensor) -> bool:
     """True when ``tensor`` lives on a CUDA device and Triton kernels are not disabled."""
     return tensor.is_cuda and not _forced_reference()

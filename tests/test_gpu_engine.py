@@ -51,7 +51,7 @@ GPU_CASES = [
     "qwen2-qkv-bias",
     "qwen3-qk-norm-head-dim",
     "phi-parallel-block-partial-rotary",
-    "mixtral-top2-of-4-experts",  # runs without graphs either way: experts are routed on the host
+    "mixtral-top2-of-4-experts",
 ]
 
 

@@ -1,11 +1,11 @@
 """Mixture of experts (Mixtral): a router picks each token's top-k experts, each expert is a gated
 SiLU MLP, and the token's output is the experts' outputs weighted by the renormalized router
-probabilities.
+probabilities (`fastgen.kernels.fused_moe`: two grouped matmuls on CUDA, which CUDA graphs
+capture; a loop over the experts elsewhere).
 
 Experts are split across ranks by intermediate features, like `GatedMLP`: every rank holds a
 slice of every expert, routes every token the same way (the router is replicated), and one
-all-reduce sums the partial outputs. The experts run one after another on the tokens routed to
-them; that needs the routing on the host, so a model with this layer runs without CUDA graphs.
+all-reduce sums the partial outputs.
 """
 
 from __future__ import annotations
@@ -90,9 +90,4 @@ class MoE(nn.Module):
         probabilities = torch.softmax(self.gate(x).float(), dim=-1)
         weights, experts = probabilities.topk(self.top_k, dim=-1)
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
-        out = torch.zeros_like(x)
-        for expert in experts.unique().tolist():  # in increasing order, as HF adds them
-            rows, slots = (experts == expert).nonzero(as_tuple=True)
-            hidden = kernels.silu_and_mul(linear(x[rows], self.w13[expert]))
-            out.index_add_(0, rows, linear(hidden, self.w2[expert]) * weights[rows, slots, None])
-        return self.tp.all_reduce(out)
+        return self.tp.all_reduce(kernels.fused_moe(x, weights, experts, self.w13, self.w2))

@@ -10,6 +10,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fastgen import kernels
 from fastgen.layers.attention import ForwardBatch, PagedAttention
 from fastgen.layers.embedding import LMHead, VocabParallelEmbedding
 from fastgen.layers.linear import QKVParallelLinear, RowParallelLinear
@@ -143,7 +144,8 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel, max_model_len: int):
         super().__init__()
         self.config = config
-        self.supports_cuda_graphs = not config.num_experts  # experts are routed on the host
+        # the experts' reference loop routes on the host: no graphs when the kernels are off
+        self.supports_cuda_graphs = not (config.num_experts and kernels.reference_forced())
         self.model = LlamaModel(config, tp, max_model_len)
         self.lm_head = LMHead(self.model.embed_tokens, tie_weights=config.tie_word_embeddings)
 
