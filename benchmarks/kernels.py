@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from fastgen.kernels import activation, attention_triton, cache, norm, rotary, sampling
+from fastgen.kernels import activation, attention_triton, cache, moe, norm, rotary, sampling
 from fastgen.kernels.attention import paged_attention_reference
 from tqdm import tqdm
 
@@ -335,6 +335,30 @@ def sampling_cases(bench: Bench) -> None:
                    lambda i=inputs: torch_sampler(*i()), batch * vocab_size * 4, None)
 
 
+# ---------------------------------------------------------------- mixture of experts
+
+
+def moe_cases(bench: Bench) -> None:
+    """One Mixtral-8x7B layer's experts (8 experts, top-2, hidden 4096, intermediate 14336): decode
+    batches read the experts their tokens pick (bandwidth), a prefill chunk does 2 x 3 matmuls per
+    token (compute). Peer: the reference's loop over experts (cuBLAS per expert)."""
+    num_experts, hidden, inner, top_k = 8, 4096, 14336, 2
+    w13 = torch.randn(num_experts, 2 * inner, hidden, dtype=DTYPE, device="cuda") * hidden**-0.5
+    w2 = torch.randn(num_experts, hidden, inner, dtype=DTYPE, device="cuda") * inner**-0.5
+    expert_bytes = 3 * inner * hidden * 2
+    for tokens in (1, 8, 64, 768):
+        x = torch.randn(tokens, hidden, dtype=DTYPE, device="cuda")
+        probabilities = torch.softmax(torch.randn(tokens, num_experts, device="cuda"), dim=-1)
+        weights, ids = probabilities.topk(top_k, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(DTYPE)
+        touched = len(ids.unique())
+        flops = 2 * tokens * top_k * 3 * inner * hidden
+        bench.pair(f"moe 8x(4096,14336) top-2, {tokens} tokens ({touched} experts)",
+                   lambda x=x, w=weights, i=ids: moe.fused_moe_triton(x, w, i, w13, w2), "expert loop",
+                   lambda x=x, w=weights, i=ids: moe.fused_moe_reference(x, w, i, w13, w2),
+                   touched * expert_bytes, flops)
+
+
 # ---------------------------------------------------------------- tuning variants
 
 
@@ -434,15 +458,15 @@ def table(rows: list[Row]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="",
-                        help="comma-separated groups: decode,prefill,elementwise,sampling,variants")
+                        help="comma-separated groups: decode,prefill,elementwise,sampling,moe,variants")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
     torch.manual_seed(int(datetime.datetime.now().timestamp()))
     groups = {"decode": decode_cases, "prefill": prefill_cases, "elementwise": elementwise_cases,
-              "sampling": sampling_cases, "variants": variant_cases}
-    default_groups = ["decode", "prefill", "elementwise", "sampling"]
+              "sampling": sampling_cases, "moe": moe_cases, "variants": variant_cases}
+    default_groups = ["decode", "prefill", "elementwise", "sampling", "moe"]
     chosen = args.only.split(",") if args.only else default_groups
     bench = Bench()
     failed = []
