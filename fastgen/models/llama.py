@@ -121,12 +121,24 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
 
     def forward(self, token_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        hidden = self.embed_tokens(token_ids)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(batch.positions, hidden, residual, batch)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        return run_decoder(self.embed_tokens, self.layers, self.norm, token_ids, batch)
+
+
+def run_decoder(
+    embed: nn.Module,
+    layers: nn.ModuleList,
+    final_norm: nn.Module,
+    token_ids: torch.Tensor,
+    batch: ForwardBatch,
+) -> torch.Tensor:
+    """Embed, run the layers (each returns its output and the running residual, which the next
+    layer's norm adds in), and normalize the sum at the end."""
+    hidden = embed(token_ids)
+    residual = None
+    for layer in layers:
+        hidden, residual = layer(batch.positions, hidden, residual, batch)
+    hidden, _ = final_norm(hidden, residual)
+    return hidden
 
 
 class LlamaForCausalLM(nn.Module):

@@ -15,7 +15,7 @@ from fastgen.layers.norm import LayerNorm
 from fastgen.layers.parallel import TensorParallel
 
 from .config import ModelConfig
-from .llama import LlamaAttention
+from .llama import LlamaAttention, run_decoder
 
 
 class PhiDecoderLayer(nn.Module):
@@ -45,12 +45,7 @@ class PhiModel(nn.Module):
         self.final_layernorm = LayerNorm(config.hidden_size, config.norm_eps)
 
     def forward(self, token_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        hidden = self.embed_tokens(token_ids)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(batch.positions, hidden, residual, batch)
-        hidden, _ = self.final_layernorm(hidden, residual)
-        return hidden
+        return run_decoder(self.embed_tokens, self.layers, self.final_layernorm, token_ids, batch)
 
 
 class PhiForCausalLM(nn.Module):
