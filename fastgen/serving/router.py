@@ -2,9 +2,11 @@
 
 It starts the replica processes, tokenizes each prompt (so a request's cost is exact: prompt
 tokens + the most tokens it may generate) and sends it to the live replica with the fewest
-outstanding tokens; a replica whose queue is full refuses, and the request moves on to the next
-one. A replica whose process exits is taken out of rotation at once; its in-flight requests fail
-with `EngineDeadError`, the other replicas keep serving.
+outstanding tokens, unless a replica that was sent a prompt with the same beginning (whose prefix
+cache likely holds it, see `fastgen.serving.affinity`) is within ``affinity_slack_tokens`` of that
+load; a replica whose queue is full refuses, and the request moves on to the next one. A replica
+whose process exits is taken out of rotation at once; its in-flight requests fail with
+`EngineDeadError`, the other replicas keep serving.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from fastgen.errors import EngineDeadError, EngineOverloadedError
 from fastgen.outputs import RequestOutput
 from fastgen.sampling_params import SamplingParams
 
+from .affinity import PrefixAffinity, prefix_keys
 from .backend import model_names_for
 from .errors import DeploymentStartError
 from .processes import log_tail, spawn_module, stop_process
@@ -105,6 +108,8 @@ class Router:
         config: EngineConfig,
         replica_num: int,
         log_dir: Path,
+        *,
+        affinity_slack_tokens: int = 16384,
     ):
         self.name = name
         self.model = model
@@ -120,6 +125,8 @@ class Router:
         self._replies: dict[str, tuple[_Replica, asyncio.Future]] = {}
         self._tasks: list[asyncio.Task] = []
         self._closing = False
+        self.affinity = PrefixAffinity()
+        self.affinity_slack_tokens = affinity_slack_tokens
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -187,10 +194,12 @@ class Router:
         token_ids = prompt_token_ids(self.tokenizer, prompt)
         cost = len(token_ids) + self._max_new_tokens(len(token_ids), params)
         request_id = request_id if request_id and request_id not in self._flights else uuid.uuid4().hex
+        keys = prefix_keys(token_ids) if self.config.enable_prefix_caching else []
         refused: set[_Replica] = set()
         while True:  # a replica whose queue is full refuses; the next least loaded one may take it
-            replica = self._pick(refused)
+            replica = self._pick(refused, keys)
             flight = self._board(request_id, replica, cost)
+            self.affinity.record(keys, replica.replica_id)
             finished = False
             try:
                 await self._send(replica, Generate(request_id, token_ids, params))
@@ -247,11 +256,22 @@ class Router:
 
     # -- routing ------------------------------------------------------------------------------
 
-    def _pick(self, exclude: set[_Replica]) -> _Replica:
+    def _pick(self, exclude: set[_Replica], keys: list[int] | None = None) -> _Replica:
         live = [r for r in self.replicas if r.serving and r not in exclude]
         if not live:
             raise EngineDeadError(f"deployment {self.name!r} has no live replica")
-        return min(live, key=lambda r: (r.outstanding_tokens, r.requests_routed, r.replica_id))
+
+        def load(replica: _Replica) -> tuple[int, int, int]:
+            return replica.outstanding_tokens, replica.requests_routed, replica.replica_id
+
+        least = min(live, key=load)
+        owners = set(self.affinity.owners(keys)) if keys else set()
+        warm = [r for r in live if r.replica_id in owners]
+        if warm:
+            best = min(warm, key=load)
+            if best.outstanding_tokens - least.outstanding_tokens <= self.affinity_slack_tokens:
+                return best
+        return least
 
     def _has_live_replica(self, exclude: set[_Replica]) -> bool:
         return any(r.serving and r not in exclude for r in self.replicas)
@@ -346,6 +366,7 @@ class Router:
 
     def _mark_dead(self, replica: _Replica, error: EngineDeadError) -> None:
         replica.alive = False
+        self.affinity.forget(replica.replica_id)
         for request_id in list(replica.in_flight):
             flight = self._flights.get(request_id)
             if flight is not None:

@@ -30,7 +30,8 @@ NAME = "toy-two-replicas"
 PROMPTS = ["the engine schedules", "a paged cache of blocks", "decodes run first", "the budget"]
 LONG = 200  # tokens of a request that must still be running when the test acts
 MAX_SEQS, MAX_QUEUED = 2, 4  # per replica: 2 running + 4 waiting, then overload
-OVERLOAD_TOKENS = 1200  # tokens of each accepted request in the HTTP overload burst
+OVERLOAD_TOKENS = 1200  # tokens of each accepted request in the overload bursts (long: CI is busy)
+MII_OVERLOAD_TOKENS = 1000  # the MII client's default max_length (1024) counts the prompt too
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,16 @@ def test_generate_spreads_requests_over_both_replicas(deployment, reference):
     # MII's call syntax and return_full_text
     (full,) = deployment(PROMPTS[0], max_new_tokens=8, do_sample=False, return_full_text=True)
     assert full.generated_text == PROMPTS[0] + reference[0]
+
+
+def test_requests_sharing_a_prefix_go_to_the_replica_that_caches_it(deployment):
+    system = "a paged cache of blocks, and the budget of every step. " * 6  # well over 32 tokens
+    before = [r.requests_routed for r in deployment.deployment_info().replicas]
+    for question in ("what runs first", "how are prompts split", "who is preempted"):
+        (response,) = deployment.generate(system + question, max_new_tokens=2)
+        assert response.generated_length == 2
+    after = [r.requests_routed for r in deployment.deployment_info().replicas]
+    assert sorted(a - b for a, b in zip(after, before)) == [0, 3]
 
 
 def test_async_client_and_streaming(deployment, reference):
@@ -215,7 +226,8 @@ def test_zmq_overload_is_a_clear_error_and_accepted_requests_finish(deployment):
 
     async def one(prompt: str):
         try:
-            deltas = [d async for d in deployment.astream(prompt, max_new_tokens=LONG, ignore_eos=True)]
+            stream = deployment.astream(prompt, max_new_tokens=MII_OVERLOAD_TOKENS, ignore_eos=True)
+            deltas = [d async for d in stream]
         except EngineOverloadedError as exc:
             return exc
         return deltas[-1]
@@ -230,7 +242,7 @@ def test_zmq_overload_is_a_clear_error_and_accepted_requests_finish(deployment):
     finished = [r for r in results if not isinstance(r, Exception)]
     assert len(refused) >= 4 and "max_queued_requests" in str(refused[0])
     assert len(finished) + len(refused) == len(results)
-    assert all(r.generated_length == LONG and r.finish_reason == "length" for r in finished)
+    assert all(r.generated_length == MII_OVERLOAD_TOKENS and r.finish_reason == "length" for r in finished)
 
 
 def test_http_overload_answers_503_at_once_and_accepted_requests_finish(deployment):
