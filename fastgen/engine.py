@@ -62,6 +62,7 @@ class _Channel:
         self._ready = asyncio.Event()
         self.closed = False
         self.cached_tokens = 0
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # for the first output
 
     def put(
         self,
@@ -108,7 +109,9 @@ class _Channel:
             logprobs=self._logprobs,
             stop_reason=self._stop_reason,
             cached_tokens=self.cached_tokens,
+            prompt_logprobs=self.prompt_logprobs,
         )
+        self.prompt_logprobs = None
         self._text, self._token_ids = [], []
         if self._logprobs is not None:
             self._logprobs = []
@@ -126,6 +129,8 @@ class _Request:
     text: TextAccumulator
     arrival_s: float = field(default_factory=time.monotonic)
     first_token_s: float | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # positions 1.. so far
+    prompt_reader: tuple[IncrementalDetokenizer, list[int]] | None = None  # prompt text length so far
 
 
 @dataclass
@@ -480,6 +485,8 @@ class AsyncEngine:
                     continue
                 received = time.perf_counter()
                 self.num_steps += 1
+                if result.prompt_logprobs is not None:
+                    self._collect_prompt_logprobs(step, result.prompt_logprobs)
                 sampled = []
                 logprobs = _logprobs_by_seq(step, result)
                 for seq, token in self.scheduler.commit(step, result):
@@ -571,6 +578,8 @@ class AsyncEngine:
         if request.first_token_s is None:
             request.first_token_s = time.monotonic()
             request.channel.cached_tokens = seq.num_cached_tokens
+            if seq.params.prompt_logprobs is not None:
+                request.channel.prompt_logprobs = [None, *request.prompt_logprobs]
         delta = request.detokenizer.add(token)
         if reason is not None:
             delta += request.detokenizer.flush()
@@ -591,6 +600,48 @@ class AsyncEngine:
         )
         if reason is not None:
             self._forget(request)
+
+    def _collect_prompt_logprobs(self, step: ScheduledStep, scored: list[list[SampleLogprobs]]) -> None:
+        """Keep each prompt position's log-probabilities, once and in order (a preempted sequence
+        scores its prompt again as it recomputes it)."""
+        rows = iter(scored)
+        for chunk, seq, incarnation in zip(step.plan.chunks, step.sequences, step.incarnations):
+            if not chunk.prompt_targets:
+                continue
+            entries = next(rows)
+            request = self._request_of(seq)
+            if request is None or seq.num_preemptions != incarnation:
+                continue
+            collected = request.prompt_logprobs
+            for offset, (target, sample) in enumerate(zip(chunk.prompt_targets, entries)):
+                position = chunk.start_position + offset + 1  # of the token scored
+                if position == len(collected) + 1:
+                    collected.append(self._prompt_token_logprob(request, position, target, sample))
+
+    def _prompt_token_logprob(
+        self, request: _Request, position: int, token: int, sample: SampleLogprobs
+    ) -> TokenLogprob:
+        """The prompt token at ``position`` scored; positions come in order, so the prompt's text is
+        read once, token by token, for the offsets."""
+        seq = request.seq
+        if request.prompt_reader is None:
+            reader = IncrementalDetokenizer(self._decode, [])
+            request.prompt_reader = (reader, [len(reader.add(seq.token_ids[0]))])
+        reader, length = request.prompt_reader
+        text_offset = length[0]
+        length[0] += len(reader.add(token))
+        context = seq.token_ids[max(0, position - LOGPROB_TEXT_CONTEXT) : position]
+        alternatives = [t for t in sample.top_ids if t != token]
+        texts = token_texts(self._decode_special, context, [token, *alternatives])
+        text_of = dict(zip([token, *alternatives], texts))
+        return TokenLogprob(
+            token_id=token,
+            logprob=sample.logprob,
+            top=dict(zip(sample.top_ids, sample.top_logprobs)),
+            text=texts[0],
+            top_text={t: text_of[t] for t in sample.top_ids},
+            text_offset=text_offset,
+        )
 
     def _token_logprob(
         self, seq: Sequence, token: int, sample: SampleLogprobs, text_length: int, delta_length: int

@@ -42,6 +42,10 @@ class RequestOutput(msgspec.Struct, kw_only=True):
 
     ``cached_tokens`` counts the prompt tokens whose keys and values came from the prefix cache
     (known from the first output on).
+
+    ``prompt_logprobs`` (when the request asked, in its first output only) has one entry per prompt
+    token: ``None`` for the first, then each token's `TokenLogprob` after the tokens before it
+    (``text_offset`` counts in the prompt's text).
     """
 
     request_id: str
@@ -53,6 +57,7 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     logprobs: list[TokenLogprob] | None = None
     stop_reason: str | int | None = None
     cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:

@@ -25,6 +25,7 @@ class SamplingOptions(msgspec.Struct, array_like=True, frozen=True):
     min_new_tokens: int  # suppress `suppressed_token_ids` until this many tokens exist
     suppressed_token_ids: list[int]
     logprobs: int | None = None  # None: none; N >= 0: the sampled token's and the top N (raw)
+    prompt_logprobs: int | None = None  # the same for each prompt token (see SequenceChunk)
     # penalties and biases (see `SamplingParams`; the neutral values are off)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -54,6 +55,8 @@ class SequenceChunk(msgspec.Struct, array_like=True):
     start_position: int  # tokens of this sequence already in the KV cache
     new_blocks: list[int]  # appended to the sequence's block table before the step runs
     sample: bool  # the chunk ends at the sequence's last token: sample the next one
+    # prompt log-probabilities: the prompt token after each of the chunk's first len() positions
+    prompt_targets: list[int] = []
 
 
 class StepPlan(msgspec.Struct, array_like=True):
@@ -91,3 +94,5 @@ class StepResult(msgspec.Struct, array_like=True):
     prepare_s: float = 0.0
     forward_s: float = 0.0
     logprobs: list[SampleLogprobs | None] | None = None
+    # per chunk with prompt targets (in chunk order): one entry per target
+    prompt_logprobs: list[list[SampleLogprobs]] | None = None

@@ -259,7 +259,9 @@ class ModelRunner:
             if chunk.sample:
                 sampled_states.append(state)
         prepared = time.perf_counter()
-        if self.graphs is not None and self.graphs.fits(host):
+        scored = [(offset, chunk) for offset, chunk in _chunk_offsets(plan.chunks) if chunk.prompt_targets]
+        prompt_pending = None
+        if self.graphs is not None and not scored and self.graphs.fits(host):
             logits = self.graphs.run(host)
         else:
             token_ids, batch, sample_indices = host.to_device(self.device)
@@ -267,6 +269,8 @@ class ModelRunner:
                 hidden = self.mixed_graphs.run(token_ids, batch)
             else:
                 hidden = self.model(token_ids, batch)
+            if scored:
+                prompt_pending = self._score_prompts(hidden, scored)
             logits = self.model.compute_logits(hidden[sample_indices])
         pending = self._sample(logits, sampled_states)
         if on_launched is not None:
@@ -275,8 +279,41 @@ class ModelRunner:
         for state, token in zip(sampled_states, tokens):
             state.num_generated += 1
             state.last_sampled = token
+        prompt_logprobs = None if prompt_pending is None else prompt_pending.to_host()[1]
         finished = time.perf_counter()
-        return StepResult(plan.step_id, tokens, prepared - started, finished - prepared, logprobs)
+        return StepResult(
+            plan.step_id, tokens, prepared - started, finished - prepared, logprobs, prompt_logprobs
+        )
+
+    def _score_prompts(
+        self, hidden: torch.Tensor, scored: list[tuple[int, SequenceChunk]]
+    ) -> _PendingSample | None:
+        """Raw log-probabilities of each chunk's prompt targets (the next prompt token at each of its
+        first positions) and the top N there, as for sampled tokens (`_sample`); all ranks compute
+        the logits (the LM head gathers across ranks), rank 0 the rest."""
+        rows = torch.cat([
+            torch.arange(offset, offset + len(chunk.prompt_targets)) for offset, chunk in scored
+        ]).to(hidden.device)
+        logits = self.model.compute_logits(hidden[rows])
+        if self.tp.rank != 0:
+            return None
+        raw = torch.log_softmax(logits.float(), dim=-1)
+        targets = [token for _, chunk in scored for token in chunk.prompt_targets]
+        picked = torch.tensor(targets, dtype=torch.int64, device=raw.device)
+        wanted = [self.sequences[chunk.seq_id].sampling.prompt_logprobs for _, chunk in scored]
+        per_row = [n for n, (_, chunk) in zip(wanted, scored) for _ in chunk.prompt_targets]
+        pending = _pack_logprobs(picked, raw, picked, list(range(len(targets))), per_row)
+        sizes = [len(chunk.prompt_targets) for _, chunk in scored]
+
+        def unpack(packed: list[float]) -> tuple[list[int], list[list[SampleLogprobs]]]:
+            _, rows_out = pending.unpack(packed)
+            grouped, start = [], 0
+            for size in sizes:
+                grouped.append(rows_out[start : start + size])
+                start += size
+            return [], grouped
+
+        return _PendingSample(pending.values, unpack)
 
     def _sample(self, logits: torch.Tensor, states: list[_SequenceState]) -> _PendingSample:
         """One token per row, and for the rows whose sequence asks, raw log-probabilities: the
@@ -353,6 +390,15 @@ class _PendingSample:
             return [], None
         values = self.values.tolist()
         return self.unpack(values) if self.unpack is not None else (values, None)
+
+
+def _chunk_offsets(chunks: list[SequenceChunk]) -> list[tuple[int, SequenceChunk]]:
+    """Each chunk with the index of its first token in the step's flattened batch."""
+    offsets, total = [], 0
+    for chunk in chunks:
+        offsets.append((total, chunk))
+        total += len(chunk.token_ids)
+    return offsets
 
 
 def _pack_logprobs(

@@ -37,6 +37,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
       log-probabilities: log-softmax over the whole vocabulary of the model's logits, before
       temperature, top-k, top-p and ``min_new_tokens`` touch them (vLLM's default), so a sampled
       request reports the model's distribution, not the one it sampled from.
+    - ``prompt_logprobs``: the same for the prompt: the log-probability of each prompt token after
+      the tokens before it (and the ``N`` most likely there), e.g. to score text. Such a request
+      computes its whole prompt (it takes nothing from the prefix cache).
     - ``presence_penalty``, ``frequency_penalty`` (OpenAI, -2..2, 0 = off): each token's logit is
       lowered by ``presence_penalty`` if it occurs in the output so far, plus ``frequency_penalty``
       times the number of times it does (the prompt does not count).
@@ -61,6 +64,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stop_token_ids: list[int] = []
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -98,6 +102,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         _check_int(self.top_k, "top_k", minimum=0)
         _check_int(self.seed, "seed", minimum=0, optional=True, maximum=_MAX_SEED)
         _check_int(self.logprobs, "logprobs", minimum=0, optional=True, maximum=MAX_LOGPROBS)
+        _check_int(self.prompt_logprobs, "prompt_logprobs", minimum=0, optional=True, maximum=MAX_LOGPROBS)
         if not isinstance(self.do_sample, bool):
             raise InvalidRequestError("do_sample", "must be a boolean")
         if not isinstance(self.ignore_eos, bool):

@@ -186,8 +186,10 @@ class Scheduler:
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks of the prefix cache that hold the start of ``seq`` (with references taken)."""
-        if not self.block_manager.prefix_caching or seq.sampling_options.adjusts_logits:
-            return []  # penalties count every token id, so the worker must see the whole prompt
+        options = seq.sampling_options
+        scores_prompt = options.prompt_logprobs is not None
+        if not self.block_manager.prefix_caching or options.adjusts_logits or scores_prompt:
+            return []  # penalties count every token id, prompt log-probabilities need every position
         full = (seq.num_tokens - 1) // self.block_size  # the last token is computed: it samples
         return self.block_manager.lookup(block_keys(seq.token_ids, self.block_size, full, seq.block_keys))
 
@@ -213,12 +215,16 @@ class Scheduler:
         sample = end == seq.num_scheduled_tokens
         seq.num_computed = end
         seq.num_pending += sample
+        targets = []
+        if seq.sampling_options.prompt_logprobs is not None and start < seq.prompt_len - 1:
+            targets = seq.token_ids[start + 1 : min(end, seq.prompt_len - 1) + 1]
         return SequenceChunk(
             seq_id=seq.seq_id,
             token_ids=token_ids,
             start_position=start,
             new_blocks=new_blocks,
             sample=sample,
+            prompt_targets=targets,
         )
 
     def _ensure_blocks(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:

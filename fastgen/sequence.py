@@ -135,6 +135,7 @@ def _sampling_options(params: SamplingParams, eos_token_ids: tuple[int, ...]) ->
         min_new_tokens=params.min_new_tokens,
         suppressed_token_ids=suppressed if params.min_new_tokens > 0 else [],
         logprobs=params.logprobs,
+        prompt_logprobs=params.prompt_logprobs,
         presence_penalty=float(params.presence_penalty),
         frequency_penalty=float(params.frequency_penalty),
         repetition_penalty=float(params.repetition_penalty),

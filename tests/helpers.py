@@ -87,3 +87,13 @@ def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[
             )
         outputs.append(out[0, len(prompt) :].tolist())
     return outputs
+
+
+def collect_outputs(path: str, prompt, params: SamplingParams, **config) -> list[RequestOutput]:
+    """Every `RequestOutput` of one request, unmerged."""
+
+    async def main():
+        async with await AsyncEngine.start(path, EngineConfig(dtype="float32", **config)) as engine:
+            return [out async for out in engine.generate(prompt, params)]
+
+    return asyncio.run(asyncio.wait_for(main(), 120))

@@ -10,7 +10,7 @@ import torch
 
 from fastgen import InvalidRequestError, RequestOutput, SamplingParams
 from fastgen.executor.wire import ReplyCodec, StepDone
-from fastgen.plan import SampleLogprobs, StepResult
+from fastgen.plan import SampleLogprobs, SequenceChunk, StepResult
 from tests.helpers import generate_together as generate_all
 
 TOLERANCE = 1e-4
@@ -132,6 +132,57 @@ def test_step_result_wire_stays_compact():
     rows = [None, SampleLogprobs(-0.5, [12, 4], [-0.5, -1.25]), None]
     result = StepResult(9, [11, 12, 13], logprobs=rows)
     assert codec.decode(codec.encode(StepDone(0, 9, result))).result == result
-    # a step in which nobody asks pays one byte for the field
+    # a step in which nobody asks pays one byte for each of the two fields
     plain = msgspec.msgpack.encode(StepResult(9, [11, 12, 13]))
-    assert len(plain) == len(msgspec.msgpack.encode([9, [11, 12, 13], 0.0, 0.0])) + 1
+    assert len(plain) == len(msgspec.msgpack.encode([9, [11, 12, 13], 0.0, 0.0])) + 2
+    timed = StepResult(9, [11], prepare_s=0.5, forward_s=0.25)
+    assert codec.decode(codec.encode(StepDone(0, 9, timed))).result == timed
+
+
+def test_plan_chunks_without_prompt_targets_pay_one_byte_for_them():
+    chunk = SequenceChunk(3, [5, 6], 0, [1], True)
+    assert msgspec.msgpack.encode(chunk) == msgspec.msgpack.encode([3, [5, 6], 0, [1], True, []])
+    scored = SequenceChunk(3, [5, 6], 0, [1], False, prompt_targets=[6, 7])
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(scored), type=SequenceChunk) == scored
+
+
+def check_prompt_logprobs_against_hf(path: str, prompt: list[int], out: RequestOutput, top_n: int) -> None:
+    from transformers import AutoModelForCausalLM
+
+    if path not in _HF:
+        _HF[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = torch.log_softmax(_HF[path](torch.tensor([prompt])).logits[0].float(), dim=-1)
+    entries = out.prompt_logprobs
+    assert entries is not None and len(entries) == len(prompt) and entries[0] is None
+    offsets = [entry.text_offset for entry in entries[1:]]
+    assert offsets == sorted(offsets)
+    for position, entry in enumerate(entries[1:], start=1):
+        row = reference[position - 1]
+        assert entry.token_id == prompt[position]
+        assert entry.logprob == pytest.approx(row[prompt[position]].item(), abs=TOLERANCE)
+        assert list(entry.top.values()) == pytest.approx(row.topk(top_n).values.tolist(), abs=TOLERANCE)
+
+
+def test_prompt_logprobs_equal_hf_across_chunks_preemption_and_the_prefix_cache(llama_path):
+    long_prompt = list(range(3, 103))  # 100 tokens: split over many 16-token steps
+    scored = SamplingParams(max_new_tokens=30, ignore_eos=True, prompt_logprobs=3)
+    plain = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    requests = [(long_prompt, plain), (long_prompt, scored), (PROMPTS[0], scored), (long_prompt[:60], plain)]
+    for config in ({}, {"num_kv_blocks": 12}):  # roomy, then preempting
+        outs = generate_all(llama_path, requests, token_budget=16, block_size=16, **config)
+        check_prompt_logprobs_against_hf(llama_path, long_prompt, outs[1], top_n=3)
+        check_prompt_logprobs_against_hf(llama_path, PROMPTS[0], outs[2], top_n=3)
+        assert outs[0].prompt_logprobs is None and outs[3].prompt_logprobs is None
+        assert outs[1].token_ids == outs[0].token_ids  # scoring the prompt changes no output
+        assert outs[1].cached_tokens == 0  # a scored prompt is computed in full
+
+
+def test_prompt_logprobs_come_with_the_first_output_only(llama_path):
+    from tests.helpers import collect_outputs
+
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True, prompt_logprobs=0)
+    outs = collect_outputs(llama_path, PROMPTS[1], params)
+    assert outs[0].prompt_logprobs is not None and len(outs[0].prompt_logprobs) == len(PROMPTS[1])
+    assert all(entry is None or entry.top == {} for entry in outs[0].prompt_logprobs)
+    assert all(out.prompt_logprobs is None for out in outs[1:])

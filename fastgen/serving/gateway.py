@@ -169,6 +169,7 @@ class _Result:
     generated_tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None  # those of the text so far, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     visible: oai.VisibleLogprobs = field(default_factory=oai.VisibleLogprobs)
 
     @property
@@ -183,6 +184,8 @@ class _Result:
         self.cached_tokens = out.cached_tokens
         self.generated_tokens = out.generated_tokens
         self.finish_reason = out.finish_reason
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         if out.logprobs is None:
             return None
         ready = self.visible.push(out)
@@ -203,12 +206,12 @@ async def _collect(group: StreamGroup, count: int) -> list[_Result]:
     return results
 
 
-def _usage_of(choices: list[oai.Choice], results: list[_Result]) -> dict:
+def _usage_of(choices: list[oai.Choice], results: list[_Result], *, generated: bool = True) -> dict:
     # each prompt counts once, however many choices it has (the first choice's cache hits)
     prompts = {choice.prompt_index: result for choice, result in reversed(list(zip(choices, results)))}
     return oai.usage(
         sum(result.prompt_tokens for result in prompts.values()),
-        sum(result.generated_tokens for result in results),
+        sum(result.generated_tokens for result in results) if generated else 0,
         cached_tokens=sum(result.cached_tokens for result in prompts.values()),
     )
 
@@ -307,15 +310,19 @@ class _Gateway:
     async def _completion(self, body: oai.CompletionRequest, model: str, choices: list[oai.Choice]) -> dict:
         response_id, group = self._choice_group("cmpl", choices)
         results = await _collect(group, len(choices))
-        items = [
-            oai.completion_choice(
-                c.index, (c.prompt + r.text) if body.echo else r.text, r.finish_reason, r.logprobs
-            )
-            for c, r in zip(choices, results)
-        ]
-        return oai.completion_object(
-            response_id, model, oai.now_s(), items, _usage_of(choices, results), False
-        )
+        scoring = oai.scores_prompt_only(body)
+        items = []
+        for c, r in zip(choices, results):
+            if not body.echo:
+                items.append(oai.completion_choice(c.index, r.text, r.finish_reason, r.logprobs))
+                continue
+            echoed = None if r.prompt_logprobs is None else (c.prompt, r.prompt_logprobs)
+            text, logprobs, finish = r.text, r.logprobs, r.finish_reason
+            if scoring:  # max_tokens 0: the prompt alone
+                text, logprobs, finish = "", None if body.logprobs is None else [], "length"
+            items.append(oai.completion_choice(c.index, c.prompt + text, finish, logprobs, echoed))
+        usage = _usage_of(choices, results, generated=not scoring)
+        return oai.completion_object(response_id, model, oai.now_s(), items, usage, False)
 
     async def _completion_events(
         self, body: oai.CompletionRequest, model: str, choices: list[oai.Choice]
@@ -325,17 +332,24 @@ class _Gateway:
         results = [_Result() for _ in choices]
         try:
             await group.start()
+            scoring = oai.scores_prompt_only(body)
             async for index, out in group:
                 choice, result = choices[index], results[index]
-                text = out.text
-                if body.echo and not result.prompt_tokens:
-                    text = choice.prompt + text  # type: ignore[operator]
+                first = body.echo and not result.prompt_tokens
                 logprobs = result.add(out)
-                if text or out.finish_reason or logprobs:
-                    item = oai.completion_choice(choice.index, text, out.finish_reason, logprobs)
+                text, finish, echoed = out.text, out.finish_reason, None
+                if scoring:  # the prompt alone, once
+                    text, finish = "", "length" if first else None
+                    logprobs = None if body.logprobs is None else []
+                if first:
+                    text = choice.prompt + text  # type: ignore[operator]
+                    if result.prompt_logprobs is not None:
+                        echoed = (choice.prompt, result.prompt_logprobs)
+                if text or finish or logprobs or echoed:
+                    item = oai.completion_choice(choice.index, text, finish, logprobs, echoed)
                     yield sse(oai.completion_object(response_id, model, created, [item], None, True))
             if body.stream_options is not None and body.stream_options.include_usage:
-                usage = _usage_of(choices, results)
+                usage = _usage_of(choices, results, generated=not oai.scores_prompt_only(body))
                 yield sse(oai.completion_object(response_id, model, created, [], usage, True))
             yield DONE
         finally:

@@ -33,7 +33,7 @@ from .prompts import ChatMessage, ChatPrompt, Prompt
 MAX_CHOICES = 128
 _SEED_MODULUS = 2**63
 # engine option names -> the OpenAI names a client used
-_FIELD_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+_FIELD_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "prompt_logprobs": "logprobs"}
 _CHAT_FIELD_NAMES = {**_FIELD_NAMES, "logprobs": "top_logprobs"}
 _MIN_LOGPROB = -9999.0  # what OpenAI reports for a token too unlikely to have a log-probability
 
@@ -109,9 +109,9 @@ class Choice:
 
 
 def completion_choices(request: CompletionRequest) -> list[Choice]:
+    """The engine requests of a completion request. ``echo`` with ``logprobs`` scores the prompt
+    too; with ``max_tokens: 0`` it only scores the prompt (one token is generated and dropped)."""
     _check_n(request)
-    if request.logprobs is not None and request.echo:
-        raise InvalidRequestError("echo", "echo with logprobs (prompt log-probabilities) is not supported")
     if request.best_of is not None and request.best_of != request.n:
         raise InvalidRequestError("best_of", "only best_of == n (or unset) is supported")
     if request.suffix:
@@ -120,7 +120,16 @@ def completion_choices(request: CompletionRequest) -> list[Choice]:
     if request.echo and not all(isinstance(p, str) for p in prompts):
         raise InvalidRequestError("echo", "echo needs text prompts")
     max_tokens = 16 if request.max_tokens is None else request.max_tokens
-    return _choices(request, prompts, sampling_params(request, max_tokens, logprobs=request.logprobs))
+    if scores_prompt_only(request):
+        max_tokens = 1
+    prompt_logprobs = request.logprobs if request.echo else None
+    params = sampling_params(request, max_tokens, logprobs=request.logprobs, prompt_logprobs=prompt_logprobs)
+    return _choices(request, prompts, params)
+
+
+def scores_prompt_only(request: CompletionRequest) -> bool:
+    """``echo`` with ``max_tokens: 0``: the prompt (and its log-probabilities) and nothing else."""
+    return request.echo and request.max_tokens == 0
 
 
 def chat_choices(request: ChatCompletionRequest) -> list[Choice]:
@@ -184,6 +193,7 @@ def sampling_params(
     max_tokens: int | None,
     *,
     logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
     field_names: dict[str, str] = _FIELD_NAMES,
 ) -> SamplingParams:
     """OpenAI options -> `SamplingParams`; errors name the OpenAI field."""
@@ -200,6 +210,7 @@ def sampling_params(
         "stop_token_ids": list(request.stop_token_ids or []),
         "ignore_eos": request.ignore_eos,
         "logprobs": logprobs,
+        "prompt_logprobs": prompt_logprobs,
         "presence_penalty": request.presence_penalty,
         "frequency_penalty": request.frequency_penalty,
         "repetition_penalty": request.repetition_penalty,
@@ -268,10 +279,33 @@ def completion_object(
 
 
 def completion_choice(
-    index: int, text: str, finish_reason: str | None, logprobs: list[TokenLogprob] | None = None
+    index: int,
+    text: str,
+    finish_reason: str | None,
+    logprobs: list[TokenLogprob] | None = None,
+    echoed: tuple[str, list[TokenLogprob | None]] | None = None,
 ) -> dict:
+    """One choice; ``echoed`` (the prompt's text and log-probabilities) puts the prompt's tokens
+    before the generated ones, with offsets counted in the echoed text."""
     legacy = None if logprobs is None else completion_logprobs(logprobs)
+    if echoed is not None:
+        legacy = echo_logprobs(*echoed, logprobs or [])
     return {"index": index, "text": text, "logprobs": legacy, "finish_reason": finish_reason}
+
+
+def echo_logprobs(prompt_text: str, prompt: list[TokenLogprob | None], generated: list[TokenLogprob]) -> dict:
+    """The legacy format for the prompt's tokens (the first has no log-probability and reads up to
+    where the second begins) followed by the generated tokens."""
+    scored = [entry for entry in prompt[1:] if entry is not None]
+    shifted = [msgspec.structs.replace(e, text_offset=e.text_offset + len(prompt_text)) for e in generated]
+    legacy = completion_logprobs(scored + shifted)
+    first_end = scored[0].text_offset if scored else len(prompt_text)
+    return {
+        "tokens": [prompt_text[:first_end], *legacy["tokens"]],
+        "token_logprobs": [None, *legacy["token_logprobs"]],
+        "top_logprobs": [None, *legacy["top_logprobs"]],
+        "text_offset": [0, *legacy["text_offset"]],
+    }
 
 
 def completion_logprobs(entries: list[TokenLogprob]) -> dict:

@@ -190,6 +190,45 @@ def test_completions_logprobs(oai, reference):
     assert plain.choices[0].logprobs is None
 
 
+def test_echo_with_logprobs_scores_the_prompt(oai, reference, llama_path):
+    """What evaluation harnesses do to score text: echo the prompt with its log-probabilities,
+    with (max_tokens > 0) or without (max_tokens 0) generating."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt = PROMPTS[1]
+    ids = AutoTokenizer.from_pretrained(llama_path)(prompt)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    expected = [expected[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    text, generated, _ = reference["completions"][1]
+
+    options = dict(model="toy", prompt=prompt, temperature=0, echo=True, logprobs=2)
+    full = oai.completions.create(**options, max_tokens=MAX_TOKENS).choices[0]
+    assert full.text == prompt + text
+    lp = full.logprobs
+    assert len(lp.tokens) == len(ids) + generated
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(expected, abs=1e-4)
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset)
+    assert "".join(lp.tokens[: len(ids)]).strip() == prompt.strip()
+
+    scored = oai.completions.create(**options, max_tokens=0)
+    choice = scored.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(ids)
+    assert choice.logprobs.token_logprobs == lp.token_logprobs[: len(ids)]
+
+    chunks = [c for c in oai.completions.create(**options, max_tokens=MAX_TOKENS, stream=True) if c.choices]
+    assert "".join(c.choices[0].text for c in chunks) == prompt + text
+    streamed = [v for c in chunks if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+    quiet = oai.completions.create(model="toy", prompt=prompt, max_tokens=0, echo=True, temperature=0)
+    assert quiet.choices[0].text == prompt and quiet.choices[0].logprobs is None
+
+
 def test_chat_logprobs(oai, reference):
     messages = [{"role": "user", "content": PROMPTS[0]}]
     options = dict(model="toy", messages=messages, max_tokens=MAX_TOKENS, temperature=0, logprobs=True)
@@ -295,7 +334,8 @@ LONG = "the engine " * 400
         ("/v1/completions", b'{"prompt": "x", "n": 500}', 400, "n"),
         ("/v1/completions", b'{"prompt": "x", "logprobs": 21}', 400, "logprobs"),
         ("/v1/completions", b'{"prompt": "x", "logprobs": -1}', 400, "logprobs"),
-        ("/v1/completions", b'{"prompt": "x", "logprobs": 2, "echo": true}', 400, "echo"),
+        ("/v1/completions", b'{"prompt": [5, 6], "logprobs": 2, "echo": true}', 400, "echo"),
+        ("/v1/completions", b'{"prompt": "x", "logprobs": 21, "echo": true}', 400, "logprobs"),
         ("/v1/completions", b'{"prompt": "x", "frequency_penalty": 2.5}', 400, "frequency_penalty"),
         ("/v1/completions", b'{"prompt": "x", "presence_penalty": "high"}', 422, "presence_penalty"),
         ("/v1/completions", b'{"prompt": "x", "repetition_penalty": 0}', 400, "repetition_penalty"),
