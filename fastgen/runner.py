@@ -198,6 +198,8 @@ class ModelRunner:
         token_ids, batch, _ = host.to_device(self.device)
         with torch.inference_mode():
             hidden = self.model(token_ids, batch)
+            # prompt log-probabilities take the log-softmax of up to every token of a step
+            torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)
             logits = self.model.compute_logits(hidden[:rows]).float()
             raw = torch.log_softmax(logits, dim=-1)  # alive while the step samples, as in `_sample`
             raw.topk(min(MAX_LOGPROBS, logits.shape[-1]), dim=-1)

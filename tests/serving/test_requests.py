@@ -130,7 +130,8 @@ def test_chat_content_parts_are_joined():
         (completion, {"prompt": "x", "temperature": -1}, "temperature"),
         (completion, {"prompt": "x", "n": 0}, "n"),
         (completion, {"prompt": "x", "logprobs": 21}, "logprobs"),
-        (completion, {"prompt": "x", "logprobs": 1, "echo": True}, "echo"),
+        (completion, {"prompt": [5, 6], "logprobs": 1, "echo": True}, "echo"),  # echo needs text
+        (completion, {"prompt": "x", "logprobs": 1, "max_tokens": -1, "echo": True}, "max_tokens"),
         (completion, {"prompt": "x", "logit_bias": {"three": 1.0}}, "logit_bias"),
         (completion, {"prompt": "x", "logit_bias": {"3": 100.5}}, "logit_bias"),
         (completion, {"prompt": "x", "logit_bias": {"-3": 1.0}}, "logit_bias"),
