@@ -25,12 +25,12 @@ class SamplingOptions(msgspec.Struct, array_like=True, frozen=True):
     min_new_tokens: int  # suppress `suppressed_token_ids` until this many tokens exist
     suppressed_token_ids: list[int]
     logprobs: int | None = None  # None: none; N >= 0: the sampled token's and the top N (raw)
-    prompt_logprobs: int | None = None  # the same for each prompt token (see SequenceChunk)
     # penalties and biases (see `SamplingParams`; the neutral values are off)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = {}
+    prompt_logprobs: int | None = None  # as ``logprobs``, for each prompt token (see SequenceChunk)
 
     @property
     def adjusts_logits(self) -> bool:
