@@ -194,6 +194,16 @@ _FAMILIES = {
         num_local_experts=4,
         num_experts_per_tok=2,
     ),
+    "gemma": dict(
+        _TINY,
+        architectures=["GemmaForCausalLM"],
+        model_type="gemma",
+        num_key_value_heads=1,  # MQA, as Gemma-2B
+        head_dim=32,
+        hidden_act="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+    ),
     "phi": dict(
         _TINY,
         architectures=["PhiForCausalLM"],

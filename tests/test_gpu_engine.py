@@ -52,6 +52,7 @@ GPU_CASES = [
     "qwen3-qk-norm-head-dim",
     "phi-parallel-block-partial-rotary",
     "mixtral-top2-of-4-experts",
+    "gemma-geglu-mqa-offset-norms-scaled-embeddings",
 ]
 
 

@@ -95,6 +95,7 @@ CASES = {
     "qwen3-qk-norm-gqa-tp2": ({"family": "qwen3"}, 2),
     "phi-biases-lm-head-bias-tp2": ({"family": "phi"}, 2),
     "mixtral-experts-split-tp2": ({"family": "mixtral"}, 2),
+    "gemma-mqa-scaled-embeddings-tp2": ({"family": "gemma"}, 2),
 }
 
 

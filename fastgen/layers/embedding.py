@@ -12,11 +12,15 @@ from .parallel import SINGLE, TensorParallel
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Embedding table whose rows (vocabulary) are split across ranks; the last shard is padded."""
+    """Embedding table whose rows (vocabulary) are split across ranks; the last shard is padded.
+    ``multiplier`` scales the looked-up rows (rounded to the table's dtype first, as HF's Gemma)."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, *, tp: TensorParallel = SINGLE):
+    def __init__(
+        self, vocab_size: int, hidden_size: int, *, tp: TensorParallel = SINGLE, multiplier: float = 1.0
+    ):
         super().__init__()
         self.tp = tp
+        self.multiplier = multiplier
         self.vocab_size = vocab_size
         self.shard_size = -(-vocab_size // tp.size)
         self.vocab_start = tp.rank * self.shard_size
@@ -30,11 +34,15 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return nn.functional.embedding(token_ids, self.weight)
-        mine = (token_ids >= self.vocab_start) & (token_ids < self.vocab_end)
-        local_ids = torch.where(mine, token_ids - self.vocab_start, 0)
-        out = nn.functional.embedding(local_ids, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
-        return self.tp.all_reduce(out)
+            out = nn.functional.embedding(token_ids, self.weight)
+        else:
+            mine = (token_ids >= self.vocab_start) & (token_ids < self.vocab_end)
+            local_ids = torch.where(mine, token_ids - self.vocab_start, 0)
+            out = nn.functional.embedding(local_ids, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
+            out = self.tp.all_reduce(out)
+        if self.multiplier != 1.0:
+            out = out * torch.tensor(self.multiplier, dtype=out.dtype)
+        return out
 
 
 class LMHead(nn.Module):

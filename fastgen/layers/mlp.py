@@ -10,7 +10,7 @@ from fastgen import kernels
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .parallel import SINGLE, TensorParallel
 
-_GATED_ACTIVATIONS = ("silu", "swish")
+_GATED_ACTIVATIONS = {"silu": None, "swish": None, "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 
 _PLAIN_ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
@@ -41,7 +41,8 @@ class MLP(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """``down(act(gate(x)) * up(x))`` with gate and up fused in one column-parallel matmul."""
+    """``down(act(gate(x)) * up(x))`` with gate and up fused in one column-parallel matmul; SiLU
+    (SwiGLU) or GELU (GeGLU, Gemma)."""
 
     def __init__(
         self,
@@ -55,12 +56,17 @@ class GatedMLP(nn.Module):
         super().__init__()
         if act not in _GATED_ACTIVATIONS:
             raise ValueError(
-                f"gated MLP activation {act!r} is not supported; supported: {_GATED_ACTIVATIONS}"
+                f"gated MLP activation {act!r} is not supported; supported: {sorted(_GATED_ACTIVATIONS)}"
             )
+        self.gelu = _GATED_ACTIVATIONS[act]  # None: SiLU
         self.gate_up_proj = ColumnParallelLinear(
             hidden_size, [intermediate_size, intermediate_size], bias=bias, tp=tp
         )
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if self.gelu is None:
+            return self.down_proj(kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(kernels.gelu(gate, self.gelu) * up)

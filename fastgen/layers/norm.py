@@ -11,13 +11,20 @@ from .linear import load_full
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm; ``forward(x, residual)`` also adds the residual and returns the new residual."""
+    """RMSNorm; ``forward(x, residual)`` also adds the residual and returns the new residual.
+    ``weight_offset`` is added to the checkpoint's weight when it loads (Gemma scales by 1 + w)."""
 
-    def __init__(self, hidden_size: int, eps: float):
+    def __init__(self, hidden_size: int, eps: float, *, weight_offset: float = 0.0):
         super().__init__()
         self.eps = eps
+        self.weight_offset = weight_offset
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
-        self.weight.weight_loader = load_full
+        self.weight.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        load_full(param, loaded, shard_id)
+        if self.weight_offset:
+            param.data += self.weight_offset
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         return kernels.rms_norm(x, self.weight, self.eps, residual)

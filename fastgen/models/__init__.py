@@ -21,6 +21,7 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     "qwen2": ("fastgen.models.llama", "LlamaForCausalLM"),
     "qwen3": ("fastgen.models.llama", "LlamaForCausalLM"),
     "phi": ("fastgen.models.phi", "PhiForCausalLM"),
+    "gemma": ("fastgen.models.llama", "LlamaForCausalLM"),
 }
 
 

@@ -30,6 +30,8 @@ class ModelConfig:
     qkv_bias: bool
     o_proj_bias: bool
     qk_norm: bool  # RMSNorm over each query and key head before rotary (Qwen3)
+    norm_weight_offset: float  # RMSNorm scales by (offset + weight): 1 for Gemma, else 0
+    embedding_multiplier: float  # token embeddings are scaled by it (sqrt(hidden) for Gemma)
     mlp_bias: bool
     num_experts: int  # 0: a dense MLP; otherwise a mixture of experts (Mixtral)
     num_experts_per_tok: int
@@ -72,10 +74,12 @@ class ModelConfig:
             qkv_bias=attention_bias or model_type in ("qwen2", "phi"),  # always there in these
             o_proj_bias=attention_bias or model_type == "phi",
             qk_norm=model_type == "qwen3",
+            norm_weight_offset=1.0 if model_type == "gemma" else 0.0,
+            embedding_multiplier=hidden**0.5 if model_type == "gemma" else 1.0,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             num_experts=int(cfg.get("num_local_experts") or 0),
             num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
-            hidden_act=cfg.get("hidden_act", "gelu_new" if model_type == "phi" else "silu"),
+            hidden_act=cfg.get("hidden_act") or _DEFAULT_ACTIVATIONS.get(model_type, "silu"),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             checkpoint_dtype=dtype_name if isinstance(dtype_name, str) else None,
@@ -88,6 +92,9 @@ class ModelConfig:
         if not config_file.is_file():
             raise FileNotFoundError(f"no config.json in {path}: expected a Hugging Face model directory")
         return cls.from_dict(json.loads(config_file.read_text()))
+
+
+_DEFAULT_ACTIVATIONS = {"phi": "gelu_new", "gemma": "gelu_pytorch_tanh"}
 
 
 def _partial_rotary_factor(cfg: dict[str, Any]) -> float:

@@ -1,7 +1,7 @@
 """Llama 1/2/3 and the models that differ from it in details read from their config: Mistral
 (sliding-window attention), Mixtral (Mistral with a mixture of experts for the MLP), Qwen2 (q/k/v
-biases, optional per-layer sliding windows) and Qwen3 (RMSNorm over each query and key head
-before rotary)."""
+biases, optional per-layer sliding windows), Qwen3 (RMSNorm over each query and key head before
+rotary) and Gemma (GeGLU, RMSNorm scaling by 1 + weight, embeddings scaled by sqrt(hidden))."""
 
 from __future__ import annotations
 
@@ -75,9 +75,10 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel, max_model_len: int, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        offset = config.norm_weight_offset
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps, weight_offset=offset)
         self.self_attn = LlamaAttention(config, tp, max_model_len, layer)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, weight_offset=offset)
         self.moe = bool(config.num_experts)
         if self.moe:
             self.block_sparse_moe = MoE(
@@ -114,11 +115,13 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel, max_model_len: int):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp=tp)
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, tp=tp, multiplier=config.embedding_multiplier
+        )
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, tp, max_model_len, layer) for layer in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, weight_offset=config.norm_weight_offset)
 
     def forward(self, token_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         return run_decoder(self.embed_tokens, self.layers, self.norm, token_ids, batch)

@@ -54,6 +54,7 @@ CASES = {
     "qwen3-qk-norm-head-dim": ("qwen3", {}),
     "phi-parallel-block-partial-rotary": ("phi", {}),
     "mixtral-top2-of-4-experts": ("mixtral", {}),
+    "gemma-geglu-mqa-offset-norms-scaled-embeddings": ("gemma", {}),
 }
 
 
