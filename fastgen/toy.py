@@ -204,6 +204,20 @@ _FAMILIES = {
         rms_norm_eps=1e-6,
         rope_theta=10000.0,
     ),
+    "gemma2": dict(
+        _TINY,
+        architectures=["Gemma2ForCausalLM"],
+        model_type="gemma2",
+        num_key_value_heads=2,
+        head_dim=32,
+        query_pre_attn_scalar=24,  # not head_dim, as Gemma-2-27B
+        hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        sliding_window=24,
+        attn_logit_softcapping=3.0,  # small enough that the toy's scores are capped
+        final_logit_softcapping=2.0,
+    ),
     "phi": dict(
         _TINY,
         architectures=["PhiForCausalLM"],

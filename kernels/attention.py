@@ -46,6 +46,7 @@ def paged_attention_reference(
     max_context_len: int | None = None,
     out: torch.Tensor | None = None,
     num_decodes: int = 0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch paged attention, one sequence at a time (also the CPU backend)."""
     del max_query_len, max_context_len, num_decodes  # shape the Triton launches; not needed here
@@ -70,6 +71,8 @@ def paged_attention_reference(
             values = values.repeat_interleave(group, dim=1)
         q = query[q_begin:q_end].transpose(0, 1).float()  # [heads, q, d]
         scores = torch.matmul(q, keys.permute(1, 2, 0).float()) * scale  # [heads, q, ctx]
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         query_pos = torch.arange(context_len - query_len, context_len, device=query.device)
         key_pos = torch.arange(context_len, device=query.device)
         allowed = key_pos[None, :] <= query_pos[:, None]
@@ -96,6 +99,7 @@ def paged_attention(
     max_context_len: int | None = None,
     out: torch.Tensor | None = None,
     num_decodes: int = 0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of a ragged batch against the paged cache (Triton on CUDA, reference elsewhere).
 
@@ -106,5 +110,5 @@ def paged_attention(
     return impl(
         query, key_cache, value_cache, query_start, context_lens, block_tables,
         scale=scale, sliding_window=sliding_window, max_query_len=max_query_len,
-        max_context_len=max_context_len, out=out, num_decodes=num_decodes,
+        max_context_len=max_context_len, out=out, num_decodes=num_decodes, softcap=softcap,
     )

@@ -52,7 +52,7 @@ def _attend_range(
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     qk_scale,
     MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Online-softmax accumulation over key tiles ``[start, stop)`` (tile-aligned)."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -86,6 +86,9 @@ def _attend_range(
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if SOFTCAP > 0:  # cap * tanh(s / cap) on the log2-scaled scores: tanh(x) = 2 sigmoid(2x) - 1
+            cap = SOFTCAP * 1.4426950408889634
+            scores = cap * (2.0 * tl.sigmoid(2.0 * scores / cap) - 1.0)
         if MASKED:
             visible = (keys[None, :] <= positions[:, None]) & (keys[None, :] > positions[:, None] - window)
             visible = visible & in_range[None, :]
@@ -108,7 +111,7 @@ def _attend_query_tile(
     stride_vb, stride_vt, stride_vh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
     GROUP: tl.constexpr, TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Attention of ``TOKENS`` query tokens x ``GROUP`` heads of one sequence (or one split of it).
 
@@ -147,19 +150,19 @@ def _attend_query_tile(
         acc, m_i, l_i, q, positions, window, kv_lo, kv_hi, start, full_start,
         key_cache_ptr, value_cache_ptr, block_table_ptr, kv_head,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, qk_scale,
-        True, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, DOT_PRECISION,
+        True, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, DOT_PRECISION, SOFTCAP,
     )
     acc, m_i, l_i = _attend_range(
         acc, m_i, l_i, q, positions, window, kv_lo, kv_hi, full_start, full_stop,
         key_cache_ptr, value_cache_ptr, block_table_ptr, kv_head,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, qk_scale,
-        False, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, DOT_PRECISION,
+        False, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, DOT_PRECISION, SOFTCAP,
     )
     acc, m_i, l_i = _attend_range(
         acc, m_i, l_i, q, positions, window, kv_lo, kv_hi, full_stop, stop,
         key_cache_ptr, value_cache_ptr, block_table_ptr, kv_head,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, qk_scale,
-        True, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, DOT_PRECISION,
+        True, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_SIZE, DOT_PRECISION, SOFTCAP,
     )
 
     if SPLIT:
@@ -189,7 +192,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_M_DECODE: tl.constexpr, BLOCK_N_DECODE: tl.constexpr,
-    HAS_PREFILL: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_PREFILL: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Grid ``(slots, num_kv_heads, num_splits)``; see the module docstring."""
     kv_head = tl.program_id(1)
@@ -227,6 +230,7 @@ def _paged_attention_kernel(
                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                 stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
                 GROUP, TOKENS, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_SIZE, SPLIT, DOT_PRECISION,
+                SOFTCAP,
             )
         else:
             _attend_query_tile(
@@ -236,7 +240,7 @@ def _paged_attention_kernel(
                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                 stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
                 GROUP, 1, BLOCK_M_DECODE, BLOCK_N_DECODE, HEAD_DIM, BLOCK_D, BLOCK_SIZE, SPLIT,
-                DOT_PRECISION,
+                DOT_PRECISION, SOFTCAP,
             )
     else:
         _attend_query_tile(
@@ -246,7 +250,7 @@ def _paged_attention_kernel(
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
             stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
             GROUP, 1, BLOCK_M_DECODE, BLOCK_N_DECODE, HEAD_DIM, BLOCK_D, BLOCK_SIZE, SPLIT,
-            DOT_PRECISION,
+            DOT_PRECISION, SOFTCAP,
         )
 
 
@@ -355,6 +359,7 @@ def paged_attention_triton(
     out: torch.Tensor | None = None,
     num_decodes: int = 0,
     num_splits: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Triton paged attention: one launch (plus a merge launch when the keys are split), or two.
 
@@ -369,6 +374,7 @@ def paged_attention_triton(
     ``[query_start[0], query_start[-1])`` are read and written.
 
     ``num_splits`` overrides the host's split-KV choice (tests force the split path with it).
+    ``softcap`` caps the scaled scores at ``softcap * tanh(score / softcap)`` (Gemma 2).
     With ``max_query_len`` and ``max_context_len`` given, nothing here syncs with the device.
     """
     num_tokens, num_heads = query.shape[0], query.shape[1]
@@ -398,8 +404,8 @@ def paged_attention_triton(
         max_context_len = int(context_lens.max())
 
     tensors = (query, key_cache, value_cache, out)
-    shared = {"scale": scale, "sliding_window": sliding_window, "max_context_len": max_context_len,
-              "num_splits": num_splits}
+    shared = {"scale": scale, "sliding_window": sliding_window, "softcap": softcap,
+              "max_context_len": max_context_len, "num_splits": num_splits}
     if 0 < num_decodes < num_seqs and max_query_len > 1:
         decodes, rest = slice(None, num_decodes), slice(num_decodes, None)
         _launch(*tensors, query_start[: num_decodes + 1], context_lens[decodes], block_tables[decodes],
@@ -425,6 +431,7 @@ def _launch(
     max_query_len: int,
     scale: float,
     sliding_window: int | None,
+    softcap: float | None,
     max_context_len: int,
     num_splits: int | None,
 ) -> None:
@@ -466,7 +473,7 @@ def _launch(
         TOKENS=tokens_per_tile, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         BLOCK_M_DECODE=config["BLOCK_M_DECODE"], BLOCK_N_DECODE=config["BLOCK_N_DECODE"],
         HAS_PREFILL=has_prefill, SPLIT=split,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", SOFTCAP=float(softcap or 0.0),
         num_warps=config["num_warps_prefill" if has_prefill else "num_warps_decode"],
         num_stages=config["num_stages"],
     )

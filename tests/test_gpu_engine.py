@@ -53,6 +53,7 @@ GPU_CASES = [
     "phi-parallel-block-partial-rotary",
     "mixtral-top2-of-4-experts",
     "gemma-geglu-mqa-offset-norms-scaled-embeddings",
+    "gemma2-softcaps-alternating-windows-sandwich-norms",
 ]
 
 

@@ -96,6 +96,7 @@ CASES = {
     "phi-biases-lm-head-bias-tp2": ({"family": "phi"}, 2),
     "mixtral-experts-split-tp2": ({"family": "mixtral"}, 2),
     "gemma-mqa-scaled-embeddings-tp2": ({"family": "gemma"}, 2),
+    "gemma2-softcaps-tp2": ({"family": "gemma2"}, 2),
 }
 
 

@@ -38,7 +38,14 @@ class PagedAttention(nn.Module):
     """
 
     def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, *, scale: float, sliding_window: int | None
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        scale: float,
+        sliding_window: int | None,
+        softcap: float | None = None,
     ):
         super().__init__()
         self.num_heads = num_heads
@@ -46,6 +53,7 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        self.softcap = softcap
         self.key_cache = torch.empty(0)
         self.value_cache = torch.empty(0)
 
@@ -78,4 +86,5 @@ class PagedAttention(nn.Module):
             max_context_len=batch.max_context_len,
             num_decodes=batch.num_decodes,
             out=out,
+            softcap=self.softcap,
         )

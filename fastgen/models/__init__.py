@@ -22,6 +22,7 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     "qwen3": ("fastgen.models.llama", "LlamaForCausalLM"),
     "phi": ("fastgen.models.phi", "PhiForCausalLM"),
     "gemma": ("fastgen.models.llama", "LlamaForCausalLM"),
+    "gemma2": ("fastgen.models.llama", "LlamaForCausalLM"),
 }
 
 

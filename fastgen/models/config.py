@@ -32,6 +32,10 @@ class ModelConfig:
     qk_norm: bool  # RMSNorm over each query and key head before rotary (Qwen3)
     norm_weight_offset: float  # RMSNorm scales by (offset + weight): 1 for Gemma, else 0
     embedding_multiplier: float  # token embeddings are scaled by it (sqrt(hidden) for Gemma)
+    attention_scale: float  # of the query-key products: head_dim ** -0.5 unless the config says
+    attention_softcap: float | None  # scores capped at cap * tanh(score / cap) (Gemma 2)
+    final_softcap: float | None  # the same for the logits
+    sandwich_norms: bool  # RMSNorm after attention and around the MLP too (Gemma 2)
     mlp_bias: bool
     num_experts: int  # 0: a dense MLP; otherwise a mixture of experts (Mixtral)
     num_experts_per_tok: int
@@ -55,6 +59,8 @@ class ModelConfig:
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         dtype_name = cfg.get("torch_dtype") or cfg.get("dtype")
         attention_bias = bool(cfg.get("attention_bias", False))
+        head_dim = cfg.get("head_dim") or hidden // num_heads
+        gemma = model_type in ("gemma", "gemma2")
         return cls(
             model_type=model_type,
             vocab_size=cfg["vocab_size"],
@@ -63,7 +69,7 @@ class ModelConfig:
             num_layers=cfg["num_hidden_layers"],
             num_heads=num_heads,
             num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=cfg.get("head_dim") or hidden // num_heads,
+            head_dim=head_dim,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             norm_eps=cfg.get("rms_norm_eps", cfg.get("layer_norm_eps", 1e-5)),
             rope_theta=rope_theta,
@@ -74,12 +80,16 @@ class ModelConfig:
             qkv_bias=attention_bias or model_type in ("qwen2", "phi"),  # always there in these
             o_proj_bias=attention_bias or model_type == "phi",
             qk_norm=model_type == "qwen3",
-            norm_weight_offset=1.0 if model_type == "gemma" else 0.0,
-            embedding_multiplier=hidden**0.5 if model_type == "gemma" else 1.0,
+            norm_weight_offset=1.0 if gemma else 0.0,
+            embedding_multiplier=hidden**0.5 if gemma else 1.0,
+            attention_scale=float(cfg.get("query_pre_attn_scalar") or head_dim) ** -0.5,
+            attention_softcap=cfg.get("attn_logit_softcapping") or None,
+            final_softcap=cfg.get("final_logit_softcapping") or None,
+            sandwich_norms=model_type == "gemma2",
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             num_experts=int(cfg.get("num_local_experts") or 0),
             num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
-            hidden_act=cfg.get("hidden_act") or _DEFAULT_ACTIVATIONS.get(model_type, "silu"),
+            hidden_act=_activation(cfg, model_type),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             checkpoint_dtype=dtype_name if isinstance(dtype_name, str) else None,
@@ -94,7 +104,13 @@ class ModelConfig:
         return cls.from_dict(json.loads(config_file.read_text()))
 
 
-_DEFAULT_ACTIVATIONS = {"phi": "gelu_new", "gemma": "gelu_pytorch_tanh"}
+_DEFAULT_ACTIVATIONS = {"phi": "gelu_new", "gemma": "gelu_pytorch_tanh", "gemma2": "gelu_pytorch_tanh"}
+
+
+def _activation(cfg: dict[str, Any], model_type: str) -> str:
+    """Gemma 2 names it ``hidden_activation``; the others ``hidden_act``."""
+    name = cfg.get("hidden_activation") if model_type == "gemma2" else None
+    return name or cfg.get("hidden_act") or _DEFAULT_ACTIVATIONS.get(model_type, "silu")
 
 
 def _partial_rotary_factor(cfg: dict[str, Any]) -> float:
@@ -111,6 +127,11 @@ def _layer_sliding_windows(cfg: dict[str, Any], model_type: str, num_layers: int
     window = cfg.get("sliding_window")
     if model_type in ("mistral", "mixtral"):
         return (window,) * num_layers
+    if model_type == "gemma2" and window:  # every other layer, from the first (or as layer_types says)
+        types = cfg.get("layer_types") or [
+            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)
+        ]
+        return tuple(window if kind == "sliding_attention" else None for kind in types)
     if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window") and window:
         first = cfg.get("max_window_layers", num_layers)
         types = cfg.get("layer_types") or [

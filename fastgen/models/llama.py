@@ -1,7 +1,9 @@
 """Llama 1/2/3 and the models that differ from it in details read from their config: Mistral
 (sliding-window attention), Mixtral (Mistral with a mixture of experts for the MLP), Qwen2 (q/k/v
 biases, optional per-layer sliding windows), Qwen3 (RMSNorm over each query and key head before
-rotary) and Gemma (GeGLU, RMSNorm scaling by 1 + weight, embeddings scaled by sqrt(hidden))."""
+rotary), Gemma (GeGLU, RMSNorm scaling by 1 + weight, embeddings scaled by sqrt(hidden)) and
+Gemma 2 (Gemma with soft-capped attention scores and logits, sliding windows on every other layer,
+and norms after attention and around the MLP)."""
 
 from __future__ import annotations
 
@@ -53,8 +55,9 @@ class LlamaAttention(nn.Module):
             self.qkv_proj.num_local_heads,
             self.qkv_proj.num_local_kv_heads,
             config.head_dim,
-            scale=config.head_dim**-0.5,
+            scale=config.attention_scale,
             sliding_window=config.layer_sliding_windows[layer],
+            softcap=config.attention_softcap,
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -75,10 +78,16 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel, max_model_len: int, layer: int):
         super().__init__()
-        offset = config.norm_weight_offset
-        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps, weight_offset=offset)
+        def norm() -> RMSNorm:
+            return RMSNorm(config.hidden_size, config.norm_eps, weight_offset=config.norm_weight_offset)
+
+        self.input_layernorm = norm()
         self.self_attn = LlamaAttention(config, tp, max_model_len, layer)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, weight_offset=offset)
+        self.post_attention_layernorm = norm()
+        self.sandwich = config.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
         self.moe = bool(config.num_experts)
         if self.moe:
             self.block_sparse_moe = MoE(
@@ -108,6 +117,10 @@ class LlamaDecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, batch)
+        if self.sandwich:  # norms on both sides of each block's output before it joins the residual
+            hidden = self.post_attention_layernorm(hidden)
+            hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
+            return self.post_feedforward_layernorm(self.feed_forward(hidden)), residual
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.feed_forward(hidden), residual
 
@@ -169,4 +182,6 @@ class LlamaForCausalLM(nn.Module):
         return self.model(token_ids, batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        cap = self.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -76,6 +76,7 @@ def check(
     give_maxima: bool = True,
     strided_query: bool = False,
     num_decodes: int = 0,
+    softcap: float | None = None,
 ) -> None:
     """Run the Triton kernel on a batch and compare it with the float32 reference."""
     batch = make_batch(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, device, strided_query)
@@ -86,13 +87,13 @@ def check(
         maxima = {"max_query_len": max(q for q, _ in specs), "max_context_len": max(c for _, c in specs)}
     result = paged_attention_triton(
         **batch, scale=scale, sliding_window=sliding_window, out=out, num_splits=num_splits,
-        num_decodes=num_decodes, **maxima,
+        num_decodes=num_decodes, softcap=softcap, **maxima,
     )
     assert result is out
     expected = paged_attention_reference(
         batch["query"].float(), batch["key_cache"].float(), batch["value_cache"].float(),
         batch["query_start"], batch["context_lens"], batch["block_tables"],
-        scale=scale, sliding_window=sliding_window,
+        scale=scale, sliding_window=sliding_window, softcap=softcap,
     )
     covered = torch.zeros(out.shape[0], dtype=torch.bool, device=device)
     covered[: int(batch["query_start"][-1])] = True
@@ -182,6 +183,18 @@ def test_small_tiles_many_query_and_key_tiles(group, small_tiles, device, seed) 
 def test_sliding_window(window, specs, device, seed) -> None:
     check(specs, 8, 2, 80, 16, torch.float16, device, sliding_window=window)
     check(specs, 4, 4, 64, 32, torch.float32, device, sliding_window=window)
+
+
+def test_softcap_everywhere(small_tiles, device, seed) -> None:
+    """Gemma 2's capped scores (a cap of 1 changes them all) in decode, chunk, split and window paths."""
+    specs = [(1, 70), (1, 9), (24, 60), (5, 5)]
+    check(specs, 4, 2, 64, 16, torch.float32, device, softcap=1.0, num_decodes=2)
+    check(specs, 4, 2, 64, 16, torch.float16, device, softcap=1.0, num_splits=3, sliding_window=20)
+    batch = make_batch(specs, 4, 2, 64, 16, torch.float32, device)
+    capped, plain = (
+        paged_attention_reference(**batch, scale=1.0, softcap=cap) for cap in (1.0, None)
+    )
+    assert not torch.allclose(capped, plain)  # the cap matters at these scores
 
 
 @pytest.mark.parametrize("num_splits", [2, 3, 7])

@@ -55,6 +55,7 @@ CASES = {
     "phi-parallel-block-partial-rotary": ("phi", {}),
     "mixtral-top2-of-4-experts": ("mixtral", {}),
     "gemma-geglu-mqa-offset-norms-scaled-embeddings": ("gemma", {}),
+    "gemma2-softcaps-alternating-windows-sandwich-norms": ("gemma2", {}),
 }
 
 
@@ -90,6 +91,28 @@ def test_qwen_details_matter(toy_checkpoint):
     sliding = toy_checkpoint("qwen2", use_sliding_window=True, sliding_window=24, max_window_layers=1)
     prompts = prompts_of_mixed_lengths(384)[3:4]
     assert engine_greedy(sliding, prompts, 8) != engine_greedy(toy_checkpoint("qwen2"), prompts, 8)
+
+
+def test_gemma2_softcaps_and_window_matter(toy_checkpoint):
+    from fastgen import SamplingParams
+    from tests.helpers import generate_together
+    from tests.test_logprobs import check_against_hf
+
+    prompts = prompts_of_mixed_lengths(384)[3:4]  # 130 tokens, past the 24-token window
+    capped = engine_greedy(toy_checkpoint("gemma2"), prompts, 8)
+    for change in (
+        dict(attn_logit_softcapping=None),
+        dict(sliding_window=None, layer_types=["full_attention", "full_attention"]),
+    ):
+        assert engine_greedy(toy_checkpoint("gemma2", **change), prompts, 8) != capped, change
+    # the final cap keeps the argmax; the log-probabilities show it (and equal HF's)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True, logprobs=2)
+    outs = {}
+    for cap in (2.0, None):
+        path = toy_checkpoint("gemma2", final_logit_softcapping=cap)
+        (outs[cap],) = generate_together(path, [(prompts[0], params)])
+        check_against_hf(path, prompts[0], outs[cap], top_n=2)
+    assert outs[2.0].logprobs[0].logprob != pytest.approx(outs[None].logprobs[0].logprob, abs=1e-3)
 
 
 def test_a_checkpoint_missing_an_expert_is_refused(toy_checkpoint, tmp_path):
