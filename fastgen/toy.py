@@ -218,6 +218,22 @@ _FAMILIES = {
         attn_logit_softcapping=3.0,  # small enough that the toy's scores are capped
         final_logit_softcapping=2.0,
     ),
+    "gemma3_text": dict(
+        _TINY,
+        architectures=["Gemma3ForCausalLM"],
+        model_type="gemma3_text",
+        num_key_value_heads=2,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6,
+        sliding_window=24,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={  # local layers and global ones rotate differently
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+        },
+    ),
     "phi": dict(
         _TINY,
         architectures=["PhiForCausalLM"],

@@ -54,6 +54,7 @@ GPU_CASES = [
     "mixtral-top2-of-4-experts",
     "gemma-geglu-mqa-offset-norms-scaled-embeddings",
     "gemma2-softcaps-alternating-windows-sandwich-norms",
+    "gemma3-text-qk-norms-rope-per-layer-type",
 ]
 
 

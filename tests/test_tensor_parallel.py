@@ -97,6 +97,7 @@ CASES = {
     "mixtral-experts-split-tp2": ({"family": "mixtral"}, 2),
     "gemma-mqa-scaled-embeddings-tp2": ({"family": "gemma"}, 2),
     "gemma2-softcaps-tp2": ({"family": "gemma2"}, 2),
+    "gemma3-text-tp2": ({"family": "gemma3_text"}, 2),
 }
 
 

@@ -23,6 +23,7 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     "phi": ("fastgen.models.phi", "PhiForCausalLM"),
     "gemma": ("fastgen.models.llama", "LlamaForCausalLM"),
     "gemma2": ("fastgen.models.llama", "LlamaForCausalLM"),
+    "gemma3_text": ("fastgen.models.llama", "LlamaForCausalLM"),
 }
 
 

@@ -24,8 +24,9 @@ class ModelConfig:
     norm_eps: float
     rope_theta: float
     rope_scaling: dict[str, Any] | None
+    layer_rope: tuple[tuple[float, dict[str, Any] | None], ...]  # (theta, scaling) of each layer
     partial_rotary_factor: float
-    layer_sliding_windows: tuple[int | None, ...]  # per layer; None: full attention
+    layer_sliding_windows: tuple[int | None, ...]  # of each layer; None: full attention
     tie_word_embeddings: bool
     qkv_bias: bool
     o_proj_bias: bool
@@ -60,7 +61,9 @@ class ModelConfig:
         dtype_name = cfg.get("torch_dtype") or cfg.get("dtype")
         attention_bias = bool(cfg.get("attention_bias", False))
         head_dim = cfg.get("head_dim") or hidden // num_heads
-        gemma = model_type in ("gemma", "gemma2")
+        gemma = model_type in ("gemma", "gemma2", "gemma3_text")
+        num_layers = cfg["num_hidden_layers"]
+        layer_types = _layer_types(cfg, model_type, num_layers)
         return cls(
             model_type=model_type,
             vocab_size=cfg["vocab_size"],
@@ -74,18 +77,19 @@ class ModelConfig:
             norm_eps=cfg.get("rms_norm_eps", cfg.get("layer_norm_eps", 1e-5)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
+            layer_rope=_layer_rope(cfg, layer_types, (rope_theta, rope_scaling)),
             partial_rotary_factor=_partial_rotary_factor(cfg),
-            layer_sliding_windows=_layer_sliding_windows(cfg, model_type, cfg["num_hidden_layers"]),
+            layer_sliding_windows=_layer_sliding_windows(cfg, layer_types),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=attention_bias or model_type in ("qwen2", "phi"),  # always there in these
             o_proj_bias=attention_bias or model_type == "phi",
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
             norm_weight_offset=1.0 if gemma else 0.0,
             embedding_multiplier=hidden**0.5 if gemma else 1.0,
             attention_scale=float(cfg.get("query_pre_attn_scalar") or head_dim) ** -0.5,
             attention_softcap=cfg.get("attn_logit_softcapping") or None,
             final_softcap=cfg.get("final_logit_softcapping") or None,
-            sandwich_norms=model_type == "gemma2",
+            sandwich_norms=model_type in ("gemma2", "gemma3_text"),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             num_experts=int(cfg.get("num_local_experts") or 0),
             num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
@@ -104,12 +108,17 @@ class ModelConfig:
         return cls.from_dict(json.loads(config_file.read_text()))
 
 
-_DEFAULT_ACTIVATIONS = {"phi": "gelu_new", "gemma": "gelu_pytorch_tanh", "gemma2": "gelu_pytorch_tanh"}
+_DEFAULT_ACTIVATIONS = {
+    "phi": "gelu_new",
+    "gemma": "gelu_pytorch_tanh",
+    "gemma2": "gelu_pytorch_tanh",
+    "gemma3_text": "gelu_pytorch_tanh",
+}
 
 
 def _activation(cfg: dict[str, Any], model_type: str) -> str:
-    """Gemma 2 names it ``hidden_activation``; the others ``hidden_act``."""
-    name = cfg.get("hidden_activation") if model_type == "gemma2" else None
+    """Gemma 2 and 3 name it ``hidden_activation``; the others ``hidden_act``."""
+    name = cfg.get("hidden_activation") if model_type in ("gemma2", "gemma3_text") else None
     return name or cfg.get("hidden_act") or _DEFAULT_ACTIVATIONS.get(model_type, "silu")
 
 
@@ -121,24 +130,40 @@ def _partial_rotary_factor(cfg: dict[str, Any]) -> float:
     return float(cfg.get("partial_rotary_factor", 1.0))
 
 
-def _layer_sliding_windows(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple[int | None, ...]:
-    """Mistral and Mixtral slide every layer's window; Qwen2/3 only the layers ``layer_types`` names (by
-    default those from ``max_window_layers`` on), and only with ``use_sliding_window``."""
-    window = cfg.get("sliding_window")
+def _layer_types(cfg: dict[str, Any], model_type: str, num_layers: int) -> list[str]:
+    """``sliding_attention`` or ``full_attention`` for each layer. Mistral and Mixtral slide every
+    layer's window (if they have one); Gemma 2 and 3 and Qwen2/3 say which in ``layer_types``
+    (Gemma 2 by default every other layer from the first, Gemma 3 five of every six; Qwen only
+    with ``use_sliding_window``, by default the layers from ``max_window_layers`` on)."""
+    if not cfg.get("sliding_window"):
+        return ["full_attention"] * num_layers
     if model_type in ("mistral", "mixtral"):
-        return (window,) * num_layers
-    if model_type == "gemma2" and window:  # every other layer, from the first (or as layer_types says)
-        types = cfg.get("layer_types") or [
-            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)
-        ]
-        return tuple(window if kind == "sliding_attention" else None for kind in types)
-    if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window") and window:
+        return ["sliding_attention"] * num_layers
+    if model_type in ("gemma2", "gemma3_text"):
+        period = 2 if model_type == "gemma2" else cfg.get("sliding_window_pattern", 6)
+        default = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(num_layers)]
+        return list(cfg.get("layer_types") or default)
+    if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
         first = cfg.get("max_window_layers", num_layers)
-        types = cfg.get("layer_types") or [
-            "sliding_attention" if i >= first else "full_attention" for i in range(num_layers)
-        ]
-        return tuple(window if kind == "sliding_attention" else None for kind in types)
-    return (None,) * num_layers
+        default = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+        return list(cfg.get("layer_types") or default)
+    return ["full_attention"] * num_layers
+
+
+def _layer_sliding_windows(cfg: dict[str, Any], layer_types: list[str]) -> tuple[int | None, ...]:
+    window = cfg.get("sliding_window")
+    return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
+
+
+def _layer_rope(
+    cfg: dict[str, Any], layer_types: list[str], default: tuple[float, dict[str, Any] | None]
+) -> tuple[tuple[float, dict[str, Any] | None], ...]:
+    """Each layer's rotary settings: Gemma 3's ``rope_parameters`` hold one set per layer type."""
+    params = cfg.get("rope_parameters")
+    if not (isinstance(params, dict) and all(isinstance(v, dict) for v in params.values()) and params):
+        return (default,) * len(layer_types)
+    by_type = {kind: _rope_settings({"rope_parameters": settings}) for kind, settings in params.items()}
+    return tuple(by_type.get(kind, default) for kind in layer_types)
 
 
 def _rope_settings(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

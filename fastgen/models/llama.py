@@ -3,7 +3,8 @@
 biases, optional per-layer sliding windows), Qwen3 (RMSNorm over each query and key head before
 rotary), Gemma (GeGLU, RMSNorm scaling by 1 + weight, embeddings scaled by sqrt(hidden)) and
 Gemma 2 (Gemma with soft-capped attention scores and logits, sliding windows on every other layer,
-and norms after attention and around the MLP)."""
+and norms after attention and around the MLP) and Gemma 3 text models (Gemma 2 without the caps,
+with q/k head norms and rotary settings per layer type)."""
 
 from __future__ import annotations
 
@@ -41,14 +42,14 @@ class LlamaAttention(nn.Module):
         )
         self.q_norm = self.k_norm = None
         if config.qk_norm:
-            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
-            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps, weight_offset=config.norm_weight_offset)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps, weight_offset=config.norm_weight_offset)
         self.rotary = RotaryEmbedding(
             config.rotary_dim,
-            base=config.rope_theta,
+            base=config.layer_rope[layer][0],
             max_positions=config.max_position_embeddings,
             max_model_len=max_model_len,
-            scaling=config.rope_scaling,
+            scaling=config.layer_rope[layer][1],
         )
         self.head_dim = config.head_dim
         self.attn = PagedAttention(

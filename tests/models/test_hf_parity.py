@@ -56,6 +56,7 @@ CASES = {
     "mixtral-top2-of-4-experts": ("mixtral", {}),
     "gemma-geglu-mqa-offset-norms-scaled-embeddings": ("gemma", {}),
     "gemma2-softcaps-alternating-windows-sandwich-norms": ("gemma2", {}),
+    "gemma3-text-qk-norms-rope-per-layer-type": ("gemma3_text", {}),
 }
 
 
@@ -113,6 +114,17 @@ def test_gemma2_softcaps_and_window_matter(toy_checkpoint):
         (outs[cap],) = generate_together(path, [(prompts[0], params)])
         check_against_hf(path, prompts[0], outs[cap], top_n=2)
     assert outs[2.0].logprobs[0].logprob != pytest.approx(outs[None].logprobs[0].logprob, abs=1e-3)
+
+
+def test_gemma3_rotary_per_layer_type_matters(toy_checkpoint):
+    prompts = prompts_of_mixed_lengths(384)[3:4]
+    same_rope = {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    }
+    assert engine_greedy(toy_checkpoint("gemma3_text"), prompts, 8) != engine_greedy(
+        toy_checkpoint("gemma3_text", rope_parameters=same_rope), prompts, 8
+    )
 
 
 def test_a_checkpoint_missing_an_expert_is_refused(toy_checkpoint, tmp_path):
