@@ -1,19 +1,24 @@
 """The paged KV cache's bookkeeping: which blocks are free, and which hold a reusable prefix.
 
 Pure Python, O(1) per block. With prefix caching, a full block whose keys and values are computed
-is registered under a `BlockKey` (its tokens and the hash of the key before it, so a key names
-the whole prefix up to the block's end). A later sequence whose prompt starts with the same
-prefix takes those blocks instead of computing them; blocks are reference counted. A registered
-block that no sequence uses stays cached until its space is needed: allocation takes never-used
-blocks first, then evicts cached ones, least recently freed first.
+is registered under a `BlockKey`: a BLAKE2 digest of the key before it, and the block's own
+tokens, so a key names the whole prefix up to the block's end (a digest, not Python's ``hash``,
+so that nobody can craft a prompt whose blocks pass for another prompt's). A later sequence whose
+prompt starts with the same prefix takes those blocks instead of computing them; blocks are
+reference counted. A registered block that no sequence uses stays cached until its space is
+needed: allocation takes never-used blocks first, then evicts cached ones, least recently freed
+first, and the end of a freed prefix before its beginning (a lookup stops at the first missing
+block, so a prefix's start is worth the most).
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
-BlockKey = tuple[int, tuple[int, ...]]  # (hash of the previous block's key, this block's token ids)
+BlockKey = tuple[bytes, tuple[int, ...]]  # (digest of the previous block's key, this block's token ids)
 
 
 def block_keys(
@@ -22,9 +27,14 @@ def block_keys(
     """The keys of the first ``count`` full blocks of ``token_ids``; ``known`` holds the first
     keys already computed and is extended in place."""
     for index in range(len(known), count):
-        parent = hash(known[-1]) if known else 0
+        parent = _digest(known[-1]) if known else b""
         known.append((parent, tuple(token_ids[index * block_size : (index + 1) * block_size])))
     return known[:count]
+
+
+def _digest(key: BlockKey) -> bytes:
+    parent, tokens = key
+    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
 
 
 class BlockManager:
@@ -87,14 +97,14 @@ class BlockManager:
     def free(self, blocks: list[int]) -> None:
         """Drop one reference to each of ``blocks``; unused registered blocks stay cached."""
         released = []
-        for block in blocks:
+        for block in reversed(blocks):  # a prefix's end becomes evictable first
             self._refs[block] -= 1
             if self._refs[block] == 0:
                 if block in self._key_of:
                     self._evictable[block] = None
                 else:
                     released.append(block)
-        self._free.extend(reversed(released))
+        self._free.extend(released)
 
     def lookup(self, keys: list[BlockKey]) -> list[int]:
         """The cached blocks of the longest prefix of ``keys``, each with a reference taken."""

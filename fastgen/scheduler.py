@@ -237,12 +237,29 @@ class Scheduler:
             if self.block_manager.can_allocate(needed):
                 seq.block_table.extend(self.block_manager.allocate(needed))
                 return True
-            victim = self.running[-1]
+            victim = self._victim(seq)
+            if victim is None:
+                return False  # ``seq`` waits a step: sequences about to finish will free blocks
             self._preempt(victim)
             preempted.append(victim)
             if victim is seq:
                 return False
         return True
+
+    def _victim(self, seq: Sequence) -> Sequence | None:
+        """Whom to preempt so that ``seq`` gets a block: the newest running sequence (``seq`` itself
+        when it is the newest), passing over those whose last token is being computed (their blocks
+        come free when that step commits; preempting them would recompute them for one token).
+        ``None`` when only such sequences are newer than ``seq``."""
+        finishing = False
+        for candidate in reversed(self.running):
+            if candidate is seq:
+                return None if finishing else seq
+            if candidate.num_pending and not candidate.can_decode_pending:
+                finishing = True
+                continue
+            return candidate
+        return seq
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -28,8 +28,9 @@ class Sequence:
     ``num_computed`` counts the tokens whose keys and values are in the cache or being put there by
     a scheduled step; the tokens after it still need a forward pass. A decoding sequence has
     exactly one such token: the last sampled. ``num_pending`` counts tokens that a scheduled step
-    samples and the host has not seen yet (0 or 1): with asynchronous scheduling, the next step
-    decodes such a token before it is known (the worker fills it in).
+    samples and the host has not seen yet (1, or 2 while two steps in flight sample for it): with
+    asynchronous scheduling, the next step decodes such a token before it is known (the worker
+    fills it in).
     """
 
     def __init__(

@@ -31,7 +31,7 @@ from fastgen.executor.wire import (
     WorkerSpec,
     WorkerStartFailed,
 )
-from fastgen.plan import StepPlan, StepResult
+from fastgen.plan import PENDING_TOKEN, StepPlan, StepResult
 
 logger = logging.getLogger("fastgen.worker")
 
@@ -80,17 +80,22 @@ class EchoRunner:
 
     def __init__(self, spec: WorkerSpec, rank: int):
         self.num_kv_blocks = spec.config.num_kv_blocks or 4096
-        self.live: set[int] = set()
+        self.last: dict[int, int] = {}  # live sequences -> their last token
 
     def execute(self, plan: StepPlan) -> StepResult:
-        self.live.difference_update(plan.released)
-        self.live.update(start.seq_id for start in plan.started)
+        for seq_id in plan.released:
+            self.last.pop(seq_id, None)
+        self.last.update((start.seq_id, 0) for start in plan.started)
         sampled = []
         for chunk in plan.chunks:
-            if chunk.seq_id not in self.live:
+            if chunk.seq_id not in self.last:
                 raise KeyError(f"sequence {chunk.seq_id} was never started")
+            token = chunk.token_ids[-1]
+            if token == PENDING_TOKEN:
+                token = self.last[chunk.seq_id]
+            self.last[chunk.seq_id] = token
             if chunk.sample:
-                sampled.append(chunk.token_ids[-1])
+                sampled.append(token)
         return StepResult(plan.step_id, sampled)
 
 

@@ -208,3 +208,19 @@ def test_two_steps_are_in_flight_while_decoding(llama_path):
     assert most == 2 and tokens == 20 and blocks_in_use == 0
     assert steps == 20  # the last token is known to be the last: no step computes past it
     assert asyncio.run(main(False))[0] == 1
+
+
+def test_a_sequence_finishing_in_flight_is_waited_for_not_preempted():
+    scheduler = Scheduler(BlockManager(2, 4), token_budget=16, max_seqs=4)
+    a, b = make_seq(0, 4), make_seq(1, 3, max_new_tokens=1)  # B's first token is its last
+    scheduler.add(a)
+    scheduler.add(b)
+    first = scheduler.schedule()
+    second = scheduler.schedule()  # A's pending token needs a block, and only B holds one
+    assert second.plan.chunks == [] and second.preempted == [] and scheduler.num_preemptions == 0
+    for seq, _ in scheduler.commit(first, result(first, [40, 50])):
+        if (reason := seq.token_stop_reason()) is not None:
+            scheduler.finish(seq, reason)
+    assert b.finish_reason is FinishReason.LENGTH and b.generated_token_ids == [50]
+    third = scheduler.schedule()  # B's block is free now
+    assert [(c.seq_id, c.start_position) for c in third.plan.chunks] == [(0, 4)]

@@ -181,3 +181,21 @@ def test_an_admission_that_does_not_fit_gives_the_cached_blocks_back():
     step = scheduler.schedule()
     assert [(c.seq_id, c.start_position) for c in step.plan.chunks] == [(1, 8)]
     assert scheduler.num_cached_tokens == 8
+
+
+def test_eviction_takes_the_end_of_a_freed_prefix_first():
+    manager = BlockManager(5, BLOCK, prefix_caching=True)
+    keys = keys_of(list(range(16)), 4)
+    blocks = manager.allocate(4)
+    for block, key in zip(blocks, keys):
+        manager.register(block, key)
+    manager.free(blocks)
+    assert manager.allocate(2) == [4, blocks[3]]  # the never-used block, then the prefix's last block
+    assert manager.lookup(keys) == blocks[:3]  # the rest of the prefix is still found
+
+
+def test_keys_are_digests_not_python_hashes():
+    (first,) = keys_of([1, 2, 3, 4], 1)
+    second = keys_of([1, 2, 3, 4, 5, 6, 7, 8], 2)[1]
+    assert first[0] == b"" and isinstance(second[0], bytes) and len(second[0]) == 16
+    assert second[0] != keys_of([9, 2, 3, 4, 5, 6, 7, 8], 2)[1][0]

@@ -117,9 +117,13 @@ _DEFAULT_ACTIVATIONS = {
 
 
 def _activation(cfg: dict[str, Any], model_type: str) -> str:
-    """Gemma 2 and 3 name it ``hidden_activation``; the others ``hidden_act``."""
+    """Gemma 2 and 3 name it ``hidden_activation``; the others ``hidden_act``. The official Gemma
+    configs say ``"gelu"`` but mean the tanh approximation, which is what transformers runs."""
     name = cfg.get("hidden_activation") if model_type in ("gemma2", "gemma3_text") else None
-    return name or cfg.get("hidden_act") or _DEFAULT_ACTIVATIONS.get(model_type, "silu")
+    name = name or cfg.get("hidden_act") or _DEFAULT_ACTIVATIONS.get(model_type, "silu")
+    if model_type == "gemma" and name == "gelu":
+        return "gelu_pytorch_tanh"
+    return name
 
 
 def _partial_rotary_factor(cfg: dict[str, Any]) -> float:

@@ -40,13 +40,14 @@ class PrefixAffinity:
     def __len__(self) -> int:
         return len(self._owners)
 
-    def owners(self, keys: list[int]) -> list[int]:
-        """The replicas that were sent the longest of these prefixes that any was sent."""
+    def owners(self, keys: list[int], among: set[int] | None = None) -> list[int]:
+        """The replicas (of ``among``, when given) that were sent the longest of these prefixes
+        that any of them was sent."""
         for key in reversed(keys):
-            owners = self._owners.get(key)
+            owners = [r for r in self._owners.get(key, ()) if among is None or r in among]
             if owners:
                 self._owners.move_to_end(key)
-                return list(owners)
+                return owners
         return []
 
     def record(self, keys: list[int], replica_id: int) -> None:
@@ -60,6 +61,13 @@ class PrefixAffinity:
             self._owners.move_to_end(key)
         while len(self._owners) > self.capacity:
             self._owners.popitem(last=False)
+
+    def discard(self, keys: list[int], replica_id: int) -> None:
+        """``replica_id`` refused a prompt with these prefixes: it does not hold them after all."""
+        for key in keys:
+            owners = self._owners.get(key)
+            if owners and replica_id in owners:
+                owners.remove(replica_id)
 
     def forget(self, replica_id: int) -> None:
         """A replica died: its cache is gone."""

@@ -345,6 +345,8 @@ class _Gateway:
                     text = choice.prompt + text  # type: ignore[operator]
                     if result.prompt_logprobs is not None:
                         echoed = (choice.prompt, result.prompt_logprobs)
+                elif body.echo and logprobs:  # offsets count in the echoed text, prompt first
+                    logprobs = oai.shift_offsets(logprobs, len(choice.prompt))  # type: ignore[arg-type]
                 if text or finish or logprobs or echoed:
                     item = oai.completion_choice(choice.index, text, finish, logprobs, echoed)
                     yield sse(oai.completion_object(response_id, model, created, [item], None, True))

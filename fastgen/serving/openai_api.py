@@ -293,12 +293,16 @@ def completion_choice(
     return {"index": index, "text": text, "logprobs": legacy, "finish_reason": finish_reason}
 
 
+def shift_offsets(entries: list[TokenLogprob], by: int) -> list[TokenLogprob]:
+    """``entries`` with their text offsets counted ``by`` characters later (after an echoed prompt)."""
+    return [msgspec.structs.replace(entry, text_offset=entry.text_offset + by) for entry in entries]
+
+
 def echo_logprobs(prompt_text: str, prompt: list[TokenLogprob | None], generated: list[TokenLogprob]) -> dict:
     """The legacy format for the prompt's tokens (the first has no log-probability and reads up to
     where the second begins) followed by the generated tokens."""
     scored = [entry for entry in prompt[1:] if entry is not None]
-    shifted = [msgspec.structs.replace(e, text_offset=e.text_offset + len(prompt_text)) for e in generated]
-    legacy = completion_logprobs(scored + shifted)
+    legacy = completion_logprobs(scored + shift_offsets(generated, len(prompt_text)))
     first_end = scored[0].text_offset if scored else len(prompt_text)
     return {
         "tokens": [prompt_text[:first_end], *legacy["tokens"]],

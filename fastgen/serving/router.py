@@ -207,6 +207,7 @@ class Router:
                 if isinstance(first, EngineOverloadedError) and self._has_live_replica(refused | {replica}):
                     finished = True
                     refused.add(replica)
+                    self.affinity.discard(keys, replica.replica_id)
                     continue
                 item = first
                 while True:
@@ -265,7 +266,7 @@ class Router:
             return replica.outstanding_tokens, replica.requests_routed, replica.replica_id
 
         least = min(live, key=load)
-        owners = set(self.affinity.owners(keys)) if keys else set()
+        owners = set(self.affinity.owners(keys, {r.replica_id for r in live})) if keys else set()
         warm = [r for r in live if r.replica_id in owners]
         if warm:
             best = min(warm, key=load)

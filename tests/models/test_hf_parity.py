@@ -55,6 +55,7 @@ CASES = {
     "phi-parallel-block-partial-rotary": ("phi", {}),
     "mixtral-top2-of-4-experts": ("mixtral", {}),
     "gemma-geglu-mqa-offset-norms-scaled-embeddings": ("gemma", {}),
+    "gemma-legacy-gelu-name": ("gemma", dict(hidden_act="gelu")),  # means the tanh GELU
     "gemma2-softcaps-alternating-windows-sandwich-norms": ("gemma2", {}),
     "gemma3-text-qk-norms-rope-per-layer-type": ("gemma3_text", {}),
 }

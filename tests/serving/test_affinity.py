@@ -27,6 +27,10 @@ def test_owners_of_the_longest_known_prefix_most_recent_last():
     assert affinity.owners(prefix_keys(system + [3] * 50)) == [0, 1]
     assert affinity.owners(prefix_keys(system + [2] * 50)) == [1]  # its 128-token prefix: only 1
     assert affinity.owners(prefix_keys([9] * 150)) == []
+    assert affinity.owners(prefix_keys(system + [2] * 50), among={0}) == [0]  # a shorter prefix's
+    affinity.discard(prefix_keys(system + [2] * 50), 1)  # replica 1 refused it
+    assert affinity.owners(prefix_keys(system + [2] * 50)) == [0]
+    affinity.record(prefix_keys(system + [2] * 50), replica_id=1)
     affinity.forget(1)
     assert affinity.owners(prefix_keys(system + [2] * 50)) == [0]  # falls back to the 64-token prefix
 

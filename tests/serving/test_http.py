@@ -225,6 +225,8 @@ def test_echo_with_logprobs_scores_the_prompt(oai, reference, llama_path):
     assert "".join(c.choices[0].text for c in chunks) == prompt + text
     streamed = [v for c in chunks if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
     assert streamed == lp.token_logprobs
+    offsets = [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == lp.text_offset  # generated tokens count after the echoed prompt in every chunk
     quiet = oai.completions.create(model="toy", prompt=prompt, max_tokens=0, echo=True, temperature=0)
     assert quiet.choices[0].text == prompt and quiet.choices[0].logprobs is None
 
