@@ -234,6 +234,17 @@ _FAMILIES = {
             "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
         },
     ),
+    "gemma3": dict(  # multimodal: the text model beside a (tiny) vision tower
+        architectures=["Gemma3ForConditionalGeneration"],
+        model_type="gemma3",
+        text_config=None,  # the gemma3_text family's, filled in below
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            image_size=32, patch_size=8,
+        ),
+        mm_tokens_per_image=4,
+        tie_word_embeddings=False,
+    ),
     "phi": dict(
         _TINY,
         architectures=["PhiForCausalLM"],
@@ -276,6 +287,10 @@ def make_toy_checkpoint(
     fields = dict(_FAMILIES[family])
     fields.update(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=None)
     fields.update(config_overrides)
+    if "text_config" in fields:  # a multimodal model: the language model's settings go inside
+        text = {k: v for k, v in _FAMILIES["gemma3_text"].items() if k not in ("architectures", "model_type")}
+        text.update(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+        fields["text_config"] = {**text, **(fields["text_config"] or {})}
     model_type = fields.pop("model_type")
     config = AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(seed)

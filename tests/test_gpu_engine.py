@@ -55,6 +55,7 @@ GPU_CASES = [
     "gemma-geglu-mqa-offset-norms-scaled-embeddings",
     "gemma2-softcaps-alternating-windows-sandwich-norms",
     "gemma3-text-qk-norms-rope-per-layer-type",
+    "gemma3-multimodal-checkpoint-served-as-text",
 ]
 
 

@@ -45,6 +45,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     checkpoint_dtype: str | None  # e.g. "bfloat16", as config.json names it
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    weights_prefix: str = ""  # checkpoint names of the model's tensors start with it; others are skipped
 
     @property
     def rotary_dim(self) -> int:
@@ -52,6 +53,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        if cfg.get("model_type") == "gemma3" and isinstance(cfg.get("text_config"), dict):
+            return _text_part_of_gemma3(cfg)
         model_type = cfg.get("model_type", "")
         hidden = cfg["hidden_size"]
         num_heads = cfg["num_attention_heads"]
@@ -124,6 +127,19 @@ def _activation(cfg: dict[str, Any], model_type: str) -> str:
     if model_type == "gemma" and name == "gelu":
         return "gelu_pytorch_tanh"
     return name
+
+
+def _text_part_of_gemma3(cfg: dict[str, Any]) -> ModelConfig:
+    """A multimodal Gemma 3 checkpoint served as text: its language model (``text_config``, tensors
+    under ``language_model.``); the vision tower and projector are not loaded."""
+    text = {"model_type": "gemma3_text", **cfg["text_config"]}
+    for key in ("eos_token_id", "bos_token_id", "tie_word_embeddings", "torch_dtype", "dtype"):
+        if key in cfg and text.get(key) is None:
+            text[key] = cfg[key]
+    config = ModelConfig.from_dict(text)
+    config.weights_prefix = "language_model."
+    config.raw = cfg
+    return config
 
 
 def _partial_rotary_factor(cfg: dict[str, Any]) -> float:

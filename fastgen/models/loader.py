@@ -139,7 +139,9 @@ def load_weights(
     """Copy checkpoint tensors into ``model``'s parameters; every parameter must be filled."""
     params = dict(model.named_parameters())
     packed = getattr(model, "packed_modules", {})
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    config = getattr(model, "config", None)
+    tied = getattr(config, "tie_word_embeddings", False)
+    prefix = getattr(config, "weights_prefix", "")
     stacked = {
         name: (target, shard_id)
         for target, param in params.items()
@@ -148,6 +150,10 @@ def load_weights(
     }
     filled: set[str] = set()
     for name, loaded in _iterate_checkpoint(path, load_format, show_progress):
+        if prefix:
+            if not name.startswith(prefix):
+                continue  # e.g. the vision tower of a multimodal checkpoint served as text
+            name = name[len(prefix) :]
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         target, shard_id = stacked.get(name) or _target_name(name, packed)

@@ -58,6 +58,7 @@ CASES = {
     "gemma-legacy-gelu-name": ("gemma", dict(hidden_act="gelu")),  # means the tanh GELU
     "gemma2-softcaps-alternating-windows-sandwich-norms": ("gemma2", {}),
     "gemma3-text-qk-norms-rope-per-layer-type": ("gemma3_text", {}),
+    "gemma3-multimodal-checkpoint-served-as-text": ("gemma3", {}),
 }
 
 
