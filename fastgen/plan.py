@@ -31,6 +31,7 @@ class SamplingOptions(msgspec.Struct, array_like=True, frozen=True):
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = {}
     prompt_logprobs: int | None = None  # as ``logprobs``, for each prompt token (see SequenceChunk)
+    min_p: float = 0.0  # 0 = off
 
     @property
     def adjusts_logits(self) -> bool:

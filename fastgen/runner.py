@@ -9,6 +9,7 @@ log-probabilities there (see `_sample`), and applies penalties and logit biases 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -371,6 +372,7 @@ class ModelRunner:
             else:
                 seeds.append(self._engine_random.getrandbits(63))
         device = logits.device
+        _drop_below_min_p(logits, states)
         return kernels.sample(
             logits,
             torch.tensor(temperature, dtype=torch.float32, device=device),
@@ -378,6 +380,20 @@ class ModelRunner:
             torch.tensor(top_p, dtype=torch.float32, device=device),
             torch.tensor(seeds, dtype=torch.int64, device=device),
         )
+
+
+def _drop_below_min_p(logits: torch.Tensor, states: list[_SequenceState]) -> None:
+    """In place, for the sampled rows that set ``min_p``: -inf where the probability (after
+    temperature) is below ``min_p`` times the row's largest, i.e. where
+    ``logit < max logit + temperature * log(min_p)``."""
+    rows = [r for r, s in enumerate(states) if s.sampling.min_p > 0.0 and s.sampling.temperature > 0.0]
+    if not rows:
+        return
+    margins = [states[r].sampling.temperature * math.log(states[r].sampling.min_p) for r in rows]
+    index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+    chosen = logits[index]
+    floor = chosen.max(dim=-1, keepdim=True).values + torch.tensor(margins, device=logits.device)[:, None]
+    logits[index] = chosen.masked_fill(chosen < floor, float("-inf"))
 
 
 class _PendingSample:

@@ -27,7 +27,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     - ``min_new_tokens``: EOS and ``stop_token_ids`` are suppressed until this many tokens exist.
     - ``do_sample``: sample (``True``) or take the argmax (``False``); ``temperature == 0`` is
       greedy too.
-    - ``temperature``, ``top_k`` (0 = off), ``top_p`` (1.0 = off): the sampling distribution.
+    - ``temperature``, ``top_k`` (0 = off), ``top_p`` (1.0 = off), ``min_p`` (0 = off: tokens less
+      likely than ``min_p`` times the likeliest one, after temperature, are dropped): the sampling
+      distribution.
     - ``ignore_eos``: keep going past EOS.
     - ``stop``: strings that end generation; the output is cut before the stop string.
     - ``stop_token_ids``: extra token ids that end generation (kept in the output ids).
@@ -59,6 +61,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
     ignore_eos: bool = False
     stop: list[str] = []
     stop_token_ids: list[int] = []
@@ -113,6 +116,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             )
         if not _is_number(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if not _is_number(self.min_p) or not (0.0 <= self.min_p <= 1.0):
+            raise InvalidRequestError("min_p", f"must be in [0, 1], got {self.min_p!r}")
         if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
             raise InvalidRequestError(
                 "min_new_tokens",

@@ -137,6 +137,7 @@ def _sampling_options(params: SamplingParams, eos_token_ids: tuple[int, ...]) ->
         suppressed_token_ids=suppressed if params.min_new_tokens > 0 else [],
         logprobs=params.logprobs,
         prompt_logprobs=params.prompt_logprobs,
+        min_p=float(params.min_p),
         presence_penalty=float(params.presence_penalty),
         frequency_penalty=float(params.frequency_penalty),
         repetition_penalty=float(params.repetition_penalty),

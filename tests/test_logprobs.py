@@ -4,6 +4,8 @@ through stop strings, and across the worker wire."""
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 import pytest
 import torch
@@ -186,3 +188,24 @@ def test_prompt_logprobs_come_with_the_first_output_only(llama_path):
     assert outs[0].prompt_logprobs is not None and len(outs[0].prompt_logprobs) == len(PROMPTS[1])
     assert all(entry is None or entry.top == {} for entry in outs[0].prompt_logprobs)
     assert all(out.prompt_logprobs is None for out in outs[1:])
+
+
+def test_min_p_drops_tokens_less_likely_than_a_share_of_the_likeliest(llama_path):
+    # temperature 1: the raw log-probabilities are the sampling ones, so every sampled token must
+    # be within log(min_p) of the top one; without min_p some are not
+    def worst_margin(min_p: float) -> float:
+        params = SamplingParams(
+            max_new_tokens=40, do_sample=True, temperature=1.0, min_p=min_p, seed=11, logprobs=1
+        )
+        (out,) = generate_all(llama_path, [(PROMPTS[1], params)])
+        return min(entry.logprob - max(entry.top.values()) for entry in out.logprobs)
+
+    assert worst_margin(0.3) >= math.log(0.3) - 1e-4
+    assert worst_margin(0.0) < math.log(0.3)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, "x"])
+def test_invalid_min_p_is_named(value):
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams.from_options(min_p=value)
+    assert info.value.field == "min_p"

@@ -59,6 +59,7 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     top_k: int | None = None
+    min_p: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
@@ -205,6 +206,7 @@ def sampling_params(
         "temperature": temperature,
         "top_p": 1.0 if request.top_p is None else request.top_p,
         "top_k": request.top_k or 0,
+        "min_p": request.min_p or 0.0,
         "seed": request.seed,
         "stop": [request.stop] if isinstance(request.stop, str) else list(request.stop or []),
         "stop_token_ids": list(request.stop_token_ids or []),

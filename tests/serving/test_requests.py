@@ -127,6 +127,7 @@ def test_chat_content_parts_are_joined():
     [
         (completion, {"prompt": "x", "max_tokens": 0}, "max_tokens"),
         (completion, {"prompt": "x", "top_p": 0}, "top_p"),
+        (completion, {"prompt": "x", "min_p": 1.5}, "min_p"),
         (completion, {"prompt": "x", "temperature": -1}, "temperature"),
         (completion, {"prompt": "x", "n": 0}, "n"),
         (completion, {"prompt": "x", "logprobs": 21}, "logprobs"),
