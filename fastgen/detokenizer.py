@@ -84,11 +84,13 @@ class IncrementalDetokenizer:
 class TextAccumulator:
     """The generated text of one request, with stop strings applied.
 
-    `push` returns the text that may be shown now, and whether a stop string ended generation.
+    `push` returns the text that may be shown now, and whether a stop string ended generation. The
+    text is cut before the stop string, or after it with ``include_stop``.
     """
 
-    def __init__(self, stop: Sequence[str]):
+    def __init__(self, stop: Sequence[str], *, include_stop: bool = False):
         self.stop = tuple(stop)
+        self.include_stop = include_stop
         self._longest_stop = max((len(s) for s in self.stop), default=0)
         self.text = ""
         self.stopped_by: str | None = None  # the stop string that ended generation
@@ -113,7 +115,7 @@ class TextAccumulator:
         if not found:
             return None
         cut, self.stopped_by = min(found, key=lambda hit: hit[0])
-        return cut
+        return cut + len(self.stopped_by) if self.include_stop else cut
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that could begin a stop string."""

@@ -362,7 +362,7 @@ class AsyncEngine:
             seq=seq,
             channel=_Channel(request_id, len(prompt_ids), logprobs=params.logprobs is not None),
             detokenizer=IncrementalDetokenizer(self._decode, prompt_ids),
-            text=TextAccumulator(params.stop),
+            text=TextAccumulator(params.stop, include_stop=params.include_stop_str_in_output),
         )
         self._requests[request_id] = request
         self._by_seq[seq.seq_id] = request

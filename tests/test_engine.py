@@ -161,9 +161,14 @@ def test_stop_string_spanning_tokens_cuts_output(llama_path):
             ):
                 deltas.append(out.text)
                 reason = out.finish_reason
-            return text, stop, deltas, reason
+            kept = SamplingParams(
+                max_new_tokens=30, stop=[stop], ignore_eos=True, include_stop_str_in_output=True
+            )
+            _, with_stop, _ = await collect(engine, prompt, kept)
+            return text, stop, deltas, reason, with_stop
 
-    text, stop, deltas, reason = run(main())
+    text, stop, deltas, reason, with_stop = run(main())
+    assert with_stop == text[: text.index(stop) + len(stop)]  # include_stop_str_in_output
     assert stop
     expected = text[: text.index(stop)]
     assert "".join(deltas) == expected

@@ -64,6 +64,7 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
 
 
 class CompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
@@ -210,6 +211,7 @@ def sampling_params(
         "seed": request.seed,
         "stop": [request.stop] if isinstance(request.stop, str) else list(request.stop or []),
         "stop_token_ids": list(request.stop_token_ids or []),
+        "include_stop_str_in_output": request.include_stop_str_in_output,
         "ignore_eos": request.ignore_eos,
         "logprobs": logprobs,
         "prompt_logprobs": prompt_logprobs,
