@@ -361,7 +361,9 @@ class AsyncEngine:
             request_id=request_id,
             seq=seq,
             channel=_Channel(request_id, len(prompt_ids), logprobs=params.logprobs is not None),
-            detokenizer=IncrementalDetokenizer(self._decode, prompt_ids),
+            detokenizer=IncrementalDetokenizer(
+                self._decode if params.skip_special_tokens else self._decode_special, prompt_ids
+            ),
             text=TextAccumulator(params.stop, include_stop=params.include_stop_str_in_output),
         )
         self._requests[request_id] = request

@@ -33,6 +33,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     - ``ignore_eos``: keep going past EOS.
     - ``stop``: strings that end generation; the output is cut before the stop string (after it
       with ``include_stop_str_in_output``, vLLM's name).
+    - ``skip_special_tokens``: leave special tokens (EOS, BOS, ...) out of the text (the default).
     - ``stop_token_ids``: extra token ids that end generation (kept in the output ids).
     - ``seed``: a per-request seed; the same seed gives the same tokens whatever else runs.
     - ``logprobs``: ``None`` (off), ``0`` (the log-probability of each generated token) or ``N``
@@ -66,6 +67,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ignore_eos: bool = False
     stop: list[str] = []
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     stop_token_ids: list[int] = []
     seed: int | None = None
     logprobs: int | None = None
@@ -112,8 +114,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise InvalidRequestError("do_sample", "must be a boolean")
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError("ignore_eos", "must be a boolean")
-        if not isinstance(self.include_stop_str_in_output, bool):
-            raise InvalidRequestError("include_stop_str_in_output", "must be a boolean")
+        for flag in ("include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, flag), bool):
+                raise InvalidRequestError(flag, "must be a boolean")
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidRequestError(
                 "temperature", f"must be a finite number >= 0, got {self.temperature!r}"

@@ -332,3 +332,22 @@ def test_unsupported_model_type_lists_supported(llama_path, tmp_path):
     (target / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match="llama, mistral"):
         run(start(str(target)))
+
+
+def test_special_tokens_are_left_out_of_the_text_unless_asked(llama_path):
+    async def main():
+        async with await start(llama_path) as engine:
+            eos = engine.eos_token_ids[0]
+            bias = {eos: 100.0}  # nothing but EOS, and ignore_eos keeps generating
+            texts = []
+            for skip in (True, False):
+                params = SamplingParams(
+                    max_new_tokens=3, ignore_eos=True, logit_bias=bias, skip_special_tokens=skip
+                )
+                ids, text, _ = await collect(engine, [5, 6, 7], params)
+                texts.append((ids, text))
+            return eos, engine.tokenizer.convert_ids_to_tokens(eos), texts
+
+    eos, eos_text, [(ids, skipped), (same_ids, kept)] = run(main())
+    assert ids == same_ids == [eos] * 3
+    assert skipped == "" and kept == eos_text * 3

@@ -65,6 +65,7 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
 
 class CompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
@@ -212,6 +213,7 @@ def sampling_params(
         "stop": [request.stop] if isinstance(request.stop, str) else list(request.stop or []),
         "stop_token_ids": list(request.stop_token_ids or []),
         "include_stop_str_in_output": request.include_stop_str_in_output,
+        "skip_special_tokens": request.skip_special_tokens,
         "ignore_eos": request.ignore_eos,
         "logprobs": logprobs,
         "prompt_logprobs": prompt_logprobs,
