@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -632,18 +632,7 @@ class AsyncEngine:
         reader, length = request.prompt_reader
         text_offset = length[0]
         length[0] += len(reader.add(token))
-        context = seq.token_ids[max(0, position - LOGPROB_TEXT_CONTEXT) : position]
-        alternatives = [t for t in sample.top_ids if t != token]
-        texts = token_texts(self._decode_special, context, [token, *alternatives])
-        text_of = dict(zip([token, *alternatives], texts))
-        return TokenLogprob(
-            token_id=token,
-            logprob=sample.logprob,
-            top=dict(zip(sample.top_ids, sample.top_logprobs)),
-            text=texts[0],
-            top_text={t: text_of[t] for t in sample.top_ids},
-            text_offset=text_offset,
-        )
+        return self._logprob_entry(seq.token_ids, position, token, sample, lambda _: text_offset)
 
     def _token_logprob(
         self, seq: Sequence, token: int, sample: SampleLogprobs, text_length: int, delta_length: int
@@ -652,8 +641,25 @@ class AsyncEngine:
         after the tokens before it. The generated text had ``text_length`` characters before the
         token and ``delta_length`` more after it (more than the token's own when it completes a
         character that earlier tokens began, none while a character is incomplete)."""
-        position = seq.num_tokens - 1
-        context = seq.token_ids[max(0, position - LOGPROB_TEXT_CONTEXT) : position]
+        # the token's text ends the delta; not before the delta starts (a special token is not in
+        # the text, a token that ends in an incomplete character adds nothing to it yet)
+        def offset(text: str) -> int:
+            return max(text_length, text_length + delta_length - len(text))
+
+        return self._logprob_entry(seq.token_ids, seq.num_tokens - 1, token, sample, offset)
+
+    def _logprob_entry(
+        self,
+        token_ids: list[int],
+        position: int,
+        token: int,
+        sample: SampleLogprobs,
+        text_offset: Callable[[str], int],
+    ) -> TokenLogprob:
+        """``sample`` for ``token`` at ``position`` of ``token_ids``, with the texts of the token and
+        its alternatives read after the tokens before it; ``text_offset`` maps the token's text to
+        where it begins."""
+        context = token_ids[max(0, position - LOGPROB_TEXT_CONTEXT) : position]
         alternatives = [t for t in sample.top_ids if t != token]
         texts = token_texts(self._decode_special, context, [token, *alternatives])
         text_of = dict(zip([token, *alternatives], texts))
@@ -663,9 +669,7 @@ class AsyncEngine:
             top=dict(zip(sample.top_ids, sample.top_logprobs)),
             text=texts[0],
             top_text={t: text_of[t] for t in sample.top_ids},
-            # the token's text ends the delta; not before the delta starts (a special token is not
-            # in the text, a token that ends in an incomplete character adds nothing to it yet)
-            text_offset=max(text_length, text_length + delta_length - len(texts[0])),
+            text_offset=text_offset(texts[0]),
         )
 
     def _request_of(self, seq: Sequence) -> _Request | None:
