@@ -333,6 +333,7 @@ def engine_config(args: argparse.Namespace) -> Any:
         "dtype": args.dtype,
         "cuda_graphs": not args.no_cuda_graphs,
         "async_scheduling": not args.no_async_scheduling,
+        "quantization": args.quantization,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "seed": SEED,
     }
@@ -613,6 +614,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--no-async-scheduling", action="store_true", help="plan each step after the last")
+    parser.add_argument("--quantization", default=None, choices=["fp8"], help="FP8 (e4m3) linear weights")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--max-model-len", type=int, default=None)

@@ -36,6 +36,7 @@ _ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type, help)
     "--seed": ("seed", int, "seed of the engine's random stream"),
     "--gpu-memory-utilization": ("gpu_memory_utilization", float, "share of GPU memory the engine may use"),
     "--step-timeout-s": ("step_timeout_s", float, "fail a step whose tensor-parallel workers hang this long"),
+    "--quantization": ("quantization", str, "fp8: FP8 (e4m3) weights, W8A8, for H100/H200"),
 }
 
 

@@ -121,6 +121,7 @@ class ModelRunner:
             load_format=config.load_format,
             seed=config.seed,
             show_progress=show_progress and tp.rank == 0,
+            quantization=config.quantization,
         )
         self.block_size = config.block_size
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]

@@ -15,14 +15,23 @@ from torch import nn
 from fastgen import kernels
 
 from .parallel import SINGLE, TensorParallel
+from .quantization import fp8_linear
 
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias``. Decode-sized half-precision inputs on CUDA (up to 8 rows) take the
-    Triton small-batch kernel (1.06-1.09x cuBLAS in a 7B decode graph on an H100,
-    benchmarks/results/gemv-*.md); everything else cuBLAS / torch."""
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ weight.T + bias``. FP8 weights (with their row scales) go through `fp8_linear`.
+    Decode-sized half-precision inputs on CUDA (up to 8 rows) take the Triton small-batch kernel
+    (1.06-1.09x cuBLAS in a 7B decode graph on an H100, benchmarks/results/gemv-*.md); everything
+    else cuBLAS / torch."""
+    if weight_scale is not None:
+        return fp8_linear(x, weight, weight_scale, bias)
     if x.is_cuda and x.dtype in _HALF and x.dim() == 2 and x.shape[0] <= 8:
         return kernels.linear_small_batch(x, weight, bias)
     return nn.functional.linear(x, weight, bias)
@@ -56,6 +65,7 @@ class ColumnParallelLinear(nn.Module):
         local_out = sum(self.local_sizes)
         self.weight = nn.Parameter(torch.empty(local_out, input_size), requires_grad=False)
         self.weight.weight_loader = self._load
+        self.weight_scale: torch.Tensor | None = None  # set when the weight is quantized to FP8
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(local_out), requires_grad=False)
@@ -69,7 +79,7 @@ class ColumnParallelLinear(nn.Module):
         copy_checked(param.data[offset : offset + size], loaded[start : start + size], "column shard")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.weight_scale)
 
 
 class QKVParallelLinear(nn.Module):
@@ -105,6 +115,7 @@ class QKVParallelLinear(nn.Module):
         out = self.q_size + 2 * self.kv_size
         self.weight = nn.Parameter(torch.empty(out, hidden_size), requires_grad=False)
         self.weight.weight_loader = self._load
+        self.weight_scale: torch.Tensor | None = None  # set when the weight is quantized to FP8
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out), requires_grad=False)
@@ -121,7 +132,7 @@ class QKVParallelLinear(nn.Module):
         copy_checked(param.data[offset : offset + size], loaded[start : start + size], f"{shard_id} shard")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.weight_scale)
 
 
 class RowParallelLinear(nn.Module):
@@ -133,6 +144,7 @@ class RowParallelLinear(nn.Module):
         self.local_in = tp.split(input_size, "input features")
         self.weight = nn.Parameter(torch.empty(output_size, self.local_in), requires_grad=False)
         self.weight.weight_loader = self._load_weight
+        self.weight_scale: torch.Tensor | None = None  # set when the weight is quantized to FP8
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
@@ -143,7 +155,7 @@ class RowParallelLinear(nn.Module):
         copy_checked(param.data, loaded[:, start : start + self.local_in], "row shard")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight)
+        out = linear(x, self.weight, weight_scale=self.weight_scale)
         out = self.tp.all_reduce(out)
         if self.bias is not None:
             out = out + self.bias

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastgen.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from fastgen.layers.parallel import SINGLE, TensorParallel
+from fastgen.layers.quantization import quantize_linear_layers
 
 from . import model_class_for
 from .config import ModelConfig
@@ -44,8 +46,11 @@ def build_model(
     load_format: str = "auto",
     seed: int = 0,
     show_progress: bool = True,
+    quantization: str | None = None,
 ) -> nn.Module:
-    """Construct ``config``'s model on ``device`` in ``dtype`` and load (or draw) its weights."""
+    """Construct ``config``'s model on ``device`` in ``dtype`` and load (or draw) its weights;
+    ``quantization="fp8"`` then turns the linear layers' weights into FP8 (see
+    `fastgen.layers.quantization`)."""
     cls = model_class_for(config)
     with _default_dtype(dtype), device:
         model = cls(config, tp, max_model_len)
@@ -56,6 +61,10 @@ def build_model(
         fill_dummy_weights(model, unsharded, seed)
     else:
         load_weights(model, Path(path), load_format, show_progress=show_progress)
+    if quantization == "fp8":
+        quantize_linear_layers(model, (ColumnParallelLinear, QKVParallelLinear, RowParallelLinear))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the model-dtype weights' memory goes back to the KV cache
     return model
 
 
