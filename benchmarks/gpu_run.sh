@@ -3,7 +3,8 @@
 # Usage (from the project root, on the GPU machine, with .whl carried):
 #   bash benchmarks/gpu_run.sh tests decode
 # phases: tests, enginetests, kernels, decode, profile, overhead, serving, async (batch-1 decode with
-# and without asynchronous scheduling), prefix (a closed loop with and without a shared prompt prefix)
+# and without asynchronous scheduling), prefix (a closed loop with and without a shared prompt prefix),
+# fp8 (batch-1 decode and the offline run with FP8 weights)
 # Results and logs land in $OUT (or benchmarks/results when OUT is unset). The serving phase takes
 # SERVING_LIMIT_S / SERVING_TIMEOUT_S and extra arguments in SERVING_ARGS, e.g. to finish a sweep:
 #   SERVING_ARGS="--workloads 512-512 --offline-requests 0 --skip-peer" bash benchmarks/gpu_run.sh serving
@@ -36,6 +37,9 @@ for phase in "$@"; do
     prefix) timeout 400 python3 benchmarks/serving.py --model-shape llama2-7b --workloads 1200-128 --clients "" \
               --offline-requests 0 --skip-peer --batch1-repeats 0 --shared-prefix 1024,200,128 \
               --time-limit-s 330 --out "$OUT" 2>&1 | tee "$OUT/prefix.log" | grep -E "prefix|TTFT" | tail -8 ;;
+    fp8) timeout 400 python3 benchmarks/serving.py --model-shape llama2-7b --workloads 1200-128 --clients "" \
+           --offline-requests 512 --skip-peer --time-limit-s 330 --quantization fp8 --out "$OUT" 2>&1 \
+           | tee "$OUT/fp8.log" | tail -25 ;;
     *) echo "unknown phase $phase" ;;
   esac
 done
