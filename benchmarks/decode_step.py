@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--quantization", default=None, choices=["fp8"], help="FP8 linear weights")
     args = parser.parse_args()
     bandwidth = copy_bandwidth_bytes_per_s()
     rows = []
@@ -128,6 +129,7 @@ def main() -> None:
                 num_kv_blocks=blocks_needed,
                 cuda_graphs=graphs,
                 max_seqs=max(args.batches),
+                quantization=args.quantization,
             )
             started = time.perf_counter()
             runner = ModelRunner(None, config, model_config, model_config.max_position_embeddings)
@@ -154,7 +156,8 @@ def main() -> None:
     stamp = datetime.datetime.now(datetime.UTC)
     command = "python benchmarks/decode_step.py " + " ".join(sys.argv[1:])
     text = (
-        f"# Decode step time, {args.shape}, context {args.context}\n\n"
+        f"# Decode step time, {args.shape}{', FP8 weights' if args.quantization else ''}, "
+        f"context {args.context}\n\n"
         f"- command: `{command}`\n- device: {device}\n"
         f"- date: {stamp:%Y-%m-%d %H:%M} UTC\n- copy bandwidth (read+write): {bandwidth / 1e12:.2f} TB/s\n\n"
         "| cuda graphs | batch | step ms | HBM floor ms | floor/step | tokens/s |\n"
@@ -167,7 +170,7 @@ def main() -> None:
         )
     print(text)
     args.out.mkdir(exist_ok=True, parents=True)
-    name = f"decode_step-{device.replace(' ', '_')}-{stamp:%Y%m%d}"
+    name = f"decode_step-{device.replace(' ', '_')}{'-fp8' if args.quantization else ''}-{stamp:%Y%m%d}"
     (args.out / f"{name}.md").write_text(text)
     (args.out / f"{name}.json").write_text(
         json.dumps(
