@@ -66,6 +66,18 @@ def test_fp8_engine_predicts_like_the_float32_engine(trained_path):
     assert any(a.logprob != b.logprob for a, b in zip(full, fp8))  # the quantized path did run
 
 
+def test_fp8_with_tensor_parallelism_predicts_like_one_rank(trained_path):
+    """Each rank quantizes its own shard (row-parallel layers: scales over its slice of the input
+    features), so tp=2 is not bit-equal to tp=1, but predicts the same."""
+    text = "the budget of every step is filled with decodes first " * 4
+    params = SamplingParams(max_new_tokens=1, prompt_logprobs=1)
+    (one,) = generate_together(trained_path, [(text, params)], quantization="fp8", executor="inprocess")
+    (two,) = generate_together(trained_path, [(text, params)], quantization="fp8", tensor_parallel=2)
+    pairs = list(zip(one.prompt_logprobs[1:], two.prompt_logprobs[1:]))
+    agreement = sum(next(iter(a.top)) == next(iter(b.top)) for a, b in pairs) / len(pairs)
+    assert len(pairs) > 30 and agreement >= 0.9, agreement
+
+
 def test_fp8_engine_holds_fp8_weights(llama_path):
     from fastgen.models.config import ModelConfig
     from fastgen.runner import ModelRunner
