@@ -582,9 +582,12 @@ class AsyncEngine:
             request.channel.cached_tokens = seq.num_cached_tokens
             if seq.params.prompt_logprobs is not None:
                 request.channel.prompt_logprobs = [None, *request.prompt_logprobs]
-        delta = request.detokenizer.add(token)
-        if reason is not None:
-            delta += request.detokenizer.flush()
+        if reason is FinishReason.STOP and not seq.params.include_stop_str_in_output:
+            delta = request.detokenizer.flush()  # a stop token (EOS too) ends the text unseen
+        else:
+            delta = request.detokenizer.add(token)
+            if reason is not None:
+                delta += request.detokenizer.flush()
         logprob = None
         if sample is not None:
             logprob = self._token_logprob(seq, token, sample, len(request.text.text), len(delta))

@@ -32,7 +32,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
       distribution.
     - ``ignore_eos``: keep going past EOS.
     - ``stop``: strings that end generation; the output is cut before the stop string (after it
-      with ``include_stop_str_in_output``, vLLM's name).
+      with ``include_stop_str_in_output``, vLLM's name; the same for the text of a stop token).
     - ``skip_special_tokens``: leave special tokens (EOS, BOS, ...) out of the text (the default).
     - ``stop_token_ids``: extra token ids that end generation (kept in the output ids).
     - ``seed``: a per-request seed; the same seed gives the same tokens whatever else runs.

@@ -351,3 +351,25 @@ def test_special_tokens_are_left_out_of_the_text_unless_asked(llama_path):
     eos, eos_text, [(ids, skipped), (same_ids, kept)] = run(main())
     assert ids == same_ids == [eos] * 3
     assert skipped == "" and kept == eos_text * 3
+
+
+def test_the_text_of_a_stop_token_is_left_out_unless_asked(llama_path):
+    prompt = [11, 12, 13, 14]
+
+    async def main():
+        async with await start(llama_path) as engine:
+            free, _, _ = await collect(engine, prompt, SamplingParams(max_new_tokens=8, ignore_eos=True))
+            stop = next(t for i, t in enumerate(free) if i >= 2 and t not in free[:i])
+            results = []
+            for keep in (False, True):
+                params = SamplingParams(
+                    max_new_tokens=8, ignore_eos=True, stop_token_ids=[stop], skip_special_tokens=False,
+                    include_stop_str_in_output=keep,
+                )
+                results.append(await collect(engine, prompt, params))
+            decode = engine.tokenizer.decode
+            return decode([stop]), results, decode(results[0][0][:-1]), decode(results[0][0])
+
+    stop_text, [(ids, text, reason), (same_ids, kept, _)], before, with_stop = run(main())
+    assert ids == same_ids and reason == "stop" and len(ids) >= 3
+    assert stop_text and text == before and kept == with_stop

@@ -37,6 +37,17 @@ def test_fp8_linear_is_the_product_of_the_dequantized_operands():
     torch.testing.assert_close(batched.reshape(5, 40), actual)
 
 
+def test_shapes_the_fp8_gemm_cannot_take_are_refused_by_name():
+    from torch import nn
+
+    from fastgen.layers.linear import ColumnParallelLinear
+    from fastgen.layers.quantization import quantize_linear_layers
+
+    model = nn.Sequential(ColumnParallelLinear(64, [40]))
+    with pytest.raises(ValueError, match="0 is 40 x 64"):
+        quantize_linear_layers(model, (ColumnParallelLinear,))
+
+
 def test_unknown_quantization_is_refused():
     with pytest.raises(ValueError, match="quantization"):
         EngineConfig(quantization="int4")

@@ -43,8 +43,13 @@ def quantize_linear_layers(model: nn.Module, layer_types: tuple[type, ...]) -> i
     """Replace the weights of every ``layer_types`` module by FP8 weights and their row scales
     (``module.weight_scale``); returns how many layers changed."""
     count = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, layer_types):
+            rows, columns = module.weight.shape
+            if rows % 16 or columns % 16:  # what the FP8 tensor-core GEMM needs of each rank's shard
+                raise ValueError(
+                    f"fp8 quantization needs layer shapes in multiples of 16; {name} is {rows} x {columns}"
+                )
             quantized, scale = quantize_rows(module.weight.data)
             module.weight = nn.Parameter(quantized, requires_grad=False)
             module.weight_scale = scale

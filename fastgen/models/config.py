@@ -55,6 +55,8 @@ class ModelConfig:
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
         if cfg.get("model_type") == "gemma3" and isinstance(cfg.get("text_config"), dict):
             return _text_part_of_gemma3(cfg)
+        if cfg.get("model_type") in _COMPLETED_BY_TRANSFORMERS:
+            cfg = _with_transformers_defaults(cfg)
         model_type = cfg.get("model_type", "")
         hidden = cfg["hidden_size"]
         num_heads = cfg["num_attention_heads"]
@@ -129,11 +131,26 @@ def _activation(cfg: dict[str, Any], model_type: str) -> str:
     return name
 
 
+# published configs of these leave settings to transformers' defaults (Gemma ties its embeddings,
+# Gemma 2 caps at 50 / 30) or use older spellings (Gemma 3's rope_local_base_freq)
+_COMPLETED_BY_TRANSFORMERS = ("gemma", "gemma2", "gemma3_text")
+
+
+def _with_transformers_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` as transformers reads it: its defaults filled in, legacy fields converted."""
+    from transformers import AutoConfig
+
+    fields = {key: value for key, value in cfg.items() if key != "model_type"}
+    return AutoConfig.for_model(cfg["model_type"], **fields).to_dict()
+
+
 def _text_part_of_gemma3(cfg: dict[str, Any]) -> ModelConfig:
     """A multimodal Gemma 3 checkpoint served as text: its language model (``text_config``, tensors
-    under ``language_model.``); the vision tower and projector are not loaded."""
+    under ``language_model.``); the vision tower and projector are not loaded. As in transformers,
+    the top-level config decides whether the LM head is tied to the embeddings (by default yes)."""
     text = {"model_type": "gemma3_text", **cfg["text_config"]}
-    for key in ("eos_token_id", "bos_token_id", "tie_word_embeddings", "torch_dtype", "dtype"):
+    text["tie_word_embeddings"] = cfg.get("tie_word_embeddings", True)
+    for key in ("eos_token_id", "bos_token_id", "torch_dtype", "dtype"):
         if key in cfg and text.get(key) is None:
             text[key] = cfg[key]
     config = ModelConfig.from_dict(text)
