@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for phase in "$@"; do
   echo "=== $phase ($(date -u +%H:%M:%S))"
   case "$phase" in
-    tests)   timeout 300 python3 -m pytest -m gpu -q tests/kernels tests/test_gpu_engine.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    tests)   timeout 420 python3 -m pytest -m gpu -q tests/kernels tests/test_gpu_engine.py tests/test_fp8.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     kernels) timeout 300 python3 benchmarks/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     decode)  timeout 300 python3 benchmarks/decode_step.py --out "$OUT" 2>&1 | tee "$OUT/decode.log" | tail -20 ;;
     profile) timeout 400 python3 -m benchmarks.step_profile --out "$OUT/step_profile.json" 2>&1 | tee "$OUT/step_profile.log" | tail -80 ;;
