@@ -130,7 +130,8 @@ class _Request:
     arrival_s: float = field(default_factory=time.monotonic)
     first_token_s: float | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # positions 1.. so far
-    prompt_reader: tuple[IncrementalDetokenizer, list[int]] | None = None  # prompt text length so far
+    prompt_reader: IncrementalDetokenizer | None = None  # reads the prompt scored so far
+    prompt_text_length: int = 0  # of that text
 
 
 @dataclass
@@ -630,11 +631,10 @@ class AsyncEngine:
         read once, token by token, for the offsets."""
         seq = request.seq
         if request.prompt_reader is None:
-            reader = IncrementalDetokenizer(self._decode, [])
-            request.prompt_reader = (reader, [len(reader.add(seq.token_ids[0]))])
-        reader, length = request.prompt_reader
-        text_offset = length[0]
-        length[0] += len(reader.add(token))
+            request.prompt_reader = IncrementalDetokenizer(self._decode, [])
+            request.prompt_text_length = len(request.prompt_reader.add(seq.token_ids[0]))
+        text_offset = request.prompt_text_length
+        request.prompt_text_length += len(request.prompt_reader.add(token))
         return self._logprob_entry(seq.token_ids, position, token, sample, lambda _: text_offset)
 
     def _token_logprob(

@@ -10,10 +10,16 @@ from fastgen import kernels
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .parallel import SINGLE, TensorParallel
 
-_GATED_ACTIVATIONS = {"silu": None, "swish": None, "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+# activation name -> the GELU approximation the kernel takes
+_GELUS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+_SILUS = ("silu", "swish")
 
 
-_PLAIN_ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+def _gelu_approximation(act: str, allowed: tuple[str, ...], kind: str) -> str | None:
+    """The GELU approximation ``act`` names (None for SiLU), or a ValueError naming the choices."""
+    if act not in allowed:
+        raise ValueError(f"{kind} activation {act!r} is not supported; supported: {sorted(allowed)}")
+    return _GELUS.get(act)
 
 
 class MLP(nn.Module):
@@ -29,10 +35,7 @@ class MLP(nn.Module):
         tp: TensorParallel = SINGLE,
     ):
         super().__init__()
-        if act not in _PLAIN_ACTIVATIONS:
-            supported = sorted(_PLAIN_ACTIVATIONS)
-            raise ValueError(f"MLP activation {act!r} is not supported; supported: {supported}")
-        self.approximate = _PLAIN_ACTIVATIONS[act]
+        self.approximate = _gelu_approximation(act, tuple(_GELUS), "MLP")
         self.fc1 = ColumnParallelLinear(hidden_size, [intermediate_size], bias=bias, tp=tp)
         self.fc2 = RowParallelLinear(intermediate_size, hidden_size, bias=bias, tp=tp)
 
@@ -54,11 +57,8 @@ class GatedMLP(nn.Module):
         tp: TensorParallel = SINGLE,
     ):
         super().__init__()
-        if act not in _GATED_ACTIVATIONS:
-            raise ValueError(
-                f"gated MLP activation {act!r} is not supported; supported: {sorted(_GATED_ACTIVATIONS)}"
-            )
-        self.gelu = _GATED_ACTIVATIONS[act]  # None: SiLU
+        # None: SiLU (SwiGLU)
+        self.gelu = _gelu_approximation(act, (*_SILUS, "gelu", "gelu_pytorch_tanh"), "gated MLP")
         self.gate_up_proj = ColumnParallelLinear(
             hidden_size, [intermediate_size, intermediate_size], bias=bias, tp=tp
         )

@@ -351,7 +351,7 @@ class _Gateway:
                     item = oai.completion_choice(choice.index, text, finish, logprobs, echoed)
                     yield sse(oai.completion_object(response_id, model, created, [item], None, True))
             if body.stream_options is not None and body.stream_options.include_usage:
-                usage = _usage_of(choices, results, generated=not oai.scores_prompt_only(body))
+                usage = _usage_of(choices, results, generated=not scoring)
                 yield sse(oai.completion_object(response_id, model, created, [], usage, True))
             yield DONE
         finally:
