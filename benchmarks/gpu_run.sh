@@ -6,7 +6,8 @@
 # and without asynchronous scheduling), prefix (a closed loop with and without a shared prompt prefix),
 # fp8 (batch-1 decode and the offline run with FP8 weights)
 # Results and logs land in $OUT (or benchmarks/results when OUT is unset). The serving phase takes
-# SERVING_LIMIT_S / SERVING_TIMEOUT_S and extra arguments in SERVING_ARGS, e.g. to finish a sweep:
+# SERVING_LIMIT_S / SERVING_TIMEOUT_S (the kernels phase takes KERNELS_ARGS, e.g. "--only moe")
+# and extra arguments in SERVING_ARGS, e.g. to finish a sweep:
 #   SERVING_ARGS="--workloads 512-512 --offline-requests 0 --skip-peer" bash benchmarks/gpu_run.sh serving
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -19,7 +20,7 @@ for phase in "$@"; do
   echo "=== $phase ($(date -u +%H:%M:%S))"
   case "$phase" in
     tests)   timeout 420 python3 -m pytest -m gpu -q tests/kernels tests/test_gpu_engine.py tests/test_fp8.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
-    kernels) timeout 300 python3 benchmarks/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
+    kernels) timeout 300 python3 benchmarks/kernels.py --out "$OUT" ${KERNELS_ARGS:-} 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     decode)  timeout 300 python3 benchmarks/decode_step.py --out "$OUT" 2>&1 | tee "$OUT/decode.log" | tail -20 ;;
     profile) timeout 400 python3 -m benchmarks.step_profile --out "$OUT/step_profile.json" 2>&1 | tee "$OUT/step_profile.log" | tail -80 ;;
     overhead) timeout 300 python3 -m benchmarks.host_overhead 2>&1 | tee "$OUT/overhead.log" | tail -70 ;;

@@ -217,7 +217,9 @@ class AsyncEngine:
         self.num_steps = 0
         self.generated_tokens = 0
         self.prompt_tokens = 0
-        self.step_listeners: list[Any] = []  # callables(step, seconds) for metrics
+        # callables(step, seconds) for metrics; seconds run from when the step could start (its submission,
+        # or the return of the step it was queued behind) to its result
+        self.step_listeners: list[Any] = []
         self.profile = StepProfile()
         self._loop_task = asyncio.get_running_loop().create_task(self._step_loop(), name="fastgen-step-loop")
 
@@ -463,6 +465,7 @@ class AsyncEngine:
         worker before the current one ends."""
         ahead = 2 if self.config.async_scheduling else 1  # steps in flight at most
         in_flight: collections.deque[_InFlight] = collections.deque()
+        last_received = 0.0  # a step queued behind another only starts once that one is back
         try:
             while True:
                 self._apply_inbox()
@@ -498,7 +501,8 @@ class AsyncEngine:
                         self.scheduler.finish(seq, reason)
                     sampled.append((seq, token, reason, logprobs.get(seq.seq_id)))
                 for listener in self.step_listeners:
-                    listener(step, received - started)
+                    listener(step, received - max(started, last_received))
+                last_received = received
                 self._apply_inbox()
                 self._launch_ahead(in_flight, ahead)
                 launched_s = time.perf_counter()

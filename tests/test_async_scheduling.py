@@ -8,6 +8,7 @@ finish reasons, through stop tokens, stop strings, seeds, penalties, chunked pro
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -194,8 +195,14 @@ def test_two_steps_are_in_flight_while_decoding(llama_path):
                 return future
 
             executor.submit = counting_submit
+            step_seconds: list[float] = []
+            engine.step_listeners.append(lambda step, seconds: step_seconds.append(seconds))
             params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+            began = time.perf_counter()
             outs = [out async for out in engine.generate(PROMPTS[0], params)]
+            wall = time.perf_counter() - began
+            # steps in flight together are not counted twice: busy time never exceeds the wall time
+            assert len(step_seconds) == 20 and 0 < sum(step_seconds) <= wall
             stats = engine.stats()
             return (
                 most,

@@ -28,7 +28,10 @@ GREEDY = SamplingOptions(
 def hf_greedy_cuda(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    # eager attention is HF's reference path; older transformers pick SDPA for Gemma 2 on CUDA, which
+    # drops the attention-score soft cap
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model = model.cuda().eval()
     model.generation_config.eos_token_id = None
     outputs = []
     for prompt in prompts:
