@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from fastgen.kernels import activation, attention_triton, cache, moe, norm, rotary, sampling
+from fastgen.kernels import activation, attention_triton, cache, gemv, moe, norm, quant, rotary, sampling
 from fastgen.kernels.attention import paged_attention_reference
 from tqdm import tqdm
 
@@ -362,6 +362,41 @@ def moe_cases(bench: Bench) -> None:
 # ---------------------------------------------------------------- tuning variants
 
 
+def quantize_case(bench: Bench, rows: int, k: int) -> None:
+    get = rotating(lambda: (torch.randn(rows, k, dtype=DTYPE, device="cuda"),), rows * k * 2)
+    bench.pair(f"fp8 quantize rows {rows}x{k}", lambda: quant.quantize_rows_triton(*get()), "torch",
+               lambda: quant.quantize_rows_reference(*get()), rows * k * 3, None)
+
+
+def fp8_cases(bench: Bench) -> None:
+    """Per-row FP8 quantization of activations (Triton vs the torch spelling), and a Llama-2-7B
+    gate_up product at decode (M = 1): FP8 weights in the small-batch kernel (W8A16) against bf16
+    weights in it and against ``torch._scaled_mm`` (W8A8, activation quantized first)."""
+    for rows, k in ((768, 4096), (768, 11008)):
+        quantize_case(bench, rows, k)
+    n, k = 22016, 4096
+
+    def fp8_weights():
+        weight = torch.randn(n, k, dtype=DTYPE, device="cuda") * 0.02
+        q, scale = quant.quantize_rows_reference(weight)
+        return q, scale, weight
+
+    get = rotating(fp8_weights, n * k * 3)
+    x = torch.randn(1, k, dtype=DTYPE, device="cuda")
+    case = f"gate_up {n}x{k} M=1"
+    bench.add(f"{case}, fp8 weights", "triton", median_us(
+        lambda: gemv.linear_small_batch_triton(x, get()[0], None, None, get()[1])), n * k, None)
+    bench.add(f"{case}, bf16 weights", "triton", median_us(
+        lambda: gemv.linear_small_batch_triton(x, get()[2])), n * k * 2, None)
+
+    def scaled_mm():
+        weight, scale, _ = get()
+        xq, xs = quant.quantize_rows_triton(x)
+        return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.t(), out_dtype=DTYPE)
+
+    bench.add(f"{case}, fp8 weights", "_scaled_mm", median_us(scaled_mm), n * k, None)
+
+
 def with_config(change: dict[str, int], fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` run under attention launch configs patched with ``change``."""
     original = attention_triton.launch_config
@@ -458,15 +493,15 @@ def table(rows: list[Row]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="",
-                        help="comma-separated groups: decode,prefill,elementwise,sampling,moe,variants")
+                        help="comma-separated groups: decode,prefill,elementwise,sampling,moe,fp8,variants")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
     torch.manual_seed(int(datetime.datetime.now().timestamp()))
     groups = {"decode": decode_cases, "prefill": prefill_cases, "elementwise": elementwise_cases,
-              "sampling": sampling_cases, "moe": moe_cases, "variants": variant_cases}
-    default_groups = ["decode", "prefill", "elementwise", "sampling", "moe"]
+              "sampling": sampling_cases, "moe": moe_cases, "fp8": fp8_cases, "variants": variant_cases}
+    default_groups = ["decode", "prefill", "elementwise", "sampling", "moe", "fp8"]
     chosen = args.only.split(",") if args.only else default_groups
     bench = Bench()
     failed = []

@@ -9,6 +9,7 @@ from .cache import write_kv_cache
 from .gemv import linear_small_batch
 from .moe import fused_moe
 from .norm import layer_norm, rms_norm
+from .quant import quantize_rows
 from .rotary import apply_rotary
 from .sampling import sample
 
@@ -19,6 +20,7 @@ __all__ = [
     "layer_norm",
     "linear_small_batch",
     "paged_attention",
+    "quantize_rows",
     "reference_forced",
     "rms_norm",
     "sample",

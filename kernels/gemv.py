@@ -27,6 +27,11 @@ alone. The atomic workspace is kept per (device, N, BLOCK_N) and left zeroed by 
 calls must not run concurrently on two streams of one device (the engine uses one). It is made
 on the first eager call; a first call *during* capture uses the two-launch reduction instead.
 
+FP8 weights (e4m3, with one float32 scale per output row, as ``EngineConfig.quantization="fp8"``
+stores them) stream at one byte a weight: the kernel widens each tile to the activations' dtype
+in registers (exact: every e4m3 value is a bf16/fp16 value) and scales the row sums once, so a
+decode step reads half the bytes of bf16 and the activations are not quantized (W8A16).
+
 Accumulation is float32 with the bias added in float32 and one rounding to x's dtype at the end,
 as :func:`linear_small_batch_reference` does. :func:`linear_small_batch_triton` returns ``None``
 when it does not apply (M > 8, K-strided weight, mixed dtypes), and the caller keeps cuBLAS;
@@ -48,6 +53,7 @@ from ._dispatch import use_triton
 
 MAX_ROWS = 8  # largest M served; the caller keeps cuBLAS beyond
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8 = torch.float8_e4m3fn
 
 
 def linear_small_batch_reference(
@@ -55,10 +61,13 @@ def linear_small_batch_reference(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ weight.T + bias`` accumulated in float32 and rounded once to x's dtype; written into
-    ``out`` (shape ``x.shape[:-1] + (N,)``) when given."""
-    result = F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    """``x @ (weight * weight_scale).T + bias`` accumulated in float32 and rounded once to x's
+    dtype; written into ``out`` (shape ``x.shape[:-1] + (N,)``) when given. ``weight_scale``
+    ([N, 1] or [N], float32) comes with FP8 weights."""
+    full = weight.float() if weight_scale is None else weight.float() * weight_scale.float().reshape(-1, 1)
+    result = F.linear(x.float(), full, None if bias is None else bias.float()).to(x.dtype)
     if out is None:
         return result
     out.copy_(result)
@@ -67,10 +76,11 @@ def linear_small_batch_reference(
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, workspace_ptr, counter_ptr,
+    x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, workspace_ptr, counter_ptr,
     M, N, K, k_per_split, stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of weight over K range pid_k."""
@@ -100,7 +110,7 @@ def _gemv_kernel(
                 k_mask = (k + offs_k) < K
                 x = tl.load(x_ptrs + k, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
                 w = tl.load(w_ptrs + k, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
     else:
         # 3-D: [BLOCK_M, 1, BLOCK_K] activations times [1, BLOCK_N, BLOCK_K] weights, summed over K
         # once after the loop so that the loop body is loads and FMAs only
@@ -120,6 +130,8 @@ def _gemv_kernel(
                 w = tl.load(w_ptrs + k, mask=n_mask[None, :, None] & k_mask[None, None, :], other=0.0)
             acc3 += x.to(tl.float32) * w.to(tl.float32)
         acc = tl.sum(acc3, axis=2)
+    if HAS_SCALE:  # per output row; linear, so partial sums of a split may be scaled too
+        acc *= tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
 
     out_mask = m_mask[:, None] & n_mask[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -179,8 +191,9 @@ class GemvConfig:
     num_stages: int = 4
 
 
-def path_tile(block_m: int, use_dot: bool) -> tuple[int, int]:
+def path_tile(block_m: int, use_dot: bool, weight_bytes: int = 2) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_K) of each multiply path for a row bucket (4 warps, 128 threads).
+    One-byte (FP8) weights take twice the K per tile, keeping 16-byte loads and bytes per stage.
 
     CUDA cores: 8 bf16 (16 bytes) per thread along K and 256 K per warp; BLOCK_N shrinks as
     BLOCK_M grows so that the float32 accumulator stays at <= 64 registers a thread
@@ -188,12 +201,15 @@ def path_tile(block_m: int, use_dot: bool) -> tuple[int, int]:
     with num_stages=4 Triton keeps three stages in flight (~50 KB of shared memory, four programs
     an SM). Both issue 16-byte cp.async loads of the weight (checked in sm_90 PTX, Triton 3.9).
     """
+    widen = 2 // weight_bytes if weight_bytes < 2 else 1
     if use_dot:
-        return 64, 128
-    return {1: 16, 2: 16, 4: 8, 8: 4}[block_m], 256
+        return 64, 128 * widen
+    return {1: 16, 2: 16, 4: 8, 8: 4}[block_m], 256 * widen
 
 
-def choose_config(m: int, n: int, k: int, num_sms: int = 132, use_dot: bool | None = None) -> GemvConfig:
+def choose_config(
+    m: int, n: int, k: int, num_sms: int = 132, use_dot: bool | None = None, weight_bytes: int = 2
+) -> GemvConfig:
     """The shape rule (no autotuning: CUDA graphs need the launch fixed before capture).
 
     - M = 1 multiplies on the CUDA cores, M >= 2 on the tensor cores (see the module doc);
@@ -206,7 +222,7 @@ def choose_config(m: int, n: int, k: int, num_sms: int = 132, use_dot: bool | No
     block_m = triton.next_power_of_2(max(m, 1))
     if use_dot is None:
         use_dot = block_m >= 2
-    block_n, block_k = path_tile(block_m, use_dot)
+    block_n, block_k = path_tile(block_m, use_dot, weight_bytes)
     tiles = triton.cdiv(n, block_n)
     k_steps = triton.cdiv(k, block_k)
     split_k = 1
@@ -240,10 +256,17 @@ def _atomic_workspace(device: torch.device, n: int, block_n: int) -> tuple[torch
     return found
 
 
-def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def _applies(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scale: torch.Tensor | None
+) -> bool:
+    if weight_scale is None:
+        weight_ok = weight.dtype == x.dtype
+    else:
+        weight_ok = (weight.dtype == FP8 and x.dtype != torch.float32 and weight_scale.dtype == torch.float32
+                     and weight_scale.numel() == weight.shape[0] and weight_scale.device == weight.device)
     return (
-        weight.dim() == 2 and x.shape[-1] == weight.shape[1] and weight.stride(1) == 1
-        and x.dtype == weight.dtype and x.dtype in _DTYPES and x.device == weight.device
+        weight_ok and weight.dim() == 2 and x.shape[-1] == weight.shape[1] and weight.stride(1) == 1
+        and x.dtype in _DTYPES and x.device == weight.device
         and (bias is None or (bias.shape == (weight.shape[0],) and bias.dtype == x.dtype))
         and math.prod(x.shape[:-1]) <= MAX_ROWS
     )
@@ -269,6 +292,7 @@ def linear_small_batch_with_config(
     bias: torch.Tensor | None,
     out: torch.Tensor | None,
     config: GemvConfig,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Triton launch with explicit parameters (benchmarks and tests try variants through it);
     the caller has checked that the kernel applies (M <= 8, see :func:`linear_small_batch_triton`)."""
@@ -285,6 +309,8 @@ def linear_small_batch_with_config(
         return out
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
+    if weight_scale is not None:
+        weight_scale = weight_scale.reshape(-1)  # [N, 1] rows are one float apart: a view
     block_m = triton.next_power_of_2(m)
     split_k = max(1, min(config.split_k, triton.cdiv(k, config.block_k)))
     k_per_split = triton.cdiv(triton.cdiv(k, config.block_k), split_k) * config.block_k
@@ -299,10 +325,11 @@ def linear_small_batch_with_config(
             workspace, counters = found
     grid = (triton.cdiv(n, config.block_n), split_k)
     _gemv_kernel[grid](
-        rows, weight, weight if bias is None else bias, out_rows, workspace, counters,
+        rows, weight, weight if weight_scale is None else weight_scale, weight if bias is None else bias,
+        out_rows, workspace, counters,
         m, n, k, k_per_split, rows.stride(0), weight.stride(0), out_rows.stride(0),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
-        ATOMIC=atomic, USE_DOT=config.use_dot, HAS_BIAS=bias is not None,
+        ATOMIC=atomic, USE_DOT=config.use_dot, HAS_BIAS=bias is not None, HAS_SCALE=weight_scale is not None,
         EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", NUM_STAGES=config.num_stages,
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -321,16 +348,18 @@ def linear_small_batch_triton(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Triton ``x @ weight.T + bias`` for at most 8 rows of x, launch chosen by
+    """Triton ``x @ (weight * weight_scale).T + bias`` for at most 8 rows of x, launch chosen by
     :func:`choose_config`; ``None`` when the kernel does not apply (more rows, a weight that is
-    not K-contiguous, mixed dtypes): the caller then uses cuBLAS."""
-    if not _applies(x, weight, bias):
+    not K-contiguous, mixed dtypes, FP8 weights without their scales or with float32 x): the
+    caller then uses cuBLAS."""
+    if not _applies(x, weight, bias, weight_scale):
         return None
     m = math.prod(x.shape[:-1])
     n, k = weight.shape
-    config = choose_config(m, n, k, _num_sms(x.device))
-    return linear_small_batch_with_config(x, weight, bias, out, config)
+    config = choose_config(m, n, k, _num_sms(x.device), weight_bytes=weight.element_size())
+    return linear_small_batch_with_config(x, weight, bias, out, config, weight_scale)
 
 
 def linear_small_batch(
@@ -338,15 +367,18 @@ def linear_small_batch(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ weight.T + bias``: the Triton kernel on CUDA when M <= 8, else torch
-    (``F.linear``, i.e. cuBLAS, on CUDA; the float32 reference on CPU)."""
+    """``x @ (weight * weight_scale).T + bias``: the Triton kernel on CUDA when M <= 8, else torch
+    (``F.linear``, i.e. cuBLAS, on CUDA; the float32 reference on CPU and for FP8 weights the
+    kernel does not take)."""
     if use_triton(x):
-        result = linear_small_batch_triton(x, weight, bias, out)
+        result = linear_small_batch_triton(x, weight, bias, out, weight_scale)
         if result is not None:
             return result
-        if out is None:
-            return F.linear(x, weight, bias)
-        out.copy_(F.linear(x, weight, bias))
-        return out
-    return linear_small_batch_reference(x, weight, bias, out)
+        if weight_scale is None:
+            if out is None:
+                return F.linear(x, weight, bias)
+            out.copy_(F.linear(x, weight, bias))
+            return out
+    return linear_small_batch_reference(x, weight, bias, out, weight_scale)

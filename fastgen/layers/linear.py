@@ -26,14 +26,14 @@ def linear(
     bias: torch.Tensor | None = None,
     weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ weight.T + bias``. FP8 weights (with their row scales) go through `fp8_linear`.
-    Decode-sized half-precision inputs on CUDA (up to 8 rows) take the Triton small-batch kernel
-    (1.06-1.09x cuBLAS in a 7B decode graph on an H100, benchmarks/results/gemv-*.md); everything
-    else cuBLAS / torch."""
+    """``x @ weight.T + bias``. Decode-sized half-precision inputs on CUDA (up to 8 rows) take the
+    Triton small-batch kernel (1.06-1.09x cuBLAS in a 7B decode graph on an H100,
+    benchmarks/results/gemv-*.md), FP8 weights included (scaled per row, activations left in
+    their dtype); other FP8 products go through `fp8_linear`, everything else cuBLAS / torch."""
+    if x.is_cuda and x.dtype in _HALF and x.dim() == 2 and x.shape[0] <= 8:
+        return kernels.linear_small_batch(x, weight, bias, weight_scale=weight_scale)
     if weight_scale is not None:
         return fp8_linear(x, weight, weight_scale, bias)
-    if x.is_cuda and x.dtype in _HALF and x.dim() == 2 and x.shape[0] <= 8:
-        return kernels.linear_small_batch(x, weight, bias)
     return nn.functional.linear(x, weight, bias)
 
 

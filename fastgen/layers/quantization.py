@@ -4,24 +4,20 @@ W8A8 in float8 e4m3, as H100/H200 tensor cores run it: each weight row (output f
 own scale when the model is loaded, each activation row (token) its own scale at run time, and
 ``torch._scaled_mm`` multiplies the two in FP8, accumulates in float32, applies both scales and
 rounds once to the activations' dtype. Weights take half the memory and half the bandwidth of
-bf16 (the decode-time traffic), prompts run on the FP8 tensor-core rate. No host synchronization:
-CUDA graphs capture it. The LM head, embeddings, norms and MoE experts stay in the model dtype.
+bf16 (the decode-time traffic), prompts run on the FP8 tensor-core rate. Decode batches of up to 8
+rows on CUDA skip the activation quantization: the small-batch GEMV kernel reads the FP8 weights
+and scales each row's sum (W8A16, ``kernels/gemv.py``). No host synchronization: CUDA graphs
+capture both. The LM head, embeddings, norms and MoE experts stay in the model dtype.
 """
 
 from __future__ import annotations
 
 import torch
+from fastgen.kernels import quantize_rows
+from fastgen.kernels.quant import FP8
 from torch import nn
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max  # 448
-_MIN_SCALE = 1e-12  # an all-zero row keeps a usable scale
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``q`` in FP8, ``scale`` [rows, 1] in float32) with ``x ~= q * scale``, one scale per row."""
-    scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=_MIN_SCALE)
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+__all__ = ["FP8", "fp8_linear", "quantize_linear_layers", "quantize_rows"]
 
 
 def fp8_linear(

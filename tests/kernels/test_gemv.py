@@ -57,6 +57,47 @@ def test_matches_reference(m, use_dot, finish, dtype, device, seed) -> None:
     assert_atomic_workspaces_clean()
 
 
+def fp8_weight(n: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random FP8 weights with per-row float32 scales of different magnitudes ([N, 1], as stored)."""
+    weight = (torch.randn(n, k, device=device) * 100).clamp(-448, 448).to(gemv.FP8)
+    scale = torch.rand(n, 1, device=device) / (100 * k**0.5) + 1e-4
+    return weight, scale
+
+
+@pytest.mark.parametrize("finish", FINISH)
+@pytest.mark.parametrize("use_dot", [False, True], ids=["fma", "dot"])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_fp8_weights_match_reference(m, use_dot, finish, device, seed) -> None:
+    """FP8 weights (one byte a weight, twice the K per tile) scaled per output row, fp16 x."""
+    split_k, atomic = FINISH[finish]
+    block_k = gemv.path_tile(triton.next_power_of_2(m), use_dot, weight_bytes=1)[1]
+    assert block_k == 2 * gemv.path_tile(triton.next_power_of_2(m), use_dot)[1]
+    config = GemvConfig(block_n=16, block_k=64, split_k=split_k, use_dot=use_dot, atomic_reduce=atomic)
+    for n, k, with_bias in [(50, 200, True), (64, 256, False)]:
+        x = torch.randn(m, k, dtype=torch.float16, device=device)
+        weight, scale = fp8_weight(n, k, device)
+        bias = torch.randn(n, dtype=torch.float16, device=device) if with_bias else None
+        out = poisoned((m, n), torch.float16, device)
+        gemv.linear_small_batch_with_config(x, weight, bias, out, config, scale)
+        expected = gemv.linear_small_batch_reference(x, weight, bias, weight_scale=scale)
+        assert_close(out, expected)
+        unscaled = gemv.linear_small_batch_reference(x, weight.float().half(), bias)
+        assert not torch.allclose(unscaled, expected), "the scales must matter"
+    assert_atomic_workspaces_clean()
+
+
+def test_fp8_weights_through_the_shape_rule(device, seed) -> None:
+    n, k = 72, 1100
+    weight, scale = fp8_weight(n, k, device)
+    for m in (1, 2, 8):
+        x = torch.randn(m, k, dtype=torch.float16, device=device)
+        out = gemv.linear_small_batch_triton(x, weight, None, None, scale)
+        assert_close(out, gemv.linear_small_batch_reference(x, weight, weight_scale=scale))
+    # FP8 without scales, or with float32 activations, is declined
+    assert gemv.linear_small_batch_triton(x, weight) is None
+    assert gemv.linear_small_batch_triton(x.float(), weight, None, None, scale) is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_shape_rule_configs(dtype, device, seed) -> None:
     """The configs the rule picks (16x256 FMA tiles at M = 1, 64x128 dot tiles above, split K)."""
@@ -134,6 +175,20 @@ def test_llama2_7b_shapes_match_cublas(name, seed) -> None:
         expected = F.linear(x, weight, with_bias)
         assert_close(out, expected)
         exact = gemv.linear_small_batch_reference(x, weight, with_bias).float()
+        error = (out.float() - exact).norm() / exact.norm()
+        assert error < 1e-2, f"M={m}: relative error {error:.2e}"
+    assert_atomic_workspaces_clean()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", LLAMA2_7B)
+def test_llama2_7b_shapes_fp8_weights(name, seed) -> None:
+    n, k = LLAMA2_7B[name]
+    weight, scale = fp8_weight(n, k, "cuda")
+    for m in (1, 2, 5, 8):
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        out = gemv.linear_small_batch_triton(x, weight, None, None, scale)
+        exact = gemv.linear_small_batch_reference(x, weight, weight_scale=scale).float()
         error = (out.float() - exact).norm() / exact.norm()
         assert error < 1e-2, f"M={m}: relative error {error:.2e}"
     assert_atomic_workspaces_clean()
