@@ -395,6 +395,27 @@ def fp8_cases(bench: Bench) -> None:
         return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.t(), out_dtype=DTYPE)
 
     bench.add(f"{case}, fp8 weights", "_scaled_mm", median_us(scaled_mm), n * k, None)
+    # tiles for one-byte weights at M = 1 (the rule doubles BLOCK_K of the bf16 tile)
+    for n, k in ((22016, 4096), (4096, 4096), (4096, 11008)):
+        fp8_tile_cases(bench, n, k)
+
+
+def fp8_tile_cases(bench: Bench, n: int, k: int) -> None:
+    def make():
+        q, scale = quant.quantize_rows_reference(torch.randn(n, k, dtype=DTYPE, device="cuda"))
+        return q, scale
+
+    get = rotating(make, n * k)
+    x = torch.randn(1, k, dtype=DTYPE, device="cuda")
+    rule = gemv.choose_config(1, n, k, weight_bytes=1)
+    for block_n, block_k, warps in ((16, 512, 4), (32, 512, 4), (8, 1024, 4), (16, 1024, 8), (32, 256, 4)):
+        for split in sorted({rule.split_k, 1}):
+            config = gemv.GemvConfig(block_n=block_n, block_k=block_k, split_k=split, num_warps=warps)
+            label = f"fp8 gemv {n}x{k} M=1 {block_n}x{block_k} w{warps} split {split}"
+            label += " (rule)" if config == rule else ""
+            bench.add(label, "triton", median_us(
+                lambda c=config: gemv.linear_small_batch_with_config(x, get()[0], None, None, c, get()[1])),
+                n * k, None)
 
 
 def with_config(change: dict[str, int], fn: Callable[[], object]) -> Callable[[], object]:

@@ -545,7 +545,8 @@ class Report:
         ceilings = self.data.get("ceilings") or {}
         if "copy_bytes_per_s" not in ceilings:
             return {"note": "no ceilings measured (no GPU)"}
-        arithmetic = ShapeArithmetic.from_config(self.data["model"]["config"])
+        arithmetic = ShapeArithmetic.from_config(self.data["model"]["config"],
+                                                 linear_bytes=self.data["model"].get("linear_bytes"))
         done = [r for r in run["requests"] if r["completed"]]
         engine = self.data["engine"]
         bound = roofline(
@@ -651,12 +652,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     budget = Budget(args.time_limit_s, args.max_run_s)
     report = Report(args.out, command)
     config = MODEL_SHAPES[args.model_shape]
-    arithmetic = ShapeArithmetic.from_config(config)
+    arithmetic = ShapeArithmetic.from_config(config, linear_bytes=1 if args.quantization == "fp8" else None)
     report.data["model"] = {
         "shape": args.model_shape,
         "config": config,
         "params": arithmetic.total_params,
         "decode_weight_bytes": arithmetic.decode_weight_bytes,
+        "linear_bytes": arithmetic.linear_bytes,
         "kv_bytes_per_token": arithmetic.kv_bytes_per_token,
     }
     report.data["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

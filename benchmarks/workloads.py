@@ -242,9 +242,11 @@ class ShapeArithmetic:
     head_dim: int
     vocab_size: int
     dtype_bytes: int = 2
+    linear_bytes: int = 2  # bytes a weight of the decoder layers' linears (1 with FP8 weights)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], dtype_bytes: int = 2) -> ShapeArithmetic:
+    def from_config(cls, config: dict[str, Any], dtype_bytes: int = 2, linear_bytes: int | None = None
+                    ) -> ShapeArithmetic:
         heads = config["num_attention_heads"]
         return cls(
             hidden_size=config["hidden_size"],
@@ -255,15 +257,19 @@ class ShapeArithmetic:
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
             vocab_size=config["vocab_size"],
             dtype_bytes=dtype_bytes,
+            linear_bytes=dtype_bytes if linear_bytes is None else linear_bytes,
         )
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters of the decoder layers' linears (attention projections and MLP)."""
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return self.num_layers * (h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size)
 
     @property
     def layer_params(self) -> int:
         """Parameters of all decoder layers (attention, MLP, two norms each) and the final norm."""
-        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        attention = h * q + 2 * h * kv + q * h
-        mlp = 3 * h * self.intermediate_size
-        return self.num_layers * (attention + mlp + 2 * h) + h
+        return self.linear_params + (2 * self.num_layers + 1) * self.hidden_size
 
     @property
     def embedding_params(self) -> int:
@@ -277,8 +283,9 @@ class ShapeArithmetic:
     @property
     def decode_weight_bytes(self) -> int:
         """Weight bytes one decode step must read: every weight except the input embedding table
-        (a step reads only its batch's rows of it)."""
-        return (self.layer_params + self.embedding_params) * self.dtype_bytes
+        (a step reads only its batch's rows of it); FP8 linears count one byte a weight."""
+        other = self.layer_params - self.linear_params + self.embedding_params
+        return self.linear_params * self.linear_bytes + other * self.dtype_bytes
 
     @property
     def kv_bytes_per_token(self) -> int:

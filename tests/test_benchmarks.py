@@ -173,6 +173,9 @@ def test_llama2_7b_arithmetic_and_roofline():
     assert arithmetic.total_params == 6_738_415_616  # Llama-2-7B's published count
     assert arithmetic.kv_bytes_per_token == 2 * 32 * 4096 * 2
     assert arithmetic.decode_weight_bytes == 2 * (6_738_415_616 - 32000 * 4096)
+    fp8 = ShapeArithmetic.from_config(MODEL_SHAPES["llama2-7b"], linear_bytes=1)
+    linears = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    assert fp8.decode_weight_bytes == arithmetic.decode_weight_bytes - linears
     # two requests of prompt 100, 11 tokens; matmul 1e15 FLOP/s, copy 1e12 B/s, cache for one at a time
     bound = roofline(
         arithmetic, [(100, 11), (100, 11)], matmul_flops_per_s=1e15, copy_bytes_per_s=1e12,
