@@ -384,8 +384,12 @@ def fp8_cases(bench: Bench) -> None:
     get = rotating(fp8_weights, n * k * 3)
     x = torch.randn(1, k, dtype=DTYPE, device="cuda")
     case = f"gate_up {n}x{k} M=1"
-    bench.add(f"{case}, fp8 weights", "triton", median_us(
-        lambda: gemv.linear_small_batch_triton(x, get()[0], None, None, get()[1])), n * k, None)
+
+    def fp8_rule():
+        weight, scale, _ = get()
+        return gemv.linear_small_batch_triton(x, weight, None, None, scale)
+
+    bench.add(f"{case}, fp8 weights", "triton", median_us(fp8_rule), n * k, None)
     bench.add(f"{case}, bf16 weights", "triton", median_us(
         lambda: gemv.linear_small_batch_triton(x, get()[2])), n * k * 2, None)
 
@@ -396,7 +400,7 @@ def fp8_cases(bench: Bench) -> None:
 
     bench.add(f"{case}, fp8 weights", "_scaled_mm", median_us(scaled_mm), n * k, None)
     # tiles for one-byte weights at M = 1 (the rule doubles BLOCK_K of the bf16 tile)
-    for n, k in ((22016, 4096), (4096, 4096), (4096, 11008)):
+    for n, k in ((22016, 4096), (12288, 4096), (4096, 4096), (4096, 11008)):
         fp8_tile_cases(bench, n, k)
 
 
@@ -406,16 +410,25 @@ def fp8_tile_cases(bench: Bench, n: int, k: int) -> None:
         return q, scale
 
     get = rotating(make, n * k)
-    x = torch.randn(1, k, dtype=DTYPE, device="cuda")
-    rule = gemv.choose_config(1, n, k, weight_bytes=1)
-    for block_n, block_k, warps in ((16, 512, 4), (32, 512, 4), (8, 1024, 4), (16, 1024, 8), (32, 256, 4)):
-        for split in sorted({rule.split_k, 1}):
-            config = gemv.GemvConfig(block_n=block_n, block_k=block_k, split_k=split, num_warps=warps)
-            label = f"fp8 gemv {n}x{k} M=1 {block_n}x{block_k} w{warps} split {split}"
-            label += " (rule)" if config == rule else ""
-            bench.add(label, "triton", median_us(
-                lambda c=config: gemv.linear_small_batch_with_config(x, get()[0], None, None, c, get()[1])),
-                n * k, None)
+
+    def product(x: torch.Tensor, config: gemv.GemvConfig) -> torch.Tensor:
+        weight, scale = get()
+        return gemv.linear_small_batch_with_config(x, weight, None, None, config, scale)
+
+    tiles = {  # (use_dot, BLOCK_N, BLOCK_K, warps)
+        1: ((False, 16, 512, 4), (False, 8, 1024, 4), (True, 64, 256, 4), (True, 32, 512, 4)),
+        8: ((True, 64, 256, 4), (True, 64, 128, 4), (True, 128, 256, 8), (False, 4, 512, 4)),
+    }
+    for m, choices in tiles.items():
+        x = torch.randn(m, k, dtype=DTYPE, device="cuda")
+        rule = gemv.choose_config(m, n, k, weight_bytes=1)
+        for use_dot, block_n, block_k, warps in choices:
+            for split in sorted({rule.split_k, 1, 2}):
+                config = gemv.GemvConfig(block_n=block_n, block_k=block_k, split_k=split, use_dot=use_dot,
+                                         num_warps=warps)
+                label = (f"fp8 gemv {n}x{k} M={m} {'dot' if use_dot else 'fma'} {block_n}x{block_k} w{warps} "
+                         f"split {split}{' (rule)' if config == rule else ''}")
+                bench.add(label, "triton", median_us(lambda c=config, x=x: product(x, c)), n * k, None)
 
 
 def with_config(change: dict[str, int], fn: Callable[[], object]) -> Callable[[], object]:
