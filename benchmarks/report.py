@@ -70,7 +70,8 @@ def _header(data: dict[str, Any]) -> list[str]:
         config = engine["config"]
         lines.append(
             f"- engine: token_budget {config['token_budget']}, max_seqs {config['max_seqs']}, "
-            f"dtype {config['dtype']}, cuda_graphs {config['cuda_graphs']}; "
+            f"dtype {config['dtype']}, quantization {config.get('quantization')}, "
+            f"KV cache {config.get('kv_cache_dtype', 'auto')}, cuda_graphs {config['cuda_graphs']}; "
             f"KV {engine['kv_blocks']} blocks = {engine['kv_tokens']} tokens; "
             f"start {engine['start_s']:.1f} s, warm-up {_f(engine.get('warmup_s'))} s"
         )

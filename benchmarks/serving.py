@@ -334,6 +334,7 @@ def engine_config(args: argparse.Namespace) -> Any:
         "cuda_graphs": not args.no_cuda_graphs,
         "async_scheduling": not args.no_async_scheduling,
         "quantization": args.quantization,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "seed": SEED,
     }
@@ -545,8 +546,9 @@ class Report:
         ceilings = self.data.get("ceilings") or {}
         if "copy_bytes_per_s" not in ceilings:
             return {"note": "no ceilings measured (no GPU)"}
-        arithmetic = ShapeArithmetic.from_config(self.data["model"]["config"],
-                                                 linear_bytes=self.data["model"].get("linear_bytes"))
+        model = self.data["model"]
+        arithmetic = ShapeArithmetic.from_config(model["config"], linear_bytes=model.get("linear_bytes"),
+                                                 kv_element_bytes=model.get("kv_element_bytes"))
         done = [r for r in run["requests"] if r["completed"]]
         engine = self.data["engine"]
         bound = roofline(
@@ -616,6 +618,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--no-async-scheduling", action="store_true", help="plan each step after the last")
     parser.add_argument("--quantization", default=None, choices=["fp8"], help="FP8 (e4m3) linear weights")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8: e4m3 KV")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -652,13 +655,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
     budget = Budget(args.time_limit_s, args.max_run_s)
     report = Report(args.out, command)
     config = MODEL_SHAPES[args.model_shape]
-    arithmetic = ShapeArithmetic.from_config(config, linear_bytes=1 if args.quantization == "fp8" else None)
+    arithmetic = ShapeArithmetic.from_config(config, linear_bytes=1 if args.quantization == "fp8" else None,
+                                             kv_element_bytes=1 if args.kv_cache_dtype == "fp8" else None)
     report.data["model"] = {
         "shape": args.model_shape,
         "config": config,
         "params": arithmetic.total_params,
         "decode_weight_bytes": arithmetic.decode_weight_bytes,
         "linear_bytes": arithmetic.linear_bytes,
+        "kv_element_bytes": arithmetic.kv_element_bytes,
         "kv_bytes_per_token": arithmetic.kv_bytes_per_token,
     }
     report.data["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -243,10 +243,11 @@ class ShapeArithmetic:
     vocab_size: int
     dtype_bytes: int = 2
     linear_bytes: int = 2  # bytes a weight of the decoder layers' linears (1 with FP8 weights)
+    kv_element_bytes: int = 2  # bytes a cached key or value element (1 with an FP8 KV cache)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], dtype_bytes: int = 2, linear_bytes: int | None = None
-                    ) -> ShapeArithmetic:
+    def from_config(cls, config: dict[str, Any], dtype_bytes: int = 2, linear_bytes: int | None = None,
+                    kv_element_bytes: int | None = None) -> ShapeArithmetic:
         heads = config["num_attention_heads"]
         return cls(
             hidden_size=config["hidden_size"],
@@ -258,6 +259,7 @@ class ShapeArithmetic:
             vocab_size=config["vocab_size"],
             dtype_bytes=dtype_bytes,
             linear_bytes=dtype_bytes if linear_bytes is None else linear_bytes,
+            kv_element_bytes=dtype_bytes if kv_element_bytes is None else kv_element_bytes,
         )
 
     @property
@@ -289,7 +291,7 @@ class ShapeArithmetic:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv_element_bytes
 
     def prefill_flops(self, prompt_tokens: int) -> float:
         """FLOPs of one prompt's prefill: 2 * layer params per token, causal attention

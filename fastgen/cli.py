@@ -37,6 +37,7 @@ _ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type, help)
     "--gpu-memory-utilization": ("gpu_memory_utilization", float, "share of GPU memory the engine may use"),
     "--step-timeout-s": ("step_timeout_s", float, "fail a step whose tensor-parallel workers hang this long"),
     "--quantization": ("quantization", str, "fp8: FP8 (e4m3) weights, W8A8, for H100/H200"),
+    "--kv-cache-dtype": ("kv_cache_dtype", str, "auto (the model dtype) or fp8 (e4m3 keys and values)"),
 }
 
 

@@ -109,6 +109,7 @@ class ModelRunner:
         self.tp = tp
         self.device = resolve_device(config, tp.rank)
         self.dtype = resolve_dtype(config, self.device)
+        self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.model = build_model(
@@ -154,7 +155,7 @@ class ModelRunner:
     @property
     def kv_bytes_per_block(self) -> int:
         layer = self.attention_layers[0]
-        element = torch.empty((), dtype=self.dtype).element_size()
+        element = torch.empty((), dtype=self.kv_dtype).element_size()
         per_layer = 2 * self.block_size * layer.num_kv_heads * layer.head_dim * element
         return per_layer * len(self.attention_layers)
 
@@ -226,8 +227,8 @@ class ModelRunner:
         layer = self.attention_layers[0]
         shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
         for module in self.attention_layers:
-            module.key_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            module.value_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            module.key_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+            module.value_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
 
     # -- one step --------------------------------------------------------------------------
 

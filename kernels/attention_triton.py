@@ -85,6 +85,8 @@ def _attend_range(
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
+        k = k.to(q.dtype)  # widens an FP8 cache (exact); a no-op otherwise
+        v = v.to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if SOFTCAP > 0:  # cap * tanh(s / cap) on the log2-scaled scores: tanh(x) = 2 sigmoid(2x) - 1
             cap = SOFTCAP * 1.4426950408889634

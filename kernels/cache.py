@@ -1,7 +1,8 @@
 """Writing a step's new keys and values into their slots of the paged cache.
 
 ``slot_mapping[i] = block * block_size + offset`` for token ``i``; a negative slot (padding in a
-CUDA graph batch) is skipped.
+CUDA graph batch) is skipped. A float8 e4m3 cache (``kv_cache_dtype="fp8"``) takes the values
+clamped to +-448 and rounded to nearest (no scale).
 """
 
 from __future__ import annotations
@@ -11,6 +12,13 @@ import triton
 import triton.language as tl
 
 from ._dispatch import use_triton
+from .quant import FP8, FP8_MAX, _round_to_e4m3
+
+
+def _to_cache(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    if cache.dtype == FP8:
+        x = x.float().clamp(-FP8_MAX, FP8_MAX)
+    return x.to(cache.dtype)
 
 
 def write_kv_cache_reference(
@@ -24,8 +32,8 @@ def write_kv_cache_reference(
     num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
-    key_cache.view(-1, num_kv_heads, head_dim)[slots] = key[valid].to(key_cache.dtype)
-    value_cache.view(-1, num_kv_heads, head_dim)[slots] = value[valid].to(value_cache.dtype)
+    key_cache.view(-1, num_kv_heads, head_dim)[slots] = _to_cache(key[valid], key_cache)
+    value_cache.view(-1, num_kv_heads, head_dim)[slots] = _to_cache(value[valid], value_cache)
 
 
 @triton.jit
@@ -34,7 +42,7 @@ def _write_kv_cache_kernel(
     num_kv_heads, head_dim,
     stride_k_token, stride_k_head, stride_v_token, stride_v_head,
     stride_kc_slot, stride_kc_head, stride_vc_slot, stride_vc_head,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TO_FP8: tl.constexpr,
 ):
     """One token per program: copy its keys and values (all KV heads) into its slot."""
     token = tl.program_id(0).to(tl.int64)
@@ -48,6 +56,9 @@ def _write_kv_cache_kernel(
                   mask=mask)
     value = tl.load(value_ptr + token * stride_v_token + heads[:, None] * stride_v_head + dims[None, :],
                     mask=mask)
+    if TO_FP8:
+        key = _round_to_e4m3(tl.clamp(key.to(tl.float32), -448.0, 448.0))
+        value = _round_to_e4m3(tl.clamp(value.to(tl.float32), -448.0, 448.0))
     tl.store(key_cache_ptr + slot * stride_kc_slot + heads[:, None] * stride_kc_head + dims[None, :],
              key.to(key_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(value_cache_ptr + slot * stride_vc_slot + heads[:, None] * stride_vc_head + dims[None, :],
@@ -80,7 +91,7 @@ def write_kv_cache_triton(
         key, value, key_cache, value_cache, slot_mapping, num_kv_heads, head_dim,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         key_cache.stride(1), key_cache.stride(2), value_cache.stride(1), value_cache.stride(2),
-        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+        BLOCK_H=block_h, BLOCK_D=block_d, TO_FP8=key_cache.dtype == FP8, num_warps=4,
     )
 
 

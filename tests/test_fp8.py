@@ -77,6 +77,36 @@ def test_fp8_engine_predicts_like_the_float32_engine(trained_path):
     assert any(a.logprob != b.logprob for a, b in zip(full, fp8))  # the quantized path did run
 
 
+def test_fp8_kv_cache_predicts_like_the_float32_cache(trained_path):
+    """Keys and values stored in float8 e4m3 (``kv_cache_dtype="fp8"``): every attention read,
+    prompt chunks included, sees the rounded cache, and the predictions stay the same."""
+    text = "decodes go first and prompt chunks fill what is left of the budget " * 3
+    params = SamplingParams(max_new_tokens=1, prompt_logprobs=1)
+    (full,) = generate_together(trained_path, [(text, params)], token_budget=32)
+    (fp8,) = generate_together(trained_path, [(text, params)], token_budget=32, kv_cache_dtype="fp8")
+    pairs = list(zip(full.prompt_logprobs[1:], fp8.prompt_logprobs[1:]))
+    agreement = sum(next(iter(a.top)) == next(iter(b.top)) for a, b in pairs) / len(pairs)
+    assert len(pairs) > 50 and agreement >= 0.9, agreement
+    assert any(a.logprob != b.logprob for a, b in pairs)  # the FP8 cache did change the numbers
+
+
+def test_fp8_kv_cache_holds_more_tokens_in_the_same_bytes(llama_path):
+    from fastgen.models.config import ModelConfig
+    from fastgen.runner import ModelRunner
+
+    def runner(kv_cache_dtype: str) -> ModelRunner:
+        config = EngineConfig(dtype="float32", kv_cache_bytes=1 << 20, kv_cache_dtype=kv_cache_dtype)
+        model_config = ModelConfig.from_pretrained(llama_path)
+        return ModelRunner(llama_path, config, model_config, 64, show_progress=False)
+
+    full, fp8 = runner("auto"), runner("fp8")
+    assert fp8.num_kv_blocks == 4 * full.num_kv_blocks  # one byte an element instead of four
+    layer = fp8.attention_layers[0]
+    assert layer.key_cache.dtype == layer.value_cache.dtype == FP8
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="int8")
+
+
 def test_fp8_with_tensor_parallelism_predicts_like_one_rank(trained_path):
     """Each rank quantizes its own shard (row-parallel layers: scales over its slice of the input
     features), so tp=2 is not bit-equal to tp=1, but predicts the same."""
@@ -103,7 +133,8 @@ def test_fp8_engine_holds_fp8_weights(llama_path):
 
 @pytest.mark.gpu
 def test_fp8_on_the_gpu_in_bfloat16_with_graphs(trained_path):
-    """cuBLASLt's FP8 path (row-wise scales, bf16 out) inside CUDA graphs and piecewise graphs."""
+    """cuBLASLt's FP8 path (row-wise scales, bf16 out) and the FP8 GEMV inside CUDA graphs and
+    piecewise graphs, with and without an FP8 KV cache."""
     import asyncio
 
     from fastgen import AsyncEngine
@@ -119,4 +150,8 @@ def test_fp8_on_the_gpu_in_bfloat16_with_graphs(trained_path):
 
     (full, _), (fp8, tokens) = asyncio.run(run()), asyncio.run(run(quantization="fp8"))
     agreement = sum(next(iter(a.top)) == next(iter(b.top)) for a, b in zip(full, fp8)) / len(full)
+    assert agreement >= 0.9 and len(tokens) == 16
+    # and with the KV cache in FP8 too
+    both, tokens = asyncio.run(run(quantization="fp8", kv_cache_dtype="fp8"))
+    agreement = sum(next(iter(a.top)) == next(iter(b.top)) for a, b in zip(full, both)) / len(full)
     assert agreement >= 0.9 and len(tokens) == 16

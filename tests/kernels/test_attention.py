@@ -30,8 +30,10 @@ def make_batch(
     dtype: torch.dtype,
     device: torch.device,
     strided_query: bool = False,
+    cache_dtype: torch.dtype | None = None,
 ) -> dict:
-    """A ragged batch: ``specs`` holds (query_len, context_len) per sequence."""
+    """A ragged batch: ``specs`` holds (query_len, context_len) per sequence; the caches are in
+    ``cache_dtype`` (default: ``dtype``)."""
     blocks_needed = [math.ceil(context / block_size) for _, context in specs]
     num_blocks = sum(blocks_needed) + 2
     poison_block = num_blocks - 1
@@ -39,6 +41,8 @@ def make_batch(
     value_cache = torch.randn_like(key_cache)
     key_cache[poison_block] = float("nan")
     value_cache[poison_block] = float("nan")
+    if cache_dtype is not None:  # e.g. float8 e4m3: keys spread over more of its range (callers scale down)
+        key_cache, value_cache = (key_cache * 20).to(cache_dtype), value_cache.to(cache_dtype)
     order = torch.randperm(num_blocks - 1).tolist()
     block_tables = torch.full((len(specs), max(blocks_needed) + 2), poison_block, dtype=torch.int32)
     used = 0
@@ -77,10 +81,12 @@ def check(
     strided_query: bool = False,
     num_decodes: int = 0,
     softcap: float | None = None,
+    cache_dtype: torch.dtype | None = None,
 ) -> None:
     """Run the Triton kernel on a batch and compare it with the float32 reference."""
-    batch = make_batch(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, device, strided_query)
-    scale = head_dim**-0.5
+    batch = make_batch(specs, num_heads, num_kv_heads, head_dim, block_size, dtype, device, strided_query,
+                       cache_dtype)
+    scale = head_dim**-0.5 if cache_dtype is None else head_dim**-0.5 / 20
     out = torch.full(batch["query"].shape, float("nan"), dtype=dtype, device=device)
     maxima = {}
     if give_maxima:
@@ -211,6 +217,17 @@ def test_split_kv_mixed(small_tiles, device, seed) -> None:
     check(specs, 4, 2, 64, 16, torch.float16, device, num_splits=4, sliding_window=24)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=str)
+def test_fp8_cache(shape, dtype, small_tiles, device, seed) -> None:
+    """A float8 e4m3 cache (``kv_cache_dtype="fp8"``) is widened to the query's dtype on load:
+    a mixed batch, and decodes split over the context."""
+    specs = [(1, 40), (1, 7), (9, 30), (1, 65)]
+    check(specs, *shape, dtype, device, num_decodes=2, cache_dtype=torch.float8_e4m3fn)
+    check([(1, 70), (1, 33)], *shape, dtype, device, num_splits=3, num_decodes=2,
+          cache_dtype=torch.float8_e4m3fn)
+
+
 def test_empty_sequences_and_trailing_tokens(device, seed) -> None:
     """Sequences with no query tokens (CUDA-graph padding) are skipped, and output rows past the
     last sequence's tokens are left as they were."""
@@ -264,6 +281,16 @@ def test_gpu_real_shapes(model, block_size, seed) -> None:
     few_long = [(1, 16000), (1, 9000)]
     check(few_long, num_heads, num_kv_heads, head_dim, block_size, torch.bfloat16, cuda)
     check(mixed, num_heads, num_kv_heads, head_dim, block_size, torch.bfloat16, cuda, sliding_window=1024)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["llama2-7b", "llama3-8b"])
+def test_gpu_fp8_cache(model, seed) -> None:
+    num_heads, num_kv_heads, head_dim = MODELS[model]
+    cuda, fp8 = torch.device("cuda"), torch.float8_e4m3fn
+    decode = [(1, int(c)) for c in torch.randint(1, 4096, (32,))]
+    for specs in (decode, [*decode[:16], (512, 512), (200, 1500)], [(1, 16000), (1, 9000)]):
+        check(specs, num_heads, num_kv_heads, head_dim, 16, torch.bfloat16, cuda, cache_dtype=fp8)
 
 
 @pytest.mark.gpu

@@ -140,6 +140,26 @@ def test_write_kv_cache(num_kv_heads, head_dim, block_size, dtype, device, seed)
     assert torch.equal(value_cache.nan_to_num(123.0), expected_value.nan_to_num(123.0))
 
 
+def test_write_kv_cache_to_fp8(device, seed) -> None:
+    """A float8 e4m3 cache: values rounded to nearest, beyond +-448 saturated (not NaN)."""
+    num_tokens, num_kv_heads, head_dim, block_size = 9, 2, 64, 16
+    key = torch.randn(num_tokens, num_kv_heads, head_dim, device=device) * 100
+    value = torch.randn(num_tokens, num_kv_heads, head_dim, device=device)
+    key[0, 0, :4] = torch.tensor([1000.0, -1000.0, 448.0, 3e-3])  # the last one is subnormal in e4m3
+    key_cache = torch.zeros(3, block_size, num_kv_heads, head_dim, dtype=torch.float8_e4m3fn, device=device)
+    value_cache = key_cache.clone()
+    slot_mapping = torch.randperm(3 * block_size, device=device)[:num_tokens]
+    expected_key, expected_value = key_cache.clone(), value_cache.clone()
+    cache.write_kv_cache_reference(key, value, expected_key, expected_value, slot_mapping)
+    cache.write_kv_cache_triton(key, value, key_cache, value_cache, slot_mapping.to(torch.int32))
+    assert torch.equal(key_cache.float(), expected_key.float())
+    assert torch.equal(value_cache.float(), expected_value.float())
+    first = key_cache.view(-1, num_kv_heads, head_dim)[slot_mapping[0], 0, :4].float()
+    assert first.tolist() == [448.0, -448.0, 448.0, 2**-8]
+    stored = key_cache.view(-1, num_kv_heads, head_dim)[slot_mapping.long()].float()
+    assert torch.allclose(stored, key.clamp(-448, 448), rtol=2**-4, atol=2**-9)
+
+
 # ---- GPU: bfloat16 at real shapes (python -m pytest -m gpu tests/kernels) ----
 
 
