@@ -212,6 +212,11 @@ def decode_cases(bench: Bench) -> None:
         check_attention(batch, call)
         bench.pair(f"decode {name} 64x2048", call, "gather+sdpa", gather_sdpa(batch, specs),
                    kv_bytes(specs, num_kv_heads, 128), 4 * 64 * 2048 * num_heads * 128)
+        # the same with an FP8 cache (kv_cache_dtype="fp8"): half the bytes to read
+        batch["key_cache"] = batch["key_cache"].to(torch.float8_e4m3fn)
+        batch["value_cache"] = batch["value_cache"].to(torch.float8_e4m3fn)
+        bench.add(f"decode {name} 64x2048, fp8 cache", "triton", median_us(attention_call(batch, specs)),
+                  kv_bytes(specs, num_kv_heads, 128) // 2, 4 * 64 * 2048 * num_heads * 128)
         del batch
     specs = [(1, 32768)] * 4
     batch = paged_batch(specs, 32, 8, 128)
