@@ -297,7 +297,7 @@ def _multiprocessor_count(device: torch.device) -> int:
 
 
 def launch_config(
-    head_dim: int, group: int, dtype: torch.dtype, prefill_heavy: bool = True
+    head_dim: int, group: int, dtype: torch.dtype, prefill_heavy: bool = True, cache_bytes: int = 2
 ) -> dict[str, int]:
     """Tile sizes and warps of a launch. Tests and benchmarks may monkeypatch this.
 
@@ -306,6 +306,8 @@ def launch_config(
     SplitFuse step with hundreds of running sequences) therefore use 64-row chunk tiles and 4 warps,
     which leaves three decode programs per multiprocessor; prefill-heavy steps use 128 x 128 tiles
     with 8 warps (measured on an H200: 1.5x faster mixed steps, 10% faster 4096-token prefill).
+    A one-byte (FP8) cache takes 128-key decode tiles, the same bytes a tile as bf16's 64 (on an
+    H100, 64 x 2048 decodes: 603 -> 508 us for Llama-2-7B, 194 -> 174 us for Llama-3-8B).
     """
     big_head = head_dim > 128
     half = dtype.itemsize == 2  # float32 tiles take twice the shared memory: keep them smaller
@@ -315,7 +317,7 @@ def launch_config(
         "BLOCK_M": max(block_m, triton.next_power_of_2(group)),
         "BLOCK_N": 32 if big_head else 128 if wide else 64,
         "BLOCK_M_DECODE": max(16, triton.next_power_of_2(group)),
-        "BLOCK_N_DECODE": 32 if big_head else 64,
+        "BLOCK_N_DECODE": 32 if big_head else 128 if cache_bytes == 1 else 64,
         "num_warps_prefill": 8 if block_m == 128 and head_dim > 64 else 4,
         "num_warps_decode": 4,
         "num_stages": 2 if big_head else 3,
@@ -445,7 +447,8 @@ def _launch(
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
     num_seqs = context_lens.shape[0]
-    config = launch_config(head_dim, group, query.dtype, prefill_heavy=num_tokens >= 8 * num_seqs)
+    config = launch_config(head_dim, group, query.dtype, prefill_heavy=num_tokens >= 8 * num_seqs,
+                           cache_bytes=key_cache.element_size())
     has_prefill = max_query_len > 1
     tokens_per_tile = config["BLOCK_M"] // group
     num_slots = num_tokens // tokens_per_tile + num_seqs if has_prefill else num_seqs

@@ -119,7 +119,9 @@ def nan_split_scratch(monkeypatch: pytest.MonkeyPatch) -> None:
     poison_split_scratch(monkeypatch)
 
 
-def small_tile_config(head_dim: int, group: int, dtype: torch.dtype, prefill_heavy: bool = True) -> dict:
+def small_tile_config(
+    head_dim: int, group: int, dtype: torch.dtype, prefill_heavy: bool = True, cache_bytes: int = 2
+) -> dict:
     """Small tiles, so small test batches span many query tiles and key tiles."""
     return {
         "BLOCK_M": max(16, triton_next_pow2(group)), "BLOCK_N": 16,
@@ -225,6 +227,13 @@ def test_fp8_cache(shape, dtype, small_tiles, device, seed) -> None:
     specs = [(1, 40), (1, 7), (9, 30), (1, 65)]
     check(specs, *shape, dtype, device, num_decodes=2, cache_dtype=torch.float8_e4m3fn)
     check([(1, 70), (1, 33)], *shape, dtype, device, num_splits=3, num_decodes=2,
+          cache_dtype=torch.float8_e4m3fn)
+
+
+def test_fp8_cache_default_tiles(device, seed) -> None:
+    """The decode tiles a one-byte cache gets by default (128 keys)."""
+    assert attention_triton.launch_config(64, 1, torch.float32, cache_bytes=1)["BLOCK_N_DECODE"] == 128
+    check([(1, 300), (1, 20), (1, 129)], 4, 4, 64, 16, torch.float32, device, num_decodes=3,
           cache_dtype=torch.float8_e4m3fn)
 
 
