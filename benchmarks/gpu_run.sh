@@ -5,7 +5,7 @@
 # phases: tests, enginetests, kernels, decode, profile, overhead, serving, async (batch-1 decode with
 # and without asynchronous scheduling), prefix (a closed loop with and without a shared prompt prefix),
 # fp8 (batch-1 decode and the offline run with FP8 weights), kvfp8 (the same with an FP8 KV cache,
-# with bf16 and with FP8 weights)
+# with bf16 and with FP8 weights, and the latter at a 2048-token budget)
 # Results and logs land in $OUT (or benchmarks/results when OUT is unset). The serving phase takes
 # SERVING_LIMIT_S / SERVING_TIMEOUT_S (the kernels phase takes KERNELS_ARGS, e.g. "--only moe")
 # and extra arguments in SERVING_ARGS, e.g. to finish a sweep:
@@ -42,7 +42,7 @@ for phase in "$@"; do
     fp8) timeout 400 python3 benchmarks/serving.py --model-shape llama2-7b --workloads 1200-128 --clients "" \
            --offline-requests 512 --skip-peer --time-limit-s 330 --quantization fp8 --out "$OUT" 2>&1 \
            | tee "$OUT/fp8.log" | tail -25 ;;
-    kvfp8) for extra in "" "--quantization fp8"; do
+    kvfp8) for extra in "" "--quantization fp8" "--quantization fp8 --token-budget 2048"; do
              echo "--- FP8 KV cache ${extra:+and FP8 weights}"
              timeout 280 python3 benchmarks/serving.py --model-shape llama2-7b --workloads 1200-128 --clients "" \
                --offline-requests 512 --skip-peer --time-limit-s 200 --kv-cache-dtype fp8 $extra --out "$OUT" 2>&1 \

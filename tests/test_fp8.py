@@ -109,11 +109,12 @@ def test_fp8_kv_cache_holds_more_tokens_in_the_same_bytes(llama_path):
 
 def test_fp8_with_tensor_parallelism_predicts_like_one_rank(trained_path):
     """Each rank quantizes its own shard (row-parallel layers: scales over its slice of the input
-    features), so tp=2 is not bit-equal to tp=1, but predicts the same."""
+    features), so tp=2 is not bit-equal to tp=1, but predicts the same; FP8 KV cache on both."""
     text = "the budget of every step is filled with decodes first " * 4
     params = SamplingParams(max_new_tokens=1, prompt_logprobs=1)
-    (one,) = generate_together(trained_path, [(text, params)], quantization="fp8", executor="inprocess")
-    (two,) = generate_together(trained_path, [(text, params)], quantization="fp8", tensor_parallel=2)
+    fp8 = {"quantization": "fp8", "kv_cache_dtype": "fp8"}  # each rank caches its own heads in FP8
+    (one,) = generate_together(trained_path, [(text, params)], executor="inprocess", **fp8)
+    (two,) = generate_together(trained_path, [(text, params)], tensor_parallel=2, **fp8)
     pairs = list(zip(one.prompt_logprobs[1:], two.prompt_logprobs[1:]))
     agreement = sum(next(iter(a.top)) == next(iter(b.top)) for a, b in pairs) / len(pairs)
     assert len(pairs) > 30 and agreement >= 0.9, agreement
