@@ -376,17 +376,12 @@ def quantize_case(bench: Bench, rows: int, k: int) -> None:
 def fp8_cases(bench: Bench) -> None:
     """Per-row FP8 quantization of activations (Triton vs the torch spelling), and a Llama-2-7B
     gate_up product at decode (M = 1): FP8 weights in the small-batch kernel (W8A16) against bf16
-    weights in it and against ``torch._scaled_mm`` (W8A8, activation quantized first)."""
+    weights in it and against ``torch._scaled_mm`` (W8A8, activation quantized first). The FP8
+    GEMV tile sweep is in ``--only variants``."""
     for rows, k in ((768, 4096), (768, 11008)):
         quantize_case(bench, rows, k)
     n, k = 22016, 4096
-
-    def fp8_weights():
-        weight = torch.randn(n, k, dtype=DTYPE, device="cuda") * 0.02
-        q, scale = quant.quantize_rows_reference(weight)
-        return q, scale, weight
-
-    get = rotating(fp8_weights, n * k * 3)
+    get = rotating(lambda: fp8_weights(n, k), n * k * 3)
     x = torch.randn(1, k, dtype=DTYPE, device="cuda")
     case = f"gate_up {n}x{k} M=1"
 
@@ -404,20 +399,21 @@ def fp8_cases(bench: Bench) -> None:
         return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.t(), out_dtype=DTYPE)
 
     bench.add(f"{case}, fp8 weights", "_scaled_mm", median_us(scaled_mm), n * k, None)
-    # tiles for one-byte weights at M = 1 (the rule doubles BLOCK_K of the bf16 tile)
-    for n, k in ((22016, 4096), (12288, 4096), (4096, 4096), (4096, 11008)):
-        fp8_tile_cases(bench, n, k)
+
+
+def fp8_weights(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(FP8 weight, its row scales, the bf16 weight it was quantized from)."""
+    weight = torch.randn(n, k, dtype=DTYPE, device="cuda") * 0.02
+    q, scale = quant.quantize_rows_reference(weight)
+    return q, scale, weight
 
 
 def fp8_tile_cases(bench: Bench, n: int, k: int) -> None:
-    def make():
-        q, scale = quant.quantize_rows_reference(torch.randn(n, k, dtype=DTYPE, device="cuda"))
-        return q, scale
-
-    get = rotating(make, n * k)
+    """FP8-weight GEMV tiles at M = 1 and 8 against the rule (which doubles the bf16 BLOCK_K)."""
+    get = rotating(lambda: fp8_weights(n, k), n * k * 3)
 
     def product(x: torch.Tensor, config: gemv.GemvConfig) -> torch.Tensor:
-        weight, scale = get()
+        weight, scale, _ = get()
         return gemv.linear_small_batch_with_config(x, weight, None, None, config, scale)
 
     tiles = {  # (use_dot, BLOCK_N, BLOCK_K, warps)
@@ -431,7 +427,8 @@ def fp8_tile_cases(bench: Bench, n: int, k: int) -> None:
             for split in sorted({rule.split_k, 1, 2}):
                 config = gemv.GemvConfig(block_n=block_n, block_k=block_k, split_k=split, use_dot=use_dot,
                                          num_warps=warps)
-                label = (f"fp8 gemv {n}x{k} M={m} {'dot' if use_dot else 'fma'} {block_n}x{block_k} w{warps} "
+                path = "dot" if use_dot else "fma"
+                label = (f"variant: fp8 gemv {n}x{k} M={m} {path} {block_n}x{block_k} w{warps} "
                          f"split {split}{' (rule)' if config == rule else ''}")
                 bench.add(label, "triton", median_us(lambda c=config, x=x: product(x, c)), n * k, None)
 
@@ -508,6 +505,8 @@ def variant_cases(bench: Bench) -> None:
                   median_us(lambda: sampling.sample_triton(logits, *params)), rows * vocab_size * 4, None)
     for name, value in defaults.items():
         setattr(sampling, name, value)
+    for n, k in ((22016, 4096), (12288, 4096), (4096, 4096), (4096, 11008)):
+        fp8_tile_cases(bench, n, k)
 
 
 # ---------------------------------------------------------------- report

@@ -12,13 +12,11 @@ import triton
 import triton.language as tl
 
 from ._dispatch import use_triton
-from .quant import FP8, FP8_MAX, _round_to_e4m3
+from .quant import FP8, _saturate_to_e4m3, saturate_to_fp8
 
 
 def _to_cache(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    if cache.dtype == FP8:
-        x = x.float().clamp(-FP8_MAX, FP8_MAX)
-    return x.to(cache.dtype)
+    return saturate_to_fp8(x) if cache.dtype == FP8 else x.to(cache.dtype)
 
 
 def write_kv_cache_reference(
@@ -57,8 +55,8 @@ def _write_kv_cache_kernel(
     value = tl.load(value_ptr + token * stride_v_token + heads[:, None] * stride_v_head + dims[None, :],
                     mask=mask)
     if TO_FP8:
-        key = _round_to_e4m3(tl.clamp(key.to(tl.float32), -448.0, 448.0))
-        value = _round_to_e4m3(tl.clamp(value.to(tl.float32), -448.0, 448.0))
+        key = _saturate_to_e4m3(key.to(tl.float32))
+        value = _saturate_to_e4m3(value.to(tl.float32))
     tl.store(key_cache_ptr + slot * stride_kc_slot + heads[:, None] * stride_kc_head + dims[None, :],
              key.to(key_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(value_cache_ptr + slot * stride_vc_slot + heads[:, None] * stride_vc_head + dims[None, :],

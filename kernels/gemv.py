@@ -50,10 +50,10 @@ import triton
 import triton.language as tl
 
 from ._dispatch import use_triton
+from .quant import FP8
 
 MAX_ROWS = 8  # largest M served; the caller keeps cuBLAS beyond
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FP8 = torch.float8_e4m3fn
 
 
 def linear_small_batch_reference(
