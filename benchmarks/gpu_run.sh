@@ -14,14 +14,15 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 OUT=${OUT:-benchmarks/results}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-# the checkout itself is on PYTHONPATH (fastgen/__init__ maps kernels/); no install needed
+  && export PYTHONPATH=/tmp/site || exit 1
+# fastgen itself, offline, with the image's setuptools (pyproject maps kernels/fastgen_kernels to fastgen.kernels)
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for phase in "$@"; do
   echo "=== $phase ($(date -u +%H:%M:%S))"
   case "$phase" in
     tests)   timeout 420 python3 -m pytest -m gpu -q tests/kernels tests/test_gpu_engine.py tests/test_fp8.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
-    kernels) timeout 300 python3 benchmarks/kernels.py --out "$OUT" ${KERNELS_ARGS:-} 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
+    kernels) timeout 300 python3 benchmarks/kernel_timings.py --out "$OUT" ${KERNELS_ARGS:-} 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     decode)  timeout 300 python3 benchmarks/decode_step.py --out "$OUT" 2>&1 | tee "$OUT/decode.log" | tail -20 ;;
     profile) timeout 400 python3 -m benchmarks.step_profile --out "$OUT/step_profile.json" 2>&1 | tee "$OUT/step_profile.log" | tail -80 ;;
     overhead) timeout 300 python3 -m benchmarks.host_overhead 2>&1 | tee "$OUT/overhead.log" | tail -70 ;;

@@ -6,18 +6,9 @@ Names are imported lazily, so ``import fastgen`` stays light (a client process n
 from __future__ import annotations
 
 import importlib
-import os
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-
-# In a source checkout used without installing (PYTHONPATH=.), `fastgen.kernels` is the top-level
-# `kernels/` folder that pyproject maps into the package: let the import system find it there.
-_checkout_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if not os.path.isdir(os.path.join(__path__[0], "kernels")) and os.path.isfile(
-    os.path.join(_checkout_root, "kernels", "__init__.py")
-):
-    __path__.append(_checkout_root)
 
 _EXPORTS = {
     "AsyncEngine": "fastgen.engine",

@@ -1,8 +1,8 @@
 """Kernel benchmarks (GPU machine): achieved GB/s and TFLOP/s of each Triton kernel next to the
 machine's ceilings measured in the same run and a PyTorch peer.
 
-    python benchmarks/kernels.py            # all cases
-    python benchmarks/kernels.py --only decode,prefill
+    python benchmarks/kernel_timings.py            # all cases
+    python benchmarks/kernel_timings.py --only decode,prefill
 
 Ceilings: device-to-device copy bandwidth (bytes read + written) and a bf16 8192^3 matmul.
 Peers: torch SDPA (flash backend) for prefill; gather-then-SDPA for paged decode; torch eager
@@ -535,7 +535,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU")
+        sys.exit("benchmarks/kernel_timings.py needs a CUDA GPU")
     torch.manual_seed(int(datetime.datetime.now().timestamp()))
     groups = {"decode": decode_cases, "prefill": prefill_cases, "elementwise": elementwise_cases,
               "sampling": sampling_cases, "moe": moe_cases, "fp8": fp8_cases, "variants": variant_cases}
