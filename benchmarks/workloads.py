@@ -15,8 +15,10 @@ model's vocabulary size.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,17 @@ MODEL_SHAPES: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 40,
         "vocab_size": 32000,
         "max_position_embeddings": 4096,
+    },
+    "llama3-8b": {  # meta-llama/Meta-Llama-3-8B's config.json (GQA 32/8, rope_theta 5e5, no rope_scaling)
+        **_LLAMA_COMMON,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
     },
     "tiny": {  # CPU smoke runs
         **_LLAMA_COMMON,
@@ -199,9 +212,9 @@ def write_model_dir(path: str | Path, shape: str) -> Path:
 def write_tokenizer(path: str | Path, vocab_size: int) -> None:
     """Save a byte-level BPE tokenizer with exactly ``vocab_size`` tokens to ``path``.
 
-    Three special tokens, the 256 byte symbols, then merges of symbol pairs until the vocabulary is
-    full: every id decodes to bytes, as with a real byte-level vocabulary, so the engine's
-    incremental detokenizer does its usual work (including incomplete UTF-8 sequences).
+    Three special tokens, the 256 byte symbols, then merges, breadth-first (`_merges`), until the
+    vocabulary is full: every id decodes to bytes, as with a real byte-level vocabulary, so the
+    engine's incremental detokenizer does its usual work (including incomplete UTF-8 sequences).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -211,11 +224,8 @@ def write_tokenizer(path: str | Path, vocab_size: int) -> None:
     if vocab_size < len(specials) + len(alphabet):
         raise ValueError(f"vocab_size must be at least {len(specials) + len(alphabet)}, got {vocab_size}")
     vocab = {token: i for i, token in enumerate(specials + alphabet)}
-    merges: list[tuple[str, str]] = []
-    pairs = ((a, b) for a in alphabet for b in alphabet)
-    while len(vocab) < vocab_size:
-        left, right = next(pairs)
-        merges.append((left, right))
+    merges = list(itertools.islice(_merges(alphabet), vocab_size - len(vocab)))
+    for left, right in merges:
         vocab[left + right] = len(vocab)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
     tokenizer.add_special_tokens(specials)
@@ -225,6 +235,23 @@ def write_tokenizer(path: str | Path, vocab_size: int) -> None:
         tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
     wrapped.save_pretrained(str(path))
+
+
+def _merges(alphabet: list[str]) -> Iterator[tuple[str, str]]:
+    """BPE merges, breadth-first and without end: every pair of byte symbols (tokens of two bytes),
+    then every two-byte token extended by one byte symbol on the right (three bytes), and so on.
+
+    Each merge makes a new token (a string of k symbols is only ever made as its first k - 1
+    symbols + its last one), and both halves of a merge are tokens made before it.
+    """
+    level = alphabet
+    while True:
+        longer: list[str] = []
+        for left in level:
+            for right in alphabet:
+                yield left, right
+                longer.append(left + right)
+        level = longer
 
 
 # -- arithmetic of a shape (for ceilings and rooflines) ---------------------------------------------
@@ -246,8 +273,13 @@ class ShapeArithmetic:
     kv_element_bytes: int = 2  # bytes a cached key or value element (1 with an FP8 KV cache)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], dtype_bytes: int = 2, linear_bytes: int | None = None,
-                    kv_element_bytes: int | None = None) -> ShapeArithmetic:
+    def from_config(
+        cls,
+        config: dict[str, Any],
+        dtype_bytes: int = 2,
+        linear_bytes: int | None = None,
+        kv_element_bytes: int | None = None,
+    ) -> ShapeArithmetic:
         heads = config["num_attention_heads"]
         return cls(
             hidden_size=config["hidden_size"],

@@ -190,13 +190,37 @@ def test_llama2_7b_arithmetic_and_roofline():
     assert bound["kv_read_s"] == pytest.approx(kv_tokens * arithmetic.kv_bytes_per_token / 1e12)
 
 
-def test_tokenizer_has_the_requested_size(tmp_path):
+@pytest.mark.parametrize("vocab_size", [300, 32000, 128256])
+def test_tokenizer_has_the_requested_size_and_every_id_decodes(tmp_path, vocab_size):
+    from tokenizers import pre_tokenizers
     from transformers import AutoTokenizer
 
-    write_tokenizer(tmp_path, 300)
+    write_tokenizer(tmp_path, vocab_size)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
-    assert len(tokenizer) == 300 and tokenizer.eos_token_id == 2
-    assert isinstance(tokenizer.decode(list(range(3, 300))), str)
+    assert len(tokenizer) == vocab_size and tokenizer.eos_token_id == 2
+    # byte-level: every non-special token is a string over the 256 byte symbols, and no two ids
+    # stand for the same bytes (the vocabulary maps one to one onto byte strings)
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    tokens = tokenizer.convert_ids_to_tokens(list(range(3, vocab_size)))
+    assert all(token and set(token) <= alphabet for token in tokens)
+    assert len(set(tokens)) == len(tokens)
+    assert isinstance(tokenizer.decode(list(range(3, vocab_size))), str)
+    # text round-trips, and a big vocabulary makes tokens longer than two bytes
+    text = "Hello wörld, 日本語 text\n\tand 12345 more 🙂 " * 3
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text
+    assert max(ids) < vocab_size
+    longest = max(len(token) for token in tokens)
+    assert longest == (3 if vocab_size > 3 + 256 + 256**2 else 2 if vocab_size > 3 + 256 else 1)
+
+
+def test_llama3_8b_shape_matches_the_published_model():
+    config = MODEL_SHAPES["llama3-8b"]
+    assert config["num_key_value_heads"] == 8 and config["rope_theta"] == 500000.0
+    assert config["max_position_embeddings"] == 8192 and not config["tie_word_embeddings"]
+    arithmetic = ShapeArithmetic.from_config(config)
+    assert arithmetic.total_params == 8_030_261_248  # Meta-Llama-3-8B's parameter count
+    assert arithmetic.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2
 
 
 def test_budget_skips_and_says_why():
