@@ -43,7 +43,11 @@ CASES = {
             num_key_value_heads=1, rope_scaling=dict(rope_type="linear", factor=2.0), tie_word_embeddings=True
         ),
     ),
-    "llama-dynamic-rope": ("llama", dict(rope_scaling=dict(rope_type="dynamic", factor=2.0))),
+    # within the original context dynamic NTK leaves the frequencies alone (beyond it: below)
+    "llama-dynamic-rope-within-the-context": (
+        "llama",
+        dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)),
+    ),
     "mistral-sliding-window": ("mistral", dict(sliding_window=24)),
     "qwen2-qkv-bias": ("qwen2", {}),
     # the last layer slides a 24-token window, the first attends to everything
@@ -71,6 +75,51 @@ def test_greedy_matches_hf(toy_checkpoint, case):
     got = engine_greedy(path, prompts, NEW_TOKENS, token_budget=16, block_size=16)
     for prompt, want, have in zip(prompts, expected, got):
         assert have == want, f"prompt of {len(prompt)} tokens diverged"
+
+
+def test_dynamic_rope_beyond_the_original_context_matches_hf(toy_checkpoint):
+    """Dynamic NTK scaling past ``max_position_embeddings`` (64 here), with ``max_model_len=160``.
+
+    HF recomputes the frequencies from the length of each forward call (``max(position_ids) + 1``),
+    so cached keys and new queries of one ``generate`` get rotated with different bases as the
+    sequence grows. An engine whose paged cache stores rotated keys needs one set of frequencies:
+    vLLM computes them once for ``max_position_embeddings * factor``, which changes them even for
+    short prompts; fastgen computes them once for ``max_model_len``, and only when it exceeds
+    ``max_position_embeddings``. That keeps an engine run within the original context bit-for-bit
+    HF's (the ``llama-dynamic-rope-within-the-context`` case above) and makes a stretched engine
+    equal HF's single forward over exactly ``max_model_len`` tokens, which is what is compared
+    here: every prompt position and the sampled token of a 159-token prompt plus one token.
+    Greedy continuations are not compared: HF's change per step, ours do not, by design."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fastgen import SamplingParams
+    from tests.helpers import generate_together
+
+    original, max_model_len = 64, 160
+    path = toy_checkpoint(
+        "llama", max_position_embeddings=original, rope_scaling=dict(rope_type="dynamic", factor=2.0)
+    )
+    rng = random.Random(5)
+    prompt = [rng.randrange(3, 384) for _ in range(max_model_len - 1)]
+    params = SamplingParams(max_new_tokens=1, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+    (out,) = generate_together(path, [(prompt, params)], max_model_len=max_model_len, token_budget=48)
+
+    def hf_log_softmax(tokens: list[int]) -> torch.Tensor:
+        # a fresh model each time: HF's dynamic rope keeps the frequencies of the longest call so far
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            return torch.log_softmax(model(torch.tensor([tokens])).logits[0].float(), dim=-1)
+
+    full = hf_log_softmax(prompt + out.token_ids)  # max_model_len tokens: the engine's frequencies
+    expected = [full[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
+    assert [entry.logprob for entry in out.prompt_logprobs[1:]] == pytest.approx(expected, abs=1e-4)
+    assert out.token_ids == [full[-2].argmax().item()]
+    assert out.logprobs[0].logprob == pytest.approx(full[-2].max().item(), abs=1e-4)
+    # the scaling is exercised: the default frequencies (HF within the original length) differ
+    unscaled = hf_log_softmax(prompt[:original])
+    moved = [abs(unscaled[i - 1, prompt[i]].item() - expected[i - 1]) for i in range(1, original)]
+    assert max(moved) > 1e-2, max(moved)
 
 
 def test_sliding_window_matters(toy_checkpoint):
