@@ -32,10 +32,11 @@ from .errors import (
 )
 from .executor import Executor, create_executor
 from .models import check_supported
+from .models.checkpoint import load_tokenizer, resolve_model
 from .models.config import ModelConfig
 from .outputs import RequestOutput, TokenLogprob
 from .plan import SampleLogprobs, StepResult
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, check_token_ids
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import FinishReason, Sequence
 
@@ -172,6 +173,7 @@ class EngineStats:
     generated_tokens: int
     prompt_tokens: int
     prefix_cache_hit_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    kernel_compiles: int = 0  # Triton kernel variants compiled by steps (after start-up, which compiles all)
 
 
 class AsyncEngine:
@@ -217,6 +219,7 @@ class AsyncEngine:
         self.num_steps = 0
         self.generated_tokens = 0
         self.prompt_tokens = 0
+        self.kernel_compiles = 0
         # callables(step, seconds) for metrics; seconds run from when the step could start (its submission,
         # or the return of the step it was queued behind) to its result
         self.step_listeners: list[Any] = []
@@ -227,9 +230,10 @@ class AsyncEngine:
 
     @classmethod
     async def start(
-        cls, model: str | Path, config: EngineConfig | None = None, **options: Any
+        cls, model: str | Path | None = None, config: EngineConfig | None = None, **options: Any
     ) -> AsyncEngine:
-        """Load ``model`` (a local Hugging Face directory) and start the step loop.
+        """Load ``model`` (a local Hugging Face directory or a GGUF file; None: the default model,
+        see `fastgen.models.default`) and start the step loop.
 
         ``options`` are `EngineConfig` fields, for callers that do not build one.
         """
@@ -237,8 +241,8 @@ class AsyncEngine:
             config = EngineConfig.from_options(**options)
         elif options:
             config = config.replace(**options)
-        model_path = str(model)
-        model_config = ModelConfig.from_pretrained(model_path)
+        model_path = await asyncio.to_thread(resolve_model, model, config.load_format)
+        model_config = await asyncio.to_thread(ModelConfig.from_pretrained, model_path)  # GGUF: seconds
         check_supported(model_config)  # fail fast, before loading anything
         max_model_len = config.max_model_len or model_config.max_position_embeddings
         tokenizer = await asyncio.to_thread(_load_tokenizer, config.tokenizer or model_path)
@@ -300,6 +304,7 @@ class AsyncEngine:
             generated_tokens=self.generated_tokens,
             prompt_tokens=self.prompt_tokens,
             prefix_cache_hit_tokens=self.scheduler.num_cached_tokens,
+            kernel_compiles=self.kernel_compiles,
         )
 
     # -- requests -------------------------------------------------------------------------
@@ -379,12 +384,9 @@ class AsyncEngine:
         """The prompt's token ids, or `InvalidRequestError` naming what is wrong with the request."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params", f"expected SamplingParams, got {type(params).__name__}")
-        params.validate()
-        vocab = self.model_config.vocab_size
-        outside = [token for token in params.logit_bias if token >= vocab]
-        if outside:
-            reason = f"token id {outside[0]} is outside the vocabulary [0, {vocab})"
-            raise InvalidRequestError("logit_bias", reason)
+        params.validate(vocab_size=self.model_config.vocab_size)
+        if isinstance(prompt, list):  # a prompt too long is refused before its ids are read
+            self._max_total_tokens(len(prompt), params)
         prompt_ids = self._prompt_token_ids(prompt)
         self._max_total_tokens(len(prompt_ids), params)
         return prompt_ids
@@ -405,12 +407,7 @@ class AsyncEngine:
             ids = self.tokenize(prompt)
         elif isinstance(prompt, SequenceOf) and not isinstance(prompt, bytes | bytearray):
             ids = list(prompt)
-            vocab = self.model_config.vocab_size
-            for token in ids:
-                if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
-                    raise InvalidRequestError(
-                        "prompt", f"token id {token!r} is outside the vocabulary [0, {vocab})"
-                    )
+            check_token_ids("prompt", ids, self.model_config.vocab_size)
         else:
             raise InvalidRequestError(
                 "prompt", f"expected a string or a list of token ids, got {type(prompt).__name__}"
@@ -534,6 +531,7 @@ class AsyncEngine:
         profile.forward_s += result.forward_s
         profile.between_steps_s += between_s
         profile.overlapped_s += overlapped_s
+        self.kernel_compiles += result.kernel_compiles
 
     def _launch_next(self) -> _InFlight | None:
         """Schedule a step and start it on the executor right away (no await in between); None
@@ -710,9 +708,7 @@ def _logprobs_by_seq(step: ScheduledStep, result: StepResult) -> dict[int, Sampl
 
 
 def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
+    return load_tokenizer(path)  # GGUF files too
 
 
 def _eos_token_ids(model_path: str, model_config: ModelConfig, tokenizer: Any) -> tuple[int, ...]:

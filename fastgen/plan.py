@@ -97,3 +97,4 @@ class StepResult(msgspec.Struct, array_like=True):
     logprobs: list[SampleLogprobs | None] | None = None
     # per chunk with prompt targets (in chunk order): one entry per target
     prompt_logprobs: list[list[SampleLogprobs]] | None = None
+    kernel_compiles: int = 0  # Triton kernel variants compiled during this step (each one stalls it)

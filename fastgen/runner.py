@@ -23,6 +23,8 @@ from fastgen import kernels
 from fastgen.batch import HostBatch
 from fastgen.config import EngineConfig
 from fastgen.cuda_graphs import DecodeGraphs
+from fastgen.kernel_warmup import warm_up_attention, warm_up_steps
+from fastgen.kernels.variants import CompileWatch
 from fastgen.layers.attention import PagedAttention
 from fastgen.layers.parallel import SINGLE, TensorParallel
 from fastgen.models.config import ModelConfig
@@ -149,6 +151,11 @@ class ModelRunner:
                 block_size=self.block_size,
             )
             self.graphs.capture()
+        self.compile_watch: CompileWatch | None = None
+        if self.device.type == "cuda" and not kernels.reference_forced():
+            warm_up_attention(self.attention_layers, self.dtype)
+            warm_up_steps(self.execute, self.block_size)
+            self.compile_watch = CompileWatch()  # from here on, a compile is a stall: reported
 
     # -- KV cache -------------------------------------------------------------------------
 
@@ -287,8 +294,23 @@ class ModelRunner:
         prompt_logprobs = None if prompt_pending is None else prompt_pending.to_host()[1]
         finished = time.perf_counter()
         return StepResult(
-            plan.step_id, tokens, prepared - started, finished - prepared, logprobs, prompt_logprobs
+            plan.step_id,
+            tokens,
+            prepared - started,
+            finished - prepared,
+            logprobs,
+            prompt_logprobs,
+            self._count_compiles(plan.step_id),
         )
+
+    def _count_compiles(self, step_id: int) -> int:
+        """Kernel variants this step compiled (each stalled it), logged with their names."""
+        if self.compile_watch is None:
+            return 0
+        compiled = self.compile_watch.new_compiles()
+        if compiled:
+            logger.warning("step %d compiled Triton kernel variants while serving: %s", step_id, compiled)
+        return sum(compiled.values())
 
     def _score_prompts(
         self, hidden: torch.Tensor, scored: list[tuple[int, SequenceChunk]]

@@ -73,6 +73,10 @@ class _EngineCollector:
                 stats.prefix_cache_hit_tokens,
             ),
             "fastgen_steps": ("Forward steps run", stats.num_steps),
+            "fastgen_kernel_compiles": (
+                "Triton kernel variants compiled while serving (each stalls its step; start-up compiles all)",
+                stats.kernel_compiles,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

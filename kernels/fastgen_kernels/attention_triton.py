@@ -181,10 +181,13 @@ def _attend_query_tile(
                  result.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
-# the sequence-table pointers are views at any offset (suffix launches): don't compile a variant
-# per alignment of theirs
+# Arguments that change from step to step are not specialized on (Triton would compile a variant
+# per alignment or divisibility class of theirs, in the middle of serving): the sequence tables are
+# views at any offset (suffix launches), the block-table width is the step's longest context, and
+# the split scratch's strides follow num_splits.
 @triton.jit(do_not_specialize=["query_start_ptr", "context_lens_ptr", "block_tables_ptr",
-                               "num_seqs", "num_splits", "window"])
+                               "num_seqs", "num_splits", "window", "stride_bt",
+                               "stride_pt", "stride_ph", "stride_lt", "stride_lh"])
 def _paged_attention_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
     query_start_ptr, context_lens_ptr, block_tables_ptr,
@@ -256,7 +259,8 @@ def _paged_attention_kernel(
         )
 
 
-@triton.jit(do_not_specialize=["query_start_ptr", "num_seqs", "num_splits"])
+@triton.jit(do_not_specialize=["query_start_ptr", "num_seqs", "num_splits", "stride_pt", "stride_ph",
+                               "stride_lt", "stride_lh"])
 def _merge_splits_kernel(
     partial_out_ptr, partial_lse_ptr, out_ptr, query_start_ptr, num_seqs, num_splits,
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
