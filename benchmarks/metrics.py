@@ -28,6 +28,7 @@ PERCENTILES = (50, 90, 95, 99)
 SLA_TOKENS_PER_S = (2, 4, 6)
 SLA_PROMPT_TOKENS_PER_S = 512.0
 EMA_SPAN = 16
+STALL_FACTOR = 3.0  # a run stalls when a step takes more than this many times the run's median step
 
 
 def token_times(arrivals_s: Sequence[float], counts: Sequence[int]) -> list[float]:
@@ -172,4 +173,32 @@ def summarize_run(
         ),
         "client_overhead_s": overhead,
         "client_overhead_fraction": overhead / wall,
+    }
+
+
+def step_stats(
+    seconds: Sequence[float], tokens: Sequence[int], factor: float = STALL_FACTOR, slowest: int = 5
+) -> dict[str, Any]:
+    """Step times of one run in ms: median, mean, p99, max and max / median; how many steps took
+    more than ``factor`` x the median (any is a stall); the ``slowest`` steps with their index in
+    the run and their token count (a long step of many prompt tokens is not the same finding as a
+    long step of a few decodes). ``tokens[i]`` belongs to ``seconds[i]``."""
+    if len(tokens) != len(seconds):
+        raise ValueError(f"{len(seconds)} step times but {len(tokens)} token counts")
+    ms = np.asarray(seconds, dtype=np.float64) * 1000.0
+    median = float(np.median(ms)) if ms.size else None
+    order = np.argsort(ms)[::-1][:slowest]
+    slow = int((ms > factor * median).sum()) if median is not None else 0
+    return {
+        "count": int(ms.size),
+        "median": median,
+        "mean": float(ms.mean()) if ms.size else None,
+        "p99": float(np.percentile(ms, 99)) if ms.size else None,
+        "max": float(ms.max()) if ms.size else None,
+        "max_over_median": float(ms.max() / median) if median else None,
+        "max_step_tokens": int(tokens[order[0]]) if ms.size else None,
+        "stall_factor": factor,
+        "slow_steps": slow,
+        "stall": slow > 0,
+        "slowest": [{"index": int(i), "ms": round(float(ms[i]), 3), "tokens": int(tokens[i])} for i in order],
     }

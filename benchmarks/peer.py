@@ -3,7 +3,10 @@
 Run by `benchmarks/serving.py` in a child process (so its GPU memory is gone before fastgen sizes
 its KV cache, and a crash or a hang can't take the fastgen figures with it):
 
-- ``generate`` at batch 1 (greedy, no EOS), timed per token with a streamer;
+- ``generate`` at batch 1 (greedy, no EOS), timed per token with a streamer: eager (the default
+  dynamic cache), then with ``cache_implementation="static"``, with which ``generate`` compiles
+  the forward (torch.compile, on CUDA; on a CPU it runs the static cache uncompiled), warmed with
+  one full ``generate`` of the same shape first so that the compile stays out of the timing;
 - continuous batching: the `ContinuousBatchingManager` that ``model.generate_batch`` drives,
   used directly so that each request keeps its own ``max_new_tokens``; every request is submitted
   at once (offline), with per-token timestamps (``record_timestamps``), after the manager's own
@@ -53,8 +56,13 @@ def build_model(model_dir: str, device: str, dtype_name: str) -> tuple[Any, floa
     return model, time.perf_counter() - started
 
 
-def generate_batch1(model: Any, prompt: list[int], new_tokens: int) -> dict[str, Any]:
-    """Greedy ``generate`` of one prompt; TTFT and decode tokens/s from per-token times."""
+def generate_batch1(
+    model: Any, prompt: list[int], new_tokens: int, cache_implementation: str | None = None
+) -> dict[str, Any]:
+    """Greedy ``generate`` of one prompt; TTFT and decode tokens/s from per-token times.
+
+    Warm-up: a short ``generate`` for the default cache; for a static cache a full one of the same
+    shape (its cache length and compiled graphs are those of the timed call)."""
     import torch
     from transformers import GenerationConfig
     from transformers.generation.streamers import BaseStreamer
@@ -78,23 +86,48 @@ def generate_batch1(model: Any, prompt: list[int], new_tokens: int) -> dict[str,
     mask = torch.ones_like(input_ids)
 
     def run(tokens: int) -> tuple[float, list[float]]:
-        config = GenerationConfig(max_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        options: dict[str, Any] = (
+            {"cache_implementation": cache_implementation} if cache_implementation else {}
+        )
+        config = GenerationConfig(
+            max_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0, **options
+        )
         timer = TokenTimer()
         started = time.perf_counter()
         with torch.no_grad():
             model.generate(input_ids, attention_mask=mask, generation_config=config, streamer=timer)
         return started, timer.times
 
-    run(min(8, new_tokens))  # warm-up
+    graphs_before = _dynamo_graphs()
+    warm_started = time.perf_counter()
+    run(new_tokens if cache_implementation == "static" else min(8, new_tokens))
+    warmup_s = time.perf_counter() - warm_started
+    graphs_compiled = _dynamo_graphs() - graphs_before
     started, times = run(new_tokens)
+    recompiled = _dynamo_graphs() - graphs_before - graphs_compiled
     decode_s = times[-1] - times[0] if len(times) > 1 else None
     return {
+        "cache_implementation": cache_implementation or "dynamic",
+        # generate compiles the forward of a static cache on an accelerator (transformers' auto-compile)
+        "compiled": graphs_compiled > 0 or getattr(model, "_compiled_call", None) is not None,
+        "dynamo_graphs_compiled_in_warmup": graphs_compiled,
+        "dynamo_graphs_compiled_while_timed": recompiled,  # should be 0: the warm-up had the same shape
+        "warmup_s": warmup_s,
         "prompt_tokens": len(prompt),
         "new_tokens": len(times),
         "ttft_s": times[0] - started if times else None,
         "decode_tokens_per_s": (len(times) - 1) / decode_s if decode_s else None,
         "wall_s": times[-1] - started if times else None,
     }
+
+
+def _dynamo_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _cb_config(options: dict[str, Any]) -> Any:
@@ -196,6 +229,7 @@ def main() -> None:
     parser.add_argument("--time-limit-s", type=float, default=None)
     parser.add_argument("--num-blocks", type=int, default=None, help="continuous batching cache blocks")
     parser.add_argument("--max-batch-tokens", type=int, default=None)
+    parser.add_argument("--skip-static", action="store_true", help="no batch-1 run with a static cache")
     args = parser.parse_args()
     started = time.perf_counter()
     deadline = started + args.time_limit_s if args.time_limit_s else float("inf")
@@ -217,15 +251,20 @@ def main() -> None:
     parts = [
         ("generate_batch1", lambda: generate_batch1(model, **work["batch1"])),
         (
-            "continuous_batching",
-            lambda: continuous_batching(
-                model,
-                work["requests"],
-                deadline,
-                {"num_blocks": args.num_blocks, "max_batch_tokens": args.max_batch_tokens},
-            ),
+            "generate_batch1_static",
+            lambda: generate_batch1(model, **work["batch1"], cache_implementation="static"),
         ),
     ]
+    if work["requests"]:  # none: no continuous batching run
+        cb_options = {"num_blocks": args.num_blocks, "max_batch_tokens": args.max_batch_tokens}
+        parts.append(
+            (
+                "continuous_batching",
+                lambda: continuous_batching(model, work["requests"], deadline, cb_options),
+            )
+        )
+    if args.skip_static:
+        parts = [part for part in parts if part[0] != "generate_batch1_static"]
     for name, part in parts:
         if time.perf_counter() > deadline:
             result["errors"].append(f"{name}: skipped, the time limit was spent")

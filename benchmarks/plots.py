@@ -28,6 +28,10 @@ def _closed_loop(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return {name: sorted(runs, key=lambda r: r["clients"]) for name, runs in by_workload.items()}
 
 
+def _budget(run: dict[str, Any]) -> str:
+    return f" (budget {run['token_budget']})" if "token_budget" in run else ""
+
+
 def plot_latency_throughput(data: dict[str, Any], path: Path) -> Path:
     """Token latency (P50, P90) against output tokens/s, one point per client count, per workload;
     the offline runs and the HF peer as single points."""
@@ -44,7 +48,9 @@ def plot_latency_throughput(data: dict[str, Any], path: Path) -> Path:
                         str(r["clients"]), (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7
                     )
     points = [
-        (f"fastgen offline {r['workload']}", r["summary"]) for r in data.get("runs", []) if r.get("offline")
+        (f"fastgen offline {r['workload']}" + _budget(r), r["summary"])
+        for r in data.get("runs", [])
+        if r.get("offline")
     ]
     peer = (data.get("peer") or {}).get("continuous_batching")
     if peer:

@@ -29,6 +29,11 @@ METHOD = """\
   rate, plus decode steps x decode weight bytes / copy bandwidth, with decode steps =
   max(max(g) - 1, ceil(sum(g - 1) / C)) and C = min(max_seqs, KV tokens // mean(prompt + gen)).
   The KV-read term (each decode token reads its context's KV once) is shown beside it.
+- Stalls: per measured run, the engine's step times (from its step listener) after start-up and
+  the benchmark's warm-up; a run stalls when any step takes more than 3x the run's median step.
+  Kernel compiles: `EngineStats.kernel_compiles` (Triton kernel variants compiled since the engine
+  became ready) read before and after each run; any compile inside a measured run fails the
+  benchmark (exit status 1); those of the warm-up are reported as compiled after start-up.
 - Engine busy: the sum of the engine's step times (schedule + execute + commit, from its step
   listener) / wall time; client overhead: the driver's own bookkeeping per delta / wall time.
 - Peer: HF transformers, same config, random weights, same requests (a subset), in a child process
@@ -75,6 +80,11 @@ def _header(data: dict[str, Any]) -> list[str]:
             f"KV {engine['kv_blocks']} blocks = {engine['kv_tokens']} tokens; "
             f"start {engine['start_s']:.1f} s, warm-up {_f(engine.get('warmup_s'))} s"
         )
+    for other in data.get("engines", [])[1:]:
+        lines.append(
+            f"- engine for the offline run at token budget {other['token_budget']}: KV {other['kv_tokens']} "
+            f"tokens; start {other['start_s']:.1f} s, warm-up {_f(other.get('warmup_s'))} s"
+        )
     ceilings = data.get("ceilings")
     if ceilings:
         lines.append(
@@ -108,22 +118,50 @@ def _batch1(data: dict[str, Any]) -> list[str]:
         ttft = batch1["repeats"][-1]["ttft_s"]
         label = f"fastgen (median of {len(batch1['repeats'])})"
         lines.append(f"| {label} | {new} | {_f(rate)} | {_f(ttft, 1, 1e3)} | {ratio} |")
-    if peer:
-        rate = peer["decode_tokens_per_s"]
+    peers = [("HF `generate`", peer), *_static_peer(data)]
+    for label, result in peers:
+        if not result:
+            continue
+        rate = result["decode_tokens_per_s"]
         ratio = f"{rate / floor:.0%}" if rate and floor else "-"
         lines.append(
-            f"| HF `generate` | {peer['new_tokens']} | {_f(rate)} | {_f(peer['ttft_s'], 1, 1e3)} | {ratio} |"
+            f"| {label} | {result['new_tokens']} | {_f(rate)} | {_f(result['ttft_s'], 1, 1e3)} | {ratio} |"
         )
+    static = (data.get("peer") or {}).get("generate_batch1_static") or {}
+    if static.get("warmup_s") is not None:
+        lines += [
+            "",
+            f"The static-cache peer's warm-up (one full `generate` of the same shape"
+            f"{', which compiles the forward' if static.get('compiled') else ''}) took "
+            f"{static['warmup_s']:.1f} s, outside the timing.",
+        ]
     return lines
 
 
-def _run_row(label: str, s: dict[str, Any], planned: int | str, truncated: bool) -> str:
+def _static_peer(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The batch-1 peer with a static cache, labelled by whether its forward was compiled."""
+    static = (data.get("peer") or {}).get("generate_batch1_static")
+    if not static:
+        return []
+    how = "+ torch.compile" if static.get("compiled") else "(not compiled)"
+    return [(f"HF `generate`, static cache {how}", static)]
+
+
+def _run_row(
+    label: str, s: dict[str, Any], planned: int | str, truncated: bool, token_budget: int | str,
+    bound: dict[str, Any],
+) -> str:  # fmt: skip
     ttft, itl = s["ttft_s"], s["token_latency_s"]
     cut = " (cut)" if truncated else ""
+    if "roofline_s" in bound:
+        roof = f"{bound['roofline_s']:.1f} ({bound['roofline_with_kv_s']:.1f})"
+        ratio = f"{bound['measured_over_roofline']:.2f}x ({bound['measured_over_roofline_with_kv']:.2f}x)"
+    else:
+        roof = ratio = "-"
     return (
-        f"| {label} | {s['requests_completed']}/{planned}{cut} | {s['wall_s']:.1f} | "
+        f"| {label} | {token_budget} | {s['requests_completed']}/{planned}{cut} | {s['wall_s']:.1f} | "
         f"{s['requests_per_s']:.2f} | {s['output_tokens_per_s']:.0f} | {s['total_tokens_per_s']:.0f} | "
-        f"{_slash(ttft, ('p50', 'p99'), 3)} | {_slash(itl, ('p50', 'p99'), 1, 1e3)} |"
+        f"{_slash(ttft, ('p50', 'p99'), 3)} | {_slash(itl, ('p50', 'p99'), 1, 1e3)} | {roof} | {ratio} |"
     )
 
 
@@ -137,38 +175,110 @@ def _offline(data: dict[str, Any]) -> list[str]:
         "",
         f"## Offline: {name}, every request submitted at once",
         "",
-        "| engine | requests | wall s | req/s | out tok/s | total tok/s | TTFT p50 / p99 s "
-        "| token p50 / p99 ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| engine | token budget | requests | wall s | req/s | out tok/s | total tok/s | TTFT p50 / p99 s "
+        "| token p50 / p99 ms | roofline s (+KV reads) | measured / roofline (+KV) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
-        lines.append(_run_row("fastgen", run["summary"], run["requests_planned"], run["truncated"]))
+        bound = run.get("roofline") or (data.get("offline_roofline") if run is runs[0] else None) or {}
+        lines.append(
+            _run_row("fastgen", run["summary"], run["requests_planned"], run["truncated"],
+                     run.get("token_budget", data["args"]["token_budget"]), bound)
+        )  # fmt: skip
     if peer:
         lines.append(
             _run_row(
-                "HF continuous batching",
-                peer["summary"],
-                data["peer"]["requests_submitted"],
-                peer["truncated"],
+                "HF continuous batching", peer["summary"], data["peer"]["requests_submitted"],
+                peer["truncated"], "-", {},
             )
-        )
+        )  # fmt: skip
     if runs and peer and peer["summary"]["output_tokens_per_s"]:
-        ratio = runs[0]["summary"]["output_tokens_per_s"] / peer["summary"]["output_tokens_per_s"]
-        lines += ["", f"fastgen / HF output tokens/s: **{ratio:.1f}x** (the peer ran a subset)"]
-    bound = data.get("offline_roofline") or {}
+        best = max(run["summary"]["output_tokens_per_s"] for run in runs)
+        ratio = best / peer["summary"]["output_tokens_per_s"]
+        lines += ["", f"fastgen (best budget) / HF output tokens/s: **{ratio:.1f}x** (the peer ran a subset)"]
+    bound = (runs[0].get("roofline") if runs else None) or data.get("offline_roofline") or {}
     if "roofline_s" in bound:
         lines += [
             "",
-            f"Roofline: prefill {bound['prefill_flops'] / 1e15:.2f} PFLOP -> {bound['prefill_s']:.2f} s; "
-            f"{bound['decode_steps']} decode steps (C = {bound['concurrency']}) "
+            f"Roofline of the first run: prefill {bound['prefill_flops'] / 1e15:.2f} PFLOP -> "
+            f"{bound['prefill_s']:.2f} s; {bound['decode_steps']} decode steps (C = {bound['concurrency']}) "
             f"-> {bound['decode_s']:.2f} s; roofline **{bound['roofline_s']:.2f} s**, "
             f"measured {bound['measured_s']:.2f} s = **{bound['measured_over_roofline']:.2f}x**. "
             f"With the KV reads ({bound['kv_read_s']:.2f} s): {bound['roofline_with_kv_s']:.2f} s, "
-            f"measured = {bound['measured_over_roofline_with_kv']:.2f}x.",
+            f"measured = {bound['measured_over_roofline_with_kv']:.2f}x. (C, and so the bound, depends on "
+            "each engine's KV capacity.)",
         ]
     elif bound.get("note"):
         lines += ["", f"Roofline: {bound['note']}"]
     return lines
+
+
+def _step_checks(data: dict[str, Any]) -> list[str]:
+    """Stalls and kernel compiles: one row per measured run, then the verdict."""
+    rows = data.get("step_checks") or []
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Stalls and kernel compiles (every measured run)",
+        "",
+        "| run | token budget | steps | median step ms | max step ms | max / median | tokens in max step "
+        "| steps > 3x median | TTFT p99 s | kernels compiled |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        flag = " **STALL**" if row["stall"] else ""
+        compiled = "unknown" if row["kernel_compiles"] is None else str(row["kernel_compiles"])
+        if row["kernel_compiles"]:
+            compiled = f"**{compiled} (FAIL)**"
+        lines.append(
+            f"| {row['run']} | {row['token_budget']} | {row['steps']} | {_f(row['median_ms'], 2)} | "
+            f"{_f(row['max_ms'], 1)} | {_f(row['max_over_median'], 1)}x{flag} | {row['max_step_tokens']} | "
+            f"{row['slow_steps']} | {_f(row['ttft_p99_s'], 3)} | {compiled} |"
+        )
+    verdict = data.get("kernel_compiles") or compile_verdict(data)
+    lines += ["", f"Kernel compiles: **{verdict['status']}**: {verdict['line']}"]
+    for engine in data.get("engines", []):
+        warm = engine.get("kernel_compiles_warmup")
+        lines.append(
+            f"- engine at token budget {engine['token_budget']}: compiled after start-up (during the "
+            f"benchmark's warm-up): {'unknown' if warm is None else warm}"
+        )
+    return lines
+
+
+def compile_verdict(data: dict[str, Any]) -> dict[str, Any]:
+    """PASS when the engine counted no kernel compile in any measured run, FAIL when it counted
+    one, UNKNOWN when it does not count them; with the warm-up's compiles (after start-up) beside."""
+    rows = data.get("step_checks") or []
+    known = [row for row in rows if row["kernel_compiles"] is not None]
+    failed = [row for row in known if row["kernel_compiles"] > 0]
+    warmup = {
+        str(engine["token_budget"]): engine.get("kernel_compiles_warmup")
+        for engine in data.get("engines", [])
+    }
+    during = sum(row["kernel_compiles"] for row in known)
+    warm_total = sum(n for n in warmup.values() if n)
+    if failed:
+        status = "FAIL"
+        names = ", ".join(f"{row['run']} ({row['kernel_compiles']})" for row in failed)
+        line = f"{during} Triton kernel variants compiled during measured runs: {names}"
+    elif not rows:
+        status, line = "UNKNOWN", "no measured run"
+    elif len(known) < len(rows):
+        status = "UNKNOWN"
+        line = "the engine does not report kernel_compiles (EngineStats has no such field)"
+    else:
+        status, line = "PASS", f"none compiled during {len(rows)} measured runs"
+    if status != "UNKNOWN" or known:
+        line += f"; {warm_total} compiled after start-up, during the benchmark's warm-up"
+    return {
+        "status": status,
+        "line": line,
+        "during_measured_runs": during if known else None,
+        "runs_with_compiles": [row["run"] for row in failed],
+        "after_startup_warmup": warmup,
+    }
 
 
 def _workload(data: dict[str, Any], workload: str) -> list[str]:
@@ -182,7 +292,8 @@ def _workload(data: dict[str, Any], workload: str) -> list[str]:
         f"mean generated {first['mean_new_tokens']})",
         "",
         "| clients | requests | wall s | req/s | out tok/s | TTFT p50 / p90 / p99 s | "
-        "token p50 / p90 / p95 / p99 ms | effective req/s g=2 / 4 / 6 | busy | step ms | merged | client |",
+        "token p50 / p90 / p95 / p99 ms | effective req/s g=2 / 4 / 6 | busy | step ms median / max "
+        "| merged | client |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
@@ -195,7 +306,8 @@ def _workload(data: dict[str, Any], workload: str) -> list[str]:
             f"{_slash(ttft, ('p50', 'p90', 'p99'), 3)} | "
             f"{_slash(itl, ('p50', 'p90', 'p95', 'p99'), 1, 1e3)} | "
             f"{_slash(eff, ('2', '4', '6'), 2)} | {_f(e['busy_fraction'], 0, 100)}% | "
-            f"{_f(e['step_ms']['median'], 2)} | {_f(s['merged_delta_request_fraction'], 0, 100)}% | "
+            f"{_f(e['step_ms']['median'], 2)} / {_f(e['step_ms'].get('max'), 1)} | "
+            f"{_f(s['merged_delta_request_fraction'], 0, 100)}% | "
             f"{_f(s['client_overhead_fraction'], 1, 100)}% |"
         )
     for run in runs:
@@ -214,6 +326,7 @@ def markdown_report(data: dict[str, Any], plot_names: list[str], method: bool = 
     lines = _header(data) + _batch1(data) + _offline(data)
     for workload in dict.fromkeys(r["workload"] for r in _runs(data)):
         lines += _workload(data, workload)
+    lines += _step_checks(data)
     if plot_names:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plot_names]
     if data.get("skipped") or data.get("errors"):
@@ -250,31 +363,42 @@ def summary_table(data: dict[str, Any], json_path: Path) -> str:
             f"fastgen {rate / peer_b1:.1f}x" if rate and peer_b1 else "-",
         )
     )
-    offline = _runs(data, offline=True)
-    peer_cb = (peer.get("continuous_batching") or {}).get("summary") or {}
-    if offline:
-        s = offline[0]["summary"]
-        peer_rate = peer_cb.get("output_tokens_per_s")
+    for label, static in _static_peer(data):
+        static_rate = static.get("decode_tokens_per_s")
         rows.append(
             (
-                f"offline {offline[0]['workload']} out tok/s ({s['requests_completed']} req)",
+                label.replace("`", "") + " batch-1 tok/s",
+                _f(static_rate),
+                f"warm-up {_f(static.get('warmup_s'))} s",
+                f"fastgen {rate / static_rate:.2f}x" if rate and static_rate else "-",
+            )
+        )
+    offline = _runs(data, offline=True)
+    peer_cb = (peer.get("continuous_batching") or {}).get("summary") or {}
+    for run in offline:
+        s = run["summary"]
+        peer_rate = peer_cb.get("output_tokens_per_s")
+        budget = run.get("token_budget", data["args"]["token_budget"])
+        rows.append(
+            (
+                f"offline {run['workload']} out tok/s ({s['requests_completed']} req, budget {budget})",
                 f"{s['output_tokens_per_s']:.0f}",
                 f"HF CB {_f(peer_rate, 0)} ({peer_cb.get('requests_completed', 0)} req)",
                 f"{s['output_tokens_per_s'] / peer_rate:.1f}x" if peer_rate else "-",
             )
         )
-        bound = data.get("offline_roofline") or {}
+        bound = run.get("roofline") or (data.get("offline_roofline") if run is offline[0] else None) or {}
         if "roofline_s" in bound:
             rows.append(
                 (
-                    "offline wall s",
+                    f"offline wall s (budget {budget})",
                     f"{s['wall_s']:.1f}",
                     f"roofline {bound['roofline_s']:.1f} (+KV {bound['roofline_with_kv_s']:.1f})",
                     f"{bound['measured_over_roofline']:.2f}x "
                     f"({bound['measured_over_roofline_with_kv']:.2f}x)",
                 )
             )
-    elif peer_cb:
+    if not offline and peer_cb:
         rows.append(("HF CB out tok/s", _f(peer_cb.get("output_tokens_per_s"), 0), "", ""))
     for workload in dict.fromkeys(r["workload"] for r in _runs(data)):
         runs = _runs(data, workload)
@@ -295,6 +419,31 @@ def summary_table(data: dict[str, Any], json_path: Path) -> str:
                 f"{best['summary']['effective_requests_per_s']['4']:.2f}",
                 f"at {best['clients']} clients",
                 f"max {top['summary']['output_tokens_per_s']:.0f} out tok/s at {top['clients']}",
+            )
+        )
+    checks = data.get("step_checks") or []
+    if checks:
+        stalled = [row for row in checks if row["stall"]]
+        worst = max(checks, key=lambda row: row["max_over_median"] or 0)
+        rows.append(
+            (
+                "runs with a step > 3x their median",
+                f"{len(stalled)} of {len(checks)}",
+                f"worst {worst['run']}: max {_f(worst['max_ms'], 1)} ms",
+                f"{_f(worst['max_over_median'], 1)}x median",
+            )
+        )
+        verdict = data.get("kernel_compiles") or compile_verdict(data)
+        warm = verdict["after_startup_warmup"]
+        rows.append(
+            (
+                "kernels compiled in measured runs",
+                _f(verdict["during_measured_runs"], 0)
+                if verdict["during_measured_runs"] is not None
+                else "?",
+                "after start-up (warm-up): "
+                + ", ".join(f"{'?' if n is None else n} at budget {b}" for b, n in warm.items()),
+                verdict["status"],
             )
         )
     skipped, errors = data.get("skipped", []), data.get("errors", [])

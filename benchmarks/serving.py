@@ -5,19 +5,26 @@ closed-loop clients, the hardware ceilings, and HF transformers as the peer, all
 
 What one run does, in order (each part is skipped, not started, once ``--time-limit-s`` is spent):
 1. the peer (unless ``--skip-peer``), in a child process (`benchmarks/peer.py`): HF ``generate``
-   at batch 1 and HF continuous batching on the first ``--peer-requests`` requests of the offline
-   run, all submitted at once;
+   at batch 1, eager and with a static cache (compiled by ``generate`` on a GPU, warmed first),
+   and HF continuous batching on the first ``--peer-requests`` requests of the offline run, all
+   submitted at once;
 2. the ceilings, on the GPU: device-to-device copy bandwidth (bytes read + written) and the bf16
    8192^3 matmul rate;
-3. fastgen with dummy weights: warm-up, batch-1 decode (``--batch1 PROMPT,GEN``) next to the HBM
-   floor, the offline run (``--offline-requests`` of the first workload, all at once) next to its
-   roofline and the peer, then per workload closed-loop runs: N clients each pull the next request
-   from a shared queue until ``4 * N + 32`` requests are done. Runs go from most clients to fewest
-   (the cheap runs first, so a time budget cuts the slowest ones).
+3. fastgen with dummy weights at ``--token-budget``: warm-up, batch-1 decode (``--batch1
+   PROMPT,GEN``) next to the HBM floor, the offline run (``--offline-requests`` of the first
+   workload, all at once) next to its roofline and the peer, then per workload closed-loop runs: N
+   clients each pull the next request from a shared queue until ``4 * N + 32`` requests are done.
+   Runs go from most clients to fewest (the cheap runs first, so a time budget cuts the slowest);
+4. the offline run again at each other ``--offline-token-budgets`` budget, each on its own engine,
+   started once the previous one has stopped and handed back its GPU memory.
 
 Every request is recorded (TTFT, every inter-token gap, end-to-end latency); `metrics.py` says how
-multi-token deltas are timed and how effective throughput is judged. The JSON is rewritten after
-every run; the markdown, plots and the summary table (the last lines on stdout) come at the end.
+multi-token deltas are timed and how effective throughput is judged. Every measured run also
+records the engine's step times (median, max, max / median; a step over 3x the median is a stall)
+and the Triton kernels the engine compiled during it (``EngineStats.kernel_compiles``): any compile
+inside a measured run makes the exit status 1 (compiles during the warm-up are reported as
+"compiled after start-up"). The JSON is rewritten after every run; the markdown, plots and the
+summary table (the last lines on stdout) come at the end.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import gc
 import json
 import math
 import os
@@ -37,13 +45,13 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from metrics import RequestRecord, summarize_run
-from report import markdown_report, summary_table
+from metrics import RequestRecord, step_stats, summarize_run
+from report import compile_verdict, markdown_report, summary_table
 from tqdm import tqdm
 from workloads import (
     MODEL_SHAPES,
@@ -191,6 +199,7 @@ class Driver:
         steps = self.step_seconds[first_step:]
         tokens = self.step_tokens[first_step:]
         busy_s = sum(steps)
+        compiles = [kernel_compiles(stats) for stats in (before, after)]
         return {
             "name": name,
             "engine": "fastgen",
@@ -204,14 +213,19 @@ class Driver:
                 "generated_tokens": after.generated_tokens - before.generated_tokens,
                 "step_time_s_sum": busy_s,
                 "busy_fraction": busy_s / wall_s if wall_s > 0 else None,
-                "step_ms": {
-                    "median": statistics.median(steps) * 1000 if steps else None,
-                    "mean": busy_s / len(steps) * 1000 if steps else None,
-                },
+                "step_ms": step_stats(steps, tokens),
                 "tokens_per_step": sum(tokens) / len(tokens) if tokens else None,
+                # Triton kernel variants compiled while this run was measured (None: the engine
+                # does not say): any is a failure of the benchmark (see `compile_verdict`)
+                "kernel_compiles": None if None in compiles else compiles[1] - compiles[0],
             },
             "requests": summaries,
         }
+
+
+def kernel_compiles(stats: Any) -> int | None:
+    """Triton kernel variants the engine compiled since it became ready (None: it does not count them)."""
+    return getattr(stats, "kernel_compiles", None)
 
 
 # -- ceilings ----------------------------------------------------------------------------------
@@ -299,6 +313,8 @@ def run_peer(
         command += ["--num-blocks", str(args.peer_num_blocks)]
     if args.peer_max_batch_tokens is not None:
         command += ["--max-batch-tokens", str(args.peer_max_batch_tokens)]
+    if args.skip_peer_static:
+        command.append("--skip-static")
     started = time.perf_counter()
     result: dict[str, Any] = {}
     try:
@@ -323,12 +339,12 @@ def run_peer(
 # -- fastgen -----------------------------------------------------------------------------------
 
 
-def engine_config(args: argparse.Namespace) -> Any:
+def engine_config(args: argparse.Namespace, token_budget: int) -> Any:
     from fastgen import EngineConfig
 
     options: dict[str, Any] = {
         "load_format": "dummy",
-        "token_budget": args.token_budget,
+        "token_budget": token_budget,
         "max_seqs": args.max_seqs,
         "dtype": args.dtype,
         "cuda_graphs": not args.no_cuda_graphs,
@@ -367,39 +383,13 @@ async def bench_fastgen(
     offline_requests: list[BenchRequest],
     budget: Budget,
 ) -> None:
-    """Start the engine, then warm-up, batch-1, offline and the client sweeps (budget allowing)."""
-    from fastgen import AsyncEngine
+    """The main engine (``--token-budget``): warm-up, batch-1, the offline run if its budget is one
+    of ``--offline-token-budgets``, the prefix runs and the client sweeps; then one engine per other
+    offline budget, each started after the last one stopped (budget allowing)."""
+    offline_budgets = args.offline_token_budgets or [args.token_budget]
+    first = next(iter(workloads))
 
-    config = engine_config(args)
-    started = time.perf_counter()
-    engine = await AsyncEngine.start(str(model_dir), config)
-    report.mark("engine start", started)
-    stats = engine.stats()
-    report.data["engine"] = {
-        "config": {name: getattr(config, name) for name in config.__struct_fields__},
-        "start_s": time.perf_counter() - started,
-        "kv_blocks": stats.num_kv_blocks,
-        "kv_tokens": stats.num_kv_blocks * config.block_size,
-        "max_model_len": engine.max_model_len,
-    }
-    report.save()
-    driver = Driver(engine)
-    vocab = report.data["model"]["config"]["vocab_size"]
-    try:
-        warm_started = time.perf_counter()
-        for name, (prompt, gen) in workloads.items():
-            warm = WorkloadStream(
-                prompt, gen, vocab_size=vocab, max_model_len=engine.max_model_len, seed=SEED + 1
-            )
-            batch = [
-                replace(r, max_new_tokens=min(r.max_new_tokens, 4 + 2 * i))
-                for i, r in enumerate(warm.take(8))
-            ]
-            await driver.closed_loop(batch, len(batch), budget.deadline(60))
-            tqdm.write(f"warm-up {name}: done")
-        report.data["engine"]["warmup_s"] = time.perf_counter() - warm_started
-        report.mark("warm-up", warm_started)
-
+    async def main_runs(engine: Any, driver: Driver, vocab: int) -> None:
         b1_prompt, b1_new = args.batch1
         rates = []
         for repeat in range(args.batch1_repeats):
@@ -408,21 +398,15 @@ async def bench_fastgen(
             # a new prompt each time: a cached prompt would flatter the TTFT of the repeats
             b1_request = fixed_request(b1_prompt, b1_new, vocab, seed=SEED + repeat)
             started = time.perf_counter()
-            run = await driver.run("batch1", [b1_request], 1, budget.deadline())
+            run = await driver.run(f"batch1 #{repeat + 1}", [b1_request], 1, budget.deadline())
             report.mark("batch-1 decode", started)
+            report.check_run(run)
             rates.append(decode_rate(run))
         if rates:
             report.set_batch1(rates)
 
-        if offline_requests and budget.allows("offline run"):
-            name = next(iter(workloads))
-            progress = f"offline {name}: {len(offline_requests)} requests at once"
-            tqdm.write(progress + " ...")
-            run = await driver.run(
-                f"offline/{name}", offline_requests, len(offline_requests), budget.deadline()
-            )
-            report.add_run(run, workload=name, means=workloads[name], offline=True)
-            _check_alive(engine)
+        if offline_requests and args.token_budget in offline_budgets:
+            await offline_run(engine, driver, args.token_budget)
 
         if args.shared_prefix:
             await bench_prefix_cache(args, driver, engine, report, budget, vocab)
@@ -442,8 +426,113 @@ async def bench_fastgen(
                 report.add_run(run, workload=name, means=(prompt, gen), offline=False)
                 previous = run
                 _check_alive(engine)
+
+    async def offline_run(engine: Any, driver: Driver, token_budget: int) -> None:
+        label = f"offline run at token budget {token_budget}"
+        if not budget.allows(label):
+            return
+        tqdm.write(
+            f"offline {first}: {len(offline_requests)} requests at once, token budget {token_budget} ..."
+        )
+        name = f"offline/{first}" + ("" if token_budget == args.token_budget else f"/budget{token_budget}")
+        run = await driver.run(name, offline_requests, len(offline_requests), budget.deadline())
+        run["token_budget"] = token_budget
+        report.add_run(run, workload=first, means=workloads[first], offline=True)
+        _check_alive(engine)
+
+    main_has_work = (
+        args.batch1_repeats > 0
+        or (offline_requests and args.token_budget in offline_budgets)
+        or bool(args.shared_prefix)
+        or bool(args.clients and workloads)
+    )
+    if main_has_work:
+        await with_engine(args, model_dir, report, budget, args.token_budget, workloads, main_runs)
+    if offline_requests:
+        for token_budget in offline_budgets:
+            if token_budget == args.token_budget:
+                continue
+            if not budget.allows(f"engine at token budget {token_budget}"):
+                continue
+            try:
+                await with_engine(
+                    args, model_dir, report, budget, token_budget, {first: workloads[first]},
+                    lambda engine, driver, vocab, b=token_budget: offline_run(engine, driver, b),
+                )  # fmt: skip
+            except Exception as exc:  # the next budget may still run
+                report.data["errors"].append(f"engine at token budget {token_budget}: {exc!r}")
+                tqdm.write(f"engine at token budget {token_budget} failed: {exc!r}")
+
+
+async def with_engine(
+    args: argparse.Namespace,
+    model_dir: Path,
+    report: Report,
+    budget: Budget,
+    token_budget: int,
+    warm_workloads: dict[str, tuple[int, int]],
+    work: Callable[[Any, Driver, int], Awaitable[None]],
+) -> None:
+    """Start an engine at ``token_budget``, warm it up on ``warm_workloads``, run ``work`` on it,
+    stop it and hand its GPU memory back (the next engine sizes its KV cache from what is free)."""
+    from fastgen import AsyncEngine
+
+    config = engine_config(args, token_budget)
+    main = token_budget == args.token_budget
+    started = time.perf_counter()
+    engine = await AsyncEngine.start(str(model_dir), config)
+    report.mark("engine start" if main else f"engine start (token budget {token_budget})", started)
+    stats = engine.stats()
+    info: dict[str, Any] = {
+        "token_budget": token_budget,
+        "config": {name: getattr(config, name) for name in config.__struct_fields__},
+        "start_s": time.perf_counter() - started,
+        "kv_blocks": stats.num_kv_blocks,
+        "kv_tokens": stats.num_kv_blocks * config.block_size,
+        "max_model_len": engine.max_model_len,
+        "kernel_compiles_at_ready": kernel_compiles(stats),
+        "gpu_free_bytes_before_start": report.free_gpu_bytes_before_start,
+    }
+    report.data["engines"].append(info)
+    report.data.setdefault("engine", info)
+    report.save()
+    driver = Driver(engine)
+    vocab = report.data["model"]["config"]["vocab_size"]
+    try:
+        warm_started = time.perf_counter()
+        for name, (prompt, gen) in warm_workloads.items():
+            warm = WorkloadStream(
+                prompt, gen, vocab_size=vocab, max_model_len=engine.max_model_len, seed=SEED + 1
+            )
+            batch = [
+                replace(r, max_new_tokens=min(r.max_new_tokens, 4 + 2 * i))
+                for i, r in enumerate(warm.take(8))
+            ]
+            await driver.closed_loop(batch, len(batch), budget.deadline(60))
+            tqdm.write(f"warm-up {name}: done")
+        info["warmup_s"] = time.perf_counter() - warm_started
+        # compiled after start-up, by the benchmark's own warm-up: a server's first requests would pay it
+        after_warmup, at_ready = kernel_compiles(engine.stats()), info["kernel_compiles_at_ready"]
+        info["kernel_compiles_warmup"] = None if None in (after_warmup, at_ready) else after_warmup - at_ready
+        report.mark("warm-up", warm_started)
+        report.save()
+        await work(engine, driver, vocab)
     finally:
         await engine.stop()
+        engine = driver = None
+        report.free_gpu_bytes_before_start = release_gpu_memory()
+
+
+def release_gpu_memory() -> int | None:
+    """Collect what a stopped engine left (its runner, graphs, KV cache) and empty torch's cache;
+    the bytes the GPU has free afterwards (None without a GPU)."""
+    gc.collect()
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info()[0]
 
 
 async def bench_prefix_cache(
@@ -485,12 +574,15 @@ class Report:
             "device": "cpu",
             "machine": f"{platform.machine()}, {platform.system()}, python {platform.python_version()}",
             "runs": [],
+            "engines": [],  # every engine started: its token budget, KV capacity, start-up and warm-up
+            "step_checks": [],  # one row per measured run: step times, p99 TTFT, kernel compiles
             "skipped": [],
             "errors": [],
             "timeline": [],
         }
         self.started = time.perf_counter()
         self.progress = tqdm(desc="runs", unit="run", mininterval=5.0)
+        self.free_gpu_bytes_before_start: int | None = None
 
     @property
     def basename(self) -> str:
@@ -523,12 +615,42 @@ class Report:
         )
         self.save()
 
+    def check_run(self, run: dict[str, Any]) -> dict[str, Any]:
+        """The run's stall and compile row (`step_checks`); says so at once when one is found."""
+        steps, ttft = run["engine_stats"]["step_ms"], run["summary"]["ttft_s"]
+        compiles = run["engine_stats"]["kernel_compiles"]
+        row = {
+            "run": run["name"],
+            "token_budget": self.data["engines"][-1]["token_budget"] if self.data["engines"] else None,
+            "steps": steps["count"],
+            "median_ms": steps["median"],
+            "max_ms": steps["max"],
+            "max_over_median": steps["max_over_median"],
+            "max_step_tokens": steps["max_step_tokens"],
+            "slow_steps": steps["slow_steps"],
+            "stall": steps["stall"],
+            "ttft_p99_s": ttft["p99"],
+            "kernel_compiles": compiles,
+        }
+        self.data["step_checks"].append(row)
+        if steps["stall"]:
+            tqdm.write(
+                f"STALL in {run['name']}: max step {steps['max']:.1f} ms = {steps['max_over_median']:.1f}x "
+                f"the median {steps['median']:.2f} ms ({steps['slow_steps']} steps over "
+                f"{steps['stall_factor']:g}x; the slowest had {steps['max_step_tokens']} tokens)"
+            )
+        if compiles:
+            tqdm.write(f"FAIL: {compiles} Triton kernel variants compiled during {run['name']}")
+        return row
+
     def add_run(self, run: dict[str, Any], *, workload: str, means: tuple[int, int], offline: bool) -> None:
         self.mark(run["name"], time.perf_counter() - run["summary"]["wall_s"])
         run.update(workload=workload, mean_prompt_tokens=means[0], mean_new_tokens=means[1], offline=offline)
         self.data["runs"].append(run)
+        self.check_run(run)
         if offline:
-            self.data["offline_roofline"] = self.offline_roofline(run)
+            run["roofline"] = self.offline_roofline(run, self.data["engines"][-1])
+            self.data.setdefault("offline_roofline", run["roofline"])
         s = run["summary"]
         itl, ttft = s["token_latency_s"], s["ttft_s"]
         tqdm.write(
@@ -542,15 +664,17 @@ class Report:
         self.progress.update(1)
         self.save()
 
-    def offline_roofline(self, run: dict[str, Any]) -> dict[str, Any]:
+    def offline_roofline(self, run: dict[str, Any], engine: dict[str, Any]) -> dict[str, Any]:
         ceilings = self.data.get("ceilings") or {}
         if "copy_bytes_per_s" not in ceilings:
             return {"note": "no ceilings measured (no GPU)"}
         model = self.data["model"]
-        arithmetic = ShapeArithmetic.from_config(model["config"], linear_bytes=model.get("linear_bytes"),
-                                                 kv_element_bytes=model.get("kv_element_bytes"))
+        arithmetic = ShapeArithmetic.from_config(
+            model["config"],
+            linear_bytes=model.get("linear_bytes"),
+            kv_element_bytes=model.get("kv_element_bytes"),
+        )
         done = [r for r in run["requests"] if r["completed"]]
-        engine = self.data["engine"]
         bound = roofline(
             arithmetic,
             [(r["prompt_tokens"], r["output_tokens"]) for r in done],
@@ -597,7 +721,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="PREFIX,SUFFIX,GEN: a closed loop whose prompts share PREFIX tokens, against one whose do not",
     )
     parser.add_argument("--shared-prefix-clients", type=int, default=16)
-    parser.add_argument("--peer-requests", type=int, default=64)
+    parser.add_argument(
+        "--peer-requests", type=int, default=64, help="requests of the peer's continuous batching (0: none)"
+    )
     parser.add_argument(
         "--peer-batch1-tokens", type=int, default=128, help="tokens of the peer's batch-1 run"
     )
@@ -608,11 +734,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peer-max-batch-tokens", type=int, default=None)
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument(
+        "--skip-peer-static", action="store_true", help="no batch-1 peer run with a static cache (compiled)"
+    )
+    parser.add_argument(
         "--time-limit-s", type=float, default=None, help="no new part starts once it is spent"
     )
     parser.add_argument("--max-run-s", type=float, default=None, help="cut any one run after this long")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--token-budget", type=int, default=768)
+    parser.add_argument("--token-budget", type=int, default=768, help="the engine of every run but offline")
+    parser.add_argument(
+        "--offline-token-budgets",
+        type=ints,
+        default=[],
+        help="token budgets of the offline run, each on its own engine (started after the last one "
+        "stopped; the --token-budget one is the main engine), e.g. 768,2048,4096 (default: --token-budget)",
+    )
     parser.add_argument("--max-seqs", type=int, default=512)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--no-cuda-graphs", action="store_true")
@@ -636,6 +772,7 @@ def _versions() -> dict[str, str | None]:
         except Exception:
             versions[name] = None
     try:
+
         def git(*command: str) -> str:
             return subprocess.run(
                 ["git", *command], cwd=HERE, capture_output=True, text=True, check=True
@@ -649,14 +786,18 @@ def _versions() -> dict[str, str | None]:
     return versions
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; the exit status: 1 when a Triton kernel was compiled during a measured run."""
     args = parse_args(argv)
     command = "python benchmarks/serving.py " + " ".join(sys.argv[1:] if argv is None else argv)
     budget = Budget(args.time_limit_s, args.max_run_s)
     report = Report(args.out, command)
     config = MODEL_SHAPES[args.model_shape]
-    arithmetic = ShapeArithmetic.from_config(config, linear_bytes=1 if args.quantization == "fp8" else None,
-                                             kv_element_bytes=1 if args.kv_cache_dtype == "fp8" else None)
+    arithmetic = ShapeArithmetic.from_config(
+        config,
+        linear_bytes=1 if args.quantization == "fp8" else None,
+        kv_element_bytes=1 if args.kv_cache_dtype == "fp8" else None,
+    )
     report.data["model"] = {
         "shape": args.model_shape,
         "config": config,
@@ -714,6 +855,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             report.data["ceilings"] = ceilings
         except Exception as exc:
             report.data["errors"].append(f"ceilings: {exc!r}")
+        report.free_gpu_bytes_before_start = release_gpu_memory()
     report.data["versions"] = _versions()
     report.save()
 
@@ -728,6 +870,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     report.progress.close()
     report.data["skipped"] = budget.skipped
     report.data["total_s"] = time.perf_counter() - budget.started
+    verdict = compile_verdict(report.data)
+    report.data["kernel_compiles"] = verdict
     json_path = report.save()
     plots: list[Path] = []
     try:
@@ -741,7 +885,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     (args.out / f"{report.basename}.md").write_text(markdown_report(report.data, plot_names))
     print(markdown_report(report.data, plot_names, method=False))  # the log's tail keeps the tables
     print(summary_table(report.data, json_path))
-    return json_path
+    if verdict["status"] == "FAIL":
+        print(f"FAIL: {verdict['line']}")
+        return 1
+    return 0
 
 
 def _event_loop_runner() -> asyncio.Runner:
@@ -755,4 +902,4 @@ def _event_loop_runner() -> asyncio.Runner:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    sys.exit(main())

@@ -22,6 +22,7 @@ from metrics import (  # noqa: E402
     gaps,
     passes_sla,
     percentiles,
+    step_stats,
     summarize_run,
     token_times,
 )
@@ -140,6 +141,46 @@ def test_request_summary_and_run_aggregates():
     assert run["merged_delta_request_fraction"] == pytest.approx(0.5)
 
 
+def test_step_stats_flag_a_step_over_three_medians():
+    seconds = [0.010] * 20 + [0.029, 0.031]  # median 10 ms; one step at 3.1x
+    tokens = list(range(22))
+    stats = step_stats(seconds, tokens)
+    assert stats["count"] == 22 and stats["median"] == pytest.approx(10.0)
+    assert stats["max"] == pytest.approx(31.0) and stats["max_over_median"] == pytest.approx(3.1)
+    assert stats["slow_steps"] == 1 and stats["stall"] and stats["max_step_tokens"] == 21
+    assert [step["index"] for step in stats["slowest"][:2]] == [21, 20] and len(stats["slowest"]) == 5
+    assert stats["slowest"][0] == {"index": 21, "ms": 31.0, "tokens": 21}
+    assert not step_stats([0.010] * 20 + [0.029], list(range(21)))["stall"]
+    empty = step_stats([], [])
+    assert empty["count"] == 0 and empty["median"] is None and not empty["stall"]
+    with pytest.raises(ValueError):
+        step_stats([0.1], [])
+
+
+def test_compile_verdict_fails_on_a_compile_in_a_measured_run():
+    from report import compile_verdict, markdown_report
+
+    def row(run, compiles):
+        return {"run": run, "token_budget": 768, "steps": 10, "median_ms": 1.0, "max_ms": 2.0,
+                "max_over_median": 2.0, "max_step_tokens": 3, "slow_steps": 0, "stall": False,
+                "ttft_p99_s": 0.1, "kernel_compiles": compiles}  # fmt: skip
+
+    engines = [{"token_budget": 768, "kernel_compiles_warmup": 2}]
+    passed = compile_verdict({"step_checks": [row("a", 0), row("b", 0)], "engines": engines})
+    assert passed["status"] == "PASS" and passed["during_measured_runs"] == 0
+    assert "2 compiled after start-up" in passed["line"]
+    failed = compile_verdict({"step_checks": [row("a", 0), row("b", 3)], "engines": engines})
+    assert failed["status"] == "FAIL" and failed["runs_with_compiles"] == ["b"]
+    assert "3 Triton kernel variants compiled during measured runs: b (3)" in failed["line"]
+    unknown = compile_verdict({"step_checks": [row("a", None)], "engines": []})
+    assert unknown["status"] == "UNKNOWN" and unknown["during_measured_runs"] is None
+    data = {
+        "command": "c", "date": "d", "device": "cpu", "machine": "m", "model": {}, "args": {},
+        "step_checks": [row("a", 0), row("b", 3)], "engines": engines,
+    }  # fmt: skip
+    assert "**3 (FAIL)**" in markdown_report(data, [], method=False)
+
+
 # -- workloads and arithmetic ------------------------------------------------------------------
 
 
@@ -248,7 +289,7 @@ def test_serving_benchmark_smoke(tmp_path):
         "--offline-requests", "6", "--batch1", "16,8", "--batch1-repeats", "1",
         "--peer-requests", "2", "--peer-batch1-tokens", "4", "--peer-num-blocks", "32",
         "--peer-max-batch-tokens", "256", "--num-kv-blocks", "256", "--time-limit-s", "600",
-        "--shared-prefix", "48,8,4", "--shared-prefix-clients", "2",
+        "--shared-prefix", "48,8,4", "--shared-prefix-clients", "2", "--offline-token-budgets", "768,64",
     ]  # fmt: skip
     env = {
         **os.environ,
@@ -258,7 +299,7 @@ def test_serving_benchmark_smoke(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     tail = done.stdout.strip().splitlines()
-    assert "## Summary" in "\n".join(tail[-20:]) and tail[-1].startswith("| skipped / errors | 0 / 0")
+    assert "## Summary" in "\n".join(tail[-30:]) and tail[-1].startswith("| skipped / errors | 0 / 0")
 
     [json_path] = (tmp_path / "out").glob("serving-cpu-*.json")
     data = json.loads(json_path.read_text())
@@ -271,8 +312,37 @@ def test_serving_benchmark_smoke(tmp_path):
 
     runs = {run["name"]: run for run in data["runs"]}
     prefix_runs = {"prefix 48+8-4 distinct/c2", "prefix 48+8-4 shared/c2"}
-    assert set(runs) == {"offline/1200-128", "1200-128/c1", "1200-128/c2", "512-512/c1", "512-512/c2"} | (
-        prefix_runs
+    offline_runs = {"offline/1200-128", "offline/1200-128/budget64"}
+    assert (
+        set(runs) == {"1200-128/c1", "1200-128/c2", "512-512/c1", "512-512/c2"} | prefix_runs | offline_runs
+    )
+    # the second offline budget ran on its own engine, after the main one stopped, on the same requests
+    assert [engine["token_budget"] for engine in data["engines"]] == [768, 64]
+    assert "engine start (token budget 64)" in phases and phases.index("engine start (token budget 64)") > (
+        phases.index("512-512/c1")
+    )
+    budget64, budget768 = runs["offline/1200-128/budget64"], runs["offline/1200-128"]
+    assert (budget64["token_budget"], budget768["token_budget"]) == (64, 768)
+    assert [r["prompt_tokens"] for r in budget64["requests"]] == [
+        r["prompt_tokens"] for r in budget768["requests"]
+    ]
+    assert budget64["engine_stats"]["steps"] > budget768["engine_stats"]["steps"]  # 64 tokens a step at most
+    assert budget64["engine_stats"]["step_ms"]["max_step_tokens"] <= 64
+
+    # a stall row for every measured run (the batch-1 repeat too), and the compile verdict
+    checks = {row["run"]: row for row in data["step_checks"]}
+    assert set(checks) == set(runs) | {"batch1 #1"}
+    for row in checks.values():
+        assert row["steps"] > 0 and 0 < row["median_ms"] <= row["max_ms"]
+        assert row["max_over_median"] == pytest.approx(row["max_ms"] / row["median_ms"])
+        assert row["stall"] == (row["slow_steps"] > 0) and row["ttft_p99_s"] > 0
+        assert row["kernel_compiles"] in (0, None)  # no Triton on a CPU (None: the engine does not count)
+    verdict = data["kernel_compiles"]
+    assert verdict["status"] in ("PASS", "UNKNOWN") and verdict["runs_with_compiles"] == []
+    markdown = json_path.with_suffix(".md").read_text()
+    assert (
+        "## Stalls and kernel compiles" in markdown
+        and f"Kernel compiles: **{verdict['status']}**" in markdown
     )
     # 40 prompts of 56 tokens; with a shared 48-token prefix, all but the first few find 3 blocks
     assert runs["prefix 48+8-4 distinct/c2"]["prefix_cache_hit_tokens"] == 0
@@ -300,3 +370,7 @@ def test_serving_benchmark_smoke(tmp_path):
     peer = data["peer"]["continuous_batching"]["summary"]
     assert peer["requests_completed"] == 2 and peer["output_tokens"] > 0
     assert data["peer"]["generate_batch1"]["new_tokens"] == 4
+    # the static-cache peer ran uncompiled on the CPU (generate compiles only on accelerators)
+    static = data["peer"]["generate_batch1_static"]
+    assert static["cache_implementation"] == "static" and static["new_tokens"] == 4 and not static["compiled"]
+    assert static["decode_tokens_per_s"] > 0
