@@ -38,3 +38,11 @@ class RequestAbortedError(FastgenError):
 
 class DeploymentNotFoundError(FastgenError, LookupError):
     """No persistent deployment with that name is registered."""
+
+
+class ModelLoadError(FastgenError):
+    """A model could not be loaded; the message says why, and what to give or install instead."""
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """No checkpoint at the path given (or no default model installed)."""

@@ -107,6 +107,12 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
+        """The config of a Hugging Face model directory, or of a GGUF file (or a directory holding one)."""
+        from .gguf import gguf_file_in, read_config
+
+        gguf_file = gguf_file_in(Path(path))
+        if gguf_file is not None:
+            return cls.from_dict(read_config(gguf_file))
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"no config.json in {path}: expected a Hugging Face model directory")

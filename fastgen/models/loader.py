@@ -1,6 +1,7 @@
-"""Building a model and filling its weights: safetensors (single or sharded), ``*.bin``, or
-random ("dummy") weights from the config alone, the same at every tensor-parallel size. Each
-tensor-parallel rank reads only its slices."""
+"""Building a model and filling its weights: safetensors (single or sharded), ``*.bin``, GGUF
+(dequantized, see `fastgen.models.gguf`), or random ("dummy") weights from the config alone, the
+same at every tensor-parallel size. Each tensor-parallel rank keeps only its slices (of a GGUF
+tensor it dequantizes the whole, then slices)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from fastgen.layers.quantization import quantize_linear_layers
 
 from . import model_class_for
 from .config import ModelConfig
+from .gguf import gguf_file_in
+from .gguf import iterate_tensors as iterate_gguf_tensors
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
@@ -194,6 +197,10 @@ def _target_name(name: str, packed: dict[str, tuple[str, Any]]) -> tuple[str, An
 
 
 def _iterate_checkpoint(path: Path, load_format: str, show_progress: bool) -> Iterator[tuple[str, Any]]:
+    gguf_file = gguf_file_in(path)
+    if gguf_file is not None:
+        yield from iterate_gguf_tensors(gguf_file)
+        return
     files = _checkpoint_files(path, load_format)
     if files[0].suffix == ".safetensors":
         from safetensors import safe_open
