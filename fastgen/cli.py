@@ -1,10 +1,14 @@
 """The ``fastgen`` command.
 
-- ``fastgen serve MODEL [--host 127.0.0.1 --port 8000 --replicas N --tensor-parallel N ...]``: the
+- ``fastgen serve [MODEL] [--host 127.0.0.1 --port 8000 --replicas N --tensor-parallel N ...]``: the
   HTTP gateway (MII and OpenAI-compatible routes). One replica without tensor parallelism runs the
   engine in this process; otherwise a persistent deployment is started and stopped with the command.
-- ``fastgen generate MODEL "prompt" [--max-new-tokens N --temperature T ...]``: stream one
+- ``fastgen generate [MODEL] "prompt" [--max-new-tokens N --temperature T ...]``: stream one
   completion to the terminal. MODEL may also name a running deployment.
+
+MODEL is a Hugging Face model directory or a GGUF file; without one, the default model
+(SmolLM2-135M-Instruct, see `fastgen.models.default`). A model that cannot be loaded is reported in
+one line on stderr, with exit code 1.
 
 Other commands plug in through `COMMANDS` (name -> function adding a subparser).
 """
@@ -77,7 +81,7 @@ def _run(coroutine) -> Any:
 
 def _add_serve(subparsers) -> None:
     parser = subparsers.add_parser("serve", help="serve a model over HTTP (MII and OpenAI-compatible routes)")
-    parser.add_argument("model", help="a local Hugging Face model directory")
+    parser.add_argument("model", nargs="?", default=None, help=_MODEL_HELP)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free one)")
     parser.add_argument("--replicas", type=int, default=1, help="engine processes behind a load balancer")
@@ -96,12 +100,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 async def _serve_in_process(args: argparse.Namespace, options: dict[str, Any]) -> int:
     from fastgen.config import EngineConfig
-    from fastgen.engine import AsyncEngine
     from fastgen.serving.backend import EngineBackend
     from fastgen.serving.gateway import create_app
     from fastgen.serving.http_server import HttpServer
 
-    engine = await AsyncEngine.start(args.model, EngineConfig.from_options(**options))
+    engine = await _start_engine(args.model, EngineConfig.from_options(**options))
     try:
         backend = EngineBackend(engine, args.served_model_name)
         server = HttpServer(create_app(backend), args.host, args.port, log_level=args.log_level)
@@ -152,24 +155,43 @@ def _serve_deployment(args: argparse.Namespace, options: dict[str, Any]) -> int:
 
 
 def _add_generate(subparsers) -> None:
-    parser = subparsers.add_parser("generate", help="stream one completion to the terminal")
-    parser.add_argument("model", help="a local model directory, or the name of a running deployment")
-    parser.add_argument("prompt")
+    parser = subparsers.add_parser(
+        "generate",
+        help="stream one completion to the terminal",
+        description="Stream one completion to the terminal: `fastgen generate PROMPT` (the model of "
+        "--model, else the default model) or `fastgen generate MODEL PROMPT`.",
+    )
+    parser.add_argument(
+        "first", metavar="MODEL_OR_PROMPT", help="the prompt, or the model when PROMPT follows"
+    )
+    parser.add_argument("prompt", nargs="?", default=None, metavar="PROMPT")
+    parser.add_argument("-m", "--model", default=None, help=f"{_MODEL_HELP}, or a running deployment's name")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--sampling-seed", type=int, default=None, help="seed of this request")
     parser.add_argument("--ignore-eos", action="store_true")
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="send the prompt as a user message through the model's chat template (default: on when "
+        "a local model's tokenizer has a chat template; off for a deployment); --no-chat sends raw text",
+    )
     _add_engine_options(parser, skip=("--seed",))
     parser.set_defaults(func=_generate)
 
 
 def _generate(args: argparse.Namespace) -> int:
     from fastgen.sampling_params import SamplingParams
-    from fastgen.serving.prompts import ChatMessage, ChatPrompt
 
+    if args.prompt is None:
+        args.prompt = args.first
+    elif args.model is None:
+        args.model = args.first
+    else:
+        raise ValueError("generate takes MODEL PROMPT or --model MODEL PROMPT, not both models")
     params = SamplingParams.from_options(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.temperature != 0,
@@ -179,27 +201,32 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.sampling_seed,
         ignore_eos=args.ignore_eos,
     )
-    prompt: Any = ChatPrompt([ChatMessage("user", args.prompt)]) if args.chat else args.prompt
-    return _run(_stream_to_terminal(args, prompt, params))
+    return _run(_stream_to_terminal(args, params))
 
 
-async def _stream_to_terminal(args: argparse.Namespace, prompt, params) -> int:
+async def _stream_to_terminal(args: argparse.Namespace, params) -> int:
     from fastgen.serving.backend import EngineBackend
+    from fastgen.serving.prompts import ChatMessage, ChatPrompt
 
-    if Path(args.model).is_dir():
+    chat = args.chat
+    if args.model is None or Path(args.model).exists():
         from fastgen.config import EngineConfig
-        from fastgen.engine import AsyncEngine
 
-        engine = await AsyncEngine.start(args.model, EngineConfig.from_options(**_engine_options(args)))
+        engine = await _start_engine(args.model, EngineConfig.from_options(**_engine_options(args)))
         backend: Any = EngineBackend(engine)
+        if chat is None:
+            chat = getattr(engine.tokenizer, "chat_template", None) is not None
     else:
-        from fastgen.errors import DeploymentNotFoundError
+        from fastgen.errors import DeploymentNotFoundError, ModelNotFoundError
         from fastgen.serving.client import client
 
         try:
             engine, backend = None, client(args.model)
         except DeploymentNotFoundError as exc:
-            raise DeploymentNotFoundError(f"{args.model!r} is not a model directory; {exc}") from None
+            raise ModelNotFoundError(
+                f"{args.model!r} is not a model directory, a .gguf file or a running deployment; {exc}"
+            ) from None
+    prompt: Any = ChatPrompt([ChatMessage("user", args.prompt)]) if chat else args.prompt
     try:
         started = time.perf_counter()
         output = None
@@ -219,6 +246,27 @@ async def _stream_to_terminal(args: argparse.Namespace, prompt, params) -> int:
         if engine is not None:
             await engine.stop()
     return 0
+
+
+# -- loading -----------------------------------------------------------------------------------------
+
+_MODEL_HELP = "a Hugging Face model directory or a .gguf file (default: SmolLM2-135M-Instruct)"
+
+
+async def _start_engine(model: str | None, config: Any) -> Any:
+    """`AsyncEngine.start`, with whatever stops the model from loading (a corrupt file, a shape
+    that does not fit, ...) reported as one `ModelLoadError` line rather than a traceback."""
+    from fastgen.engine import AsyncEngine
+    from fastgen.errors import FastgenError, ModelLoadError
+
+    try:
+        return await AsyncEngine.start(model, config)
+    except FastgenError:
+        raise
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        name = model if model is not None else "the default model"
+        raise ModelLoadError(f"cannot load {name}: {type(exc).__name__}: {reason}") from exc
 
 
 # -- entry point -------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from typing import Any
 import msgspec
 
 from fastgen.config import EngineConfig
+from fastgen.models import ModelConfig, check_supported
+from fastgen.models.checkpoint import resolve_model
 
 from . import registry
 from .client import Client
@@ -24,7 +26,7 @@ from .server import DeploymentSpec
 
 
 def serve(
-    model: str | Path,
+    model: str | Path | None = None,
     deployment_name: str | None = None,
     tensor_parallel: int = 1,
     replica_num: int = 1,
@@ -36,7 +38,8 @@ def serve(
     start_timeout_s: float = 600.0,
     **engine_config: Any,
 ) -> Client:
-    """Start a persistent deployment of ``model`` and return a connected `Client`.
+    """Start a persistent deployment of ``model`` (a Hugging Face directory or a GGUF file; None:
+    the default model) and return a connected `Client`.
 
     ``replica_num`` engine processes (each with ``tensor_parallel`` GPUs of its own when there
     are GPUs) sit behind one server that routes each request to the replica with the fewest
@@ -45,11 +48,11 @@ def serve(
     (0: a free port, see ``client.info.http_url``). ``engine_config`` holds `EngineConfig`
     fields. Stop the deployment with ``client.terminate_server()``.
     """
-    model = str(model)
-    if Path(model).exists():
-        model = str(Path(model).resolve())
-    name = registry.check_name(deployment_name or registry.default_name(model))
     config = EngineConfig.from_options(tensor_parallel=tensor_parallel, **engine_config)
+    # a path that cannot be loaded fails here, in one line, rather than in a replica's log
+    model = str(Path(resolve_model(model, config.load_format)).resolve())
+    check_supported(ModelConfig.from_pretrained(model))
+    name = registry.check_name(deployment_name or registry.default_name(model))
     if not isinstance(replica_num, int) or replica_num < 1:
         raise ValueError(f"replica_num must be a positive integer, got {replica_num!r}")
     if config.device_ids is not None and replica_num > 1:

@@ -46,9 +46,9 @@ class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
+    from fastgen.models.checkpoint import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return load_tokenizer(path)  # GGUF files too
 
 
 async def run_deployment(spec: DeploymentSpec) -> None:

@@ -78,7 +78,7 @@ def test_cli_generate_streams_to_the_terminal(llama_path):
     ((text, generated, _),) = greedy_texts(llama_path, ["the engine schedules"], 8)
     command = [sys.executable, "-m", "fastgen.cli", "generate", llama_path, "the engine schedules"]
     result = subprocess.run(
-        [*command, "--max-new-tokens", "8", "--dtype", "float32", "--no-async-scheduling"],
+        [*command, "--max-new-tokens", "8", "--dtype", "float32", "--no-async-scheduling", "--no-chat"],
         capture_output=True,
         text=True,
         timeout=120,
