@@ -276,6 +276,14 @@ def test_budget_skips_and_says_why():
     assert [s.split(":")[0] for s in budget.skipped + spent.skipped] == ["a long run", "late run"]
 
 
+def _benchmark_env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",  # a tiny model: threads only fight over a busy CI machine's cores
+    }
+
+
 # -- end to end --------------------------------------------------------------------------------
 
 
@@ -291,12 +299,9 @@ def test_serving_benchmark_smoke(tmp_path):
         "--peer-max-batch-tokens", "256", "--num-kv-blocks", "256", "--time-limit-s", "600",
         "--shared-prefix", "48,8,4", "--shared-prefix-clients", "2", "--offline-token-budgets", "768,64",
     ]  # fmt: skip
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",  # a tiny model: threads only fight over a busy CI machine's cores
-    }
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=_benchmark_env(), check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     tail = done.stdout.strip().splitlines()
     assert "## Summary" in "\n".join(tail[-30:]) and tail[-1].startswith("| skipped / errors | 0 / 0")
@@ -374,3 +379,27 @@ def test_serving_benchmark_smoke(tmp_path):
     static = data["peer"]["generate_batch1_static"]
     assert static["cache_implementation"] == "static" and static["new_tokens"] == 4 and not static["compiled"]
     assert static["decode_tokens_per_s"] > 0
+
+
+def test_startup_benchmark_smoke(tmp_path):
+    """Two fresh engine processes on the tiny shape sharing one (new) Triton cache directory."""
+    cache = tmp_path / "triton-cache"
+    command = [
+        sys.executable, str(BENCHMARKS / "startup.py"), "--model-shape", "tiny",
+        "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--num-kv-blocks", "128",
+        "--scale", "0.02", "--first-prompt", "16", "--decode-tokens", "4", "--triton-cache-dir", str(cache),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=_benchmark_env(), check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [json_path] = (tmp_path / "out").glob("startup-cpu-*.json")
+    data = json.loads(json_path.read_text())
+    assert json_path.with_suffix(".md").is_file() and data["triton_cache_dir"] == str(cache)
+    assert [run["run"] for run in data["runs"]] == ["cold", "warm"]
+    for run in data["runs"]:
+        assert "error" not in run
+        assert 0 < run["interpreter_s"] <= run["imported_s"] <= run["ready_s"] <= run["first_token_s"]
+        assert run["first_token_s"] <= run["process_s"] and run["warm_workload_requests"] == 2 * 8 + 1
+        assert run["kernel_compiles_after_warm_workload"] in (0, None)  # no Triton on a CPU
+    assert data["verdict"].startswith("Ready after") and "| cold |" in done.stdout
