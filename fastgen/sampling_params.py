@@ -9,13 +9,26 @@ import msgspec
 
 from .errors import InvalidRequestError
 
-_MAX_SEED = 2**63 - 1
+# What the runner can represent: each limit names the device type a field becomes (runner.py,
+# penalties.py, kernels/fastgen_kernels/sampling.py) or the host cost it bounds.
+MAX_SEED = 2**63 - 1  # seeds are mixed into 63-bit draws and cross processes as int64
+MAX_INT32 = 2**31 - 1  # top_k is an int32 tensor; token counts are bounded the same way
+MAX_FLOAT32 = 3.4028234663852886e38  # temperature, top_p, min_p and the penalties are float32
+MIN_NORMAL_FLOAT32 = 1.1754943508222875e-38  # the repetition penalty divides logits
 MAX_LOGPROBS = 20  # most alternatives a request may ask for at each position (OpenAI's limit)
 MAX_PRESENCE_FREQUENCY_PENALTY = 2.0  # OpenAI's range: -2..2
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100..100
+MAX_STOP_STRINGS = 16  # every generated token is checked against each one on the engine's loop
+MAX_STOP_STRING_CHARS = 512
+MAX_STOP_TOKEN_IDS = 1024
 # options for which None (JSON null) means the default
 _NONE_IS_DEFAULT = (
-    "top_k", "temperature", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"
+    "top_k",
+    "temperature",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
 )
 
 
@@ -101,61 +114,89 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0.0
 
-    def validate(self) -> None:
-        """Raise `InvalidRequestError` naming the first invalid field."""
-        _check_int(self.max_new_tokens, "max_new_tokens", minimum=1, optional=True)
-        _check_int(self.max_length, "max_length", minimum=1, optional=True)
-        _check_int(self.min_new_tokens, "min_new_tokens", minimum=0)
-        _check_int(self.top_k, "top_k", minimum=0)
-        _check_int(self.seed, "seed", minimum=0, optional=True, maximum=_MAX_SEED)
+    def validate(self, *, vocab_size: int | None = None) -> None:
+        """Raise `InvalidRequestError` naming the first invalid field. Every value must be one the
+        runner can represent (int32 ``top_k``, float32 floats, 63-bit seeds); with ``vocab_size``
+        (the engine knows it) token ids must also lie in the vocabulary."""
+        _check_int(self.max_new_tokens, "max_new_tokens", minimum=1, optional=True, maximum=MAX_INT32)
+        _check_int(self.max_length, "max_length", minimum=1, optional=True, maximum=MAX_INT32)
+        _check_int(self.min_new_tokens, "min_new_tokens", minimum=0, maximum=MAX_INT32)
+        _check_int(self.top_k, "top_k", minimum=0, maximum=MAX_INT32)
+        _check_int(self.seed, "seed", minimum=0, optional=True, maximum=MAX_SEED)
         _check_int(self.logprobs, "logprobs", minimum=0, optional=True, maximum=MAX_LOGPROBS)
         _check_int(self.prompt_logprobs, "prompt_logprobs", minimum=0, optional=True, maximum=MAX_LOGPROBS)
-        if not isinstance(self.do_sample, bool):
-            raise InvalidRequestError("do_sample", "must be a boolean")
-        if not isinstance(self.ignore_eos, bool):
-            raise InvalidRequestError("ignore_eos", "must be a boolean")
-        for flag in ("include_stop_str_in_output", "skip_special_tokens"):
+        for flag in ("do_sample", "ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, flag), bool):
                 raise InvalidRequestError(flag, "must be a boolean")
-        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidRequestError(
-                "temperature", f"must be a finite number >= 0, got {self.temperature!r}"
-            )
-        if not _is_number(self.top_p) or not (0.0 < self.top_p <= 1.0):
-            raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if not _is_number(self.min_p) or not (0.0 <= self.min_p <= 1.0):
-            raise InvalidRequestError("min_p", f"must be in [0, 1], got {self.min_p!r}")
+        _check_float(self.temperature, "temperature", 0.0, MAX_FLOAT32)
+        _check_float(self.top_p, "top_p", 0.0, 1.0, open_below=True)
+        _check_float(self.min_p, "min_p", 0.0, 1.0)
         if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
             raise InvalidRequestError(
                 "min_new_tokens",
                 f"{self.min_new_tokens} exceeds max_new_tokens ({self.max_new_tokens})",
             )
-        for stop in self.stop:
-            if not isinstance(stop, str) or not stop:
-                raise InvalidRequestError("stop", "stop strings must be non-empty strings")
-        for token_id in self.stop_token_ids:
-            _check_int(token_id, "stop_token_ids", minimum=0)
+        _check_stop_strings(self.stop)
+        _check_list(self.stop_token_ids, "stop_token_ids", MAX_STOP_TOKEN_IDS)
+        check_token_ids("stop_token_ids", self.stop_token_ids, vocab_size)
         limit = MAX_PRESENCE_FREQUENCY_PENALTY
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not _is_number(value) or not -limit <= value <= limit:
-                raise InvalidRequestError(name, f"must be a number in [-{limit:g}, {limit:g}], got {value!r}")
-        penalty = self.repetition_penalty
-        if not _is_number(penalty) or not math.isfinite(penalty) or penalty <= 0:
-            raise InvalidRequestError("repetition_penalty", f"must be a finite number > 0, got {penalty!r}")
+        _check_float(self.presence_penalty, "presence_penalty", -limit, limit)
+        _check_float(self.frequency_penalty, "frequency_penalty", -limit, limit)
+        _check_float(self.repetition_penalty, "repetition_penalty", MIN_NORMAL_FLOAT32, MAX_FLOAT32)
         if not isinstance(self.logit_bias, dict):
             raise InvalidRequestError("logit_bias", "must map token ids to numbers")
+        check_token_ids("logit_bias", list(self.logit_bias), vocab_size)
         for token_id, bias in self.logit_bias.items():
-            if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
-                raise InvalidRequestError(
-                    "logit_bias", f"keys must be token ids (integers >= 0), got {token_id!r}"
-                )
             if not _is_number(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
                 raise InvalidRequestError(
                     "logit_bias",
                     f"the bias of token {token_id} must be a number in "
                     f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}",
                 )
+
+
+def check_token_ids(field: str, token_ids: list, vocab_size: int | None) -> None:
+    """Raise `InvalidRequestError` naming ``field`` unless every item is an integer token id:
+    >= 0, and below ``vocab_size`` when it is known (else within int32)."""
+    upper = MAX_INT32 + 1 if vocab_size is None else vocab_size
+    # fast path in C for long prompts; the slow one finds the culprit
+    if all(type(token) is int for token in token_ids) and (
+        not token_ids or (min(token_ids) >= 0 and max(token_ids) < upper)
+    ):
+        return
+    for token in token_ids:
+        if not isinstance(token, int) or isinstance(token, bool):
+            raise InvalidRequestError(field, f"token ids must be integers, got {token!r}")
+        if not 0 <= token < upper:
+            where = "the vocabulary" if vocab_size is not None else "the int32 range"
+            raise InvalidRequestError(field, f"token id {token} is outside {where} [0, {upper})")
+
+
+def _check_stop_strings(stop: Any) -> None:
+    _check_list(stop, "stop", MAX_STOP_STRINGS)
+    for text in stop:
+        if not isinstance(text, str) or not text:
+            raise InvalidRequestError("stop", "stop strings must be non-empty strings")
+        if len(text) > MAX_STOP_STRING_CHARS:
+            raise InvalidRequestError(
+                "stop", f"a stop string has {len(text)} characters; at most {MAX_STOP_STRING_CHARS}"
+            )
+
+
+def _check_list(value: Any, field: str, most: int) -> None:
+    if not isinstance(value, list):
+        raise InvalidRequestError(field, f"must be a list, got {type(value).__name__}")
+    if len(value) > most:
+        raise InvalidRequestError(field, f"at most {most} items, got {len(value)}")
+
+
+def _check_float(value: Any, field: str, lowest: float, highest: float, *, open_below: bool = False) -> None:
+    """A finite number in [lowest, highest] (``open_below``: (lowest, highest])."""
+    if not _is_number(value) or not math.isfinite(value):
+        raise InvalidRequestError(field, f"must be a finite number, got {value!r}")
+    if value < lowest or value > highest or (open_below and value == lowest):
+        bracket = "(" if open_below else "["
+        raise InvalidRequestError(field, f"must be in {bracket}{lowest:g}, {highest:g}], got {value!r}")
 
 
 def _is_number(value: Any) -> bool:
