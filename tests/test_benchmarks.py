@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -403,3 +404,91 @@ def test_startup_benchmark_smoke(tmp_path):
         assert run["first_token_s"] <= run["process_s"] and run["warm_workload_requests"] == 2 * 8 + 1
         assert run["kernel_compiles_after_warm_workload"] in (0, None)  # no Triton on a CPU
     assert data["verdict"].startswith("Ready after") and "| cold |" in done.stdout
+
+
+# -- FlashInfer peer (CPU: the conversion and the calls' plumbing; the kernels need a GPU) -------------
+
+
+class _FakeDecodeWrapper:
+    """FlashInfer 0.6.14's decode wrapper signatures, computing with the CSR reference."""
+
+    def __init__(self, float_workspace_buffer, kv_layout="NHD", use_tensor_cores=False):
+        assert kv_layout == "NHD"
+
+    def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
+             pos_encoding_mode="NONE", window_left=-1, logits_soft_cap=None, q_data_type="float16",
+             kv_data_type=None, sm_scale=None, **unused):  # fmt: skip
+        assert pos_encoding_mode == "NONE" and window_left == -1 and head_dim == 128 and page_size == 16
+        self.table = (indptr, indices, last_page_len)
+        self.scale, self.heads = sm_scale, (num_qo_heads, num_kv_heads)
+
+    def query_start(self, query):
+        return torch.arange(query.shape[0] + 1, dtype=torch.int32)
+
+    def run(self, q, paged_kv_cache, *args, out=None, **unused):
+        import flashinfer_peer
+
+        key_cache, value_cache = paged_kv_cache
+        assert (q.shape[1], key_cache.shape[2]) == self.heads
+        out[:] = flashinfer_peer.csr_attention_reference(
+            q, key_cache, value_cache, self.query_start(q), *self.table, self.scale
+        )
+        return out
+
+
+class _FakePrefillWrapper(_FakeDecodeWrapper):
+    def __init__(self, float_workspace_buffer, kv_layout="NHD", backend="auto"):
+        assert kv_layout == "NHD" and backend in ("auto", "fa2")
+
+    def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads,
+             num_kv_heads, head_dim_qk, page_size, head_dim_vo=None, custom_mask=None,
+             packed_custom_mask=None, causal=False, pos_encoding_mode="NONE", sm_scale=None,
+             **unused):  # fmt: skip
+        assert causal and custom_mask is None and head_dim_qk == 128 and page_size == 16
+        self.qo_indptr = qo_indptr
+        self.table = (paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len)
+        self.scale, self.heads = sm_scale, (num_qo_heads, num_kv_heads)
+
+    def query_start(self, query):
+        return self.qo_indptr
+
+
+def test_flashinfer_peer_feeds_flashinfer_the_same_attention():
+    import types
+
+    import flashinfer_peer
+    from fastgen.kernels.attention import paged_attention_reference
+    from flashinfer_peer import VARIANTS, cases, flashinfer_call, flashinfer_page_table, paged_batch
+
+    # the page table: pages in order, the last one's fill, for a shuffled padded block table
+    block_tables = torch.tensor([[7, 2, 9], [4, 0, 0], [1, 3, 0]], dtype=torch.int32)
+    indptr, indices, last = flashinfer_page_table(block_tables, torch.tensor([33, 16, 17]), 16)
+    assert indptr.tolist() == [0, 3, 4, 6] and indices.tolist() == [7, 2, 9, 4, 1, 3]
+    assert last.tolist() == [1, 16, 1]
+
+    fake = types.SimpleNamespace(
+        BatchDecodeWithPagedKVCacheWrapper=_FakeDecodeWrapper,
+        BatchPrefillWithPagedKVCacheWrapper=_FakePrefillWrapper,
+    )
+    for case in cases(smoke=True):
+        batch = paged_batch(case, "cpu", torch.float32)
+        expected = paged_attention_reference(**batch, scale=128**-0.5)
+        variants = [v for v in VARIANTS if v.kind == case.kind]
+        assert len(variants) == 2
+        for variant in variants:
+            out = flashinfer_call(variant, variant.make(fake, torch.empty(0)), case, batch)()
+            assert flashinfer_peer.relative_error(out, expected) < 1e-6, (case.name, variant.label)
+        # a wrong page table does not pass for the same data
+        broken = dict(batch, block_tables=batch["block_tables"].roll(1, dims=0))
+        wrong = flashinfer_call(variants[0], variants[0].make(fake, torch.empty(0)), case, broken)()
+        assert flashinfer_peer.relative_error(wrong, expected) > 0.1
+
+
+def test_flashinfer_peer_exits_cleanly_without_cuda(capsys):
+    import flashinfer_peer
+
+    assert not torch.cuda.is_available()
+    assert flashinfer_peer.main([]) == 0
+    assert "SKIPPED: no CUDA device" in capsys.readouterr().out
+    assert flashinfer_peer.main(["--smoke"]) == 0  # the CPU check of the conversion
+    assert "smoke: worst relative error 0.0e+00" in capsys.readouterr().out
