@@ -492,3 +492,22 @@ def test_flashinfer_peer_exits_cleanly_without_cuda(capsys):
     assert "SKIPPED: no CUDA device" in capsys.readouterr().out
     assert flashinfer_peer.main(["--smoke"]) == 0  # the CPU check of the conversion
     assert "smoke: worst relative error 0.0e+00" in capsys.readouterr().out
+
+
+def test_cpu_generate_benchmark_smoke(tmp_path, capsys):
+    """fastgen against HF generate on a tiny random model, two batch sizes; JSON, markdown, PNG."""
+    import cpu_generate
+
+    argv = ["--toy", "--prompts", "3", "--new-tokens", "4", "--batch-sizes", "1,2", "--out", str(tmp_path)]
+    assert cpu_generate.main(argv) == 0
+    [json_path] = tmp_path.glob("cpu_generate-*.json")
+    assert json_path.with_suffix(".md").is_file() and json_path.with_suffix(".png").is_file()
+    data = json.loads(json_path.read_text())
+    assert data["command"].endswith(" ".join(argv)) and data["machine"] and data["prompts"] == 3
+    assert not data["chat_template"]  # the toy tokenizer has none: plain prompts
+    assert [row["batch_size"] for row in data["rows"]] == [1, 2]
+    for row in data["rows"]:
+        assert row["output_tokens"] == 3 * 4 and row["fastgen_s"] > 0 and row["hf_s"] > 0
+        assert row["fastgen_over_hf"] == pytest.approx(row["hf_s"] / row["fastgen_s"])
+        assert 0.0 <= row["agreement"] <= 1.0
+    assert "| batch size | fastgen s |" in capsys.readouterr().out
