@@ -8,50 +8,60 @@ named ``pipeline``: importing it would rebind ``fastgen.pipeline`` from the func
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import weakref
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .config import EngineConfig
 from .engine import AsyncEngine
-from .errors import InvalidRequestError
+from .errors import EngineDeadError, InvalidRequestError
 from .loops import BackgroundLoop
 from .mii import Response, parse_mii_options
 
 
 class Pipeline:
-    """Callable like MII's pipeline: ``pipe(prompts, **options) -> list[Response]``."""
+    """Callable like MII's pipeline: ``pipe(prompts, **options) -> list[Response]``.
 
-    def __init__(self, model: str, config: EngineConfig):
-        self._loop = BackgroundLoop()
+    `destroy` stops the engine (and its worker processes) and the background loop. A pipeline that
+    is never destroyed is stopped when it is garbage-collected, or at interpreter exit by an
+    `atexit` hook (registered by `weakref.finalize`), which runs while the loop's thread still
+    does; the hook holds the loop and the engine but not the pipeline.
+    """
+
+    def __init__(self, model: str | None, config: EngineConfig):
+        loop = BackgroundLoop(name="fastgen-pipeline")
         try:
-            self.engine: AsyncEngine = self._loop.run(AsyncEngine.start(model, config))
+            engine = loop.run(AsyncEngine.start(model, config))
         except BaseException:
-            self._loop.close()
+            loop.close()
             raise
-        self.tokenizer = self.engine.tokenizer
+        self.engine: AsyncEngine | None = engine
+        self.tokenizer = engine.tokenizer
+        self._loop = loop
+        self._finalizer = weakref.finalize(self, _stop, loop, engine)
 
     def __call__(self, prompts: str | Sequence[str], **options: Any) -> list[Response]:
+        engine = self.engine
+        if engine is None:
+            raise EngineDeadError("this pipeline was destroyed: create another with fastgen.pipeline()")
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, Sequence) or not prompts:
             raise InvalidRequestError("prompts", "expected a non-empty list of prompts")
         params, return_full_text = parse_mii_options(options)
-        return self._loop.run(generate_responses(self.engine, list(prompts), params, return_full_text))
+        return self._loop.run(generate_responses(engine, list(prompts), params, return_full_text))
 
     def destroy(self) -> None:
-        """Stop the engine and free its memory."""
-        if self.engine is None:
-            return
-        self._loop.run(self.engine.stop())
+        """Stop the engine and its worker processes and free their memory; idempotent."""
         self.engine = None
-        self._loop.close()
+        self._finalizer()
 
-    def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None and not self._loop.loop.is_closed():
-            with contextlib.suppress(Exception):  # best effort at interpreter exit
-                self.destroy()
+
+def _stop(loop: BackgroundLoop, engine: AsyncEngine) -> None:
+    """A pipeline's finalizer: stop ``engine``, then its loop (bounded; never waits on a loop that
+    cannot run, see `BackgroundLoop.close`)."""
+    loop.close(engine.stop())
 
 
 async def generate_responses(
@@ -76,9 +86,11 @@ async def generate_responses(
     return list(await asyncio.gather(*(one(p, ids) for p, ids in zip(prompts, prompt_ids))))
 
 
-def pipeline(model_name_or_path: str, **config: Any) -> Pipeline:
+def pipeline(model_name_or_path: str | Path | None = None, **config: Any) -> Pipeline:
     """Load a model for synchronous, non-persistent generation (MII's ``mii.pipeline``).
 
+    ``model_name_or_path`` is passed to `AsyncEngine.start` (``None``: its default model).
     ``config`` holds `EngineConfig` fields (``tensor_parallel``, ``token_budget``, ...).
     """
-    return Pipeline(str(model_name_or_path), EngineConfig.from_options(**config))
+    model = None if model_name_or_path is None else str(model_name_or_path)
+    return Pipeline(model, EngineConfig.from_options(**config))

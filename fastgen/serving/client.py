@@ -288,8 +288,10 @@ class Client:
                     yield self._run(anext(deltas))
                 except StopAsyncIteration:
                     return
-        finally:
-            self._run(deltas.aclose())
+        finally:  # at interpreter exit the loop is gone, and with it the stream's state: nothing to close
+            background = self._background
+            if background is not None and background.can_run:
+                background.run(deltas.aclose())
 
     # -- deployment management ----------------------------------------------------------------
 
