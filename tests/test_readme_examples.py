@@ -7,7 +7,8 @@ it and be gone once the script that stops it has exited. A script that outlives 
 first, so that `faulthandler` prints where each of its threads hangs.
 
 The bounds are ceilings on hangs, not on speed: a start-up timeout (passed to the engine or the
-deployment) plus ``STOP_BOUND_S`` for generating a few tokens and shutting down.
+deployment) plus ``STOP_BOUND_S`` for generating a few tokens and shutting down. One test runs in
+this process: ``fastgen.pipeline()``'s model is optional.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+import fastgen
+from fastgen import AsyncEngine, EngineConfig
 from fastgen.executor.processes import free_port
 from fastgen.serving.processes import kill
 
@@ -162,6 +166,21 @@ def scripts(tmp_path: Path, llama_path: str) -> Iterator[Scripts]:
     runner = Scripts(tmp_path, llama_path)
     yield runner
     runner.kill_leftovers()
+
+
+def test_pipeline_model_is_optional_and_a_failed_start_ends_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    models: list[str | None] = []
+
+    async def start(model: str | None, config: EngineConfig) -> AsyncEngine:
+        models.append(model)
+        raise LookupError("no model here")
+
+    monkeypatch.setattr(AsyncEngine, "start", start)
+    for model in [(), (None,), (Path("some/model"),)]:
+        with pytest.raises(LookupError, match="no model here"):
+            fastgen.pipeline(*model, token_budget=64)
+    assert models == [None, None, "some/model"]  # None: AsyncEngine.start loads its default model
+    assert not [thread for thread in threading.enumerate() if thread.name == "fastgen-pipeline"]
 
 
 def test_pipeline_with_destroy(scripts: Scripts) -> None:
