@@ -10,45 +10,109 @@
 # SERVING_LIMIT_S / SERVING_TIMEOUT_S (the kernels phase takes KERNELS_ARGS, e.g. "--only moe")
 # and extra arguments in SERVING_ARGS, e.g. to finish a sweep:
 #   SERVING_ARGS="--workloads 512-512 --offline-requests 0 --skip-peer" bash benchmarks/gpu_run.sh serving
+#
+# Issue 13 (stalls, offline budget, stronger peers), in one call of ~9 minutes:
+#   PACK=1 bash benchmarks/gpu_run.sh fibuild tests13 startup serving8b flashinfer
+# - fibuild: starts building FlashInfer's JIT kernels in the background (nice 19, MAX_JOBS=8; needs the
+#   flashinfer-python 0.6.14, apache-tvm-ffi, ninja and nvidia-ml-py wheels in .whl); the flashinfer
+#   phase waits for it;
+# - tests13: the GPU tests of GPU_TESTS (default: no compiles while serving, sampling kernels);
+# - startup: engine start-up of the Llama-3-8B shape cold (new TRITON_CACHE_DIR) and warm; later
+#   phases use that (now warm) cache;
+# - serving8b: Llama-3-8B shape: HF generate batch-1 peers (eager and static cache + torch.compile),
+#   batch-1 decode, the offline run of 512 x (1200, 128) at each of OFFLINE_BUDGETS (default
+#   768,2048,4096; the last ones are skipped if SERVING8B_LIMIT_S runs out), closed loops of
+#   (1200, 128) and (2600, 60) at 32 and 16 clients, with stall and kernel-compile checks;
+# - flashinfer: fastgen's paged attention vs FlashInfer's, decode and prefill, both head layouts.
+# Timeouts: TESTS13_TIMEOUT_S (120), STARTUP_TIMEOUT_S (150), SERVING8B_TIMEOUT_S (300, its own
+# limit SERVING8B_LIMIT_S 270), FLASHINFER_TIMEOUT_S (150, build wait included); extra arguments:
+# SERVING8B_ARGS, FLASHINFER_ARGS; FIBUILD_WAIT_S (90): how long flashinfer waits for the build. With PACK=1 each phase's files go into one $OUT/<phase>.tgz
+# (few files come back from the GPU machine); its stdout tail stays in the log.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site || exit 1
+  && export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH || exit 1
 # fastgen itself, offline, with the image's setuptools (pyproject maps kernels/fastgen_kernels to fastgen.kernels)
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+export FLASHINFER_WORKSPACE_BASE=/tmp/fastgen-flashinfer
+STARTUP_CACHE=/tmp/fastgen-triton-startup
+FIBUILD_PID=""
+FIBUILD_LOG=""
 for phase in "$@"; do
   echo "=== $phase ($(date -u +%H:%M:%S))"
+  D="$OUT"  # where the phase writes; with PACK=1 a folder packed into $OUT/$phase.tgz after it
+  if [ -n "${PACK:-}" ]; then D="$OUT/_work/$phase"; mkdir -p "$D"; fi
   case "$phase" in
-    tests)   timeout 420 python3 -m pytest -m gpu -q tests/kernels tests/test_gpu_engine.py tests/test_fp8.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
-    kernels) timeout 300 python3 benchmarks/kernel_timings.py --out "$OUT" ${KERNELS_ARGS:-} 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
-    decode)  timeout 300 python3 benchmarks/decode_step.py --out "$OUT" 2>&1 | tee "$OUT/decode.log" | tail -20 ;;
-    profile) timeout 400 python3 -m benchmarks.step_profile --out "$OUT/step_profile.json" 2>&1 | tee "$OUT/step_profile.log" | tail -80 ;;
-    overhead) timeout 300 python3 -m benchmarks.host_overhead 2>&1 | tee "$OUT/overhead.log" | tail -70 ;;
-    enginetests) timeout 300 python3 -m pytest -m gpu -q tests/test_gpu_engine.py 2>&1 | tee "$OUT/engine_tests.log" | tail -25 ;;
+    tests)   timeout 420 python3 -m pytest -m gpu -q tests/kernels tests/test_gpu_engine.py tests/test_fp8.py 2>&1 | tee "$D/gpu_tests.log" | tail -25 ;;
+    kernels) timeout 300 python3 benchmarks/kernel_timings.py --out "$D" ${KERNELS_ARGS:-} 2>&1 | tee "$D/kernels.log" | tail -40 ;;
+    decode)  timeout 300 python3 benchmarks/decode_step.py --out "$D" 2>&1 | tee "$D/decode.log" | tail -20 ;;
+    profile) timeout 400 python3 -m benchmarks.step_profile --out "$D/step_profile.json" 2>&1 | tee "$D/step_profile.log" | tail -80 ;;
+    overhead) timeout 300 python3 -m benchmarks.host_overhead 2>&1 | tee "$D/overhead.log" | tail -70 ;;
+    enginetests) timeout 300 python3 -m pytest -m gpu -q tests/test_gpu_engine.py 2>&1 | tee "$D/engine_tests.log" | tail -25 ;;
     serving) timeout "${SERVING_TIMEOUT_S:-560}" python3 benchmarks/serving.py --model-shape llama2-7b \
                --time-limit-s "${SERVING_LIMIT_S:-420}" --max-run-s 120 --peer-requests 64 --peer-time-limit-s 110 \
-               --out "$OUT" ${SERVING_ARGS:-} 2>&1 | tee "$OUT/serving.log" | tail -45 \
-             || python3 benchmarks/report.py "$OUT"/serving-*.json | tail -30 ;;
+               --out "$D" ${SERVING_ARGS:-} 2>&1 | tee "$D/serving.log" | tail -45 \
+             || python3 benchmarks/report.py "$D"/serving-*.json | tail -30 ;;
     async) for flag in "" "--no-async-scheduling"; do
              echo "--- batch-1 ${flag:-with asynchronous scheduling}"
              timeout 280 python3 benchmarks/serving.py --model-shape llama2-7b --workloads 1200-128 --clients "" \
-               --offline-requests 0 --skip-peer --time-limit-s 200 --out "$OUT" $flag 2>&1 \
-               | tee -a "$OUT/async.log" | grep -iE "batch-1|decode tok" | tail -4
+               --offline-requests 0 --skip-peer --time-limit-s 200 --out "$D" $flag 2>&1 \
+               | tee -a "$D/async.log" | grep -iE "batch-1|decode tok" | tail -4
            done ;;
     prefix) timeout 400 python3 benchmarks/serving.py --model-shape llama2-7b --workloads 1200-128 --clients "" \
               --offline-requests 0 --skip-peer --batch1-repeats 0 --shared-prefix 1024,200,128 \
-              --time-limit-s 330 --out "$OUT" 2>&1 | tee "$OUT/prefix.log" | grep -E "prefix|TTFT" | tail -8 ;;
+              --time-limit-s 330 --out "$D" 2>&1 | tee "$D/prefix.log" | grep -E "prefix|TTFT" | tail -8 ;;
     fp8) timeout 400 python3 benchmarks/serving.py --model-shape llama2-7b --workloads 1200-128 --clients "" \
-           --offline-requests 512 --skip-peer --time-limit-s 330 --quantization fp8 --out "$OUT" 2>&1 \
-           | tee "$OUT/fp8.log" | tail -25 ;;
+           --offline-requests 512 --skip-peer --time-limit-s 330 --quantization fp8 --out "$D" 2>&1 \
+           | tee "$D/fp8.log" | tail -25 ;;
     kvfp8) for extra in "" "--quantization fp8" "--quantization fp8 --token-budget 2048"; do
              echo "--- FP8 KV cache ${extra:+and FP8 weights}"
              timeout 280 python3 benchmarks/serving.py --model-shape llama2-7b --workloads 1200-128 --clients "" \
-               --offline-requests 512 --skip-peer --time-limit-s 200 --kv-cache-dtype fp8 $extra --out "$OUT" 2>&1 \
-               | tee -a "$OUT/kvfp8.log" | grep -E "engine:|batch-1 decode tok|^\| fastgen|Roofline"
+               --offline-requests 512 --skip-peer --time-limit-s 200 --kv-cache-dtype fp8 $extra --out "$D" 2>&1 \
+               | tee -a "$D/kvfp8.log" | grep -E "engine:|batch-1 decode tok|^\| fastgen|Roofline"
            done ;;
+    fibuild) FIBUILD_LOG="$OUT/flashinfer_build.log"
+             if [ -n "${PACK:-}" ]; then mkdir -p "$OUT/_work/flashinfer"; FIBUILD_LOG="$OUT/_work/flashinfer/build.log"; fi
+             timeout 420 nice -n 19 env MAX_JOBS=8 python3 benchmarks/flashinfer_peer.py --compile-only \
+               > "$FIBUILD_LOG" 2>&1 &
+             FIBUILD_PID=$!
+             echo "building FlashInfer's kernels in the background (pid $FIBUILD_PID, log $FIBUILD_LOG)" ;;
+    tests13) timeout "${TESTS13_TIMEOUT_S:-120}" python3 -m pytest -m gpu -q -p no:cacheprovider \
+               ${GPU_TESTS:-tests/test_gpu_stalls.py tests/kernels/test_sampling.py} 2>&1 \
+               | tee "$D/gpu_tests.log" | tail -25 ;;
+    startup) rm -rf "$STARTUP_CACHE"
+             timeout "${STARTUP_TIMEOUT_S:-150}" python3 benchmarks/startup.py --model-shape llama3-8b \
+               --triton-cache-dir "$STARTUP_CACHE" --run-timeout-s 130 --out "$D" 2>&1 \
+               | tee "$D/startup.log" | tail -16
+             export TRITON_CACHE_DIR="$STARTUP_CACHE" ;;  # warm for the phases after this one
+    serving8b) timeout "${SERVING8B_TIMEOUT_S:-300}" python3 benchmarks/serving.py --model-shape llama3-8b \
+                 --workloads 1200-128,2600-60 --clients 32,16 --offline-token-budgets "${OFFLINE_BUDGETS:-768,2048,4096}" \
+                 --peer-requests 0 --peer-time-limit-s 110 --time-limit-s "${SERVING8B_LIMIT_S:-270}" --max-run-s 60 \
+                 --out "$D" ${SERVING8B_ARGS:-} 2>&1 | tee "$D/serving8b.log" | grep -E "STALL|FAIL|^\| |^## " | tail -60
+               echo "serving8b exit status ${PIPESTATUS[0]} (1: a kernel compiled during a measured run)" ;;
+    flashinfer) if [ -n "$FIBUILD_PID" ]; then  # wait at most FIBUILD_WAIT_S for the background build
+                  waited=0
+                  while kill -0 "$FIBUILD_PID" 2>/dev/null && [ "$waited" -lt "${FIBUILD_WAIT_S:-90}" ]; do
+                    sleep 2; waited=$((waited + 2))
+                  done
+                  if kill -0 "$FIBUILD_PID" 2>/dev/null; then
+                    echo "the FlashInfer build still runs after ${waited} s more: the timed run builds what is left"
+                  else
+                    wait "$FIBUILD_PID"; echo "FlashInfer build exit status $? (waited ${waited} s)"
+                  fi
+                  tail -4 "$FIBUILD_LOG"
+                fi
+                timeout "${FLASHINFER_TIMEOUT_S:-150}" python3 benchmarks/flashinfer_peer.py --out "$D" ${FLASHINFER_ARGS:-} 2>&1 \
+                  | tee "$D/flashinfer.log" | tail -30 ;;
     *) echo "unknown phase $phase" ;;
   esac
+  if [ -n "${PACK:-}" ]; then
+    if [ "$phase" = fibuild ]; then rmdir "$D"
+    else tar -czf "$OUT/$phase.tgz" -C "$OUT/_work" "$phase" && rm -rf "${OUT:?}/_work/$phase"; fi
+  fi
 done
+if [ -n "${PACK:-}" ]; then rmdir "$OUT/_work" 2>/dev/null || true; fi
+ls -la "$OUT" | tail -12

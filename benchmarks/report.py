@@ -37,8 +37,12 @@ METHOD = """\
 - Engine busy: the sum of the engine's step times (schedule + execute + commit, from its step
   listener) / wall time; client overhead: the driver's own bookkeeping per delta / wall time.
 - Peer: HF transformers, same config, random weights, same requests (a subset), in a child process
-  before fastgen starts: `generate` at batch 1 and continuous batching (the manager that
-  `generate_batch` drives), all requests at once, per-token timestamps from transformers.
+  before fastgen starts: `generate` at batch 1, eager and with `cache_implementation="static"`
+  (which `generate` compiles with torch.compile on a GPU; warmed with one full `generate` of the
+  same shape, outside the timing), and continuous batching (the manager that `generate_batch`
+  drives), all requests at once, per-token timestamps from transformers.
+- Offline token budgets: each budget other than the main engine's runs on its own engine, started
+  after the previous one stopped; the roofline's concurrency C uses that engine's KV capacity.
 """
 
 

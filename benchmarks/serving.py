@@ -452,7 +452,7 @@ async def bench_fastgen(
         for token_budget in offline_budgets:
             if token_budget == args.token_budget:
                 continue
-            if not budget.allows(f"engine at token budget {token_budget}"):
+            if not budget.allows(f"engine at token budget {token_budget}", engine_estimate_s(report)):
                 continue
             try:
                 await with_engine(
@@ -521,6 +521,16 @@ async def with_engine(
         await engine.stop()
         engine = driver = None
         report.free_gpu_bytes_before_start = release_gpu_memory()
+
+
+def engine_estimate_s(report: Report) -> float | None:
+    """Seconds another engine's offline run is likely to take: the last engine's start and warm-up
+    plus the slowest offline run so far (None before any)."""
+    offline = [run["summary"]["wall_s"] for run in report.data["runs"] if run.get("offline")]
+    if not offline or not report.data["engines"]:
+        return None
+    last = report.data["engines"][-1]
+    return last["start_s"] + (last.get("warmup_s") or 0.0) + max(offline)
 
 
 def release_gpu_memory() -> int | None:
