@@ -87,7 +87,8 @@ def _header(data: dict[str, Any]) -> list[str]:
     for other in data.get("engines", [])[1:]:
         lines.append(
             f"- engine for the offline run at token budget {other['token_budget']}: KV {other['kv_tokens']} "
-            f"tokens; start {other['start_s']:.1f} s, warm-up {_f(other.get('warmup_s'))} s"
+            f"tokens; start {other['start_s']:.1f} s, warm-up {_f(other.get('warmup_s'))} s; GPU memory "
+            f"free before its start {_f(other.get('gpu_free_bytes_before_start'), 1, 2**-30)} GiB"
         )
     ceilings = data.get("ceilings")
     if ceilings:
