@@ -26,8 +26,9 @@
 # - flashinfer: fastgen's paged attention vs FlashInfer's, decode and prefill, both head layouts.
 # Timeouts: TESTS13_TIMEOUT_S (120), STARTUP_TIMEOUT_S (150), SERVING8B_TIMEOUT_S (300, its own
 # limit SERVING8B_LIMIT_S 270), FLASHINFER_TIMEOUT_S (150, build wait included); extra arguments:
-# SERVING8B_ARGS, FLASHINFER_ARGS; FIBUILD_WAIT_S (90): how long flashinfer waits for the build. With PACK=1 each phase's files go into one $OUT/<phase>.tgz
-# (few files come back from the GPU machine); its stdout tail stays in the log.
+# SERVING8B_ARGS, FLASHINFER_ARGS; FIBUILD_WAIT_S (90): how long flashinfer waits for the build.
+# With PACK=1 each phase's files go into one $OUT/<phase>.tgz (few files come back from the GPU
+# machine); its stdout tail stays in the log.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 OUT=${OUT:-benchmarks/results}
@@ -114,5 +115,8 @@ for phase in "$@"; do
     else tar -czf "$OUT/$phase.tgz" -C "$OUT/_work" "$phase" && rm -rf "${OUT:?}/_work/$phase"; fi
   fi
 done
+if [ -n "$FIBUILD_PID" ] && kill -0 "$FIBUILD_PID" 2>/dev/null; then
+  echo "stopping the unfinished FlashInfer build"; kill "$FIBUILD_PID"
+fi
 if [ -n "${PACK:-}" ]; then rmdir "$OUT/_work" 2>/dev/null || true; fi
 ls -la "$OUT" | tail -12
