@@ -24,7 +24,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fastgen.serving.guard import HttpPolicy
 
 _ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type, help)
     "--tensor-parallel": ("tensor_parallel", int, "GPUs per replica"),
@@ -87,8 +90,49 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--replicas", type=int, default=1, help="engine processes behind a load balancer")
     parser.add_argument("--served-model-name", default=None, help="the model's name in the API")
     parser.add_argument("--log-level", default="warning")
+    _add_http_options(parser)
     _add_engine_options(parser)
     parser.set_defaults(func=_serve)
+
+
+def _add_http_options(parser: argparse.ArgumentParser) -> None:
+    from fastgen.serving.guard import DEFAULT_MAX_BODY_BYTES, LOCAL_HOSTS
+
+    group = parser.add_argument_group("HTTP access (see fastgen.serving.guard)")
+    group.add_argument(
+        "--allowed-hosts",
+        type=_names,
+        default=(),
+        help=f"Host names served besides {', '.join(LOCAL_HOSTS)} and the bound address "
+        "(comma-separated; name or name:port; * for any)",
+    )
+    group.add_argument(
+        "--allowed-origins",
+        type=_names,
+        default=(),
+        help="web origins that may call the API from a browser, e.g. https://app.example (comma-separated; "
+        "* for any; default: none but the server's own host)",
+    )
+    group.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help=f"largest request body (default {DEFAULT_MAX_BODY_BYTES}); larger ones get 413",
+    )
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
+def _http_policy(args: argparse.Namespace) -> HttpPolicy:
+    from fastgen.serving.guard import LOCAL_HOSTS, HttpPolicy
+
+    return HttpPolicy(
+        allowed_hosts=(*LOCAL_HOSTS, *args.allowed_hosts),
+        allowed_origins=args.allowed_origins,
+        max_body_bytes=args.max_body_bytes,
+    ).serving(args.host)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -107,7 +151,9 @@ async def _serve_in_process(args: argparse.Namespace, options: dict[str, Any]) -
     engine = await _start_engine(args.model, EngineConfig.from_options(**options))
     try:
         backend = EngineBackend(engine, args.served_model_name)
-        server = HttpServer(create_app(backend), args.host, args.port, log_level=args.log_level)
+        policy = _http_policy(args)
+        app = create_app(backend, policy=policy)
+        server = HttpServer(app, args.host, args.port, log_level=args.log_level, policy=policy)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.stop)
@@ -131,6 +177,7 @@ def _serve_deployment(args: argparse.Namespace, options: dict[str, Any]) -> int:
         enable_restful_api=True,
         restful_api_port=args.port,
         restful_api_host=args.host,
+        restful_api_policy=_http_policy(args),
         **options,
     )
     stop = threading.Event()

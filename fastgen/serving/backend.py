@@ -16,7 +16,7 @@ from fastgen.engine import AsyncEngine, EngineStats
 from fastgen.outputs import RequestOutput
 from fastgen.sampling_params import SamplingParams
 
-from .prompts import Prompt, prompt_token_ids
+from .prompts import Prompt, tokenize_prompt
 
 
 @runtime_checkable
@@ -76,7 +76,7 @@ class EngineBackend:
     async def stream_outputs(
         self, prompt: Prompt, params: SamplingParams, *, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        token_ids = prompt if isinstance(prompt, str) else prompt_token_ids(self.engine.tokenizer, prompt)
+        token_ids = await tokenize_prompt(self.engine.tokenizer, prompt)  # long prompts: off the loop
         outputs = self.engine.generate(token_ids, params, request_id=request_id)
         async with contextlib.aclosing(outputs):  # stopping early aborts the request at once
             async for output in outputs:

@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -32,7 +33,8 @@ from fastgen.outputs import RequestOutput, TokenLogprob
 
 from . import openai_api as oai
 from .backend import Backend
-from .errors import ModelNotFoundError, describe_error
+from .errors import ErrorInfo, ModelNotFoundError, describe_error
+from .guard import HttpPolicy, RequestGuard
 from .metrics import CONTENT_TYPE, ServingMetrics
 from .mii_api import MiiRequest, response_dict
 from .prompts import Prompt
@@ -49,8 +51,15 @@ _SSE_HEADERS = [
 _BACKEND_TIMEOUT_S = 5.0
 
 
-def create_app(backend: Backend, *, metrics: ServingMetrics | None = None) -> Starlette:
-    """The gateway's ASGI app over ``backend`` (the caller owns the backend's life cycle)."""
+def create_app(
+    backend: Backend, *, metrics: ServingMetrics | None = None, policy: HttpPolicy | None = None
+) -> Starlette:
+    """The gateway's ASGI app over ``backend`` (the caller owns the backend's life cycle).
+
+    ``policy`` says which hosts and web origins it answers and how large a body it reads (see
+    `fastgen.serving.guard`); the default answers local names and addresses only. A host app that
+    mounts the gateway under another name passes its own, e.g. ``HttpPolicy(allowed_hosts=...)``.
+    """
     gateway = _Gateway(backend, metrics or ServingMetrics())
     routes = [
         Route("/mii/{deployment_name}", gateway.mii, methods=["POST"]),
@@ -60,7 +69,11 @@ def create_app(backend: Backend, *, metrics: ServingMetrics | None = None) -> St
         Route("/health", gateway.health, methods=["GET"]),
         Route("/metrics", gateway.metrics_text, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(RequestGuard, policy=policy or HttpPolicy())],
+        exception_handlers={HTTPException: _http_exception},
+    )
     app.state.backend = backend
     app.state.metrics = gateway.metrics
     return app
@@ -117,10 +130,16 @@ async def _send_json(send: Send, status: int, payload: Any) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+def _log_failure(what: str, exc: BaseException, info: ErrorInfo) -> None:
+    """Server-side errors are logged in full here; their response names only the type."""
+    if info.status >= 500:
+        internal = info.code == "internal_error"
+        logger.warning("%s: %r", what, exc, exc_info=exc if internal else None)
+
+
 async def _send_error(send: Send, exc: BaseException) -> None:
     info = describe_error(exc)
-    if info.status >= 500:
-        logger.warning("request failed: %s", info.message)
+    _log_failure("request failed", exc, info)
     await _send_json(send, info.status, info.body())
 
 
@@ -149,7 +168,7 @@ async def _respond_stream(send: Send, events: AsyncIterator[bytes]) -> None:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except Exception as exc:
             info = describe_error(exc)
-            logger.warning("stream failed after it started: %s", info.message)
+            _log_failure("stream failed after it started", exc, info)
             await send({"type": "http.response.body", "body": sse(info.body()) + DONE, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
@@ -233,6 +252,7 @@ class _Gateway:
 
     def _refuse(self, exc: BaseException) -> Response:
         self.metrics.count_refused(exc)
+        _log_failure("request refused", exc, describe_error(exc))
         return error_response(exc)
 
     def _model(self, requested: str | None) -> str:

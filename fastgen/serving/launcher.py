@@ -21,6 +21,7 @@ from fastgen.models.checkpoint import resolve_model
 from . import registry
 from .client import Client
 from .errors import DeploymentStartError
+from .guard import HttpPolicy
 from .processes import kill_group, log_tail, pid_alive, spawn_module
 from .server import DeploymentSpec
 
@@ -34,6 +35,7 @@ def serve(
     restful_api_port: int = 28080,
     *,
     restful_api_host: str = "127.0.0.1",
+    restful_api_policy: HttpPolicy | None = None,
     zmq_port: int = 0,
     start_timeout_s: float = 600.0,
     **engine_config: Any,
@@ -45,8 +47,9 @@ def serve(
     are GPUs) sit behind one server that routes each request to the replica with the fewest
     outstanding tokens. ``enable_restful_api`` also serves the HTTP gateway (MII's
     ``/mii/{deployment_name}`` and the OpenAI-compatible routes) on ``restful_api_port``
-    (0: a free port, see ``client.info.http_url``). ``engine_config`` holds `EngineConfig`
-    fields. Stop the deployment with ``client.terminate_server()``.
+    (0: a free port, see ``client.info.http_url``), answering as ``restful_api_policy`` says
+    (hosts, web origins, body size; default: local names only, see `HttpPolicy`). ``engine_config``
+    holds `EngineConfig` fields. Stop the deployment with ``client.terminate_server()``.
     """
     config = EngineConfig.from_options(tensor_parallel=tensor_parallel, **engine_config)
     # a path that cannot be loaded fails here, in one line, rather than in a replica's log
@@ -73,6 +76,7 @@ def serve(
         http=enable_restful_api,
         http_host=restful_api_host,
         http_port=restful_api_port,
+        http_policy=restful_api_policy or HttpPolicy(),
         start_timeout_s=start_timeout_s,
     )
     log_path = registry.deployment_dir(name) / "server.log"

@@ -114,7 +114,7 @@ class Choice:
 def completion_choices(request: CompletionRequest) -> list[Choice]:
     """The engine requests of a completion request. ``echo`` with ``logprobs`` scores the prompt
     too; with ``max_tokens: 0`` it only scores the prompt (one token is generated and dropped)."""
-    _check_n(request)
+    _check_common(request)
     if request.best_of is not None and request.best_of != request.n:
         raise InvalidRequestError("best_of", "only best_of == n (or unset) is supported")
     if request.suffix:
@@ -136,23 +136,27 @@ def scores_prompt_only(request: CompletionRequest) -> bool:
 
 
 def chat_choices(request: ChatCompletionRequest) -> list[Choice]:
-    _check_n(request)
+    _check_common(request)
     if request.top_logprobs and not request.logprobs:
         raise InvalidRequestError("top_logprobs", "needs logprobs: true")
     if not request.messages:
         raise InvalidRequestError("messages", "expected at least one message")
-    messages = [ChatMessage(message.role, _message_text(message)) for message in request.messages]
     max_tokens = (
         request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     )
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     params = sampling_params(request, max_tokens, logprobs=logprobs, field_names=_CHAT_FIELD_NAMES)
+    messages = [
+        ChatMessage(message.role, _message_text(message, i)) for i, message in enumerate(request.messages)
+    ]
     return _choices(request, [ChatPrompt(messages)], params)
 
 
-def _check_n(request: _Common) -> None:
+def _check_common(request: _Common) -> None:
     if not isinstance(request.n, int) or not 1 <= request.n <= MAX_CHOICES:
         raise InvalidRequestError("n", f"must be between 1 and {MAX_CHOICES}, got {request.n}")
+    if request.stream_options is not None and not request.stream:
+        raise InvalidRequestError("stream_options", "only allowed with stream: true")
 
 
 def _completion_prompts(prompt: str | list) -> list[Prompt]:
@@ -169,9 +173,12 @@ def _completion_prompts(prompt: str | list) -> list[Prompt]:
     )
 
 
-def _message_text(message: ChatMessageIn) -> str:
-    if message.content is None or isinstance(message.content, str):
-        return message.content or ""
+def _message_text(message: ChatMessageIn, index: int) -> str:
+    field = f"messages[{index}].content"
+    if message.content is None:
+        raise InvalidRequestError(field, "every message needs content (a string or text parts)")
+    if isinstance(message.content, str):
+        return message.content
     pieces = []
     for part in message.content:
         if part.type != "text" or part.text is None:

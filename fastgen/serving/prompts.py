@@ -1,11 +1,16 @@
 """Prompts as they travel through the serving layer: text, token ids, or chat messages.
 
 Chat messages are rendered with the tokenizer's chat template wherever the tokenizer lives (the
-engine's process or a deployment's server), so clients never need one.
+engine's process or a deployment's server), so clients never need one. Servers tokenize with
+`tokenize_prompt`, which renders and tokenizes long prompts on a small thread pool: a 10 MB prompt
+takes seconds to tokenize, and on the event loop it would stall every stream and ``/health``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -28,6 +33,23 @@ class ChatPrompt(msgspec.Struct, tag="chat", forbid_unknown_fields=True):
 
 
 Prompt = str | list[int] | ChatPrompt
+
+INLINE_PROMPT_CHARS = 1024  # shorter prompts are tokenized on the loop (about a millisecond)
+_POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="fastgen-tokenize")
+
+
+async def tokenize_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """`prompt_token_ids` off the event loop for all but short prompts. (HF fast tokenizers may be
+    called from several threads at once as long as nobody changes their truncation or padding.)"""
+    if isinstance(prompt, list) or _prompt_chars(prompt) <= INLINE_PROMPT_CHARS:
+        return prompt_token_ids(tokenizer, prompt)
+    return await asyncio.get_running_loop().run_in_executor(_POOL, prompt_token_ids, tokenizer, prompt)
+
+
+def _prompt_chars(prompt: Any) -> int:
+    if isinstance(prompt, ChatPrompt):
+        return sum(32 + len(message.content) for message in prompt.messages)  # 32: the template's share
+    return len(prompt) if isinstance(prompt, str) else 0
 
 
 def prompt_token_ids(tokenizer: Any, prompt: Prompt) -> list[int]:

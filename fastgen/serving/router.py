@@ -35,7 +35,7 @@ from .affinity import PrefixAffinity, prefix_keys
 from .backend import model_names_for
 from .errors import DeploymentStartError
 from .processes import log_tail, spawn_module, stop_process
-from .prompts import Prompt, prompt_token_ids
+from .prompts import Prompt, tokenize_prompt
 from .protocol import (
     Cancel,
     Control,
@@ -191,7 +191,7 @@ class Router:
     async def stream_outputs(
         self, prompt: Prompt, params: SamplingParams, *, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        token_ids = prompt_token_ids(self.tokenizer, prompt)
+        token_ids = await tokenize_prompt(self.tokenizer, prompt)  # long prompts: off the loop
         cost = len(token_ids) + self._max_new_tokens(len(token_ids), params)
         request_id = request_id if request_id and request_id not in self._flights else uuid.uuid4().hex
         keys = prefix_keys(token_ids) if self.config.enable_prefix_caching else []

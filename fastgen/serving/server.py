@@ -23,6 +23,7 @@ from fastgen.loops import new_event_loop
 from . import registry
 from .errors import DeploymentStartError
 from .gateway import create_app
+from .guard import HttpPolicy
 from .http_server import HttpServer
 from .metrics import ServingMetrics
 from .router import Router
@@ -42,6 +43,7 @@ class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     http: bool = False
     http_host: str = "127.0.0.1"
     http_port: int = 28080
+    http_policy: HttpPolicy = HttpPolicy()
     start_timeout_s: float = 300.0
 
 
@@ -84,7 +86,9 @@ async def run_deployment(spec: DeploymentSpec) -> None:
         metrics = ServingMetrics()
         frontend = Frontend(router, metrics, info, spec.zmq_host, spec.zmq_port)
         if spec.http:
-            http = HttpServer(create_app(router, metrics=metrics), spec.http_host, spec.http_port)
+            policy = spec.http_policy.serving(spec.http_host)
+            app = create_app(router, metrics=metrics, policy=policy)
+            http = HttpServer(app, spec.http_host, spec.http_port, policy=policy)
         starting = asyncio.create_task(_start(router, spec))
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
