@@ -64,6 +64,7 @@ class _Channel:
         self.closed = False
         self.cached_tokens = 0
         self.prompt_logprobs: list[TokenLogprob | None] | None = None  # for the first output
+        self.prompt_text: str | None = None  # with prompt_logprobs, for the first output
 
     def put(
         self,
@@ -111,8 +112,9 @@ class _Channel:
             stop_reason=self._stop_reason,
             cached_tokens=self.cached_tokens,
             prompt_logprobs=self.prompt_logprobs,
+            prompt_text=self.prompt_text,
         )
-        self.prompt_logprobs = None
+        self.prompt_logprobs = self.prompt_text = None
         self._text, self._token_ids = [], []
         if self._logprobs is not None:
             self._logprobs = []
@@ -133,6 +135,7 @@ class _Request:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # positions 1.. so far
     prompt_reader: IncrementalDetokenizer | None = None  # reads the prompt scored so far
     prompt_text_length: int = 0  # of that text
+    prompt_pieces: list[str] = field(default_factory=list)  # that text
 
 
 @dataclass
@@ -585,6 +588,7 @@ class AsyncEngine:
             request.channel.cached_tokens = seq.num_cached_tokens
             if seq.params.prompt_logprobs is not None:
                 request.channel.prompt_logprobs = [None, *request.prompt_logprobs]
+                request.channel.prompt_text = self._prompt_text(request)
         if reason is FinishReason.STOP and not seq.params.include_stop_str_in_output:
             delta = request.detokenizer.flush()  # a stop token (EOS too) ends the text unseen
         else:
@@ -634,10 +638,18 @@ class AsyncEngine:
         seq = request.seq
         if request.prompt_reader is None:
             request.prompt_reader = IncrementalDetokenizer(self._decode, [])
-            request.prompt_text_length = len(request.prompt_reader.add(seq.token_ids[0]))
+            request.prompt_pieces.append(request.prompt_reader.add(seq.token_ids[0]))
+            request.prompt_text_length = len(request.prompt_pieces[0])
         text_offset = request.prompt_text_length
-        request.prompt_text_length += len(request.prompt_reader.add(token))
+        request.prompt_pieces.append(request.prompt_reader.add(token))
+        request.prompt_text_length += len(request.prompt_pieces[-1])
         return self._logprob_entry(seq.token_ids, position, token, sample, lambda _: text_offset)
+
+    def _prompt_text(self, request: _Request) -> str:
+        """The prompt's text as its log-probabilities' offsets count it (read token by token)."""
+        if request.prompt_reader is None:  # one token: nothing was scored
+            return self._decode(request.seq.token_ids[:1])
+        return "".join(request.prompt_pieces) + request.prompt_reader.flush()
 
     def _token_logprob(
         self, seq: Sequence, token: int, sample: SampleLogprobs, text_length: int, delta_length: int

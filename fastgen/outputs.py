@@ -45,7 +45,8 @@ class RequestOutput(msgspec.Struct, kw_only=True):
 
     ``prompt_logprobs`` (when the request asked, in its first output only) has one entry per prompt
     token: ``None`` for the first, then each token's `TokenLogprob` after the tokens before it
-    (``text_offset`` counts in the prompt's text).
+    (``text_offset`` counts in ``prompt_text``, the prompt's token ids detokenized, which comes
+    with them).
     """
 
     request_id: str
@@ -58,6 +59,7 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     stop_reason: str | int | None = None
     cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_text: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -189,6 +189,7 @@ class _Result:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None  # those of the text so far, when asked for
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_text: str | None = None  # the prompt read back from its token ids, with prompt_logprobs
     visible: oai.VisibleLogprobs = field(default_factory=oai.VisibleLogprobs)
 
     @property
@@ -205,6 +206,7 @@ class _Result:
         self.finish_reason = out.finish_reason
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
+            self.prompt_text = out.prompt_text
         if out.logprobs is None:
             return None
         ready = self.visible.push(out)
@@ -336,11 +338,13 @@ class _Gateway:
             if not body.echo:
                 items.append(oai.completion_choice(c.index, r.text, r.finish_reason, r.logprobs))
                 continue
-            echoed = None if r.prompt_logprobs is None else (c.prompt, r.prompt_logprobs)
+            prompt = oai.echoed_prompt(c.prompt, r.prompt_text)
+            shown = body.logprobs is not None and r.prompt_logprobs is not None
+            echoed = (prompt, r.prompt_logprobs) if shown else None
             text, logprobs, finish = r.text, r.logprobs, r.finish_reason
             if scoring:  # max_tokens 0: the prompt alone
                 text, logprobs, finish = "", None if body.logprobs is None else [], "length"
-            items.append(oai.completion_choice(c.index, c.prompt + text, finish, logprobs, echoed))
+            items.append(oai.completion_choice(c.index, prompt + text, finish, logprobs, echoed))
         usage = _usage_of(choices, results, generated=not scoring)
         return oai.completion_object(response_id, model, oai.now_s(), items, usage, False)
 
@@ -361,12 +365,13 @@ class _Gateway:
                 if scoring:  # the prompt alone, once
                     text, finish = "", "length" if first else None
                     logprobs = None if body.logprobs is None else []
+                prompt = oai.echoed_prompt(choice.prompt, result.prompt_text)
                 if first:
-                    text = choice.prompt + text  # type: ignore[operator]
-                    if result.prompt_logprobs is not None:
-                        echoed = (choice.prompt, result.prompt_logprobs)
+                    text = prompt + text
+                    if body.logprobs is not None and result.prompt_logprobs is not None:
+                        echoed = (prompt, result.prompt_logprobs)
                 elif body.echo and logprobs:  # offsets count in the echoed text, prompt first
-                    logprobs = oai.shift_offsets(logprobs, len(choice.prompt))  # type: ignore[arg-type]
+                    logprobs = oai.shift_offsets(logprobs, len(prompt))
                 if text or finish or logprobs or echoed:
                     item = oai.completion_choice(choice.index, text, finish, logprobs, echoed)
                     yield sse(oai.completion_object(response_id, model, created, [item], None, True))

@@ -113,19 +113,21 @@ class Choice:
 
 def completion_choices(request: CompletionRequest) -> list[Choice]:
     """The engine requests of a completion request. ``echo`` with ``logprobs`` scores the prompt
-    too; with ``max_tokens: 0`` it only scores the prompt (one token is generated and dropped)."""
+    too; with ``max_tokens: 0`` it only scores the prompt (one token is generated and dropped).
+    A prompt of token ids is echoed as the engine detokenizes it (evaluation harnesses send token
+    ids), so its echo always asks the engine for the prompt's text and offsets."""
     _check_common(request)
     if request.best_of is not None and request.best_of != request.n:
         raise InvalidRequestError("best_of", "only best_of == n (or unset) is supported")
     if request.suffix:
         raise InvalidRequestError("suffix", "suffixes are not supported")
     prompts = _completion_prompts(request.prompt)
-    if request.echo and not all(isinstance(p, str) for p in prompts):
-        raise InvalidRequestError("echo", "echo needs text prompts")
     max_tokens = 16 if request.max_tokens is None else request.max_tokens
     if scores_prompt_only(request):
         max_tokens = 1
     prompt_logprobs = request.logprobs if request.echo else None
+    if request.echo and prompt_logprobs is None and not isinstance(prompts[0], str):
+        prompt_logprobs = 0  # the engine reads token ids back to text only while scoring them
     params = sampling_params(request, max_tokens, logprobs=request.logprobs, prompt_logprobs=prompt_logprobs)
     return _choices(request, prompts, params)
 
@@ -133,6 +135,12 @@ def completion_choices(request: CompletionRequest) -> list[Choice]:
 def scores_prompt_only(request: CompletionRequest) -> bool:
     """``echo`` with ``max_tokens: 0``: the prompt (and its log-probabilities) and nothing else."""
     return request.echo and request.max_tokens == 0
+
+
+def echoed_prompt(prompt: Prompt, prompt_text: str | None) -> str:
+    """The text an echo shows: the prompt as sent, or a prompt of token ids as the engine read
+    it back (the text its log-probabilities' offsets count in)."""
+    return prompt if isinstance(prompt, str) else prompt_text or ""
 
 
 def chat_choices(request: ChatCompletionRequest) -> list[Choice]:
