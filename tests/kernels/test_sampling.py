@@ -1,4 +1,5 @@
-"""Sampling: the Triton sampler against the reference.
+"""Sampling: the reference filters against HF transformers' logits processors, and the Triton
+sampler against the reference.
 
 The Triton sampler draws its noise from Philox, not from torch's generator, so it is compared with
 the reference exactly where the semantics are exact (greedy rows, top_k=1, the set of tokens kept by
@@ -7,9 +8,125 @@ temperature/top-k/top-p, reproducibility per seed) and statistically for the dra
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from fastgen.kernels.sampling import filter_logits_reference, order_keys, sample_reference, sample_triton
+from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from fastgen.plan import SamplingOptions
+from fastgen.runner import _drop_below_min_p
+
+# ---- the filters against HF's logits processors ----
+
+
+def hf_filtered(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float
+) -> torch.Tensor:
+    """One row of logits after HF's warpers, in the engine's (and vLLM's) order: temperature, min-p,
+    top-k, top-p. HF's own ``generate`` applies min-p last; the kept sets differ only when min-p and
+    top-p are combined (top-p then counts the mass that min-p left, as in vLLM)."""
+    warpers = [TemperatureLogitsWarper(temperature)]
+    if min_p > 0:
+        warpers.append(MinPLogitsWarper(min_p))
+    if top_k > 0:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1:
+        warpers.append(TopPLogitsWarper(top_p))
+    scores = logits.float()[None]
+    for warper in warpers:
+        scores = warper(None, scores)
+    return scores[0]
+
+
+def engine_filtered(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float):
+    """One row after the engine's filters: the runner's min-p, then `filter_logits_reference`."""
+    options = SamplingOptions(temperature, top_k, top_p, None, 0, [], min_p=min_p)
+    rows = logits.float()[None].clone()
+    _drop_below_min_p(rows, [SimpleNamespace(sampling=options)])
+    one = torch.ones(1)
+    return filter_logits_reference(rows, one * temperature, one.int() * top_k, one * top_p)[0]
+
+
+def away_from_boundaries(values: torch.Tensor, target: float, margin: float = 1e-4) -> float:
+    """``target`` lowered, if needed, until no value lies within ``margin`` of it: a threshold that
+    float32 rounding could put on either side of a token is not a test of the semantics. (It ends:
+    below the smallest value there is nothing to avoid.)"""
+    while (values - target).abs().min() < margin:
+        target -= margin
+    return target
+
+
+def extreme_rows(vocab_size: int) -> list[torch.Tensor]:
+    """Rows that stress the filters: ties everywhere, ties at the top, one-ulp near-ties, huge
+    magnitudes, masked tokens, fewer finite tokens than top-k, bfloat16-rounded logits."""
+    rows = [
+        torch.zeros(vocab_size),  # every token tied
+        torch.randint(-3, 4, (vocab_size,)).float(),  # seven values, many ties each
+        torch.randn(vocab_size).to(torch.bfloat16).float() * 3,  # bfloat16 ties
+        torch.randn(vocab_size) * 1e4,  # softmax saturates: probabilities exactly 0 and 1
+        torch.full((vocab_size,), -1e4).index_fill(0, torch.tensor([3, 9, 40]), 1e4),  # a 3-way tie on top
+    ]
+    near = torch.randn(vocab_size)
+    near[1::2] = torch.nextafter(near[0::2], torch.tensor(float("inf")))  # pairs one ulp apart
+    rows.append(near)
+    masked = torch.randn(vocab_size) * 2
+    masked[torch.rand(vocab_size) < 0.5] = float("-inf")
+    rows.append(masked)
+    few = torch.full((vocab_size,), float("-inf"))
+    few[:5] = torch.randn(5)
+    rows.append(few)
+    return rows
+
+
+@pytest.mark.parametrize("vocab_size", [64, 1000])
+def test_kept_sets_match_hf_logits_processors(vocab_size, seed) -> None:
+    """The tokens the engine's filters keep are HF's: with ties at the cutoff, the engine keeps every
+    tied token (as HF's top-k does) where HF's top-p keeps those its sort happens to put first, so
+    the engine's set is exactly every token at or above the smallest logit HF keeps."""
+    rows = [torch.randn(vocab_size) * scale for scale in (0.3, 1.0, 4.0) for _ in range(4)]
+    rows += extreme_rows(vocab_size)
+    settings = []
+    for row in rows:
+        for _ in range(6):
+            temperature = float(torch.empty(1).uniform_(0.05, 5.0))
+            top_k = int(torch.randint(0, vocab_size + 8, (1,)))
+            top_k = top_k if top_k % 3 else 0  # a third of them without top-k
+            # thresholds away from where float32 rounding decides: top-p from the cumulative mass
+            # after min-p and top-k, min-p from the probabilities relative to the largest
+            scaled = row.double() / temperature
+            ratios = torch.exp(scaled - scaled.max())
+            min_p = float(torch.rand(1)) ** 2 if torch.rand(1) < 0.6 else 0.0
+            min_p = max(away_from_boundaries(ratios, min_p), 0.0) if min_p else 0.0  # <= 0: off
+            before_top_p = hf_filtered(row, temperature, top_k, 1.0, min_p).double()
+            mass = torch.softmax(before_top_p, -1).sort(descending=True).values.cumsum(-1)
+            top_p = float(torch.rand(1)) if torch.rand(1) < 0.7 else 1.0
+            top_p = away_from_boundaries(mass, top_p) if top_p < 1.0 else 1.0
+            settings.append((row, temperature, top_k, top_p, min_p))
+    for row, temperature, top_k, top_p, min_p in settings:
+        hf = hf_filtered(row, temperature, top_k, top_p, min_p)
+        mine = engine_filtered(row, temperature, top_k, top_p, min_p)
+        hf_kept = torch.isfinite(hf)
+        scaled = row.float() / temperature
+        expected = torch.isfinite(row) & (scaled >= scaled[hf_kept].min())
+        context = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        assert torch.equal(torch.isfinite(mine), expected), (context, hf_kept.sum())
+        assert torch.equal(mine[expected], scaled[expected]), context  # temperature-scaled logits
+        assert torch.equal(hf[hf_kept], scaled[hf_kept]), context
+
+
+def test_the_filters_are_not_vacuous(seed) -> None:
+    """The comparison above has teeth: each filter on its own changes HF's kept set."""
+    row = torch.randn(200) * 2
+    everything = torch.isfinite(hf_filtered(row, 1.0, 0, 1.0, 0.0)).sum()
+    for top_k, top_p, min_p in ((10, 1.0, 0.0), (0, 0.5, 0.0), (0, 1.0, 0.1)):
+        kept = torch.isfinite(hf_filtered(row, 1.0, top_k, top_p, min_p))
+        assert 0 < kept.sum() < everything
+        assert torch.equal(torch.isfinite(engine_filtered(row, 1.0, top_k, top_p, min_p)), kept)
+
+
+# ---- the Triton sampler against the reference ----
 
 
 def random_params(batch: int, vocab_size: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -141,9 +258,14 @@ def test_gpu_real_vocab(vocab_size, seed) -> None:
         cutoffs = torch.empty(batch, dtype=torch.int32, device=cuda)
         tokens = sample_triton(logits, **params, cutoffs=cutoffs)
         sampled = params["temperature"] > 0
-        expected_kept = torch.isfinite(filter_logits_reference(
-            logits[sampled], params["temperature"][sampled], params["top_k"][sampled],
-            params["top_p"][sampled]))
+        expected_kept = torch.isfinite(
+            filter_logits_reference(
+                logits[sampled],
+                params["temperature"][sampled],
+                params["top_k"][sampled],
+                params["top_p"][sampled],
+            )
+        )
         kept = order_keys(logits[sampled]) >= cutoffs[sampled][:, None]
         assert torch.equal(kept, expected_kept)
         assert expected_kept.gather(1, tokens[sampled][:, None]).all()
