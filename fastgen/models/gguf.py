@@ -16,10 +16,15 @@ for. No torch at import time: the engine process reads the config without loadin
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import mmap
+import os
 import re
+import shutil
 import struct
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +70,8 @@ _LAYER_TENSORS = {
 }
 _SKIPPED_TENSORS = ("rope_freqs.weight",)  # llama-3 rotary factors: read into rope_scaling instead
 _SPLIT_FILE = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
+
+logger = logging.getLogger(__name__)
 
 
 def is_gguf_file(path: Path) -> bool:
@@ -153,10 +160,41 @@ def unpermute_rotary_rows(values: Any, num_heads: int) -> Any:
 
 
 def load_tokenizer(file: Path) -> Any:
-    """The HF tokenizer (with its chat template) that transformers builds from the GGUF metadata."""
+    """The HF tokenizer (with its chat template) that transformers builds from the GGUF metadata.
+
+    Building it takes seconds (transformers parses every token and merge of the file), reading it
+    back from a saved copy well under one, so the first build of each file (path, size, modification
+    time) under each transformers version is saved in `tokenizer_cache_dir`; a cache that cannot be
+    written is skipped."""
+    import transformers
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    stat = file.stat()
+    key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    cached = tokenizer_cache_dir() / hashlib.sha256(key.encode()).hexdigest()[:24]
+    if (cached / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cached))
+    tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".building-"))
+        tokenizer.save_pretrained(str(staging))
+        try:
+            staging.rename(cached)  # atomic: a reader never sees half a copy
+        except OSError:  # another process saved it first
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as exc:
+        logger.info("not caching the tokenizer of %s: %s", file, exc)
+    return tokenizer
+
+
+def tokenizer_cache_dir() -> Path:
+    """``$FASTGEN_CACHE_DIR/gguf-tokenizers``, by default under ``$XDG_CACHE_HOME/fastgen`` or
+    ``~/.cache/fastgen``."""
+    base = os.environ.get("FASTGEN_CACHE_DIR")
+    if not base:
+        base = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastgen")
+    return Path(base) / "gguf-tokenizers"
 
 
 # -- metadata --------------------------------------------------------------------------------------

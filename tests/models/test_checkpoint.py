@@ -59,17 +59,40 @@ def test_resolve_model_names_what_is_wrong(llama_path, tmp_path):
     assert resolve_model(folder) == str(file)
 
 
-def test_load_tokenizer_reads_gguf_metadata(llama_path, tmp_path):
+def test_load_tokenizer_reads_gguf_metadata_once(llama_path, tmp_path, monkeypatch):
+    """The tokenizer built from the file equals the original; it is saved on the first load and
+    read back from that copy on the next, with the same behaviour."""
     from transformers import AutoTokenizer
 
+    from fastgen.models import gguf
+
+    monkeypatch.setenv("FASTGEN_CACHE_DIR", str(tmp_path / "cache"))
     file = write_gguf(llama_path, tmp_path / "toy.gguf")
-    ours, original = checkpoint.load_tokenizer(file), AutoTokenizer.from_pretrained(llama_path)
-    text = "the engine schedules héllo 東京 🙂"
-    assert ours(text)["input_ids"] == original(text)["input_ids"]
+    original = AutoTokenizer.from_pretrained(llama_path)
+    built = checkpoint.load_tokenizer(file)
+    assert len(list(gguf.tokenizer_cache_dir().iterdir())) == 1
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", _refusing_gguf(AutoTokenizer.from_pretrained))
+    cached = checkpoint.load_tokenizer(file)
+    text = "the engine schedules héllo 東京 🙂 </s>"
     messages = [{"role": "user", "content": "a paged cache"}]
-    assert ours.apply_chat_template(messages, tokenize=False) == original.apply_chat_template(
-        messages, tokenize=False
-    )
+    for tokenizer in (built, cached):
+        assert tokenizer(text)["input_ids"] == original(text)["input_ids"]
+        assert tokenizer.apply_chat_template(messages, tokenize=False) == original.apply_chat_template(
+            messages, tokenize=False
+        )
+        assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (
+            original.bos_token_id,
+            original.eos_token_id,
+        )
+    assert cached.get_vocab() == built.get_vocab()  # (transformers adds <|endoftext|> to GPT-2-style ones)
+
+
+def _refusing_gguf(from_pretrained):
+    def load(*args, **kwargs):
+        assert "gguf_file" not in kwargs, "the tokenizer was built again rather than read from the cache"
+        return from_pretrained(*args, **kwargs)
+
+    return load
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
