@@ -4,6 +4,7 @@ errors the CLI prints for paths it cannot load."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,11 +110,16 @@ def test_cli_reports_unloadable_models_in_one_line(llama_path, tmp_path):
     falcon = write_gguf(llama_path, tmp_path / "falcon.gguf", architecture="falcon", with_tokenizer=False)
     (tmp_path / "iq4").mkdir()
     iq4 = write_iq4_gguf(llama_path, tmp_path / "iq4")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(llama_path, corrupt)
+    for weights in corrupt.glob("*.safetensors"):
+        weights.write_bytes(b"this is not a safetensors file")
     cases = [
         (("serve", str(tmp_path / "missing")), "no such file or directory"),
         (("serve", str(tmp_path / "config-only")), "holds no weights"),
         (("serve", str(falcon), "--replicas", "2"), "architecture 'falcon' is not supported"),
         (("generate", str(iq4), "hello"), "IQ4_NL are not supported"),
+        (("serve", str(corrupt), "--dtype", "float32"), "cannot load"),  # found, then failed to load
     ]
     for args, reason in cases:
         result = _cli(*args)

@@ -92,6 +92,24 @@ def test_greedy_matches_hf(toy_checkpoint, tmp_path_factory, case):
         assert have == want, f"prompt of {len(prompt)} tokens diverged"
 
 
+def test_tensor_parallel_ranks_slice_gguf_weights(toy_checkpoint, tmp_path_factory):
+    """Two ranks (gloo on CPU) dequantize the file and keep their slices through the same weight
+    loaders: the greedy output equals HF's on the same GGUF file."""
+    overrides = dict(num_key_value_heads=2)
+    _, folder = gguf_checkpoint(toy_checkpoint, tmp_path_factory, "llama", overrides, "Q8_0")
+    prompts = prompts_of_mixed_lengths(384)[1:4]
+    expected = hf_gguf_greedy(folder, prompts, NEW_TOKENS)
+    got = engine_greedy(
+        str(folder / "toy.gguf"),
+        prompts,
+        NEW_TOKENS,
+        token_budget=16,
+        tensor_parallel=2,
+        worker_start_timeout_s=120,
+    )
+    assert got == expected
+
+
 def test_config_maps_onto_the_hf_fields(toy_checkpoint, tmp_path_factory):
     """Every field the model code reads equals the one read from the original config.json."""
     for family, overrides, tensor_type, _ in CASES.values():
