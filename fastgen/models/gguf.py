@@ -150,6 +150,14 @@ def hf_tensor_name(name: str) -> str:
     raise UnsupportedModelError(f"GGUF tensor {name!r} has no counterpart in fastgen's Llama-family models")
 
 
+def _has_hf_name(name: str) -> bool:
+    try:
+        hf_tensor_name(name)
+    except UnsupportedModelError:
+        return False
+    return True
+
+
 def unpermute_rotary_rows(values: Any, num_heads: int) -> Any:
     """Undo llama.cpp's reordering of a query or key projection's rows (or bias): within each head,
     the converter interleaves the two rotary halves (rows ``i`` and ``i + head_dim/2`` become
@@ -325,6 +333,11 @@ def _config_dict(
     if any("_exps." in name for name in tensor_types):
         raise UnsupportedModelError(
             f"{path}: mixture-of-experts GGUF files are not supported; use the Hugging Face checkpoint"
+        )
+    unknown = [name for name in tensor_types if name not in _SKIPPED_TENSORS and not _has_hf_name(name)]
+    if unknown:
+        raise UnsupportedModelError(
+            f"{path}: GGUF tensors {', '.join(unknown[:4])} have no place in fastgen's {architecture} model"
         )
     prefix = architecture + "."
     arch = {key[len(prefix) :]: value for key, value in fields.items() if key.startswith(prefix)}
