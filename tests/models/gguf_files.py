@@ -117,7 +117,13 @@ def write_gguf(
         if architecture in ("llama", "mistral") and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             values = interleave_rotary_rows(values, heads if "q_proj" in hf_name else kv_heads)
         kind = tensor_type if values.ndim == 2 else "F32"
-        if kind == "F32":
+        if kind.endswith("_K"):  # gguf cannot quantize these: random blocks, the same for HF and fastgen
+            writer.add_tensor(
+                gguf_name(hf_name),
+                random_blocks(values.shape, kind),
+                raw_dtype=gguf.GGMLQuantizationType[kind],
+            )
+        elif kind == "F32":
             writer.add_tensor(gguf_name(hf_name), np.ascontiguousarray(values))
         elif kind == "F16":
             writer.add_tensor(gguf_name(hf_name), values.astype(np.float16))
@@ -129,6 +135,19 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def random_blocks(shape: tuple[int, ...], kind: str, seed: int = 0) -> np.ndarray:
+    """Random quantized blocks of type ``kind`` for a float tensor of ``shape``: every byte below
+    0x3C, so that each float16 scale in a block is finite and below 1."""
+    import gguf
+
+    block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+    rows, columns = shape
+    assert columns % block_size == 0, f"{kind} needs rows of a multiple of {block_size} values"
+    return np.random.default_rng(seed).integers(
+        0, 0x3C, (rows, columns // block_size * type_size), dtype=np.uint8
+    )
 
 
 def _add_tokenizer(writer, checkpoint: Path) -> None:

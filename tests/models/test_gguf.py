@@ -132,14 +132,19 @@ def test_config_maps_onto_the_hf_fields(toy_checkpoint, tmp_path_factory):
     assert config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
 
 
-@pytest.mark.parametrize("tensor_type", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+@pytest.mark.parametrize(
+    "tensor_type",
+    ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"],
+)
 def test_weights_equal_what_hf_dequantizes(toy_checkpoint, tmp_path, tensor_type):
     """Each tensor type dequantizes, is named and (query/key) reordered as HF's GGUF loader does;
-    F32 gives back the original tensors exactly."""
+    F32 gives back the original tensors exactly. (The K-quants' blocks of 256 values need a wider
+    toy, and random blocks: the ``gguf`` package cannot quantize to them.)"""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    path = toy_checkpoint("llama", num_key_value_heads=2)
+    wide = dict(hidden_size=256, intermediate_size=512) if tensor_type.endswith("_K") else {}
+    path = toy_checkpoint("llama", num_key_value_heads=2, **wide)
     file = write_gguf(path, tmp_path / "toy.gguf", tensor_type, with_tokenizer=False)
     ours = dict(iterate_tensors(file))
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="toy.gguf", dtype=torch.float32)
