@@ -15,6 +15,7 @@ _EXPORTS = {
     "EngineBackend": "fastgen.serving.backend",
     "create_app": "fastgen.serving.gateway",
     "HttpServer": "fastgen.serving.http_server",
+    "HttpPolicy": "fastgen.serving.guard",
     "ServingMetrics": "fastgen.serving.metrics",
     "DeploymentInfo": "fastgen.serving.registry",
     "DeploymentStartError": "fastgen.serving.errors",
