@@ -53,8 +53,15 @@ def sse_events(body: bytes) -> list:
     return events
 
 
-def metric(text: str, name: str, labels: str = "") -> float:
-    """One sample of a Prometheus text exposition (0 when absent)."""
-    pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+-]+)$"
-    match = re.search(pattern, text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+def metric(text: str, name: str, labels: str = "", *, unset: float | None = None) -> float:
+    """One sample of a Prometheus text exposition. A missing sample raises (a renamed or dropped
+    metric must not read as 0), except that with ``unset`` a labelled sample not created yet reads
+    as ``unset`` while its family is declared (a counter's label values appear once counted)."""
+    sample = name + (f"{{{labels}}}" if labels else "")
+    match = re.search(re.escape(sample) + r" ([0-9.e+-]+)$", text, re.MULTILINE)
+    if match:
+        return float(match.group(1))
+    declared = re.search(rf"^# TYPE {re.escape(name)} ", text, re.MULTILINE)
+    if unset is not None and labels and declared:
+        return unset
+    raise AssertionError(f"no sample {sample} in the metrics:\n{text}")
