@@ -1,7 +1,11 @@
 import pytest
 
 import fastgen
-from fastgen import InvalidRequestError
+from fastgen import InvalidRequestError, SamplingParams
+from tests.helpers import generate_together
+
+PROMPTS = ["DeepSpeed is", "Seattle is a city by the water and"]
+SAMPLED = dict(max_new_tokens=10, top_k=20, top_p=0.8, temperature=0.7, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -11,17 +15,26 @@ def pipe(llama_path):
     pipe.destroy()
 
 
-def test_pipeline_returns_mii_responses(pipe):
-    prompts = ["DeepSpeed is", "Seattle is a city by the water and"]
-    responses = pipe(prompts, max_new_tokens=8, do_sample=False, ignore_eos=True)
-    assert len(responses) == 2
-    for prompt, response in zip(prompts, responses):
+@pytest.fixture(scope="module")
+def reference(llama_path):
+    """What an engine in this thread makes of `PROMPTS`: greedy, and sampled with `SAMPLED` and
+    seeds 5 and 6 (a seed decides a request's draws whatever else runs)."""
+    requests = [(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True)) for prompt in PROMPTS]
+    requests += [(PROMPTS[0], SamplingParams(do_sample=True, seed=seed, **SAMPLED)) for seed in (5, 6)]
+    outs = generate_together(llama_path, requests, token_budget=32)
+    return {"greedy": [out.text for out in outs[:2]], "sampled": {5: outs[2].text, 6: outs[3].text}}
+
+
+def test_pipeline_returns_mii_responses(pipe, reference):
+    responses = pipe(PROMPTS, max_new_tokens=8, do_sample=False, ignore_eos=True)
+    assert [response.generated_text for response in responses] == reference["greedy"]
+    for prompt, response in zip(PROMPTS, responses):
         assert response.prompt_length == len(pipe.tokenizer(prompt)["input_ids"])
         assert response.generated_length == 8
         assert response.finish_reason == "length"
         assert str(response) == response.generated_text
-    again = pipe(prompts[0], max_new_tokens=8, do_sample=False, ignore_eos=True)
-    assert again[0].generated_text == responses[0].generated_text
+    again = pipe(PROMPTS[0], max_new_tokens=8, do_sample=False, ignore_eos=True)
+    assert again[0].generated_text == reference["greedy"][0]
 
 
 def test_return_full_text_and_max_length(pipe):
@@ -30,10 +43,14 @@ def test_return_full_text_and_max_length(pipe):
     assert response.prompt_length + response.generated_length == 6
 
 
-def test_sampling_options_with_mii_names(pipe):
-    a = pipe("the engine", max_new_tokens=10, top_k=20, top_p=0.8, temperature=0.7, seed=5, ignore_eos=True)
-    b = pipe("the engine", max_new_tokens=10, top_k=20, top_p=0.8, temperature=0.7, seed=5, ignore_eos=True)
-    assert a[0].generated_text == b[0].generated_text
+def test_sampling_options_with_mii_names(pipe, reference):
+    """The options reach the engine: the pipeline samples what an engine given the same
+    `SamplingParams` samples, and another seed draws something else."""
+    sampled = {
+        seed: pipe(PROMPTS[0], do_sample=True, seed=seed, **SAMPLED)[0].generated_text for seed in (5, 6)
+    }
+    assert sampled == reference["sampled"]
+    assert sampled[5] != sampled[6]
 
 
 @pytest.mark.parametrize(
@@ -58,7 +75,7 @@ def test_bad_prompts(pipe):
         pipe([])
     with pytest.raises(InvalidRequestError, match="prompt"):
         pipe(["fine", ""])
-    assert pipe("still serving", max_new_tokens=2)[0].generated_length >= 1
+    assert pipe("still serving", max_new_tokens=2, ignore_eos=True)[0].generated_length == 2
 
 
 def test_unknown_engine_option():
