@@ -13,6 +13,7 @@ import pytest
 from fastgen import (
     AsyncEngine,
     EngineConfig,
+    EngineDeadError,
     EngineOverloadedError,
     InvalidRequestError,
     SamplingParams,
@@ -180,23 +181,43 @@ def test_stop_string_spanning_tokens_cuts_output(llama_path):
 
 
 def test_stop_token_ids_and_min_new_tokens(llama_path):
+    """``min_new_tokens=4`` with a stop token: the first 4 tokens are the greedy ones with the stop
+    token and EOS banned (a -100 logit bias: another path to the same logits), then generation
+    goes on greedily, unbiased, until the stop token (kept in the ids) or EOS. Tried with the
+    distinct tokens of the free greedy output as stop tokens; at least one must stop after the
+    window, so that both ends are exercised."""
     prompt = [11, 12, 13, 14]
 
     async def main():
         async with await start(llama_path) as engine:
             free, _, _ = await collect(engine, prompt, SamplingParams(max_new_tokens=20, ignore_eos=True))
-            first = free[0]
-            stopped = await collect(engine, prompt, SamplingParams(max_new_tokens=20, stop_token_ids=[first]))
-            delayed = await collect(
-                engine, prompt, SamplingParams(max_new_tokens=20, stop_token_ids=[first], min_new_tokens=4)
+            stopped = await collect(
+                engine, prompt, SamplingParams(max_new_tokens=20, stop_token_ids=[free[0]])
             )
-            return first, stopped, delayed
+            cases = []
+            for stop in list(dict.fromkeys(free))[:5]:
+                delayed = SamplingParams(max_new_tokens=20, stop_token_ids=[stop], min_new_tokens=4)
+                banned = {token: -100.0 for token in (stop, *engine.eos_token_ids)}
+                head, _, _ = await collect(
+                    engine, prompt, SamplingParams(max_new_tokens=4, logit_bias=banned)
+                )
+                rest = SamplingParams(max_new_tokens=16, stop_token_ids=[stop])
+                cases.append(
+                    (
+                        stop,
+                        await collect(engine, prompt, delayed),
+                        head,
+                        await collect(engine, prompt + head, rest),
+                    )
+                )
+            return free[0], stopped, cases
 
-    first, stopped, delayed = run(main())
+    first, stopped, cases = run(main())
     assert stopped[0] == [first] and stopped[2] == "stop"
-    assert len(delayed[0]) >= 4
-    assert first not in delayed[0][:4]  # suppressed until min_new_tokens
-    assert delayed[2] in ("stop", "length")
+    for stop, (ids, _, reason), head, (tail, _, tail_reason) in cases:
+        assert len(head) == 4 and stop not in head
+        assert (ids, reason) == (head + tail, tail_reason), stop
+    assert any(reason == "stop" and ids[-1] == stop for stop, (ids, _, reason), _, _ in cases)
 
 
 def test_max_length_counts_prompt_and_output(llama_path):
@@ -363,7 +384,10 @@ def test_the_text_of_a_stop_token_is_left_out_unless_asked(llama_path):
             results = []
             for keep in (False, True):
                 params = SamplingParams(
-                    max_new_tokens=8, ignore_eos=True, stop_token_ids=[stop], skip_special_tokens=False,
+                    max_new_tokens=8,
+                    ignore_eos=True,
+                    stop_token_ids=[stop],
+                    skip_special_tokens=False,
                     include_stop_str_in_output=keep,
                 )
                 results.append(await collect(engine, prompt, params))
@@ -373,3 +397,101 @@ def test_the_text_of_a_stop_token_is_left_out_unless_asked(llama_path):
     stop_text, [(ids, text, reason), (same_ids, kept, _)], before, with_stop = run(main())
     assert ids == same_ids and reason == "stop" and len(ids) >= 3
     assert stop_text and text == before and kept == with_stop
+
+
+def test_a_duplicate_request_id_is_refused_while_the_first_runs(llama_path):
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+
+    async def main():
+        async with await start(llama_path) as engine:
+            first = engine.generate([5, 6, 7], params, request_id="req-1")
+            outs = [await anext(first)]  # admitted and generating
+            with pytest.raises(InvalidRequestError) as info:
+                engine.add_request([8, 9], params, request_id="req-1")
+            outs += [out async for out in first]
+            reused = [out async for out in engine.generate([8, 9], params, request_id="req-1")]
+            await wait_idle(engine)
+            return info.value, outs, reused
+
+    error, outs, reused = run(main())
+    assert error.field == "request_id" and "req-1" in str(error)
+    assert sum(len(out.token_ids) for out in outs) == 5 and outs[-1].finish_reason == "length"
+    assert reused[-1].request_id == "req-1" and reused[-1].finish_reason == "length"  # free again once done
+
+
+def test_requests_after_stop_or_death_are_refused(llama_path):
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+
+    async def main():
+        stopped = await start(llama_path)
+        await stopped.stop()
+        with pytest.raises(EngineDeadError, match="stopped"):
+            stopped.add_request([5, 6], params)
+        with pytest.raises(EngineDeadError):
+            await anext(stopped.generate([5, 6], params))
+
+        dying = await start(llama_path)
+
+        def broken_commit(step, result):
+            raise RuntimeError("bookkeeping bug")
+
+        dying.scheduler.commit = broken_commit  # the step loop itself fails: the engine dies
+        with pytest.raises(EngineDeadError, match="bookkeeping bug"):
+            await collect(dying, [5, 6], params)
+        healthy = dying.is_healthy
+        with pytest.raises(EngineDeadError, match="bookkeeping bug"):
+            dying.add_request([7, 8], params)
+        await dying.stop()
+        return healthy
+
+    assert run(main()) is False
+
+
+def test_abort_by_request_id(llama_path):
+    async def main():
+        async with await start(llama_path, token_budget=16) as engine:
+            other = asyncio.create_task(
+                collect(engine, [9, 10, 11], SamplingParams(max_new_tokens=12, ignore_eos=True))
+            )
+            stream = engine.generate(
+                [5, 6, 7], SamplingParams(max_new_tokens=400, ignore_eos=True), request_id="long"
+            )
+            outs = [await anext(stream)]
+            engine.abort("long")
+            engine.abort("no-such-request")  # unknown ids are ignored
+            outs += [out async for out in stream]
+            engine.abort("long")  # and so are finished ones
+            result = await other
+            await wait_idle(engine)
+            return outs, result
+
+    outs, (ids, _, reason) = run(main())
+    assert outs[-1].finish_reason == "abort" and outs[-1].generated_tokens < 400
+    assert all(out.finish_reason is None for out in outs[:-1])
+    assert len(ids) == 12 and reason == "length"  # the other request is untouched
+
+
+def test_max_model_len_is_capped_to_the_kv_cache(llama_path):
+    """4 blocks of 16 tokens hold 64 tokens, fewer than the model's 512-token context: prompt plus
+    output are limited to 64, and prompts that do not leave room for one token (or are larger than
+    the whole cache) are refused up front rather than left waiting for blocks that never come."""
+    params = SamplingParams(ignore_eos=True)
+
+    async def main():
+        async with await start(llama_path, num_kv_blocks=4, block_size=16) as engine:
+            assert engine.max_model_len == 64  # before anything runs that would not fit otherwise
+            longest = await collect(engine, list(range(3, 3 + 63)), params)
+            errors = []
+            for size in (64, 200):
+                with pytest.raises(InvalidRequestError) as info:
+                    engine.add_request(list(range(3, 3 + size)), params)
+                errors.append(info.value)
+            after = await collect(engine, [5, 6, 7], params)
+            await wait_idle(engine)
+            return longest, errors, after
+
+    (ids, _, reason), errors, (after, _, after_reason) = run(main())
+    assert len(ids) == 1 and reason == "length"
+    for error, size in zip(errors, (64, 200)):
+        assert error.field == "prompt" and f"{size} tokens" in str(error) and "64" in str(error)
+    assert len(after) == 64 - 3 and after_reason == "length"
