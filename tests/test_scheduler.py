@@ -206,6 +206,46 @@ def test_sequence_cap_and_wait_reasons():
     assert len(step2.plan.chunks) == 1 and step2.wait_reason is WaitReason.KV_CACHE
 
 
+def test_a_prompt_that_fills_the_budget_leaves_the_next_waiting_for_tokens():
+    scheduler = Scheduler(BlockManager(num_blocks=64, block_size=4), token_budget=8, max_seqs=8)
+    first, second = make_seq(0, list(range(1, 9)), 2), make_seq(1, [1, 2], 2)
+    scheduler.add(first)
+    scheduler.add(second)
+    step = scheduler.schedule()
+    assert [(c.seq_id, len(c.token_ids)) for c in step.plan.chunks] == [(0, 8)]
+    assert step.wait_reason is WaitReason.TOKEN_BUDGET and list(scheduler.waiting) == [second]
+
+
+def test_admission_holds_back_a_reserve_for_running_sequences():
+    """While sequences run, a newcomer must leave ``min(running, num_blocks // 100)`` blocks free
+    (room for the running ones to grow), so it may wait although it would fit; with nothing
+    running it may take every block."""
+
+    def scheduler_with(running: int) -> Scheduler:
+        scheduler = Scheduler(BlockManager(num_blocks=200, block_size=4), token_budget=64, max_seqs=8)
+        seqs = [make_seq(i, [1, 2], 5) for i in range(running)]  # one block each, room to decode
+        for seq in seqs:
+            scheduler.add(seq)
+        step = scheduler.schedule()
+        list(scheduler.commit(step, StepResult(step.plan.step_id, [7] * running)))
+        return scheduler
+
+    def admits(scheduler: Scheduler, blocks: int) -> bool:
+        seq = make_seq(99, list(range(1, 4 * blocks + 1)), 1)  # exactly ``blocks`` blocks of prompt
+        scheduler.add(seq)
+        step = scheduler.schedule()
+        assert (seq.status is SequenceStatus.RUNNING) == (step.wait_reason is None)
+        if step.wait_reason is not None:
+            assert step.wait_reason is WaitReason.KV_CACHE
+        return seq.status is SequenceStatus.RUNNING
+
+    for running, reserve in ((0, 0), (1, 1), (3, 2)):  # 200 blocks: the reserve stops at 2
+        free = 200 - running
+        assert admits(scheduler_with(running), free - reserve), running
+        if reserve:
+            assert not admits(scheduler_with(running), free - reserve + 1), running
+
+
 def test_preemption_recomputes_and_outputs_match_running_alone():
     rng = random.Random(7)
     requests = random_requests(10, rng, prompt_range=(4, 12), new_range=(20, 40))
