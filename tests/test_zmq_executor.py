@@ -101,6 +101,16 @@ def worker_children() -> list[int]:
     return found
 
 
+# Bounds on waits: generous multiples of the executor's own periods and timeouts, so that a busy CI
+# machine cannot fail them; what each test checks is which mechanism ended the wait (the error
+# message names it), and a wait that never ends still fails.
+SLACK_S = 30.0
+
+
+def still_running(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if is_running(pid)]
+
+
 def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -141,7 +151,7 @@ def test_round_trip_step_error_and_clean_shutdown():
     first, second, pids = run(main())
     assert (first.step_id, first.sampled_token_ids) == (0, [11])
     assert (second.step_id, second.sampled_token_ids) == (2, [12])
-    assert wait_gone(pids, 1.0) == []
+    assert still_running(pids) == []  # shutdown returned once they were gone
     assert worker_children() == []
 
 
@@ -158,7 +168,7 @@ def test_start_timeout_names_the_ranks_and_leaves_no_process():
     started = time.monotonic()
     with pytest.raises(WorkerError, match=r"\[0, 1\] not ready after worker_start_timeout_s=1.5"):
         run(start_executor(tp=2, factory="tests.worker_runners:hang_at_start", worker_start_timeout_s=1.5))
-    assert time.monotonic() - started < 15
+    assert time.monotonic() - started < 1.5 + SLACK_S
     assert worker_children() == []
 
 
@@ -182,8 +192,10 @@ def test_worker_exit_at_start_reports_exit_code_and_output():
 
 
 def test_killed_worker_fails_the_step_within_seconds():
+    step_timeout_s = 120.0
+
     async def main():
-        executor = await start_executor(tp=2, factory=MISBEHAVING)
+        executor = await start_executor(tp=2, factory=MISBEHAVING, step_timeout_s=step_timeout_s)
         pids = [worker.process.pid for worker in executor.workers]
         future = executor.submit(first_step(0, 1, [worker_runners.SLOW_TOKEN]))
         await asyncio.sleep(0.3)
@@ -198,9 +210,10 @@ def test_killed_worker_fails_the_step_within_seconds():
         await executor.shutdown()
         return waited, pids
 
-    waited, pids = run(main())
-    assert waited < 3.0
-    assert wait_gone(pids, 1.0) == []
+    waited, pids = run(main(), timeout_s=step_timeout_s)
+    # the exit was noticed (polled every _POLL_S), long before the step timeout could fire
+    assert waited < min(step_timeout_s / 2, 100 * zmq_executor._POLL_S + SLACK_S)
+    assert still_running(pids) == []  # shutdown returned once they were gone
     assert worker_children() == []
 
 
@@ -223,8 +236,8 @@ def test_hung_worker_times_out_the_step_and_is_killed(monkeypatch):
         return waited, pids
 
     waited, pids = run(main())
-    assert 0.5 <= waited < 2.0
-    assert wait_gone(pids, 1.0) == []
+    assert 0.5 <= waited < 0.5 + SLACK_S
+    assert still_running(pids) == []  # shutdown returned once they were gone
     assert worker_children() == []
 
 
@@ -246,7 +259,7 @@ def test_ranks_out_of_step_kill_the_executor(monkeypatch):
             started = time.monotonic()
             with pytest.raises(WorkerError, match=r"did not answer within 0\.5 s"):
                 await executor.execute(first_step(0, 1, [worker_runners.RANK0_HANGS_TOKEN]))
-            assert time.monotonic() - started < 3.0 and not executor.is_alive
+            assert time.monotonic() - started < 0.5 + SLACK_S and not executor.is_alive
         finally:
             await executor.shutdown()
 
@@ -278,7 +291,7 @@ def test_workers_exit_when_the_engine_process_dies():
     finally:
         engine.kill()
         engine.wait(timeout=10)
-    assert wait_gone(pids, 5.0) == []
+    assert wait_gone(pids, SLACK_S) == []  # each polls its parent every 0.5 s
 
 
 # -- through the engine, with the toy model ----------------------------------------------------
@@ -325,8 +338,12 @@ def test_failed_step_in_workers_fails_its_requests_and_engine_keeps_serving(llam
 
 
 def test_killed_worker_fails_requests_within_seconds_and_engine_stops_cleanly(llama_path):
+    step_timeout_s = 120.0
+
     async def main():
-        config = EngineConfig(dtype="float32", tensor_parallel=2, token_budget=32)
+        config = EngineConfig(
+            dtype="float32", tensor_parallel=2, token_budget=32, step_timeout_s=step_timeout_s
+        )
         engine = await AsyncEngine.start(llama_path, config)
         pids = [worker.process.pid for worker in engine.executor.workers]
         params = SamplingParams(max_new_tokens=400, ignore_eos=True)
@@ -347,10 +364,10 @@ def test_killed_worker_fails_requests_within_seconds_and_engine_stops_cleanly(ll
         await engine.stop()
         return errors, waited, healthy, pids
 
-    errors, waited, healthy, pids = run(main(), 120)
-    assert len(errors) == 3 and any("rank 1" in str(e) for e in errors)
-    assert waited < 5.0 and not healthy
-    assert wait_gone(pids, 1.0) == []
+    errors, waited, healthy, pids = run(main(), 2 * step_timeout_s)
+    assert len(errors) == 3 and any("rank 1" in str(e) and "exited with code -9" in str(e) for e in errors)
+    assert waited < step_timeout_s / 2 and not healthy  # the exit was noticed, not a timeout
+    assert still_running(pids) == []  # shutdown returned once they were gone
     assert worker_children() == []
 
 
@@ -376,6 +393,6 @@ def test_hung_worker_fails_requests_after_step_timeout_and_engine_stops_cleanly(
     assert len(results) == 3 and all(isinstance(r, StepError | EngineDeadError) for r in results), results
     for error in results:
         assert "step 3 timed out: rank(s) [0, 1] did not answer within step_timeout_s=1" in str(error)
-    assert waited < 5.0 and not healthy
-    assert wait_gone(pids, 1.0) == []
+    assert waited < 1.0 + SLACK_S and not healthy
+    assert still_running(pids) == []  # shutdown returned once they were gone
     assert worker_children() == []
