@@ -109,8 +109,11 @@ def mixed_requests(stop_token: int, stop_text: str) -> list[tuple[list[int], Sam
         (PROMPTS[0], SamplingParams(max_new_tokens=30, ignore_eos=True)),
         (PROMPTS[1], SamplingParams(max_new_tokens=30, stop_token_ids=[stop_token])),
         (PROMPTS[2], SamplingParams(max_new_tokens=30, stop=[stop_text], ignore_eos=True)),
-        (PROMPTS[3], SamplingParams(max_new_tokens=25, temperature=0.9, top_k=20, seed=7, logprobs=2)),
-        (PROMPTS[4], SamplingParams(max_new_tokens=20, temperature=1.1, top_p=0.8, seed=3)),
+        (
+            PROMPTS[3],
+            SamplingParams(max_new_tokens=25, do_sample=True, temperature=0.9, top_k=20, seed=7, logprobs=2),
+        ),
+        (PROMPTS[4], SamplingParams(max_new_tokens=20, do_sample=True, temperature=1.1, top_p=0.8, seed=3)),
         (PROMPTS[5], SamplingParams(max_new_tokens=18, frequency_penalty=0.7, repetition_penalty=1.2)),
         (PROMPTS[0][5:], SamplingParams(max_new_tokens=1)),
         (PROMPTS[2][3:], SamplingParams(max_new_tokens=22, min_new_tokens=6, stop_token_ids=[stop_token])),
@@ -171,6 +174,8 @@ def test_async_scheduling_changes_no_output(llama_path, stops, config):
     assert_same_logprobs(asynchronous, synchronous)
     assert asynchronous[3].logprobs and len(asynchronous[3].logprobs) == len(asynchronous[3].token_ids)
     assert [out.finish_reason for out in synchronous[1:3]] == ["stop", "stop"]  # the stops were hit
+    # the seeded requests sampled: their tokens are not all the argmax (their raw top 1)
+    assert any(entry.token_id != next(iter(entry.top)) for entry in asynchronous[3].logprobs)
     assert synchronous[6].generated_tokens == 1
 
 
