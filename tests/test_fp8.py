@@ -109,15 +109,24 @@ def test_fp8_kv_cache_holds_more_tokens_in_the_same_bytes(llama_path):
 
 def test_fp8_with_tensor_parallelism_predicts_like_one_rank(trained_path):
     """Each rank quantizes its own shard (row-parallel layers: scales over its slice of the input
-    features), so tp=2 is not bit-equal to tp=1, but predicts the same; FP8 KV cache on both."""
+    features), so tp=2 is not bit-equal to tp=1, but predicts the same; FP8 KV cache on both.
+    The same tp=2 run without FP8 weights shows that the ranks did quantize: agreement alone would
+    hold if they skipped it."""
     text = "the budget of every step is filled with decodes first " * 4
     params = SamplingParams(max_new_tokens=1, prompt_logprobs=1)
     fp8 = {"quantization": "fp8", "kv_cache_dtype": "fp8"}  # each rank caches its own heads in FP8
     (one,) = generate_together(trained_path, [(text, params)], executor="inprocess", **fp8)
     (two,) = generate_together(trained_path, [(text, params)], tensor_parallel=2, **fp8)
+    (unquantized,) = generate_together(
+        trained_path, [(text, params)], tensor_parallel=2, kv_cache_dtype="fp8"
+    )
     pairs = list(zip(one.prompt_logprobs[1:], two.prompt_logprobs[1:]))
     agreement = sum(next(iter(a.top)) == next(iter(b.top)) for a, b in pairs) / len(pairs)
     assert len(pairs) > 30 and agreement >= 0.9, agreement
+    moved = [
+        abs(a.logprob - b.logprob) for a, b in zip(two.prompt_logprobs[1:], unquantized.prompt_logprobs[1:])
+    ]
+    assert max(moved) > 1e-3, max(moved)  # FP8 weights on the ranks change the numbers
 
 
 def test_fp8_engine_holds_fp8_weights(llama_path):
