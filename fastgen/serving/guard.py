@@ -12,7 +12,8 @@ the answers under a name of its own. The guard, an ASGI middleware in front of e
   have a simple form or ``fetch`` parsed;
 - a body longer than ``max_body_bytes`` (413), judged by ``Content-Length`` before reading and
   while reading a chunked body; a body that does not arrive within ``body_timeout_s`` (408).
-  Such refusals close the connection, so the rest of the body is never read.
+  These two close the connection, so the rest of the body is never read; other refusals read the
+  body (within the same limits) and keep the connection.
 
 The route then gets the body in one piece. The timeouts for a request's head and for idle
 keep-alive connections belong to the server (`HttpServer`), which also takes an `HttpPolicy`.
@@ -43,13 +44,7 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 # bytes a character); 16 MiB leaves room for batches of evaluation prompts.
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 _BODY_METHODS = ("POST", "PUT", "PATCH")
-_REFUSALS = (
-    HostNotAllowedError,
-    OriginNotAllowedError,
-    UnsupportedMediaTypeError,
-    RequestTooLargeError,
-    RequestTimeoutError,
-)
+_REFUSALS = (HostNotAllowedError, OriginNotAllowedError, UnsupportedMediaTypeError)
 _JSON = "application/json"
 
 
@@ -119,29 +114,37 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)
+        origin = headers.get("origin")
+        cross_origin = origin is not None and not _same_host(origin, headers.get("host"))
+        refusal: Exception | None = None
         try:
             self._check_host(scope, headers.get("host"))
-            origin = headers.get("origin")
-            cross_origin = origin is not None and not _same_host(origin, headers.get("host"))
             if cross_origin and not self._origin_allowed(origin):
                 raise OriginNotAllowedError(f"requests from the web origin {origin!r} are not allowed")
-            if (
-                origin is not None
-                and scope["method"] == "OPTIONS"
-                and "access-control-request-method" in headers
-            ):
-                await _answer_preflight(send, origin, headers)
-                return
             if scope["method"] in _BODY_METHODS:
                 _check_json(headers.get("content-type"))
-                receive = await self._read_body(receive, headers.get("content-length"))
-        except _ClientGone:
-            return
         except _REFUSALS as exc:
-            await _refuse(send, exc)
+            refusal = exc
+        preflight = scope["method"] == "OPTIONS" and "access-control-request-method" in headers
+        if refusal is None and origin is not None and preflight:
+            await _answer_preflight(send, origin, headers)
+            return
+        if scope["method"] in _BODY_METHODS:
+            # read the body even of a refused request (within the limits), so the connection can
+            # go on: a server that answers and closes with a body unread resets the connection,
+            # and the client may lose the answer
+            try:
+                receive = await self._read_body(receive, headers.get("content-length"))
+            except _ClientGone:
+                return
+            except (RequestTooLargeError, RequestTimeoutError) as exc:
+                await _refuse(send, exc, close=True)  # the rest of the body is never read
+                return
+        if refusal is not None:
+            await _refuse(send, refusal)
             return
         if cross_origin:
-            send = _with_cors(send, origin)
+            send = _with_cors(send, origin)  # type: ignore[arg-type]
         await self.app(scope, receive, send)
 
     def _check_host(self, scope: Scope, header: str | None) -> None:
@@ -267,15 +270,12 @@ async def _answer_preflight(send: Send, origin: str, headers: dict[str, Any]) ->
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _refuse(send: Send, exc: Exception) -> None:
-    """The error response of a refused request; the connection closes after it, so whatever is
-    left of the body is never read."""
+async def _refuse(send: Send, exc: Exception, *, close: bool = False) -> None:
+    """The error response of a refused request (``close``: and the connection closes after it)."""
     info = describe_error(exc)
     body = msgspec.json.encode(info.body())
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
-    ]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": info.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

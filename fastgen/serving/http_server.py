@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import h11
 import uvicorn
@@ -25,6 +26,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .guard import HttpPolicy
 
 MAX_HEAD_BYTES = 16 * 1024  # request line and headers; more is answered 400 and closed
+LINGER_S = 2.0  # how long a connection closed with its request's body unread still reads
 
 
 class _Server(uvicorn.Server):
@@ -33,15 +35,34 @@ class _Server(uvicorn.Server):
         yield
 
 
-class _HeadDeadlineProtocol(H11Protocol):
-    """uvicorn's h11 protocol, closing a connection whose next request's head is overdue."""
+class _GuardedProtocol(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose next request's head is overdue, and
+    lingering before it closes a connection whose client may still be sending a body (a refused
+    upload): it stops sending, discards what arrives for `LINGER_S`, then closes. Closing with
+    unread data resets the connection, and the client may lose the answer (nginx's lingering_close)."""
 
     header_timeout_s = 10.0
     _head_deadline: asyncio.TimerHandle | None = None
+    _lingering = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)  # type: ignore[arg-type]
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
         self._start_head_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._lingering:  # a lingering connection discards what the client still sends
+            super().data_received(data)
+
+    def linger(self, transport: asyncio.Transport) -> None:
+        if transport.is_closing():  # the client is gone already
+            transport.close()
+            return
+        self._lingering = True
+        self._stop_head_deadline()
+        if transport.can_write_eof():
+            transport.write_eof()  # the answer goes out, then our side of the connection ends
+        transport.resume_reading()
+        self.loop.call_later(LINGER_S, transport.close)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -68,6 +89,27 @@ class _HeadDeadlineProtocol(H11Protocol):
             self.transport.close()
 
 
+class _LingeringTransport:
+    """A connection's transport whose `close` lingers while the request's body is unread."""
+
+    def __init__(self, transport: Any, protocol: _GuardedProtocol):
+        self._transport = transport
+        self._protocol = protocol
+
+    def close(self) -> None:
+        protocol = self._protocol
+        if protocol.conn.their_state is h11.SEND_BODY and not protocol._lingering:
+            protocol.linger(self._transport)
+        else:
+            self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._protocol._lingering or self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class HttpServer:
     """Serve ``app`` on ``host:port`` (127.0.0.1 and a free port by default)."""
 
@@ -85,7 +127,7 @@ class HttpServer:
         self.socket = socket.create_server((host, port), family=family, backlog=2048)
         self.host = host
         self.port: int = self.socket.getsockname()[1]
-        protocol = type("HeadDeadlineProtocol", (_HeadDeadlineProtocol,), {})
+        protocol = type("GuardedProtocol", (_GuardedProtocol,), {})
         protocol.header_timeout_s = policy.header_timeout_s
         config = uvicorn.Config(
             app,

@@ -89,6 +89,9 @@ def request_bytes(
     return f"POST {path} HTTP/1.1\r\n{head}Connection: close\r\n\r\n".encode("latin-1") + body
 
 
+JSON = {"content-type": "application/json"}
+
+
 def error_of(body: bytes) -> dict:
     return json.loads(body)["error"]
 
@@ -373,6 +376,39 @@ def test_a_chunked_body_is_cut_off_past_the_limit(quick):
     assert received, "no answer"
     code, _, payload = parse_response(received)
     assert code == 413 and error_of(payload)["code"] == "request_too_large"
+
+
+def test_a_client_that_sends_a_body_over_the_limit_sees_413_not_a_reset(quick):
+    """The server stops reading at once but lingers before it closes: closing with the body
+    unread would reset the connection, and a client still sending would lose the answer."""
+
+    async def main() -> list[int]:
+        body = json.dumps({"prompt": "the engine " * 800_000}).encode()  # ~9 MB (more than socket buffers)
+        async with httpx.AsyncClient(base_url=quick.url, timeout=60) as client:
+            responses = [await client.post("/v1/completions", content=body, headers=JSON) for _ in range(5)]
+        return [response.status_code for response in responses]
+
+    assert asyncio.run(main()) == [413] * 5
+
+
+def test_refused_requests_keep_their_connection_usable(quick):
+    """A refusal that is not about the body's size reads the body first and keeps the connection,
+    so a pooled client's next request goes through on it."""
+
+    async def main() -> list[int]:
+        limits = httpx.Limits(max_connections=1)
+        async with httpx.AsyncClient(base_url=quick.url, timeout=60, limits=limits) as client:
+            statuses = []
+            for content_type in ["text/plain", "application/json"] * 3:
+                body = json.dumps({"prompt": "x" * 2000}).encode()
+                response = await client.post(
+                    "/v1/completions", content=body, headers={"content-type": content_type}
+                )
+                statuses.append(response.status_code)
+                assert response.headers.get("connection") != "close"
+        return statuses
+
+    assert asyncio.run(main()) == [415, 200] * 3
 
 
 def test_a_body_shorter_than_its_content_length_times_out(quick):
