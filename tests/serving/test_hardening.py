@@ -13,13 +13,17 @@ import time
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
+from fastgen.cli import build_parser
+from fastgen.config import EngineConfig
 from fastgen.errors import EngineDeadError, InvalidRequestError, StepError
 from fastgen.sampling_params import MAX_INT32, SamplingParams
 from fastgen.serving import openai_api as oai
 from fastgen.serving.gateway import create_app
 from fastgen.serving.guard import HttpPolicy
+from fastgen.serving.server import DeploymentSpec
 
 from .conftest import start_cli_server, stop_cli_server
 from .inprocess import EchoBackend, echo_backend, served_backend, served_gateway
@@ -669,3 +673,28 @@ def test_serve_flags_set_hosts_origins_and_body_limit(llama_path):
         assert exchange(port, request_bytes(port, large))[0] == 413
     finally:
         stop_cli_server(process)
+
+
+def test_a_deployment_gets_the_serve_flags(monkeypatch):
+    """With --replicas, fastgen serve starts a deployment: the policy travels in its spec."""
+    captured: dict[str, Any] = {}
+
+    class Started(Exception):
+        pass
+
+    def serve(model: str, **options: Any) -> None:
+        captured.update(options)
+        raise Started
+
+    monkeypatch.setattr("fastgen.serving.launcher.serve", serve)
+    argv = ["serve", "some-model", "--replicas", "2", "--host", "10.1.2.3", "--allowed-hosts", "api.example"]
+    args = build_parser().parse_args(
+        [*argv, "--allowed-origins", "https://app.example", "--max-body-bytes", "100"]
+    )
+    with pytest.raises(Started):
+        args.func(args)
+    policy = captured["restful_api_policy"]
+    assert {"api.example", "10.1.2.3", "localhost"} <= set(policy.allowed_hosts)
+    assert policy.allowed_origins == ("https://app.example",) and policy.max_body_bytes == 100
+    spec = DeploymentSpec(name="d", model="m", engine_config=EngineConfig(), http_policy=policy)
+    assert msgspec.json.decode(msgspec.json.encode(spec), type=DeploymentSpec).http_policy == policy
