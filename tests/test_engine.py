@@ -7,6 +7,7 @@ import itertools
 import json
 import random
 import shutil
+import time
 
 import pytest
 
@@ -31,8 +32,10 @@ async def start(path: str, **config) -> AsyncEngine:
     return await AsyncEngine.start(path, EngineConfig(dtype="float32", **config))
 
 
-async def wait_idle(engine: AsyncEngine, steps: int = 200) -> None:
-    for _ in range(steps):
+async def wait_idle(engine: AsyncEngine, timeout_s: float = 60.0) -> None:
+    """Until nothing runs, waits or holds a KV block (the bound is slack: it ends as soon as idle)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         stats = engine.stats()
         if (
             stats.num_running == 0
@@ -112,10 +115,12 @@ def test_leaving_the_iterator_aborts_and_frees_kv(llama_path, how):
                     await task
             results = await asyncio.gather(*others)
             await wait_idle(engine)
-            return results
+            return results, engine.stats().generated_tokens
 
-    for ids, _, reason in run(main()):
+    results, generated = run(main())
+    for ids, _, reason in results:
         assert len(ids) == 6 and reason == "length"
+    assert generated < 3 * 6 + 400  # the request left early stopped early (not: ran out its length)
 
 
 def test_seeded_sampling_is_reproducible_whatever_else_runs(llama_path):

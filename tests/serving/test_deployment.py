@@ -131,19 +131,27 @@ def test_async_client_and_streaming(deployment, reference):
     )
 
 
+async def wait_idle(deployment, timeout_s: float = 60.0):
+    """The deployment's stats once nothing runs and every KV block is free (the bound is slack)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = await deployment.stats()
+        if stats.num_running == 0 and stats.num_free_kv_blocks == stats.num_kv_blocks:
+            return stats
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"still running: {stats}")
+
+
 def test_leaving_a_stream_cancels_the_request(deployment):
     async def main():
+        before = await deployment.stats()
         async for _ in deployment.astream(PROMPTS[0], max_new_tokens=LONG, ignore_eos=True):
             break
-        for _ in range(200):
-            stats = await deployment.stats()
-            if stats.num_running == 0 and stats.num_free_kv_blocks == stats.num_kv_blocks:
-                return stats
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"the request kept running: {stats}")
+        return before, await wait_idle(deployment)
 
-    stats = run(main())
-    assert stats.num_kv_blocks > 0
+    before, after = run(main())
+    assert after.num_kv_blocks > 0
+    assert after.generated_tokens - before.generated_tokens < LONG  # cancelled, not run to its length
 
 
 def test_client_in_another_process_by_name_and_by_model(deployment, model_path, reference):
@@ -170,6 +178,7 @@ def test_a_client_process_dying_mid_stream_aborts_its_request(deployment):
     aborted_before = metric(
         httpx.get(f"{url}/metrics").text, "fastgen_requests_total", 'status="abort"', unset=0.0
     )
+    generated_before = run(deployment.stats()).generated_tokens
     code = (
         "import os, fastgen\n"
         f"client = fastgen.client({NAME!r})\n"
@@ -183,19 +192,11 @@ def test_a_client_process_dying_mid_stream_aborts_its_request(deployment):
     )
     assert result.stdout.strip() == "streaming", result.stderr
 
-    async def idle():
-        for _ in range(250):
-            stats = await deployment.stats()
-            if stats.num_running == 0 and stats.num_free_kv_blocks == stats.num_kv_blocks:
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"still running: {stats}")
-
-    run(idle())
+    generated = run(wait_idle(deployment)).generated_tokens - generated_before
     aborted = (
         metric(httpx.get(f"{url}/metrics").text, "fastgen_requests_total", 'status="abort"') - aborted_before
     )
-    assert aborted == 1
+    assert aborted == 1 and generated < 400  # the replica stopped too, not only the server's stream
 
 
 @pytest.mark.parametrize(
