@@ -42,7 +42,8 @@ def test_penalty_options_map_to_sampling_params():
     assert (plain.presence_penalty, plain.frequency_penalty, plain.repetition_penalty) == (0.0, 0.0, 1.0)
     assert plain.logit_bias == {}
     options = dict(presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2, logit_bias={"5": -100})
-    for choice in [*completion(prompt="hi", n=2, **options), *chat(messages=[{"role": "user"}], **options)]:
+    user = [{"role": "user", "content": "hi"}]
+    for choice in [*completion(prompt="hi", n=2, **options), *chat(messages=user, **options)]:
         params = choice.params
         assert (params.presence_penalty, params.frequency_penalty) == (0.5, -1)
         assert params.repetition_penalty == 1.2
@@ -131,7 +132,6 @@ def test_chat_content_parts_are_joined():
         (completion, {"prompt": "x", "temperature": -1}, "temperature"),
         (completion, {"prompt": "x", "n": 0}, "n"),
         (completion, {"prompt": "x", "logprobs": 21}, "logprobs"),
-        (completion, {"prompt": [5, 6], "logprobs": 1, "echo": True}, "echo"),  # echo needs text
         (completion, {"prompt": "x", "logprobs": 1, "max_tokens": -1, "echo": True}, "max_tokens"),
         (completion, {"prompt": "x", "logit_bias": {"three": 1.0}}, "logit_bias"),
         (completion, {"prompt": "x", "logit_bias": {"3": 100.5}}, "logit_bias"),
@@ -140,7 +140,8 @@ def test_chat_content_parts_are_joined():
         (completion, {"prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
         (completion, {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
         (completion, {"prompt": "x", "n": 2, "best_of": 3}, "best_of"),
-        (chat, {"messages": [{"role": "user"}], "frequency_penalty": 2.1}, "frequency_penalty"),
+        (chat, {"messages": [{"role": "user", "content": "a"}], "frequency_penalty": 3}, "frequency_penalty"),
+        (chat, {"messages": [{"role": "user"}]}, "messages[0].content"),
         (completion, {"prompt": []}, "prompt"),
         (completion, {"prompt": ["a", 1]}, "prompt"),
         (chat, {"messages": []}, "messages"),
