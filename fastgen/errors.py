@@ -46,3 +46,7 @@ class ModelLoadError(FastgenError):
 
 class ModelNotFoundError(ModelLoadError, FileNotFoundError):
     """No checkpoint at the path given (or no default model installed)."""
+
+
+class AccessDeniedError(FastgenError, PermissionError):
+    """A message to a deployment did not carry the deployment's secret (see `fastgen.ipc.Seal`)."""

@@ -14,8 +14,6 @@ import logging
 import os
 import signal
 import sys
-import threading
-import time
 import traceback
 from typing import Any, Protocol
 
@@ -32,10 +30,10 @@ from fastgen.executor.wire import (
     WorkerStartFailed,
 )
 from fastgen.plan import PENDING_TOKEN, StepPlan, StepResult
+from fastgen.supervisor import watch_parent
 
 logger = logging.getLogger("fastgen.worker")
 
-_PARENT_POLL_S = 0.5
 _REPLY_LINGER_MS = 2000
 
 
@@ -110,29 +108,14 @@ def load_factory(path: str) -> Any:
 # -- the process ----------------------------------------------------------------------------
 
 
-def watch_parent(parent_pid: int) -> None:
-    """Exit this process as soon as ``parent_pid`` is no longer its parent (the engine died)."""
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(_PARENT_POLL_S)
-        os._exit(3)
-
-    threading.Thread(target=watch, name="fastgen-parent-watch", daemon=True).start()
-
-
 def serve(runner: Runner, plans: zmq.Socket, replies: zmq.Socket, rank: int) -> None:
     """Answer plans until the shutdown frame."""
     plan_codec, reply_codec = PlanCodec(), ReplyCodec()
-    hang_at_step = _test_hang_at_step(rank)
     while True:
         frame = plans.recv()
         if frame == SHUTDOWN:
             return
         plan = plan_codec.decode(frame)
-        if plan.step_id == hang_at_step:
-            while True:  # test hook: a worker alive but hung (only the engine's timeout ends it)
-                time.sleep(3600)
         try:
             result = runner.execute(plan)
         except Exception as exc:  # answered, and logged by the engine; the worker keeps serving
@@ -140,16 +123,6 @@ def serve(runner: Runner, plans: zmq.Socket, replies: zmq.Socket, rank: int) -> 
         else:
             reply = StepDone(rank, plan.step_id, result if rank == 0 else None)
         replies.send(reply_codec.encode(reply))
-
-
-def _test_hang_at_step(rank: int) -> int | None:
-    """TEST HOOK, for tests/test_zmq_executor.py only: ``FASTGEN_TEST_HANG_AT_STEP="RANK:STEP_ID"``
-    makes that rank hang forever when it receives that step (as if stuck in a collective)."""
-    value = os.environ.get("FASTGEN_TEST_HANG_AT_STEP")
-    if not value:
-        return None
-    hang_rank, _, step_id = value.partition(":")
-    return int(step_id) if int(hang_rank) == rank else None
 
 
 def run_worker(spec: WorkerSpec, rank: int) -> int:

@@ -30,7 +30,7 @@ import pytest
 
 import fastgen
 from fastgen import AsyncEngine, EngineConfig
-from fastgen.executor.processes import free_port
+from fastgen.ipc import free_port
 from fastgen.serving.processes import kill
 
 MARKER_VARIABLE = "FASTGEN_README_EXAMPLE_MARKER"

@@ -217,11 +217,11 @@ def test_killed_worker_fails_the_step_within_seconds():
     assert worker_children() == []
 
 
-def test_hung_worker_times_out_the_step_and_is_killed(monkeypatch):
-    monkeypatch.setenv("FASTGEN_TEST_HANG_AT_STEP", "1:1")  # rank 1 hangs, alive, at step 1
-
-    async def main():
-        executor = await start_executor(tp=2, step_timeout_s=0.5)
+def test_hung_worker_times_out_the_step_and_is_killed():
+    async def main():  # rank 1 hangs, alive, at step 1
+        executor = await start_executor(
+            tp=2, factory="tests.worker_runners:echo_rank1_hangs_at_step1", step_timeout_s=0.5
+        )
         pids = [worker.process.pid for worker in executor.workers]
         try:
             await executor.execute(first_step(0, 7, [5, 6]))
@@ -373,7 +373,9 @@ def test_killed_worker_fails_requests_within_seconds_and_engine_stops_cleanly(ll
 
 def test_hung_worker_fails_requests_after_step_timeout_and_engine_stops_cleanly(llama_path, monkeypatch):
     # rank 1 hangs at step 3; rank 0 runs step 3 and waits in its all-reduce for rank 1
-    monkeypatch.setenv("FASTGEN_TEST_HANG_AT_STEP", "1:3")
+    monkeypatch.setattr(
+        zmq_executor, "DEFAULT_RUNNER_FACTORY", "tests.worker_runners:model_rank1_hangs_at_step3"
+    )
 
     async def main():
         config = EngineConfig(dtype="float32", tensor_parallel=2, token_budget=32, step_timeout_s=1.0)

@@ -1,5 +1,6 @@
-"""Runner factories that `tests/test_zmq_executor.py` loads inside worker processes
-(``runner_factory="tests.worker_runners:NAME"``): model-free runners that misbehave on cue."""
+"""Runner factories that the tests load inside worker processes
+(``runner_factory="tests.worker_runners:NAME"``, or ``fastgen.executor.zmq.DEFAULT_RUNNER_FACTORY``
+patched for an engine's executor): runners that misbehave on cue."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 
 from fastgen.executor.wire import WorkerSpec
 from fastgen.plan import StepPlan, StepResult
-from fastgen.worker import EchoRunner
+from fastgen.worker import EchoRunner, Runner, build_model_runner
 
 SLOW_TOKEN = 999  # a step holding this token takes 30 s (time to kill a worker mid-step)
 RANK1_FAILS_TOKEN = 666  # rank 1 raises, rank 0 answers: the ranks fall out of step
@@ -47,3 +48,28 @@ class MisbehavingRunner(EchoRunner):
         if self.rank == 0 and RANK0_HANGS_TOKEN in tokens:
             time.sleep(60)
         return super().execute(plan)
+
+
+class _HangsAtStep:
+    """Wraps a runner: rank ``rank`` hangs, alive, when it receives step ``step_id`` (as if stuck in
+    a collective); only the engine's step timeout ends that."""
+
+    def __init__(self, runner: Runner, rank: int, hang_rank: int, step_id: int):
+        self.runner = runner
+        self.num_kv_blocks = runner.num_kv_blocks
+        self.hangs = rank == hang_rank
+        self.step_id = step_id
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        if self.hangs and plan.step_id == self.step_id:
+            while True:
+                time.sleep(3600)
+        return self.runner.execute(plan)
+
+
+def echo_rank1_hangs_at_step1(spec: WorkerSpec, rank: int) -> _HangsAtStep:
+    return _HangsAtStep(EchoRunner(spec, rank), rank, hang_rank=1, step_id=1)
+
+
+def model_rank1_hangs_at_step3(spec: WorkerSpec, rank: int) -> _HangsAtStep:
+    return _HangsAtStep(build_model_runner(spec, rank), rank, hang_rank=1, step_id=3)

@@ -13,6 +13,7 @@ from pathlib import Path
 import msgspec
 
 from fastgen.config import EngineConfig
+from fastgen.ipc import Codec
 from fastgen.plan import StepPlan, StepResult
 
 SHUTDOWN = b""  # the frame that asks a worker to exit
@@ -25,7 +26,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     config: EngineConfig
     model_config: dict  # the raw Hugging Face config.json fields
     max_model_len: int
-    socket_dir: str  # ipc sockets live here
+    socket_dir: str  # ipc sockets live here (0700: only this user can connect)
     parent_pid: int  # workers exit when this process goes away
     runner_factory: str  # "module:callable" building the runner (see fastgen.worker)
     log_level: int = 30  # the engine's level for the "fastgen" loggers
@@ -71,30 +72,15 @@ class StepFailed(msgspec.Struct, tag="failed", array_like=True):
 Reply = WorkerReady | WorkerStartFailed | StepDone | StepFailed
 
 
-class PlanCodec:
-    """Reused msgpack encoder/decoder for plans (building them per message costs more than the
-    encoding of a small plan)."""
+class PlanCodec(Codec[StepPlan]):
+    """The codec of plans (engine -> workers)."""
 
     def __init__(self) -> None:
-        self._encoder = msgspec.msgpack.Encoder()
-        self._decoder = msgspec.msgpack.Decoder(StepPlan)
-
-    def encode(self, plan: StepPlan) -> bytes:
-        return self._encoder.encode(plan)
-
-    def decode(self, frame: bytes | memoryview) -> StepPlan:
-        return self._decoder.decode(frame)
+        super().__init__(StepPlan)
 
 
-class ReplyCodec:
-    """Reused msgpack encoder/decoder for worker replies."""
+class ReplyCodec(Codec[Reply]):
+    """The codec of worker replies (workers -> engine)."""
 
     def __init__(self) -> None:
-        self._encoder = msgspec.msgpack.Encoder()
-        self._decoder = msgspec.msgpack.Decoder(Reply)
-
-    def encode(self, reply: Reply) -> bytes:
-        return self._encoder.encode(reply)
-
-    def decode(self, frame: bytes | memoryview) -> Reply:
-        return self._decoder.decode(frame)
+        super().__init__(Reply)

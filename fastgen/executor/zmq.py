@@ -1,13 +1,14 @@
 """`ZmqExecutor`: step plans fanned out over ZeroMQ to one worker process per tensor-parallel rank.
 
-The engine process pushes each msgspec-encoded plan to every rank over ipc sockets and gathers
-one answer per rank; rank 0's carries the sampled tokens (this module imports no torch; the
-workers do). Workers are
-supervised: start-up has a timeout, a worker that exits is noticed within `_POLL_S` while a step
-waits, its error names the rank, exit code and last output lines; a step that gets no answer
-within ``step_timeout_s`` (a worker alive but hung) kills the executor and names the silent
-ranks; shutdown leaves no process behind (workers also exit by themselves when the engine
-process dies).
+The engine process pushes each msgspec-encoded plan to every rank over ipc sockets (in a 0700
+directory: no other user can connect) and gathers one answer per rank; rank 0's carries the
+sampled tokens (this module imports no torch; the workers do). Workers are supervised
+(`fastgen.supervisor`): start-up has a timeout; a worker that exits is noticed at once (an exit
+event), which stops the other ranks (they may wait in a collective for it) and fails the waiting
+step with an error naming the rank, exit code and last output lines; every worker is reaped as it
+exits. A step that gets no answer within ``step_timeout_s`` (a worker alive but hung) kills the
+executor and names the silent ranks; shutdown leaves no process behind (workers also exit by
+themselves when the engine process dies).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import collections
 import contextlib
 import logging
 import os
+import shutil
+import sys
 import time
 import weakref
 from pathlib import Path
@@ -25,10 +28,11 @@ import zmq
 
 from fastgen.config import EngineConfig
 from fastgen.errors import EngineDeadError, StepError
+from fastgen.ipc import free_port, private_dir
 from fastgen.models.config import ModelConfig
 from fastgen.plan import StepPlan, StepResult
+from fastgen.supervisor import Child, ChildExitedError, StartTimeoutError, kill_all, spawn, wait_started
 
-from .processes import WorkerProcess, make_socket_dir, spawn, stop_processes, worker_environment
 from .wire import (
     SHUTDOWN,
     PlanCodec,
@@ -43,7 +47,7 @@ from .wire import (
 
 logger = logging.getLogger("fastgen.executor")
 
-DEFAULT_RUNNER_FACTORY = "fastgen.worker:build_model_runner"
+DEFAULT_RUNNER_FACTORY = "fastgen.worker:build_model_runner"  # "module:callable" (see fastgen.worker)
 _POLL_S = 0.2  # how often a waiting executor checks that its workers live
 _OUT_OF_STEP_GRACE_S = 5.0  # after one rank failed a step, how long the others may take to answer
 _STOP_GRACE_S = 5.0  # after the shutdown frame, how long workers may take to exit
@@ -70,7 +74,7 @@ class ZmqExecutor:
     """Runs steps in ``tensor_parallel`` worker processes (also useful with one: the model's Python
     then never shares a GIL with the host's event loop)."""
 
-    def __init__(self, spec: WorkerSpec, context: zmq.Context, workers: list[WorkerProcess]):
+    def __init__(self, spec: WorkerSpec, context: zmq.Context, workers: list[Child]):
         self.spec = spec
         self.size = spec.config.tensor_parallel
         self.num_kv_blocks = 0
@@ -91,15 +95,14 @@ class ZmqExecutor:
         self._answers: dict[int, dict[int, StepDone | StepFailed]] = {}  # step -> rank -> answer
         self._received = 0
         self._waiter: asyncio.Future[None] | None = None
+        self._replied = asyncio.Event()  # a reply arrived (start-up waits on it)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._replies.FD, self._drain)
         self._error: WorkerError | None = None
         self._last_step: asyncio.Task[StepResult] | None = None
         self._ready = False
         self._closed = False
-        self._finalizer = weakref.finalize(
-            self, stop_processes, [w.process for w in workers], spec.socket_dir
-        )
+        self._finalizer = weakref.finalize(self, _release, workers, spec.socket_dir)
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -111,7 +114,7 @@ class ZmqExecutor:
         model_config: ModelConfig,
         max_model_len: int,
         *,
-        runner_factory: str = DEFAULT_RUNNER_FACTORY,
+        runner_factory: str | None = None,
     ) -> ZmqExecutor:
         """Start the workers and wait (at most ``config.worker_start_timeout_s``) until every
         rank is ready; raises `WorkerError` naming the rank that failed."""
@@ -120,9 +123,9 @@ class ZmqExecutor:
             config=config,
             model_config=model_config.raw,
             max_model_len=max_model_len,
-            socket_dir=make_socket_dir(),
+            socket_dir=private_dir(),
             parent_pid=os.getpid(),
-            runner_factory=runner_factory,
+            runner_factory=runner_factory or DEFAULT_RUNNER_FACTORY,
             log_level=logging.getLogger("fastgen").getEffectiveLevel(),
         )
         spec_file = Path(spec.socket_dir) / "spec.json"
@@ -132,11 +135,9 @@ class ZmqExecutor:
         try:
             env = worker_environment()
             for rank in range(config.tensor_parallel):
-                executor.workers.append(spawn(str(spec_file), rank, env))
-            executor._finalizer.detach()
-            executor._finalizer = weakref.finalize(
-                executor, stop_processes, [w.process for w in executor.workers], spec.socket_dir
-            )
+                worker = spawn(f"rank {rank}", "fastgen.worker", [str(spec_file), str(rank)], env=env)
+                executor.workers.append(worker)  # the finalizer holds this list
+                worker.on_exit(executor._worker_exited)
             await executor._wait_ready(config.worker_start_timeout_s)
         except BaseException:
             await executor.shutdown()
@@ -144,36 +145,50 @@ class ZmqExecutor:
         return executor
 
     async def _wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
         ready: dict[int, WorkerReady] = {}
-        while len(ready) < self.size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                missing = [w for w in self.workers if w.rank not in ready]
-                details = "\n".join(f"rank {w.rank}{w.output_tail()}" for w in missing)
-                raise WorkerError(
-                    f"tensor-parallel worker(s) {[w.rank for w in missing]} not ready after "
-                    f"worker_start_timeout_s={timeout_s:g}\n{details}",
-                    rank=missing[0].rank,
-                )
-            if not self._inbox and not await self._wait_for_replies(min(remaining, _POLL_S)):
-                self._check_processes(starting=True)
-            reply = self._inbox.popleft() if self._inbox else None
-            if reply is None:
-                continue
-            elif isinstance(reply, WorkerStartFailed):
-                raise WorkerError(
-                    f"tensor-parallel worker rank {reply.rank} failed to start:\n{reply.error}",
-                    rank=reply.rank,
-                )
-            elif isinstance(reply, WorkerReady):
-                ready[reply.rank] = reply
+
+        def pending() -> list[Child]:
+            self._drain()  # the socket's descriptor signals edges only: read what is queued
+            while self._inbox:
+                reply = self._inbox.popleft()
+                if isinstance(reply, WorkerStartFailed):
+                    raise WorkerError(
+                        f"tensor-parallel worker rank {reply.rank} failed to start:\n{reply.error}",
+                        rank=reply.rank,
+                    )
+                if isinstance(reply, WorkerReady):
+                    ready[reply.rank] = reply
+            return [worker for rank, worker in enumerate(self.workers) if rank not in ready]
+
+        try:
+            await wait_started(self.workers, pending, timeout_s, self._replied)
+        except ChildExitedError as exc:
+            rank = self.workers.index(exc.child)  # type: ignore[arg-type]
+            message = f"tensor-parallel worker failed to start: {exc}"
+            raise self._die(WorkerError(message, rank=rank, exit_code=exc.child.exit_code)) from None
+        except StartTimeoutError as exc:
+            ranks = [self.workers.index(child) for child in exc.children]  # type: ignore[arg-type]
+            details = "\n".join(f"{child.name}{child.output_tail()}" for child in exc.children)
+            raise WorkerError(
+                f"tensor-parallel worker(s) {ranks} not ready after "
+                f"worker_start_timeout_s={timeout_s:g}\n{details}",
+                rank=ranks[0],
+            ) from None
         blocks = {reply.num_kv_blocks for reply in ready.values()}
         if len(blocks) != 1:
             raise WorkerError(f"ranks disagree on the KV-cache size: {sorted(blocks)} blocks")
         self.num_kv_blocks = blocks.pop()
         self._ready = True
         logger.info("%d worker(s) ready: %d KV blocks", self.size, self.num_kv_blocks)
+
+    def _worker_exited(self, worker: Child) -> None:
+        """A worker exited (it is reaped already): while serving, that kills the executor at once,
+        stopping the other ranks, and wakes the step that waits."""
+        if self._ready and not self._closed:
+            with contextlib.suppress(WorkerError):
+                self._check_processes()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     # -- steps ----------------------------------------------------------------------------
 
@@ -182,6 +197,11 @@ class ZmqExecutor:
         if self._closed or self._error is not None:
             return False
         return all(worker.exit_code is None for worker in self.workers)
+
+    @property
+    def error(self) -> WorkerError | None:
+        """Why the executor died (None while it is alive or after a clean shutdown)."""
+        return self._error
 
     def submit(self, plan: StepPlan) -> asyncio.Future[StepResult]:
         """Send ``plan`` to every rank now; the future resolves to rank 0's result. It raises
@@ -275,13 +295,15 @@ class ZmqExecutor:
     def _timed_out(
         self, step_id: int, timeout_s: float, answers: dict[int, StepDone | StepFailed]
     ) -> WorkerError:
-        silent = [worker for worker in self.workers if worker.rank not in answers]
-        details = "\n".join(f"rank {w.rank} (pid {w.process.pid}){w.output_tail()}" for w in silent)
+        silent = [rank for rank in range(self.size) if rank not in answers]
+        details = "\n".join(
+            f"rank {rank} (pid {self.workers[rank].pid}){self.workers[rank].output_tail()}" for rank in silent
+        )
         return WorkerError(
-            f"step {step_id} timed out: rank(s) {[w.rank for w in silent]} did not answer within "
+            f"step {step_id} timed out: rank(s) {silent} did not answer within "
             f"step_timeout_s={timeout_s:g} (hung: stuck in a collective, deadlocked or on a stuck "
             f"device); the workers are stopped\n{details}",
-            rank=silent[0].rank,
+            rank=silent[0],
         )
 
     def _drain(self) -> None:
@@ -303,8 +325,10 @@ class ZmqExecutor:
                     self._inbox.append(reply)
         except zmq.ZMQError:  # closed under us
             return
-        if self._received > received and self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        if self._received > received:
+            self._replied.set()
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
 
     async def _wait_for_replies(self, timeout_s: float) -> bool:
         """Wait until a reply arrives (True) or ``timeout_s`` passes (False)."""
@@ -320,14 +344,13 @@ class ZmqExecutor:
                 self._waiter = None
         return self._received > received
 
-    def _check_processes(self, *, starting: bool = False) -> None:
+    def _check_processes(self) -> None:
         """Raise `WorkerError` (and stop the other workers) if a worker exited."""
-        for worker in self.workers:
+        for rank, worker in enumerate(self.workers):
             code = worker.exit_code
             if code is not None:
-                what = "failed to start" if starting else "died"
-                message = f"tensor-parallel worker {what}: {worker.describe_exit()}"
-                raise self._die(WorkerError(message, rank=worker.rank, exit_code=code))
+                message = f"tensor-parallel worker died: {worker.describe_exit()}"
+                raise self._die(WorkerError(message, rank=rank, exit_code=code))
 
     def _die(self, error: WorkerError) -> WorkerError:
         """Mark the executor dead and stop the remaining workers (they may be stuck in a collective;
@@ -336,8 +359,7 @@ class ZmqExecutor:
             self._error = error
             logger.error("%s", error)
             for worker in self.workers:
-                if worker.exit_code is None:
-                    worker.process.terminate()
+                worker.terminate()
         return error
 
     # -- shutdown -------------------------------------------------------------------------
@@ -353,15 +375,14 @@ class ZmqExecutor:
                 with contextlib.suppress(zmq.ZMQError):
                     push.send(SHUTDOWN, zmq.NOBLOCK)
             await self._wait_exit(_STOP_GRACE_S)
-        for worker in self.workers:
+        for rank, worker in enumerate(self.workers):
             if worker.exit_code is None:
                 if graceful:
-                    logger.warning("worker rank %d did not exit; terminating it", worker.rank)
-                worker.process.terminate()
+                    logger.warning("worker rank %d did not exit; terminating it", rank)
+                worker.terminate()
         await self._wait_exit(2.0)
         for worker in self.workers:
-            if worker.exit_code is None:
-                worker.process.kill()
+            worker.kill()
         await self._wait_exit(5.0)
         for worker in self.workers:
             worker.close()
@@ -373,9 +394,29 @@ class ZmqExecutor:
         self._finalizer()  # removes the socket directory (and would kill any survivor)
 
     async def _wait_exit(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while any(w.exit_code is None for w in self.workers) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        waits = [asyncio.ensure_future(w.wait_exit()) for w in self.workers if w.exit_code is None]
+        if waits:
+            await asyncio.wait(waits, timeout=timeout_s)
+            for wait in waits:
+                wait.cancel()
+
+
+def worker_environment() -> dict[str, str]:
+    """Our environment plus the rendezvous of ``torch.distributed`` on this host."""
+    env = dict(os.environ)
+    env["MASTER_ADDR"] = "127.0.0.1"
+    env["MASTER_PORT"] = str(free_port())
+    env["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast stays off
+    env["PYTHONUNBUFFERED"] = "1"
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # every rank is on this host
+    return env
+
+
+def _release(workers: list[Child], socket_dir: str) -> None:
+    """Last resort (garbage collection, interpreter exit): kill what runs, remove the sockets."""
+    kill_all(workers)
+    shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
