@@ -31,7 +31,7 @@ import pytest
 import fastgen
 from fastgen import AsyncEngine, EngineConfig
 from fastgen.ipc import free_port
-from fastgen.serving.processes import kill
+from fastgen.supervisor import kill
 
 MARKER_VARIABLE = "FASTGEN_README_EXAMPLE_MARKER"
 START_TIMEOUT_S = 120.0  # worker_start_timeout_s / start_timeout_s given to the examples

@@ -28,7 +28,7 @@ from fastgen import (
     SamplingParams,
 )
 from fastgen.serving import registry
-from fastgen.serving.processes import pid_alive
+from fastgen.supervisor import pid_alive
 from tests.helpers import generate_together
 
 from .conftest import greedy_texts

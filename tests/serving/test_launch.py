@@ -19,7 +19,7 @@ import pytest
 import fastgen
 from fastgen import AsyncEngine, EngineConfig, EngineDeadError
 from fastgen.serving import DeploymentStartError, registry
-from fastgen.serving.processes import pid_alive, wait_gone
+from fastgen.supervisor import pid_alive, wait_gone
 
 from .conftest import greedy_texts
 
