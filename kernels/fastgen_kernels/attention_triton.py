@@ -309,9 +309,8 @@ def launch_config(
     inherits the chunk branch's registers and warps. Steps that are mostly decodes (a Dynamic
     SplitFuse step with hundreds of running sequences) therefore use 64-row chunk tiles and 4 warps,
     which leaves three decode programs per multiprocessor; prefill-heavy steps use 128 x 128 tiles
-    with 8 warps (measured on an H200: 1.5x faster mixed steps, 10% faster 4096-token prefill).
-    A one-byte (FP8) cache takes 128-key decode tiles, the same bytes a tile as bf16's 64 (on an
-    H100, 64 x 2048 decodes: 603 -> 508 us for Llama-2-7B, 194 -> 174 us for Llama-3-8B).
+    with 8 warps. A one-byte (FP8) cache takes 128-key decode tiles, the same bytes a tile as
+    bf16's 64. The measurements behind both choices: benchmarks/NOTES-runner.md.
     """
     big_head = head_dim > 128
     half = dtype.itemsize == 2  # float32 tiles take twice the shared memory: keep them smaller
@@ -334,7 +333,7 @@ DECODE_PROGRAMS_PER_SM = 3  # 154 registers x 4 warps (ptxas, sm_90): three fit 
 def choose_num_splits(num_programs: int, max_context_len: int, device: torch.device) -> int:
     """Splits per sequence so that a batch of few long sequences still fills the GPU.
 
-    Measured on an H200 (run 2, benchmarks/NOTES-kernels.md): what hurts is a last, partly filled
+    Measured (run 2 in benchmarks/NOTES-kernels.md): what hurts is a last, partly filled
     round of programs. Batches that fit in one round of resident programs split up to one full
     round; batches of one to 2.5 rounds split in two; larger ones don't split. A split keeps at
     least 256 keys.
