@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .linear import copy_checked, linear
+from .linear import copy_checked, linear, load_full
 from .parallel import SINGLE, TensorParallel
 
 
@@ -68,3 +68,17 @@ class LMHead(nn.Module):
         logits = linear(hidden, self.weight, self.bias)
         logits = self.tp.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]
+
+
+class PositionEmbedding(nn.Module):
+    """Learned absolute position embeddings, whole on every rank: position ``p`` reads row
+    ``p + offset`` of a table of ``max_positions + offset`` rows (OPT keeps two unused rows first)."""
+
+    def __init__(self, max_positions: int, hidden_size: int, *, offset: int = 0):
+        super().__init__()
+        self.offset = offset
+        self.weight = nn.Parameter(torch.zeros(max_positions + offset, hidden_size), requires_grad=False)
+        self.weight.weight_loader = load_full
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(positions + self.offset, self.weight)

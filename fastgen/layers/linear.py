@@ -27,9 +27,9 @@ def linear(
     weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T + bias``. Decode-sized half-precision inputs on CUDA (up to 8 rows) take the
-    Triton small-batch kernel (1.06-1.09x cuBLAS in a 7B decode graph on an H100,
-    benchmarks/results/gemv-*.md), FP8 weights included (scaled per row, activations left in
-    their dtype); other FP8 products go through `fp8_linear`, everything else cuBLAS / torch."""
+    Triton small-batch kernel (faster than cuBLAS there: benchmarks/NOTES-runner.md), FP8 weights
+    included (scaled per row, activations left in their dtype); other FP8 products go through
+    `fp8_linear`, everything else cuBLAS / torch."""
     if x.is_cuda and x.dtype in _HALF and x.dim() == 2 and x.shape[0] <= 8:
         return kernels.linear_small_batch(x, weight, bias, weight_scale=weight_scale)
     if weight_scale is not None:
@@ -80,6 +80,14 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.weight_scale)
+
+
+class ReplicatedLinear(ColumnParallelLinear):
+    """``y = x W^T`` held whole on every rank (small projections, e.g. OPT-350m's in and out of the
+    embedding width)."""
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = False):
+        super().__init__(input_size, [output_size], bias=bias, tp=SINGLE)
 
 
 class QKVParallelLinear(nn.Module):

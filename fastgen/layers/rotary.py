@@ -77,3 +77,18 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
         return kernels.apply_rotary(positions, query, key, self.cos_sin_cache, self.rotary_dim)
+
+
+class LogLengthScaling(nn.Module):
+    """Scales queries past ``base_length`` positions by ``log(position + 1) / log(base_length)``
+    (Qwen's ``use_logn_attn``), in place; positions within it keep scale 1. The factors are a table
+    of float32 values computed in double precision, as Qwen's own code computes them."""
+
+    def __init__(self, base_length: int, max_positions: int):
+        super().__init__()
+        factors = [math.log(p + 1, base_length) if p + 1 > base_length else 1.0 for p in range(max_positions)]
+        self.register_buffer("factors", torch.tensor(factors, dtype=torch.float32), persistent=False)
+
+    def forward(self, positions: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """``query`` ``[tokens, heads, head_dim]`` times each token's factor (in place)."""
+        return query.mul_(self.factors[positions].to(query.dtype)[:, None, None])

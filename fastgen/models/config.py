@@ -1,4 +1,6 @@
-"""`ModelConfig`: the fields of a Hugging Face ``config.json`` that the model code needs.
+"""`ModelConfig`: what the shared decoder (`fastgen.models.decoder`) needs to know of a checkpoint,
+its shape and its layer options. Each family's adapter (``fastgen/models/<family>.py``) fills one
+from the family's own ``config.json``; the options' defaults are Llama's.
 
 No torch here: the engine process reads it without loading a model."""
 
@@ -8,6 +10,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+RopeSettings = tuple[float, dict[str, Any] | None]  # (theta, HF rope_scaling)
+
+BLOCKS = ("sequential", "parallel", "post_norm")
 
 
 @dataclass
@@ -22,30 +28,56 @@ class ModelConfig:
     head_dim: int
     max_position_embeddings: int
     norm_eps: float
-    rope_theta: float
-    rope_scaling: dict[str, Any] | None
-    layer_rope: tuple[tuple[float, dict[str, Any] | None], ...]  # (theta, scaling) of each layer
-    partial_rotary_factor: float
-    layer_sliding_windows: tuple[int | None, ...]  # of each layer; None: full attention
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    o_proj_bias: bool
-    qk_norm: bool  # RMSNorm over each query and key head before rotary (Qwen3)
-    norm_weight_offset: float  # RMSNorm scales by (offset + weight): 1 for Gemma, else 0
-    embedding_multiplier: float  # token embeddings are scaled by it (sqrt(hidden) for Gemma)
-    attention_scale: float  # of the query-key products: head_dim ** -0.5 unless the config says
-    attention_softcap: float | None  # scores capped at cap * tanh(score / cap) (Gemma 2)
-    final_softcap: float | None  # the same for the logits
-    sandwich_norms: bool  # RMSNorm after attention and around the MLP too (Gemma 2)
-    mlp_bias: bool
-    num_experts: int  # 0: a dense MLP; otherwise a mixture of experts (Mixtral)
-    num_experts_per_tok: int
-    hidden_act: str
-    bos_token_id: int | None
-    eos_token_ids: tuple[int, ...]
-    checkpoint_dtype: str | None  # e.g. "bfloat16", as config.json names it
+    # -- positions --------------------------------------------------------------------------------
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    layer_rope: tuple[RopeSettings, ...] = ()  # of each layer; default: (rope_theta, rope_scaling)
+    partial_rotary_factor: float = 1.0  # 0: no rotary (learned positions)
+    learned_position_offset: int | None = None  # learned absolute positions, row = position + offset (OPT)
+    logn_base_length: int | None = None  # queries past it scale by log_base(position + 1) (Qwen)
+    max_context: int | None = None  # the longest max_model_len implemented for this model
+    max_context_reason: str = ""  # what a longer one would need
+    # -- attention --------------------------------------------------------------------------------
+    layer_sliding_windows: tuple[int | None, ...] = ()  # of each layer; None: full attention
+    qkv_bias: bool = False
+    o_proj_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each query and key head before rotary
+    attention_scale: float | None = None  # of the query-key products; None: head_dim ** -0.5
+    attention_softcap: float | None = None  # scores capped at cap * tanh(score / cap)
+    # -- blocks -----------------------------------------------------------------------------------
+    block: str = "sequential"  # pre-norm blocks one after the other, side by side, or post-norm
+    parallel_norms: int = 1  # of a parallel block: one norm for attention and MLP, or one each
+    sandwich_norms: bool = False  # norms after attention and around the MLP too (Gemma 2)
+    norm: str = "rms"  # "rms" or "layer" (LayerNorm with a bias)
+    norm_weight_offset: float = 0.0  # RMSNorm scales by (offset + weight): 1 for Gemma
+    gated_mlp: bool = True  # down(act(gate(x)) * up(x)); else fc2(act(fc1(x)))
+    hidden_act: str = "silu"
+    mlp_bias: bool = False
+    num_experts: int = 0  # 0: a dense MLP; otherwise a mixture of experts (Mixtral)
+    num_experts_per_tok: int = 0
+    # -- embeddings and head ----------------------------------------------------------------------
+    embedding_multiplier: float = 1.0  # token embeddings are scaled by it (sqrt(hidden) for Gemma)
+    embedding_dim: int | None = None  # tokens embedded in fewer features, projected in and out (OPT)
+    tie_word_embeddings: bool = False
+    lm_head_bias: bool = False
+    final_norm: bool = True
+    final_softcap: float | None = None  # logits capped like the attention scores
+    # -- tokens and files -------------------------------------------------------------------------
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    checkpoint_dtype: str | None = None  # e.g. "bfloat16", as config.json names it
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
     weights_prefix: str = ""  # checkpoint names of the model's tensors start with it; others are skipped
+
+    def __post_init__(self) -> None:
+        if not self.layer_rope:
+            self.layer_rope = ((self.rope_theta, self.rope_scaling),) * self.num_layers
+        if not self.layer_sliding_windows:
+            self.layer_sliding_windows = (None,) * self.num_layers
+        if self.attention_scale is None:
+            self.attention_scale = self.head_dim**-0.5
+        if self.block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
 
     @property
     def rotary_dim(self) -> int:
@@ -53,57 +85,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
-        if cfg.get("model_type") == "gemma3" and isinstance(cfg.get("text_config"), dict):
-            return _text_part_of_gemma3(cfg)
-        if cfg.get("model_type") in _COMPLETED_BY_TRANSFORMERS:
-            cfg = _with_transformers_defaults(cfg)
-        model_type = cfg.get("model_type", "")
-        hidden = cfg["hidden_size"]
-        num_heads = cfg["num_attention_heads"]
-        rope_theta, rope_scaling = _rope_settings(cfg)
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        dtype_name = cfg.get("torch_dtype") or cfg.get("dtype")
-        attention_bias = bool(cfg.get("attention_bias", False))
-        head_dim = cfg.get("head_dim") or hidden // num_heads
-        gemma = model_type in ("gemma", "gemma2", "gemma3_text")
-        num_layers = cfg["num_hidden_layers"]
-        layer_types = _layer_types(cfg, model_type, num_layers)
-        return cls(
-            model_type=model_type,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=hidden,
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=head_dim,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            norm_eps=cfg.get("rms_norm_eps", cfg.get("layer_norm_eps", 1e-5)),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            layer_rope=_layer_rope(cfg, layer_types, (rope_theta, rope_scaling)),
-            partial_rotary_factor=_partial_rotary_factor(cfg),
-            layer_sliding_windows=_layer_sliding_windows(cfg, layer_types),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=attention_bias or model_type in ("qwen2", "phi"),  # always there in these
-            o_proj_bias=attention_bias or model_type == "phi",
-            qk_norm=model_type in ("qwen3", "gemma3_text"),
-            norm_weight_offset=1.0 if gemma else 0.0,
-            embedding_multiplier=hidden**0.5 if gemma else 1.0,
-            attention_scale=float(cfg.get("query_pre_attn_scalar") or head_dim) ** -0.5,
-            attention_softcap=cfg.get("attn_logit_softcapping") or None,
-            final_softcap=cfg.get("final_logit_softcapping") or None,
-            sandwich_norms=model_type in ("gemma2", "gemma3_text"),
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            num_experts=int(cfg.get("num_local_experts") or 0),
-            num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
-            hidden_act=_activation(cfg, model_type),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            checkpoint_dtype=dtype_name if isinstance(dtype_name, str) else None,
-            raw=cfg,
-        )
+        """The config of a Hugging Face ``config.json`` (or a GGUF file's equivalent), read by the
+        adapter of its model type. Raises `UnsupportedModelError` for a type fastgen does not run."""
+        from . import adapter_for
+
+        return adapter_for(cfg.get("model_type", "")).read_config(cfg)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
@@ -119,53 +105,58 @@ class ModelConfig:
         return cls.from_dict(json.loads(config_file.read_text()))
 
 
-_DEFAULT_ACTIVATIONS = {
-    "phi": "gelu_new",
-    "gemma": "gelu_pytorch_tanh",
-    "gemma2": "gelu_pytorch_tanh",
-    "gemma3_text": "gelu_pytorch_tanh",
-}
+# -- the fields most Hugging Face decoder configs spell alike ---------------------------------------
 
 
-def _activation(cfg: dict[str, Any], model_type: str) -> str:
-    """Gemma 2 and 3 name it ``hidden_activation``; the others ``hidden_act``. The official Gemma
-    configs say ``"gelu"`` but mean the tanh approximation, which is what transformers runs."""
-    name = cfg.get("hidden_activation") if model_type in ("gemma2", "gemma3_text") else None
-    name = name or cfg.get("hidden_act") or _DEFAULT_ACTIVATIONS.get(model_type, "silu")
-    if model_type == "gemma" and name == "gelu":
-        return "gelu_pytorch_tanh"
-    return name
+def decoder_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`ModelConfig` fields from a config that names them as Llama's does: the shape, rotary
+    settings, the norms' epsilon, tokens and dtype."""
+    num_heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
+    rope_theta, rope_scaling = rope_settings(cfg)
+    return dict(
+        model_type=cfg.get("model_type", ""),
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+        head_dim=head_dim,
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        norm_eps=cfg.get("rms_norm_eps", cfg.get("layer_norm_eps", 1e-5)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        partial_rotary_factor=partial_rotary_factor(cfg),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        **token_fields(cfg),
+    )
 
 
-# published configs of these leave settings to transformers' defaults (Gemma ties its embeddings,
-# Gemma 2 caps at 50 / 30) or use older spellings (Gemma 3's rope_local_base_freq)
-_COMPLETED_BY_TRANSFORMERS = ("gemma", "gemma2", "gemma3_text")
+def token_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Beginning and end token ids, and the checkpoint's dtype (``torch_dtype``, ``dtype`` in
+    transformers 5)."""
+    eos = cfg.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    dtype_name = cfg.get("torch_dtype") or cfg.get("dtype")
+    return dict(
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+        checkpoint_dtype=dtype_name if isinstance(dtype_name, str) else None,
+        raw=cfg,
+    )
 
 
-def _with_transformers_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
-    """``cfg`` as transformers reads it: its defaults filled in, legacy fields converted."""
+def with_transformers_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` as transformers reads it: its defaults filled in, legacy fields converted (for
+    families whose published configs leave settings to those defaults)."""
     from transformers import AutoConfig
 
     fields = {key: value for key, value in cfg.items() if key != "model_type"}
     return AutoConfig.for_model(cfg["model_type"], **fields).to_dict()
 
 
-def _text_part_of_gemma3(cfg: dict[str, Any]) -> ModelConfig:
-    """A multimodal Gemma 3 checkpoint served as text: its language model (``text_config``, tensors
-    under ``language_model.``); the vision tower and projector are not loaded. As in transformers,
-    the top-level config decides whether the LM head is tied to the embeddings (by default yes)."""
-    text = {"model_type": "gemma3_text", **cfg["text_config"]}
-    text["tie_word_embeddings"] = cfg.get("tie_word_embeddings", True)
-    for key in ("eos_token_id", "bos_token_id", "torch_dtype", "dtype"):
-        if key in cfg and text.get(key) is None:
-            text[key] = cfg[key]
-    config = ModelConfig.from_dict(text)
-    config.weights_prefix = "language_model."
-    config.raw = cfg
-    return config
-
-
-def _partial_rotary_factor(cfg: dict[str, Any]) -> float:
+def partial_rotary_factor(cfg: dict[str, Any]) -> float:
     """Top-level in older configs, inside ``rope_parameters`` in transformers 5."""
     params = cfg.get("rope_parameters")
     if isinstance(params, dict) and "partial_rotary_factor" in params:
@@ -173,43 +164,7 @@ def _partial_rotary_factor(cfg: dict[str, Any]) -> float:
     return float(cfg.get("partial_rotary_factor", 1.0))
 
 
-def _layer_types(cfg: dict[str, Any], model_type: str, num_layers: int) -> list[str]:
-    """``sliding_attention`` or ``full_attention`` for each layer. Mistral and Mixtral slide every
-    layer's window (if they have one); Gemma 2 and 3 and Qwen2/3 say which in ``layer_types``
-    (Gemma 2 by default every other layer from the first, Gemma 3 five of every six; Qwen only
-    with ``use_sliding_window``, by default the layers from ``max_window_layers`` on)."""
-    if not cfg.get("sliding_window"):
-        return ["full_attention"] * num_layers
-    if model_type in ("mistral", "mixtral"):
-        return ["sliding_attention"] * num_layers
-    if model_type in ("gemma2", "gemma3_text"):
-        period = 2 if model_type == "gemma2" else cfg.get("sliding_window_pattern", 6)
-        default = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(num_layers)]
-        return list(cfg.get("layer_types") or default)
-    if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
-        first = cfg.get("max_window_layers", num_layers)
-        default = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
-        return list(cfg.get("layer_types") or default)
-    return ["full_attention"] * num_layers
-
-
-def _layer_sliding_windows(cfg: dict[str, Any], layer_types: list[str]) -> tuple[int | None, ...]:
-    window = cfg.get("sliding_window")
-    return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
-
-
-def _layer_rope(
-    cfg: dict[str, Any], layer_types: list[str], default: tuple[float, dict[str, Any] | None]
-) -> tuple[tuple[float, dict[str, Any] | None], ...]:
-    """Each layer's rotary settings: Gemma 3's ``rope_parameters`` hold one set per layer type."""
-    params = cfg.get("rope_parameters")
-    if not (isinstance(params, dict) and all(isinstance(v, dict) for v in params.values()) and params):
-        return (default,) * len(layer_types)
-    by_type = {kind: _rope_settings({"rope_parameters": settings}) for kind, settings in params.items()}
-    return tuple(by_type.get(kind, default) for kind in layer_types)
-
-
-def _rope_settings(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+def rope_settings(cfg: dict[str, Any]) -> RopeSettings:
     """(theta, scaling) from either transformers-5 ``rope_parameters`` or the older
     ``rope_theta`` + ``rope_scaling`` fields."""
     params = cfg.get("rope_parameters")
@@ -222,3 +177,20 @@ def _rope_settings(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if isinstance(scaling, dict) and (scaling.get("rope_type") or scaling.get("type")) == "default":
         scaling = None
     return float(cfg.get("rope_theta", 10000.0)), scaling
+
+
+def layer_rope(cfg: dict[str, Any], layer_types: list[str]) -> tuple[RopeSettings, ...]:
+    """Each layer's rotary settings: one set for all, or (Gemma 3) ``rope_parameters`` holding one
+    set per layer type."""
+    default = rope_settings(cfg)
+    params = cfg.get("rope_parameters")
+    if not (isinstance(params, dict) and all(isinstance(v, dict) for v in params.values()) and params):
+        return (default,) * len(layer_types)
+    by_type = {kind: rope_settings({"rope_parameters": settings}) for kind, settings in params.items()}
+    return tuple(by_type.get(kind, default) for kind in layer_types)
+
+
+def sliding_windows(cfg: dict[str, Any], layer_types: list[str]) -> tuple[int | None, ...]:
+    """``sliding_window`` on the layers of type ``sliding_attention``, None (full attention) elsewhere."""
+    window = cfg.get("sliding_window")
+    return tuple(window if kind == "sliding_attention" else None for kind in layer_types)

@@ -20,12 +20,11 @@ from fastgen.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowPa
 from fastgen.layers.parallel import SINGLE, TensorParallel
 from fastgen.layers.quantization import quantize_linear_layers
 
-from . import model_class_for
+from . import adapter_for, model_class_for
+from .adapter import RowBlocks
 from .config import ModelConfig
 from .gguf import gguf_file_in
 from .gguf import iterate_tensors as iterate_gguf_tensors
-
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
 @contextlib.contextmanager
@@ -77,9 +76,8 @@ def fill_dummy_weights(model: nn.Module, unsharded: nn.Module, seed: int) -> Non
     (``seed``, its name, its full shape) on the model's device, one tensor at a time, and goes
     through the same weight loaders as a real checkpoint, which keep this rank's shard.
     ``unsharded`` is the model at ``tensor_parallel=1`` on the meta device (it gives the names
-    and full shapes). Every rank draws whole tensors, yet a Llama-2-13B-shaped model fills in
-    0.2 s on an H100 (either rank of 2, or one), and memory peaks at the model plus its largest
-    tensor."""
+    and full shapes). Every rank draws whole tensors (fast all the same: benchmarks/NOTES-runner.md);
+    memory peaks at the model plus its largest tensor."""
     params = dict(model.named_parameters())
     if set(params) != {name for name, _ in unsharded.named_parameters()}:
         raise ValueError(f"{type(model).__name__}: the unsharded model has other parameters")
@@ -148,12 +146,12 @@ def _dummy_seed(seed: int, name: str, shape: tuple[int, ...]) -> int:
 def load_weights(
     model: nn.Module, path: Path, load_format: str = "auto", *, show_progress: bool = True
 ) -> None:
-    """Copy checkpoint tensors into ``model``'s parameters; every parameter must be filled."""
+    """Copy checkpoint tensors into ``model``'s parameters; every parameter must be filled. The
+    family's adapter maps each checkpoint name onto the canonical ones (cutting fused tensors)."""
     params = dict(model.named_parameters())
     packed = getattr(model, "packed_modules", {})
-    config = getattr(model, "config", None)
-    tied = getattr(config, "tie_word_embeddings", False)
-    prefix = getattr(config, "weights_prefix", "")
+    config: ModelConfig = model.config
+    adapter = adapter_for(config.model_type)
     stacked = {
         name: (target, shard_id)
         for target, param in params.items()
@@ -161,23 +159,51 @@ def load_weights(
         for name, shard_id, _ in _stacked_tensors(target, param)
     }
     filled: set[str] = set()
-    for name, loaded in _iterate_checkpoint(path, load_format, show_progress):
-        if prefix:
-            if not name.startswith(prefix):
+    for checkpoint_name, loaded in _iterate_checkpoint(path, load_format, show_progress):
+        if config.weights_prefix:
+            if not checkpoint_name.startswith(config.weights_prefix):
                 continue  # e.g. the vision tower of a multimodal checkpoint served as text
-            name = name[len(prefix) :]
-        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
-            continue
-        target, shard_id = stacked.get(name) or _target_name(name, packed)
-        param = params.get(target)
-        if param is None:
-            raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
-        param.weight_loader(param, loaded, shard_id)
-        filled.add(target if shard_id is None else f"{target}#{shard_id}")
+            checkpoint_name = checkpoint_name[len(config.weights_prefix) :]
+        for name, rows in adapter.canonical_tensors(checkpoint_name, config):
+            if config.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            target, shard_id = stacked.get(name) or _target_name(name, packed)
+            param = params.get(target)
+            if param is None:
+                where = type(model).__name__
+                raise ValueError(f"checkpoint tensor {checkpoint_name!r} has no place in {where}")
+            param.weight_loader(param, loaded if rows is None else RowView(loaded, rows), shard_id)
+            filled.add(target if shard_id is None else f"{target}#{shard_id}")
     missing = [n for n in params if n not in filled and not any(f.startswith(n + "#") for f in filled)]
     missing += [name for name, (target, shard_id) in stacked.items() if f"{target}#{shard_id}" not in filled]
     if missing:
         raise ValueError(f"checkpoint in {path} lacks weights for: {', '.join(missing[:8])}")
+
+
+class RowView:
+    """The rows ``blocks`` of a checkpoint tensor (a tensor or a lazy safetensors slice) as one
+    tensor, for weight loaders: indexing reads only the rows asked for (a rank's shard)."""
+
+    def __init__(self, loaded: Any, blocks: RowBlocks):
+        self.loaded = loaded
+        self.blocks = blocks
+        shape = tuple(loaded.get_shape()) if hasattr(loaded, "get_shape") else tuple(loaded.shape)
+        self.shape = (sum(stop - start for start, stop in blocks), *shape[1:])
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        rows, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError(f"RowView takes a slice of rows, got {index!r}")
+        first, last, _ = rows.indices(self.shape[0])
+        parts, offset = [], 0
+        for start, stop in self.blocks:  # the part of each block that falls in [first, last)
+            low, high = max(first, offset), min(last, offset + stop - start)
+            if low < high:
+                parts.append(self.loaded[(slice(start + low - offset, start + high - offset), *rest)])
+            offset += stop - start
+        if not parts:
+            return torch.empty((0, *self.shape[1:]))[(slice(None), *rest)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _stacked_tensors(target: str, param: nn.Parameter) -> Iterator[tuple[str, Any, tuple[int, ...]]]:
