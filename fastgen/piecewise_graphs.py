@@ -1,19 +1,20 @@
 """Piecewise CUDA graphs for steps that carry prompt chunks.
 
-An eager step of a 7B model launches ~370 kernels; on a slow host that costs more time than the
-GPU needs for a 768-token step (measured: 26 ms of launches for 15 ms of kernels on an H100
-machine). Everything between two attentions (norms, GEMMs, rotary, activations, residual adds)
-depends only on the number of tokens, so it is captured once per padded token count as a chain
-of graph *segments*; attention, whose launch shape depends on the batch's sequences, runs
-eagerly in the *holes* between segments, with the exact shapes of the step.
+An eager step launches hundreds of kernels; on a slow host their launches can take longer than the
+GPU needs for the step (figures in benchmarks/NOTES-engine.md). Everything between two attentions
+(norms, GEMMs, rotary, activations, residual adds) depends only on the number of tokens, so it is
+captured once per padded token count as a chain of graph *segments*; attention, whose launch shape
+depends on the batch's sequences, runs eagerly in the *holes* between segments, with the exact
+shapes of the step.
 
-Capture runs the model's own forward: `PagedAttention` hands each attention call to the
-recorder, which copies q/k/v into static buffers (inside the segment), closes the segment,
-remembers the hole, and opens the next segment, which reads the attention output from a static
-buffer. The static buffers are shared by every layer and bucket (replays are sequential on one
-stream), so the graphs hold no per-layer activations: the q/k/v copies cost ~3% of a 768-token
-step, far less than keeping each layer's QKV alive per bucket would cost in memory. Segments
-touch no KV cache, so capture happens before the cache exists.
+Capture runs the model's own forward, which knows nothing of graphs: for the time of a capture the
+runner swaps each attention layer's forward for the recorder's (`attention_recorded_by`), which
+copies q/k/v into static buffers (inside the segment), closes the segment, remembers the hole, and
+opens the next segment, which reads the attention output from a static buffer. The static buffers
+are shared by every layer and bucket (replays are sequential on one stream), so the graphs hold no
+per-layer activations: the q/k/v copies cost a few percent of a full-budget step, far less than
+keeping each layer's QKV alive per bucket would cost in memory. Segments touch no KV cache, so
+capture happens before the cache exists.
 Replay: copy the step's token ids and positions into static buffers, then replay segment 0,
 attend, replay segment 1, ... The final hidden states of the padded tokens come back; the runner
 computes logits on the sampled rows only.
@@ -21,7 +22,10 @@ computes logits on the sampled rows only.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -115,13 +119,31 @@ class SegmentRecorder:
             buffer.copy_(x)
         return static
 
-    def attention(self, module: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def attention(
+        self, module: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """Stands in for ``module``'s forward during a capture: the attention becomes a hole."""
         static = self._to_static(q, k, v)
         out = self.buffers.get("out", q)
         self.end()
         self.holes.append(_Hole(module, *static, out))
         self.begin()
         return out
+
+
+@contextlib.contextmanager
+def attention_recorded_by(model: nn.Module, recorder: SegmentRecorder) -> Iterator[None]:
+    """For the time of a capture, every attention layer of ``model`` hands its calls to
+    ``recorder`` (an instance attribute shadows the class's forward); afterwards the layers are
+    as they were."""
+    layers = [module for module in model.modules() if isinstance(module, PagedAttention)]
+    for layer in layers:
+        layer.forward = functools.partial(recorder.attention, layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 class MixedGraphs:
@@ -147,9 +169,9 @@ class MixedGraphs:
             block_tables=unused,
             max_query_len=size,
             max_context_len=size,
-            recorder=recorder,
         )
-        return self.model(self.token_ids[:size], batch)
+        with attention_recorded_by(self.model, recorder):
+            return self.model(self.token_ids[:size], batch)
 
     def _capture_one(self, size: int, pool, stream: torch.cuda.Stream) -> None:
         self._forward(size, SegmentRecorder(pool, self.buffers, capture=False))  # warm-up

@@ -1,4 +1,7 @@
-"""The host-side logic of piecewise graphs (capture and replay themselves run in the GPU tests)."""
+"""The host-side logic of piecewise graphs (capture and replay themselves run in the GPU tests):
+token buckets, static copies, and the split of a model's forward at its attention layers, which the
+runner makes by swapping the layers' forward for the time of a capture (the model knows nothing
+of graphs)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,16 @@ import pytest
 import torch
 
 from fastgen.layers.attention import ForwardBatch, PagedAttention
-from fastgen.piecewise_graphs import SegmentRecorder, StaticBuffers, token_buckets
+from fastgen.layers.parallel import SINGLE
+from fastgen.models.config import ModelConfig
+from fastgen.models.loader import build_model
+from fastgen.piecewise_graphs import (
+    MixedGraphs,
+    SegmentRecorder,
+    StaticBuffers,
+    attention_recorded_by,
+    token_buckets,
+)
 
 
 @pytest.mark.parametrize("budget", [1, 16, 100, 768, 2048, 5000])
@@ -42,14 +54,67 @@ def test_separate_tensors_get_one_buffer_each():
     assert len({t.data_ptr() for t in static}) == 3
 
 
-def test_recorder_stands_in_for_attention_and_records_holes():
+def test_recorder_stands_in_for_attention_only_while_capturing():
     recorder = SegmentRecorder(None, StaticBuffers(8, torch.device("cpu")), capture=False)
     layer = PagedAttention(4, 2, 8, scale=1.0, sliding_window=None)
+    holder = torch.nn.ModuleList([layer])
     unused = torch.empty(0, dtype=torch.int32)
-    positions = torch.zeros(3, dtype=torch.int64)
-    batch = ForwardBatch(positions, unused, unused, unused, unused, 3, 3, recorder=recorder)
+    batch = ForwardBatch(torch.zeros(3, dtype=torch.int64), unused, unused, unused, unused, 3, 3)
     q, k, v = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8)
-    out = layer(q, k, v, batch)
+    with attention_recorded_by(holder, recorder):
+        out = layer(q, k, v, batch)
     assert out.shape == q.shape
     assert len(recorder.holes) == 1 and recorder.holes[0].module is layer and recorder.holes[0].out is out
     assert recorder.graphs == []  # nothing captured without capture=True
+    assert "forward" not in vars(layer)  # the layer's own forward again
+    with pytest.raises(IndexError):  # ... which writes its (here unallocated) KV cache
+        layer(q, k, v, batch)
+
+
+TINY = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2,
+)  # fmt: skip
+
+
+class SpyingRecorder(SegmentRecorder):
+    """Notes the layer and the query each attention call hands over."""
+
+    def __init__(self, buffers: StaticBuffers):
+        super().__init__(None, buffers, capture=False)
+        self.seen: list[tuple[PagedAttention, torch.Tensor]] = []
+
+    def attention(self, module, q, k, v, batch):
+        self.seen.append((module, q.clone()))
+        return super().attention(module, q, k, v, batch)
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        dict(model_type="llama"),
+        dict(model_type="phi", partial_rotary_factor=0.5),  # attention and MLP side by side
+        dict(model_type="gemma2", head_dim=8),  # norms around each block's output
+    ],
+)
+def test_a_models_forward_splits_at_each_attention_layer(family):
+    """A forward of every block shape, recorded on the CPU without graphs: one hole per layer, in
+    order, whose output buffer is what the model continues with; afterwards the layers attend
+    for themselves again."""
+    config = ModelConfig.from_dict({**TINY, **family})
+    model = build_model(
+        None, config, dtype=torch.float32, device=torch.device("cpu"), tp=SINGLE, max_model_len=64,
+        load_format="dummy",
+    )  # fmt: skip
+    graphs = MixedGraphs(model, device=torch.device("cpu"), max_tokens=16)
+    graphs.token_ids.copy_(torch.randint(0, 64, (16,)))
+    graphs.positions.copy_(torch.arange(16))
+    recorder = SpyingRecorder(graphs.buffers)
+    hidden = graphs._forward(12, recorder)
+    layers = [module for module in model.modules() if isinstance(module, PagedAttention)]
+    assert hidden.shape == (12, config.hidden_size) and len(layers) == 3
+    assert [hole.module for hole in recorder.holes] == [module for module, _ in recorder.seen] == layers
+    assert all(hole.out.shape == (12, 4, 8) for hole in recorder.holes)
+    last_q = recorder.seen[-1][1]  # the static buffers are shared: they hold the last layer's copy
+    assert torch.equal(recorder.holes[-1].q, last_q) and last_q.abs().sum() > 0
+    assert all("forward" not in vars(layer) for layer in layers)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +26,6 @@ class ForwardBatch:
     max_query_len: int
     max_context_len: int
     num_decodes: int = 0  # the first sequences that have one query token (see kernels.paged_attention)
-    recorder: Any = None  # a piecewise-graph SegmentRecorder while capturing, else None
 
 
 class PagedAttention(nn.Module):
@@ -59,8 +57,6 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """``q``: [T, heads, d]; ``k``, ``v``: [T, kv_heads, d]; returns [T, heads, d]."""
-        if batch.recorder is not None:
-            return batch.recorder.attention(self, q, k, v)
         return self.attend(q, k, v, batch)
 
     def attend(
