@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,47 +30,75 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fastgen.serving.guard import HttpPolicy
 
-_ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type, help)
-    "--tensor-parallel": ("tensor_parallel", int, "GPUs per replica"),
-    "--token-budget": ("token_budget", int, "tokens per forward pass (Dynamic SplitFuse budget)"),
-    "--max-seqs": ("max_seqs", int, "sequences alive at once"),
-    "--max-queued-requests": ("max_queued_requests", int, "waiting requests beyond which requests get 503"),
-    "--max-model-len": ("max_model_len", int, "longest prompt + output"),
-    "--num-kv-blocks": ("num_kv_blocks", int, "KV-cache blocks (default: sized from memory)"),
-    "--block-size": ("block_size", int, "tokens per KV-cache block"),
-    "--dtype": ("dtype", str, "auto, float32, float16 or bfloat16"),
-    "--device": ("device", str, "auto, cpu, cuda or cuda:N"),
-    "--load-format": ("load_format", str, "auto, safetensors, pt or dummy"),
-    "--seed": ("seed", int, "seed of the engine's random stream"),
-    "--gpu-memory-utilization": ("gpu_memory_utilization", float, "share of GPU memory the engine may use"),
-    "--step-timeout-s": ("step_timeout_s", float, "fail a step whose tensor-parallel workers hang this long"),
-    "--quantization": ("quantization", str, "fp8: FP8 (e4m3) weights, W8A8, for H100/H200"),
-    "--kv-cache-dtype": ("kv_cache_dtype", str, "auto (the model dtype) or fp8 (e4m3 keys and values)"),
-}
+SUPPRESS = argparse.SUPPRESS
 
-
-_ENGINE_SWITCHES = {  # flag -> (EngineConfig field turned off, help)
-    "--no-cuda-graphs": ("cuda_graphs", "run every step eagerly"),
-    "--no-async-scheduling": ("async_scheduling", "plan each step only after the previous one's tokens"),
-    "--no-prefix-caching": ("enable_prefix_caching", "compute every prompt in full"),
-}
+# flags whose name is not the field's (``--<field-name>``, ``--no-<field-name>`` for a switch)
+_FLAG_NAMES = {"enable_prefix_caching": "--no-prefix-caching"}
 
 
 def _add_engine_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    group = parser.add_argument_group("engine")
-    for flag, (field, kind, help_text) in _ENGINE_OPTIONS.items():
-        if flag not in skip:
-            group.add_argument(flag, dest=f"engine_{field}", type=kind, default=None, help=help_text)
-    for flag, (field, help_text) in _ENGINE_SWITCHES.items():
-        if flag not in skip:
-            group.add_argument(
-                flag, dest=f"engine_{field}", action="store_const", const=False, default=None, help=help_text
-            )
+    """One flag for every `EngineConfig` field, with the field's own documentation as its help.
+    A switch turns off a field that is on by default (``--no-cuda-graphs``); a flag that is not
+    given leaves the field's default."""
+    from fastgen.config import EngineConfig, field_docs
+
+    group = parser.add_argument_group("engine (EngineConfig fields)")
+    docs = field_docs(EngineConfig)
+    hints = typing.get_type_hints(EngineConfig)
+    defaults = EngineConfig()
+    for field in EngineConfig.__struct_fields__:
+        default = getattr(defaults, field)
+        kind, optional = _base_type(hints[field])
+        doc = _help(docs.get(field, ""))
+        if kind is bool:
+            flag = _FLAG_NAMES.get(field, f"--{'no-' if default else ''}{field.replace('_', '-')}")
+            options: dict[str, Any] = dict(action="store_const", const=not default)
+            help_text = f"{'turn off' if default else 'turn on'}: {doc}"
+        else:
+            flag = _FLAG_NAMES.get(field, f"--{field.replace('_', '-')}")
+            options = dict(type=_value_parser(kind, optional), metavar=_METAVARS.get(kind, "TEXT"))
+            shown = "unset" if default is None else ",".join(map(str, default)) if kind is list else default
+            unset = "; none unsets it" if optional and default is not None else ""
+            help_text = f"{doc} (default: {shown}{unset})"
+        if flag not in skip:  # an absent flag leaves no attribute: the field keeps its default
+            group.add_argument(flag, dest=f"engine_{field}", help=help_text, default=SUPPRESS, **options)
+
+
+_METAVARS: dict[type, str] = {int: "N", float: "X", list: "N,N,..."}
+
+
+def _base_type(hint: Any) -> tuple[type, bool]:
+    """(the type a value of ``hint`` has, whether None is allowed): ``int | None`` is (int, True)."""
+    members = [member for member in typing.get_args(hint) if member is not type(None)]
+    if typing.get_origin(hint) is list:
+        return list, False
+    if members:  # a union with None
+        return _base_type(members[0])[0], True
+    return hint, False
+
+
+def _value_parser(kind: type, optional: bool) -> Callable[[str], Any]:
+    """Reads a flag's text: ``none`` is None for an optional field, lists are comma-separated ints."""
+
+    def parse(text: str) -> Any:
+        if optional and text.lower() == "none":
+            return None
+        if kind is list:
+            return [int(item) for item in text.split(",") if item.strip()]
+        return kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def _help(doc: str) -> str:
+    """A field's documentation as plain text for ``--help`` (no reST quotes; % escaped)."""
+    return doc.replace("``", "").replace("`", "").replace("%", "%%")
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     prefix = "engine_"
-    return {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+    return {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix)}
 
 
 def _run(coroutine) -> Any:
