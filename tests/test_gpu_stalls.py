@@ -19,6 +19,7 @@ def _random_params(rng: random.Random) -> SamplingParams:
         return SamplingParams(max_new_tokens=rng.randint(1, 40))
     return SamplingParams(
         max_new_tokens=rng.randint(1, 40),
+        do_sample=True,
         temperature=rng.choice([0.7, 1.0]),
         top_k=rng.choice([0, 5, 50]),
         top_p=rng.choice([1.0, 0.9]),
