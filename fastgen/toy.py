@@ -255,6 +255,55 @@ _FAMILIES = {
         rope_theta=10000.0,
         partial_rotary_factor=0.5,  # rotary on 8 of the 16 features of each head
     ),
+    "falcon": dict(  # the 7B layout: multi-query attention beside the MLP, one LayerNorm
+        architectures=["FalconForCausalLM"],
+        model_type="falcon",
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        multi_query=True,
+        parallel_attn=True,
+        new_decoder_architecture=False,
+        bias=False,
+        alibi=False,
+        layer_norm_epsilon=1e-5,
+        tie_word_embeddings=False,
+    ),
+    "opt": dict(  # pre-norm, as OPT-125m and the larger ones
+        architectures=["OPTForCausalLM"],
+        model_type="opt",
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        do_layer_norm_before=True,
+        word_embed_proj_dim=64,
+        activation_function="relu",
+        tie_word_embeddings=False,
+    ),
+    # Qwen v1 has no transformers class: the toy is a Qwen2 model (multi-head, no o_proj bias)
+    # written in Qwen's own layout (see `qwen_layout`)
+    "qwen": dict(
+        architectures=["QWenLMHeadModel"],
+        model_type="qwen",
+        hidden_size=64,
+        intermediate_size=256,  # twice the MLP's width, as Qwen counts it
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        kv_channels=16,
+        layer_norm_epsilon=1e-6,
+        max_position_embeddings=512,
+        seq_length=512,
+        rotary_emb_base=10000,
+        rotary_pct=1.0,
+        use_dynamic_ntk=False,
+        use_logn_attn=False,
+        no_bias=True,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -291,21 +340,27 @@ def make_toy_checkpoint(
         text = {k: v for k, v in _FAMILIES["gemma3_text"].items() if k not in ("architectures", "model_type")}
         text.update(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=None)
         fields["text_config"] = {**text, **(fields["text_config"] or {})}
+    written_config = fields if fields["model_type"] == "qwen" else None
+    if written_config is not None:
+        fields = _qwen2_twin_fields(fields)
     model_type = fields.pop("model_type")
     config = AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name and name.endswith("bias"):
+            norm = "norm" in name or ".ln_" in name  # Falcon's ln_attn, ln_mlp, ln_f
+            if norm and name.endswith("bias"):
                 param.normal_(0.0, 0.1)
-            elif "norm" in name:
+            elif norm:
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
             else:
                 param.normal_(0.0, weight_std)
     if train_steps:
         _train(model, path, train_steps, train_device, seed)
-    if weights_format == "bin":
+    if written_config is not None:
+        _write_in_qwen_layout(model, written_config, path, weights_format)
+    elif weights_format == "bin":
         config.save_pretrained(path)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         if config.tie_word_embeddings:
@@ -316,6 +371,70 @@ def make_toy_checkpoint(
         model.save_pretrained(path, max_shard_size=shard_size or "10GB")
     _write_generation_config(path)
     return path
+
+
+def _qwen2_twin_fields(qwen: dict) -> dict:
+    """The Qwen2 config of the same model as a Qwen (v1) config with Qwen's defaults."""
+    heads = qwen["num_attention_heads"]
+    return dict(
+        model_type="qwen2",
+        vocab_size=qwen["vocab_size"],
+        hidden_size=qwen["hidden_size"],
+        intermediate_size=qwen["intermediate_size"] // 2,
+        num_hidden_layers=qwen["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=qwen["kv_channels"],
+        rms_norm_eps=qwen["layer_norm_epsilon"],
+        rope_theta=float(qwen["rotary_emb_base"]),
+        max_position_embeddings=qwen["max_position_embeddings"],
+        tie_word_embeddings=qwen["tie_word_embeddings"],
+        bos_token_id=qwen.get("bos_token_id"),
+        eos_token_id=qwen.get("eos_token_id"),
+        pad_token_id=None,
+    )
+
+
+def qwen_layout(state: dict) -> dict:
+    """A Qwen2 model's tensors under Qwen (v1)'s names: q, k and v fused into ``c_attn``, the gate
+    as ``w2`` and the up projection as ``w1`` (Qwen computes ``c_proj(w1(x) * silu(w2(x)))``)."""
+    import torch
+
+    renamed = {}
+    for name, tensor in state.items():
+        for ours, theirs in _QWEN_NAMES:
+            name = name.replace(ours, theirs)
+        renamed[name] = tensor
+    for key in [k for k in renamed if ".attn.q_proj." in k]:
+        parts = [renamed.pop(key.replace(".q_proj.", f".{which}_proj.")) for which in "qkv"]
+        renamed[key.replace(".q_proj.", ".c_attn.")] = torch.cat(parts)
+    return {name: tensor.contiguous() for name, tensor in renamed.items()}
+
+
+_QWEN_NAMES = (
+    ("model.embed_tokens.", "transformer.wte."),
+    ("model.norm.", "transformer.ln_f."),
+    ("model.layers.", "transformer.h."),
+    (".input_layernorm.", ".ln_1."),
+    (".post_attention_layernorm.", ".ln_2."),
+    (".self_attn.o_proj.", ".attn.c_proj."),
+    (".self_attn.", ".attn."),
+    (".mlp.gate_proj.", ".mlp.w2."),
+    (".mlp.up_proj.", ".mlp.w1."),
+    (".mlp.down_proj.", ".mlp.c_proj."),
+)
+
+
+def _write_in_qwen_layout(model, config: dict, path: Path, weights_format: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    state = qwen_layout(model.state_dict())
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    if weights_format == "bin":
+        torch.save(state, path / "pytorch_model.bin")
+    else:
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _train(model, path: Path, steps: int, device: str, seed: int) -> None:

@@ -16,7 +16,7 @@ from fastgen.models.config import ModelConfig
 from fastgen.plan import SamplingOptions, SequenceChunk, SequenceStart, StepPlan
 from fastgen.runner import ModelRunner
 from tests.helpers import collect, engine_greedy
-from tests.models.test_hf_parity import CASES, prompts_of_mixed_lengths
+from tests.models.test_hf_parity import CASES, hf_reference, prompts_of_mixed_lengths
 
 pytestmark = pytest.mark.gpu
 
@@ -59,6 +59,12 @@ GPU_CASES = [
     "gemma2-softcaps-alternating-windows-sandwich-norms",
     "gemma3-text-qk-norms-rope-per-layer-type",
     "gemma3-multimodal-checkpoint-served-as-text",
+    "falcon-7b-multi-query-parallel-block",
+    "falcon-40b-grouped-kv-two-norms",
+    "falcon-sequential-interleaved-qkv-biases",
+    "opt-pre-norm-relu-learned-positions",
+    "opt-350m-post-norm-projections-tied",
+    "qwen-v1-fused-c-attn",
 ]
 
 
@@ -68,7 +74,7 @@ def test_float32_greedy_matches_hf_on_gpu(toy_checkpoint, case, cuda_graphs):
     family, overrides = CASES[case]
     path = toy_checkpoint(family, **overrides)
     prompts = prompts_of_mixed_lengths(384)
-    expected = hf_greedy_cuda(path, prompts, 24)
+    expected = hf_greedy_cuda(hf_reference(path, family), prompts, 24)
     got = engine_greedy(path, prompts, 24, token_budget=16, device="cuda", cuda_graphs=cuda_graphs)
     assert got == expected
 

@@ -17,6 +17,7 @@ from fastgen.layers.parallel import TensorParallel
 from fastgen.models.config import ModelConfig
 from fastgen.models.loader import build_model
 from tests.helpers import engine_greedy, generate_together, hf_greedy
+from tests.models.test_hf_parity import hf_reference
 
 NEW_TOKENS = 8
 
@@ -77,6 +78,48 @@ def test_shards_reassemble_the_checkpoint(toy_checkpoint, num_kv_heads, size):
     assert not vocab[config.vocab_size :].any()
 
 
+FALCON_LAYOUTS = {  # toy overrides -> how HF's Falcon reads q, k, v out of query_key_value
+    "grouped": dict(new_decoder_architecture=True, num_kv_heads=2),  # per KV head: queries, key, value
+    "multi-query": {},  # all queries, one key, one value
+    "interleaved": dict(multi_query=False, parallel_attn=False),  # q, k, v of each head in turn
+}
+
+
+def _falcon_q_k_v(fused: torch.Tensor, layout: str, heads: int, kv_heads: int, dim: int):
+    if layout == "grouped":
+        groups = fused.view(kv_heads, heads // kv_heads + 2, dim, -1)
+        return groups[:, :-2].flatten(0, 2), groups[:, -2].flatten(0, 1), groups[:, -1].flatten(0, 1)
+    if layout == "multi-query":
+        return fused.split([heads * dim, dim, dim])
+    per_head = fused.view(heads, 3, dim, -1)
+    return per_head[:, 0].flatten(0, 1), per_head[:, 1].flatten(0, 1), per_head[:, 2].flatten(0, 1)
+
+
+@pytest.mark.parametrize("layout", list(FALCON_LAYOUTS))
+def test_falcon_fused_qkv_shards_are_the_heads_of_each_rank(toy_checkpoint, layout):
+    """Falcon's query_key_value is cut so that each rank holds its query heads and the KV heads
+    they read (replicated when fewer than ranks), each read from the fused tensor."""
+    path = toy_checkpoint("falcon", **FALCON_LAYOUTS[layout])
+    config = ModelConfig.from_pretrained(path)
+    heads, kv_heads, dim = config.num_heads, config.num_kv_heads, config.head_dim
+    fused = full_checkpoint(path)["transformer.h.1.self_attention.query_key_value.weight"]
+    q, k, v = _falcon_q_k_v(fused, layout, heads, kv_heads, dim)
+    for size in (2, 4):
+        for rank in range(size):
+            model = build_model(
+                path, config, dtype=torch.float32, device=torch.device("cpu"), tp=TensorParallel(rank, size),
+                max_model_len=64,
+            )  # fmt: skip
+            qkv = model.model.layers[1].self_attn.qkv_proj
+            mine_q, mine_k, mine_v = qkv.weight.split([qkv.q_size, qkv.kv_size, qkv.kv_size])
+            rows = heads // size * dim
+            assert torch.equal(mine_q, q[rank * rows : (rank + 1) * rows])
+            local = max(1, kv_heads // size)
+            first = rank * local if kv_heads >= size else rank * kv_heads // size
+            kv_rows = slice(first * dim, (first + local) * dim)
+            assert torch.equal(mine_k, k[kv_rows]) and torch.equal(mine_v, v[kv_rows]), (layout, size, rank)
+
+
 def prompts_of_mixed_lengths(seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, 384) for _ in range(n)] for n in (1, 7, 40, 130, 3, 75)]
@@ -98,6 +141,15 @@ CASES = {
     "gemma-mqa-scaled-embeddings-tp2": ({"family": "gemma"}, 2),
     "gemma2-softcaps-tp2": ({"family": "gemma2"}, 2),
     "gemma3-text-tp2": ({"family": "gemma3_text"}, 2),
+    "falcon-40b-grouped-kv-fused-qkv-tp2": (
+        {"family": "falcon", "new_decoder_architecture": True, "num_kv_heads": 2},
+        2,
+    ),
+    "opt-350m-post-norm-projections-tp2": (
+        dict(family="opt", do_layer_norm_before=False, word_embed_proj_dim=32, tie_word_embeddings=True),
+        2,
+    ),
+    "qwen-v1-fused-c-attn-tp2": ({"family": "qwen"}, 2),
 }
 
 
@@ -105,9 +157,10 @@ CASES = {
 def test_greedy_matches_one_process_and_hf(toy_checkpoint, case):
     overrides, size = CASES[case]
     overrides = dict(overrides)
-    path = toy_checkpoint(overrides.pop("family", "llama"), **overrides)
+    family = overrides.pop("family", "llama")
+    path = toy_checkpoint(family, **overrides)
     prompts = prompts_of_mixed_lengths()
-    expected = hf_greedy(path, prompts, NEW_TOKENS)
+    expected = hf_greedy(hf_reference(path, family), prompts, NEW_TOKENS)
     single = engine_greedy(path, prompts, NEW_TOKENS, token_budget=16, executor="inprocess")
     sharded = engine_greedy(
         path, prompts, NEW_TOKENS, token_budget=16, tensor_parallel=size, worker_start_timeout_s=120

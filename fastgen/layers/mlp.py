@@ -1,4 +1,4 @@
-"""Feed-forward blocks: gated (SwiGLU/GeGLU) and plain."""
+"""Feed-forward blocks: gated (SwiGLU/GeGLU) and plain (GELU or ReLU)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _gelu_approximation(act: str, allowed: tuple[str, ...], kind: str) -> str | 
 
 
 class MLP(nn.Module):
-    """``fc2(act(fc1(x)))`` with GELU (exact or tanh-approximated, as the config names it)."""
+    """``fc2(act(fc1(x)))`` with GELU (exact or tanh-approximated, as the config names it) or ReLU."""
 
     def __init__(
         self,
@@ -35,12 +35,14 @@ class MLP(nn.Module):
         tp: TensorParallel = SINGLE,
     ):
         super().__init__()
-        self.approximate = _gelu_approximation(act, tuple(_GELUS), "MLP")
+        self.relu = act == "relu"
+        self.approximate = None if self.relu else _gelu_approximation(act, (*_GELUS, "relu"), "MLP")
         self.fc1 = ColumnParallelLinear(hidden_size, [intermediate_size], bias=bias, tp=tp)
         self.fc2 = RowParallelLinear(intermediate_size, hidden_size, bias=bias, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(kernels.gelu(self.fc1(x), self.approximate))
+        hidden = self.fc1(x)
+        return self.fc2(torch.relu(hidden) if self.relu else kernels.gelu(hidden, self.approximate))
 
 
 class GatedMLP(nn.Module):

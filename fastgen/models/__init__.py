@@ -26,6 +26,11 @@ FAMILIES: dict[str, str] = {
     "gemma3": "fastgen.models.gemma",
     "gemma3_text": "fastgen.models.gemma",
     "phi": "fastgen.models.phi",
+    "falcon": "fastgen.models.falcon",
+    "RefinedWeb": "fastgen.models.falcon",
+    "RefinedWebModel": "fastgen.models.falcon",
+    "opt": "fastgen.models.opt",
+    "qwen": "fastgen.models.qwen",
 }
 
 

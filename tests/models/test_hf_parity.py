@@ -63,7 +63,84 @@ CASES = {
     "gemma2-softcaps-alternating-windows-sandwich-norms": ("gemma2", {}),
     "gemma3-text-qk-norms-rope-per-layer-type": ("gemma3_text", {}),
     "gemma3-multimodal-checkpoint-served-as-text": ("gemma3", {}),
+    "falcon-7b-multi-query-parallel-block": ("falcon", {}),
+    "falcon-40b-grouped-kv-two-norms": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    "falcon2-new-decoder-one-norm": (
+        "falcon",
+        dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1, rope_theta=500000.0),
+    ),
+    # rotary, but neither parallel nor multi-query: q, k, v interleaved per head; biases
+    "falcon-sequential-interleaved-qkv-biases": (
+        "falcon",
+        dict(multi_query=False, parallel_attn=False, bias=True),
+    ),
+    "opt-pre-norm-relu-learned-positions": ("opt", {}),
+    "opt-350m-post-norm-projections-tied": (
+        "opt",
+        dict(do_layer_norm_before=False, word_embed_proj_dim=32, tie_word_embeddings=True),
+    ),
+    # against transformers' Qwen2 on the same weights written in its layout (see hf_reference)
+    "qwen-v1-fused-c-attn": ("qwen", {}),
 }
+
+
+def hf_reference(path: str, family: str) -> str:
+    """The checkpoint transformers runs for ``path``: itself, or for Qwen (v1), which transformers
+    has no class for, the same weights written as a Qwen2 checkpoint (`qwen2_twin`)."""
+    return qwen2_twin(path) if family == "qwen" else path
+
+
+_TWINS: dict[str, str] = {}
+
+
+def qwen2_twin(path: str) -> str:
+    """A Qwen (v1) checkpoint's weights as a transformers Qwen2 checkpoint, beside it: the same
+    model inside the trained context (multi-head attention, q/k/v biases, no o_proj bias).
+
+    Qwen v1 -> Qwen2: ``c_attn`` is q, k and v one after the other; the MLP computes
+    ``c_proj(w1(x) * silu(w2(x)))``, so ``w2`` is Qwen2's gate and ``w1`` its up projection; the
+    config's ``intermediate_size`` counts both halves."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if path in _TWINS:
+        return _TWINS[path]
+    source, twin = Path(path), Path(path + "-qwen2-twin")
+    twin.mkdir(exist_ok=True)
+    for file in source.iterdir():
+        if file.suffix not in (".safetensors", ".bin") and file.name != "config.json":
+            (twin / file.name).write_bytes(file.read_bytes())
+    qwen = json.loads((source / "config.json").read_text())
+    heads = qwen["num_attention_heads"]
+    config = dict(
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=qwen["vocab_size"],
+        hidden_size=qwen["hidden_size"], intermediate_size=qwen["intermediate_size"] // 2,
+        num_hidden_layers=qwen["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=heads,
+        rms_norm_eps=qwen["layer_norm_epsilon"], rope_theta=float(qwen["rotary_emb_base"]),
+        max_position_embeddings=qwen["max_position_embeddings"], tie_word_embeddings=False,
+        bos_token_id=qwen.get("bos_token_id"), eos_token_id=qwen.get("eos_token_id"),
+    )  # fmt: skip
+    (twin / "config.json").write_text(json.dumps(config))
+    renames = [
+        ("transformer.wte.", "model.embed_tokens."), ("transformer.ln_f.", "model.norm."),
+        ("transformer.h.", "model.layers."), (".ln_1.", ".input_layernorm."),
+        (".ln_2.", ".post_attention_layernorm."), (".attn.c_proj.", ".self_attn.o_proj."),
+        (".mlp.w1.", ".mlp.up_proj."), (".mlp.w2.", ".mlp.gate_proj."), (".mlp.c_proj.", ".mlp.down_proj."),
+    ]  # fmt: skip
+    weights = {}
+    files = sorted(source.glob("*.safetensors"))
+    state = load_file(str(files[0])) if files else torch.load(source / "pytorch_model.bin", weights_only=True)
+    for name, tensor in state.items():
+        for old, new in renames:
+            name = name.replace(old, new)
+        if ".attn.c_attn." in name:
+            for which, part in zip("qkv", tensor.chunk(3), strict=True):
+                weights[name.replace(".attn.c_attn.", f".self_attn.{which}_proj.")] = part.contiguous()
+        else:
+            weights[name] = tensor
+    save_file(weights, str(twin / "model.safetensors"), metadata={"format": "pt"})
+    _TWINS[path] = str(twin)
+    return str(twin)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -71,7 +148,7 @@ def test_greedy_matches_hf(toy_checkpoint, case):
     family, overrides = CASES[case]
     path = toy_checkpoint(family, **overrides)
     prompts = prompts_of_mixed_lengths(384)
-    expected = hf_greedy(path, prompts, NEW_TOKENS)
+    expected = hf_greedy(hf_reference(path, family), prompts, NEW_TOKENS)
     got = engine_greedy(path, prompts, NEW_TOKENS, token_budget=16, block_size=16)
     for prompt, want, have in zip(prompts, expected, got):
         assert have == want, f"prompt of {len(prompt)} tokens diverged"
