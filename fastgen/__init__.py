@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AsyncEngine": "fastgen.engine",
-    "EngineStats": "fastgen.engine",
+    "EngineStats": "fastgen.outputs",
     "EngineConfig": "fastgen.config",
     "SamplingParams": "fastgen.sampling_params",
     "RequestOutput": "fastgen.outputs",
@@ -44,7 +44,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from .config import EngineConfig
-    from .engine import AsyncEngine, EngineStats
+    from .engine import AsyncEngine
     from .errors import (
         DeploymentNotFoundError,
         EngineDeadError,
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     )
     from .mii import Response
     from .mii_pipeline import pipeline
-    from .outputs import RequestOutput, TokenLogprob
+    from .outputs import EngineStats, RequestOutput, TokenLogprob
     from .sampling_params import SamplingParams
     from .serving.client import client
     from .serving.launcher import serve

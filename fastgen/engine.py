@@ -34,7 +34,7 @@ from .executor import Executor, create_executor
 from .models import check_supported
 from .models.checkpoint import load_tokenizer, resolve_model
 from .models.config import ModelConfig
-from .outputs import RequestOutput, TokenLogprob
+from .outputs import EngineStats, RequestOutput, TokenLogprob
 from .plan import SampleLogprobs, StepResult
 from .sampling_params import SamplingParams, check_token_ids
 from .scheduler import ScheduledStep, Scheduler
@@ -161,22 +161,6 @@ class StepProfile:
             "engine_between_steps_ms": self.between_steps_s * per_step,
             "engine_overlapped_ms": self.overlapped_s * per_step,
         }
-
-
-@dataclass
-class EngineStats:
-    """A snapshot of the engine's state (for metrics and tests)."""
-
-    num_running: int
-    num_waiting: int
-    num_kv_blocks: int
-    num_free_kv_blocks: int
-    num_preemptions: int
-    num_steps: int
-    generated_tokens: int
-    prompt_tokens: int
-    prefix_cache_hit_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    kernel_compiles: int = 0  # Triton kernel variants compiled by steps (after start-up, which compiles all)
 
 
 class AsyncEngine:

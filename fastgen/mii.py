@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -37,6 +37,26 @@ class Response(msgspec.Struct, kw_only=True):
 
     def __str__(self) -> str:
         return self.generated_text
+
+
+class _Counts(Protocol):
+    """What a `Response` takes from an output: a `RequestOutput` delta or a `CollectedOutput`."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str | None
+
+
+def mii_response(prompt: str, text: str, output: _Counts, *, full_text: bool, first: bool = True) -> Response:
+    """MII's `Response` for ``text`` of ``prompt``: the whole generated text, or one streamed delta
+    (``first``: the first of them). With ``return_full_text`` (``full_text``) the prompt leads the
+    text, once. The finish reason is ``"none"`` until the request finishes."""
+    return Response(
+        generated_text=prompt + text if full_text and first else text,
+        prompt_length=output.prompt_tokens,
+        generated_length=output.generated_tokens,
+        finish_reason=output.finish_reason or "none",
+    )
 
 
 def parse_mii_options(options: dict[str, Any]) -> tuple[SamplingParams, bool]:

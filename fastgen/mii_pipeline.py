@@ -17,7 +17,8 @@ from .config import EngineConfig
 from .engine import AsyncEngine
 from .errors import EngineDeadError, InvalidRequestError
 from .loops import BackgroundLoop
-from .mii import Response, parse_mii_options
+from .mii import Response, mii_response, parse_mii_options
+from .streams import collect
 
 
 class Pipeline:
@@ -69,21 +70,11 @@ async def generate_responses(
 ) -> list[Response]:
     """Run ``prompts`` concurrently on ``engine`` and collect MII `Response` objects."""
     prompt_ids = [engine.validate_request(prompt, params) for prompt in prompts]  # all before any runs
-
-    async def one(prompt: str, ids: list[int]) -> Response:
-        pieces: list[str] = []
-        out = None
-        async for out in engine.generate(ids, params):
-            pieces.append(out.text)
-        text = "".join(pieces)
-        return Response(
-            generated_text=(prompt + text) if return_full_text else text,
-            prompt_length=out.prompt_tokens,
-            generated_length=out.generated_tokens,
-            finish_reason=out.finish_reason,
-        )
-
-    return list(await asyncio.gather(*(one(p, ids) for p, ids in zip(prompts, prompt_ids))))
+    results = await asyncio.gather(*(collect(engine.generate(ids, params)) for ids in prompt_ids))
+    return [
+        mii_response(prompt, result.text, result, full_text=return_full_text)
+        for prompt, result in zip(prompts, results)
+    ]
 
 
 def pipeline(model_name_or_path: str | Path | None = None, **config: Any) -> Pipeline:

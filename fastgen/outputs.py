@@ -1,6 +1,12 @@
-"""What a request's iterator yields."""
+"""What the engine reports: each request's output deltas, and a snapshot of the engine.
+
+Plain data that crosses processes (msgspec structs and a dataclass that msgspec encodes). Importing
+this module loads no engine code and no torch, so a client process can read it.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import msgspec
 
@@ -16,6 +22,8 @@ class TokenLogprob(msgspec.Struct, array_like=True, frozen=True):
     - ``text_offset``: where the token's text begins in the generated text. Tokens that hold
       parts of one character (an incomplete UTF-8 sequence reads as U+FFFD on its own) begin
       where the character does; a special token, absent from the text, where the text stands.
+
+    `fastgen.logprobs` computes them, and holds the views that show them beside text.
     """
 
     token_id: int
@@ -64,3 +72,19 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's state (for metrics and tests)."""
+
+    num_running: int
+    num_waiting: int
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    num_preemptions: int
+    num_steps: int
+    generated_tokens: int
+    prompt_tokens: int
+    prefix_cache_hit_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    kernel_compiles: int = 0  # Triton kernel variants compiled by steps (after start-up, which compiles all)

@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from fastgen import AsyncEngine, EngineConfig, SamplingParams
+from fastgen.inputs import ChatMessage, ChatPrompt, prompt_token_ids
 from fastgen.models import default
-from fastgen.serving.prompts import ChatMessage, ChatPrompt, prompt_token_ids
 from tests.helpers import collect
 from tests.serving.conftest import start_cli_server, stop_cli_server
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from fastgen.engine import AsyncEngine, EngineStats
-from fastgen.outputs import RequestOutput
+from fastgen.inputs import Prompt, tokenize_off_loop
+from fastgen.outputs import EngineStats, RequestOutput
 from fastgen.sampling_params import SamplingParams
 
-from .prompts import Prompt, tokenize_prompt
+if TYPE_CHECKING:
+    from fastgen.engine import AsyncEngine
 
 
 @runtime_checkable
@@ -76,7 +77,7 @@ class EngineBackend:
     async def stream_outputs(
         self, prompt: Prompt, params: SamplingParams, *, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        token_ids = await tokenize_prompt(self.engine.tokenizer, prompt)  # long prompts: off the loop
+        token_ids = await tokenize_off_loop(self.engine.tokenizer, prompt)  # long prompts: off the loop
         outputs = self.engine.generate(token_ids, params, request_id=request_id)
         async with contextlib.aclosing(outputs):  # stopping early aborts the request at once
             async for output in outputs:

@@ -26,20 +26,19 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
-from fastgen.engine import EngineStats
 from fastgen.errors import EngineDeadError, InvalidRequestError
+from fastgen.inputs import Prompt
 from fastgen.loops import BackgroundLoop
-from fastgen.mii import Response, parse_mii_options
-from fastgen.outputs import RequestOutput
+from fastgen.mii import Response, mii_response, parse_mii_options
+from fastgen.outputs import EngineStats, RequestOutput
 from fastgen.sampling_params import SamplingParams
+from fastgen.streams import StreamGroup, collect_group, output_stream
 
 from . import registry
 from .backend import model_names_for
 from .processes import kill, kill_group, pid_alive, wait_gone
-from .prompts import Prompt
 from .protocol import Cancel, Control, Error, Generate, Output, Reply, decode, encode, error_from_message
 from .registry import DeploymentInfo
-from .streams import StreamGroup
 from .zmq_util import make_socket
 
 logger = logging.getLogger("fastgen.serving.client")
@@ -202,20 +201,20 @@ class Client:
         connection = self._connection()
         request_id = uuid.uuid4().hex
         queue = await connection.open(request_id)
-        finished = False
+
+        def close(cancel: bool) -> None:
+            connection.forget(request_id)
+            if cancel:
+                connection.send_nowait(Cancel(request_id))
+
         try:
             await connection.send(Generate(request_id, prompt, params))
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finish_reason is not None
-                yield item
-        finally:
-            connection.forget(request_id)
-            if not finished:
-                connection.send_nowait(Cancel(request_id))
+        except BaseException:
+            close(True)
+            raise
+        async with contextlib.aclosing(output_stream(queue.get, close)) as outputs:
+            async for output in outputs:
+                yield output
 
     async def stats(self) -> EngineStats:
         """Engine stats summed over the deployment's replicas."""
@@ -235,27 +234,8 @@ class Client:
         prompts = _prompt_list(prompts)
         params, full_text = parse_mii_options(options)
         group = StreamGroup([self.stream_outputs(prompt, params) for prompt in prompts])
-        pieces: list[list[str]] = [[] for _ in prompts]
-        last: list[RequestOutput | None] = [None] * len(prompts)
-        try:
-            await group.start()
-            async for index, output in group:
-                pieces[index].append(output.text)
-                last[index] = output
-        finally:
-            await group.aclose()
-        responses = []
-        for prompt, texts, output in zip(prompts, pieces, last):
-            text = "".join(texts)
-            responses.append(
-                Response(
-                    generated_text=(prompt + text) if full_text else text,
-                    prompt_length=output.prompt_tokens,
-                    generated_length=output.generated_tokens,
-                    finish_reason=output.finish_reason or "none",
-                )
-            )
-        return responses
+        results = await collect_group(group, len(prompts))
+        return [mii_response(prompt, r.text, r, full_text=full_text) for prompt, r in zip(prompts, results)]
 
     def generate(self, prompts: str | Sequence[str], **options: Any) -> list[Response]:
         """MII's ``client.generate``: a list of `Response`, one per prompt."""
@@ -270,14 +250,8 @@ class Client:
         first = True
         async with contextlib.aclosing(self.stream_outputs(prompt, params)) as outputs:
             async for output in outputs:
-                text = (prompt + output.text) if full_text and first else output.text
+                yield mii_response(prompt, output.text, output, full_text=full_text, first=first)
                 first = False
-                yield Response(
-                    generated_text=text,
-                    prompt_length=output.prompt_tokens,
-                    generated_length=output.generated_tokens,
-                    finish_reason=output.finish_reason or "none",
-                )
 
     def stream(self, prompt: str, **options: Any) -> Iterator[Response]:
         """`astream` for synchronous code."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -29,7 +28,9 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from fastgen.errors import DeploymentNotFoundError
-from fastgen.outputs import RequestOutput, TokenLogprob
+from fastgen.inputs import Prompt
+from fastgen.logprobs import shift_offsets
+from fastgen.streams import CollectedOutput, StreamGroup, collect_group
 
 from . import openai_api as oai
 from .backend import Backend
@@ -37,8 +38,6 @@ from .errors import ErrorInfo, ModelNotFoundError, describe_error
 from .guard import HttpPolicy, RequestGuard
 from .metrics import CONTENT_TYPE, ServingMetrics
 from .mii_api import MiiRequest, response_dict
-from .prompts import Prompt
-from .streams import StreamGroup
 
 logger = logging.getLogger("fastgen.serving.gateway")
 
@@ -175,59 +174,10 @@ async def _respond_stream(send: Send, events: AsyncIterator[bytes]) -> None:
         await events.aclose()
 
 
-# -- collecting outputs ---------------------------------------------------------------------------
+# -- collected outputs ----------------------------------------------------------------------------
 
 
-@dataclass
-class _Result:
-    """The accumulated output of one engine request."""
-
-    pieces: list[str] = field(default_factory=list)
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    generated_tokens: int = 0
-    finish_reason: str | None = None
-    logprobs: list[TokenLogprob] | None = None  # those of the text so far, when asked for
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    prompt_text: str | None = None  # the prompt read back from its token ids, with prompt_logprobs
-    visible: oai.VisibleLogprobs = field(default_factory=oai.VisibleLogprobs)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
-
-    def add(self, out: RequestOutput) -> list[TokenLogprob] | None:
-        """Take one output delta; returns the log-probabilities to show with its text (``None``
-        when the request did not ask for them)."""
-        self.pieces.append(out.text)
-        self.prompt_tokens = out.prompt_tokens
-        self.cached_tokens = out.cached_tokens
-        self.generated_tokens = out.generated_tokens
-        self.finish_reason = out.finish_reason
-        if out.prompt_logprobs is not None:
-            self.prompt_logprobs = out.prompt_logprobs
-            self.prompt_text = out.prompt_text
-        if out.logprobs is None:
-            return None
-        ready = self.visible.push(out)
-        if self.logprobs is None:
-            self.logprobs = []
-        self.logprobs.extend(ready)
-        return ready
-
-
-async def _collect(group: StreamGroup, count: int) -> list[_Result]:
-    results = [_Result() for _ in range(count)]
-    try:
-        await group.start()
-        async for index, out in group:
-            results[index].add(out)
-    finally:
-        await group.aclose()
-    return results
-
-
-def _usage_of(choices: list[oai.Choice], results: list[_Result], *, generated: bool = True) -> dict:
+def _usage_of(choices: list[oai.Choice], results: list[CollectedOutput], *, generated: bool = True) -> dict:
     # each prompt counts once, however many choices it has (the first choice's cache hits)
     prompts = {choice.prompt_index: result for choice, result in reversed(list(zip(choices, results)))}
     return oai.usage(
@@ -284,28 +234,18 @@ class _Gateway:
         return _Respond(partial(_respond_json, result=self._mii_result(prompts, jobs, full_text)))
 
     async def _mii_result(self, prompts: list[str], jobs: list, full_text: bool) -> list[dict]:
-        results = await _collect(self._group(jobs, oai.new_id("mii")), len(prompts))
-        return [
-            response_dict(
-                (prompt + r.text) if full_text else r.text,
-                r.prompt_tokens,
-                r.generated_tokens,
-                r.finish_reason,
-            )
-            for prompt, r in zip(prompts, results)
-        ]
+        results = await collect_group(self._group(jobs, oai.new_id("mii")), len(prompts))
+        return [response_dict(prompt, r.text, r, full_text=full_text) for prompt, r in zip(prompts, results)]
 
     async def _mii_events(self, prompts: list[str], jobs: list, full_text: bool) -> AsyncIterator[bytes]:
         group = self._group(jobs, oai.new_id("mii"))
         try:
             await group.start()
-            prefixed: set[int] = set()
+            started: set[int] = set()
             async for index, out in group:
-                text = out.text
-                if full_text and index not in prefixed:
-                    prefixed.add(index)
-                    text = prompts[index] + text
-                delta = response_dict(text, out.prompt_tokens, out.generated_tokens, out.finish_reason)
+                first = index not in started
+                started.add(index)
+                delta = response_dict(prompts[index], out.text, out, full_text=full_text, first=first)
                 yield sse({"index": index, **delta})
             yield DONE
         finally:
@@ -331,7 +271,7 @@ class _Gateway:
 
     async def _completion(self, body: oai.CompletionRequest, model: str, choices: list[oai.Choice]) -> dict:
         response_id, group = self._choice_group("cmpl", choices)
-        results = await _collect(group, len(choices))
+        results = await collect_group(group, len(choices))
         scoring = oai.scores_prompt_only(body)
         items = []
         for c, r in zip(choices, results):
@@ -353,7 +293,7 @@ class _Gateway:
     ) -> AsyncIterator[bytes]:
         response_id, group = self._choice_group("cmpl", choices)
         created = oai.now_s()
-        results = [_Result() for _ in choices]
+        results = [CollectedOutput() for _ in choices]
         try:
             await group.start()
             scoring = oai.scores_prompt_only(body)
@@ -371,7 +311,7 @@ class _Gateway:
                     if body.logprobs is not None and result.prompt_logprobs is not None:
                         echoed = (prompt, result.prompt_logprobs)
                 elif body.echo and logprobs:  # offsets count in the echoed text, prompt first
-                    logprobs = oai.shift_offsets(logprobs, len(prompt))
+                    logprobs = shift_offsets(logprobs, len(prompt))
                 if text or finish or logprobs or echoed:
                     item = oai.completion_choice(choice.index, text, finish, logprobs, echoed)
                     yield sse(oai.completion_object(response_id, model, created, [item], None, True))
@@ -398,7 +338,7 @@ class _Gateway:
 
     async def _chat(self, model: str, choices: list[oai.Choice]) -> dict:
         response_id, group = self._choice_group("chatcmpl", choices)
-        results = await _collect(group, len(choices))
+        results = await collect_group(group, len(choices))
         items = [
             oai.chat_choice(c.index, r.text, r.finish_reason, r.logprobs) for c, r in zip(choices, results)
         ]
@@ -409,7 +349,7 @@ class _Gateway:
     ) -> AsyncIterator[bytes]:
         response_id, group = self._choice_group("chatcmpl", choices)
         created = oai.now_s()
-        results = [_Result() for _ in choices]
+        results = [CollectedOutput() for _ in choices]
         started: set[int] = set()
         chunk = partial(oai.chat_object, response_id, model, created)
         try:

@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from fastgen.engine import EngineStats
-from fastgen.outputs import RequestOutput
+from fastgen.outputs import EngineStats, RequestOutput
 
 from .errors import describe_error
 

@@ -12,8 +12,10 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from fastgen.errors import InvalidRequestError
-from fastgen.mii import Response, parse_mii_options
+from fastgen.mii import mii_response, parse_mii_options
+from fastgen.outputs import RequestOutput
 from fastgen.sampling_params import SamplingParams
+from fastgen.streams import CollectedOutput
 
 
 class MiiRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -62,13 +64,8 @@ class MiiRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return parse_mii_options(options)
 
 
-def response_dict(text: str, prompt_length: int, generated_length: int, finish_reason: str | None) -> dict:
-    """One prompt's result (or stream delta) as MII serialises a `Response`."""
-    return msgspec.structs.asdict(
-        Response(
-            generated_text=text,
-            prompt_length=prompt_length,
-            generated_length=generated_length,
-            finish_reason=finish_reason or "none",
-        )
-    )
+def response_dict(
+    prompt: str, text: str, output: RequestOutput | CollectedOutput, *, full_text: bool, first: bool = True
+) -> dict:
+    """One prompt's result (or stream delta) as MII serialises a `Response` (see `mii_response`)."""
+    return msgspec.structs.asdict(mii_response(prompt, text, output, full_text=full_text, first=first))

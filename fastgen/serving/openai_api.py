@@ -9,7 +9,8 @@ on ``/v1/completions`` (the legacy ``tokens`` / ``token_logprobs`` / ``top_logpr
 (``content: [{token, logprob, bytes, top_logprobs}]``); N is at most 20. A token's ``bytes`` are the
 UTF-8 encoding of its text, so a token that holds part of a character shows U+FFFD there. The
 log-probabilities follow the text: a token appears with the text it begins (streamed or not), and
-when a stop string cuts the text, the tokens past the cut are left out.
+when a stop string cuts the text, the tokens past the cut are left out (`fastgen.logprobs`
+computes the texts and offsets and releases them with the text; this module only formats them).
 
 Penalties: ``presence_penalty`` and ``frequency_penalty`` (OpenAI's, -2..2), ``repetition_penalty``
 (vLLM's extension field, > 0) and ``logit_bias`` (token id, as a string key -> -100..100); see
@@ -25,10 +26,10 @@ from dataclasses import dataclass
 import msgspec
 
 from fastgen.errors import InvalidRequestError
-from fastgen.outputs import RequestOutput, TokenLogprob
+from fastgen.inputs import ChatMessage, ChatPrompt, Prompt
+from fastgen.logprobs import shift_offsets
+from fastgen.outputs import TokenLogprob
 from fastgen.sampling_params import SamplingParams
-
-from .prompts import ChatMessage, ChatPrompt, Prompt
 
 MAX_CHOICES = 128
 _SEED_MODULUS = 2**63
@@ -314,11 +315,6 @@ def completion_choice(
     return {"index": index, "text": text, "logprobs": legacy, "finish_reason": finish_reason}
 
 
-def shift_offsets(entries: list[TokenLogprob], by: int) -> list[TokenLogprob]:
-    """``entries`` with their text offsets counted ``by`` characters later (after an echoed prompt)."""
-    return [msgspec.structs.replace(entry, text_offset=entry.text_offset + by) for entry in entries]
-
-
 def echo_logprobs(prompt_text: str, prompt: list[TokenLogprob | None], generated: list[TokenLogprob]) -> dict:
     """The legacy format for the prompt's tokens (the first has no log-probability and reads up to
     where the second begins) followed by the generated tokens."""
@@ -390,31 +386,3 @@ def _chat_token(text: str, logprob: float) -> dict:
 
 def _finite(logprob: float) -> float:
     return logprob if logprob >= _MIN_LOGPROB else _MIN_LOGPROB  # -inf (and NaN) are not JSON
-
-
-class VisibleLogprobs:
-    """The log-probabilities of one choice, released with the text they describe.
-
-    `push` takes each `RequestOutput` delta and returns the entries to show with its text: those
-    whose text begins before the end of the text shown so far (the engine holds back text that
-    may begin a stop string; its tokens wait with it). At the end, a stop string's cut leaves out
-    the tokens that begin past it; otherwise everything left is released.
-    """
-
-    def __init__(self) -> None:
-        self._pending: list[TokenLogprob] = []
-        self._text_length = 0
-
-    def push(self, output: RequestOutput) -> list[TokenLogprob]:
-        self._text_length += len(output.text)
-        self._pending.extend(output.logprobs or ())
-        if output.finish_reason is not None:
-            cut = isinstance(output.stop_reason, str)
-            ready = [e for e in self._pending if not cut or e.text_offset < self._text_length]
-            self._pending = []
-            return ready
-        count = 0
-        while count < len(self._pending) and self._pending[count].text_offset < self._text_length:
-            count += 1
-        ready, self._pending = self._pending[:count], self._pending[count:]
-        return ready

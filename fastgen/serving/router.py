@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,16 +26,16 @@ import zmq
 import zmq.asyncio
 
 from fastgen.config import EngineConfig
-from fastgen.engine import EngineStats
 from fastgen.errors import EngineDeadError, EngineOverloadedError
-from fastgen.outputs import RequestOutput
+from fastgen.inputs import Prompt, max_total_tokens, tokenize_off_loop
+from fastgen.outputs import EngineStats, RequestOutput
 from fastgen.sampling_params import SamplingParams
+from fastgen.streams import output_stream
 
 from .affinity import PrefixAffinity, prefix_keys
 from .backend import model_names_for
 from .errors import DeploymentStartError
 from .processes import log_tail, spawn_module, stop_process
-from .prompts import Prompt, tokenize_prompt
 from .protocol import (
     Cancel,
     Control,
@@ -191,8 +191,8 @@ class Router:
     async def stream_outputs(
         self, prompt: Prompt, params: SamplingParams, *, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        token_ids = await tokenize_prompt(self.tokenizer, prompt)  # long prompts: off the loop
-        cost = len(token_ids) + self._max_new_tokens(len(token_ids), params)
+        token_ids = await tokenize_off_loop(self.tokenizer, prompt)  # long prompts: off the loop
+        cost = self._cost(len(token_ids), params)
         request_id = request_id if request_id and request_id not in self._flights else uuid.uuid4().hex
         keys = prefix_keys(token_ids) if self.config.enable_prefix_caching else []
         refused: set[_Replica] = set()
@@ -200,27 +200,26 @@ class Router:
             replica = self._pick(refused, keys)
             flight = self._board(request_id, replica, cost)
             self.affinity.record(keys, replica.replica_id)
-            finished = False
             try:
                 await self._send(replica, Generate(request_id, token_ids, params))
                 first = await flight.queue.get()
-                if isinstance(first, EngineOverloadedError) and self._has_live_replica(refused | {replica}):
-                    finished = True
-                    refused.add(replica)
-                    self.affinity.discard(keys, replica.replica_id)
-                    continue
-                item = first
-                while True:
-                    if isinstance(item, BaseException):
-                        finished = True
-                        raise item
-                    finished = item.finish_reason is not None
-                    yield item
-                    if finished:
-                        return
-                    item = await flight.queue.get()
-            finally:
-                self._land(request_id, flight, cancel=not finished)
+            except BaseException:
+                self._land(request_id, flight, cancel=True)
+                raise
+            others = self._has_live_replica(refused | {replica})
+            if not isinstance(first, EngineOverloadedError) or not others:
+                break
+            self._land(request_id, flight, cancel=False)
+            refused.add(replica)
+            self.affinity.discard(keys, replica.replica_id)
+
+        def land(cancel: bool) -> None:
+            self._land(request_id, flight, cancel)
+
+        outputs = output_stream(_first_then(first, flight.queue.get), land)
+        async with contextlib.aclosing(outputs):
+            async for output in outputs:
+                yield output
 
     def _board(self, request_id: str, replica: _Replica, cost: int) -> _Flight:
         flight = _Flight(replica, cost)
@@ -277,13 +276,14 @@ class Router:
     def _has_live_replica(self, exclude: set[_Replica]) -> bool:
         return any(r.serving and r not in exclude for r in self.replicas)
 
-    def _max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
-        limit = self.max_model_len
-        if isinstance(params.max_length, int):
-            limit = min(limit, params.max_length)
-        if isinstance(params.max_new_tokens, int):
-            limit = min(limit, prompt_len + params.max_new_tokens)
-        return max(0, limit - prompt_len)
+    def _cost(self, prompt_len: int, params: SamplingParams) -> int:
+        """The most tokens the request may hold (prompt and output): what it costs the replica it goes
+        to. A request that the engine would refuse for its length is refused here, by the same rule
+        (`max_total_tokens`), before it reaches a replica."""
+        if not self.max_model_len:  # no replica has started: `_pick` says so
+            return prompt_len
+        # the replica validates the options; an invalid max_new_tokens must not make the cost negative
+        return max(prompt_len, max_total_tokens(prompt_len, params, self.max_model_len))
 
     async def _send(self, replica: _Replica, message) -> None:
         try:
@@ -375,3 +375,13 @@ class Router:
         for owner, future in list(self._replies.values()):
             if owner is replica and not future.done():
                 future.set_exception(error)
+
+
+def _first_then(first: Any, receive: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+    """``receive`` that gives ``first`` before what ``receive`` gives."""
+    pending = [first]
+
+    async def next_item() -> Any:
+        return pending.pop() if pending else await receive()
+
+    return next_item

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from fastgen import AsyncEngine, EngineConfig, SamplingParams
-from fastgen.serving.prompts import Prompt, prompt_token_ids
+from fastgen.inputs import Prompt, prompt_token_ids
 from tests.helpers import collect
 
 

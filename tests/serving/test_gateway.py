@@ -12,8 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastgen import SamplingParams, StepError
-from fastgen.engine import EngineStats
-from fastgen.outputs import RequestOutput
+from fastgen.outputs import EngineStats, RequestOutput
 from fastgen.serving import gateway
 from fastgen.serving.gateway import create_app
 

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from fastgen.serving.prompts import ChatMessage, ChatPrompt
+from fastgen.inputs import ChatMessage, ChatPrompt
 
 from .conftest import greedy_texts, start_cli_server, stop_cli_server
 from .helpers import metric, raw_post, sse_events

@@ -13,9 +13,9 @@ from fastgen.errors import (
     InvalidRequestError,
     StepError,
 )
+from fastgen.inputs import ChatMessage, ChatPrompt
 from fastgen.outputs import RequestOutput
 from fastgen.serving.errors import ModelNotFoundError, describe_error
-from fastgen.serving.prompts import ChatMessage, ChatPrompt
 from fastgen.serving.protocol import (
     Cancel,
     Control,

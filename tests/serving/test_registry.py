@@ -9,7 +9,7 @@ import pytest
 
 from fastgen.errors import DeploymentNotFoundError
 from fastgen.serving import registry
-from fastgen.serving.streams import StreamGroup
+from fastgen.streams import StreamGroup
 
 
 def info(name: str, pid: int, model: str = "/models/llama") -> registry.DeploymentInfo:

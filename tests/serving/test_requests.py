@@ -6,10 +6,11 @@ import msgspec
 import pytest
 
 from fastgen.errors import InvalidRequestError
+from fastgen.inputs import ChatPrompt
+from fastgen.logprobs import VisibleLogprobs
 from fastgen.outputs import RequestOutput, TokenLogprob
 from fastgen.serving import openai_api as oai
 from fastgen.serving.mii_api import MiiRequest
-from fastgen.serving.prompts import ChatPrompt
 
 
 def completion(**body) -> list[oai.Choice]:
@@ -81,13 +82,13 @@ def _output(text: str, entries: list, finish: str | None = None, stop_reason=Non
 
 
 def test_logprobs_are_released_with_their_text_and_cut_with_it():
-    visible = oai.VisibleLogprobs()
+    visible = VisibleLogprobs()
     a, b, c, d = _entry(1, 0, "ab"), _entry(2, 2, "c"), _entry(3, 3, "de"), _entry(4, 5, "f")
     assert visible.push(_output("ab", [a])) == [a]
     assert visible.push(_output("", [b])) == []  # its text is held back (it may begin a stop string)
     assert visible.push(_output("c", [c])) == [b]
     assert visible.push(_output("", [d], "stop", stop_reason="de")) == []  # past the cut at 3
-    ended = oai.VisibleLogprobs()
+    ended = VisibleLogprobs()
     ended.push(_output("ab", [a]))
     assert ended.push(_output("", [b, _entry(2, 2, "</s>")], "stop")) == [b, _entry(2, 2, "</s>")]
 

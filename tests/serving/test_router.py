@@ -12,8 +12,7 @@ import pytest
 import zmq
 
 from fastgen import EngineConfig, EngineDeadError, EngineOverloadedError, SamplingParams
-from fastgen.engine import EngineStats
-from fastgen.outputs import RequestOutput
+from fastgen.outputs import EngineStats, RequestOutput
 from fastgen.serving import router as router_module
 from fastgen.serving.protocol import Control, Generate, Output, Ready, Reply, decode, encode, error_message
 from fastgen.serving.router import Router
