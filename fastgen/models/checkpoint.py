@@ -48,12 +48,17 @@ def _has_weights(path: Path, load_format: str) -> bool:
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    """The HF tokenizer of a model directory, a GGUF file (built from its metadata), or a hub name."""
+    """The HF tokenizer of a model directory, a GGUF file (built from its metadata), or a hub name;
+    a Qwen (v1) directory's tiktoken vocabulary is built without its remote code."""
     gguf_file = gguf_file_in(Path(path))
     if gguf_file is not None:
         from .gguf import load_tokenizer as load_gguf_tokenizer
 
         return load_gguf_tokenizer(gguf_file)
+    if (Path(path) / "qwen.tiktoken").is_file() and not (Path(path) / "tokenizer.json").is_file():
+        from .qwen import load_tokenizer as load_qwen_tokenizer
+
+        return load_qwen_tokenizer(Path(path))
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))

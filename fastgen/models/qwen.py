@@ -14,10 +14,14 @@ Its long-context settings, with ``seq_length`` the trained context:
 
 Weights: ``transformer.wte`` / ``h.N`` / ``ln_f``; ``c_attn`` is cut into the q, k and v thirds,
 ``w2`` is the gate, ``w1`` the up projection, ``mlp.c_proj`` the down projection, ``attn.c_proj``
-the output projection. Tensor parallelism: as Llama."""
+the output projection. Tensor parallelism: as Llama.
+
+The tokenizer (``qwen.tiktoken``, read by Qwen's remote code through the tiktoken package) is
+built as a transformers fast tokenizer by `load_tokenizer`."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fastgen.errors import UnsupportedModelError
@@ -93,3 +97,49 @@ ADAPTERS = {
         ignored=(r"\.inv_freq$", r"\.masked_bias$", r"\.logn_tensor$"),
     )
 }
+
+
+# what Qwen's tokenization_qwen.py defines around its tiktoken ranks
+PRE_TOKENIZER_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|extra_{i}|>" for i in range(205)))
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def load_tokenizer(directory: Path) -> Any:
+    """Qwen's tokenizer without its remote code or the tiktoken package: byte-level BPE over the
+    ranks of ``qwen.tiktoken`` (base64 token, rank per line), merges recovered from the ranks as
+    transformers converts tiktoken files, Qwen's pre-tokenizer pattern (digits one at a time), its
+    special tokens numbered after the ranks, ``<|endoftext|>`` as the end of text, and the ChatML
+    template when ``generation_config.json`` says the model chats in it."""
+    import base64
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    class Converter(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:
+            ranks = {}
+            for line in Path(tiktoken_url).read_bytes().splitlines():
+                if line.strip():
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token)] = int(rank)
+            return ranks
+
+    converter = Converter(
+        vocab_file=str(directory / "qwen.tiktoken"),
+        pattern=PRE_TOKENIZER_PATTERN,
+        extra_special_tokens=SPECIAL_TOKENS,
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=converter.converted(), eos_token="<|endoftext|>")
+    generation = directory / "generation_config.json"
+    if generation.is_file() and json.loads(generation.read_text()).get("chat_format") == "chatml":
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer

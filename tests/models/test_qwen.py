@@ -177,3 +177,56 @@ def test_the_fused_attention_bias_matters(toy_checkpoint, tmp_path):
     save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
     prompts = prompts_of_mixed_lengths(384)[2:3]
     assert engine_greedy(str(copy), prompts, 8) != engine_greedy(path, prompts, 8)
+
+
+def _tiktoken_file_of(tokenizer_dir: str, target: Path) -> int:
+    """The byte-level BPE of ``tokenizer_dir`` (the toy's) as a tiktoken rank file: each token's
+    bytes, base64, and its rank (its id less the special tokens before it); returns that offset."""
+    import base64
+
+    from transformers import AutoTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
+    specials = len(tokenizer.all_special_ids)
+    lines = []
+    for token, token_id in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+        if token_id >= specials:
+            data = bytes(to_byte[char] for char in token)
+            lines.append(f"{base64.b64encode(data).decode()} {token_id - specials}")
+    target.write_text("\n".join(lines) + "\n")
+    return specials
+
+
+def test_the_tokenizer_is_built_from_the_tiktoken_ranks(toy_checkpoint, tmp_path):
+    """A directory with ``qwen.tiktoken`` (and Qwen's remote-code tokenizer config) gets a fast
+    tokenizer: the same BPE as the ranks' source, Qwen's digit-by-digit pre-tokenizer, Qwen's
+    special tokens after the ranks, and the ChatML template of the chat models."""
+    from transformers import AutoTokenizer
+
+    from fastgen.models.checkpoint import load_tokenizer
+
+    source = toy_checkpoint("qwen")
+    directory = tmp_path / "qwen-tiktoken"
+    directory.mkdir()
+    offset = _tiktoken_file_of(source, directory / "qwen.tiktoken")
+    remote = {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}  # what transformers cannot run
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "QWenTokenizer", "auto_map": remote})
+    )
+    (directory / "generation_config.json").write_text(json.dumps({"chat_format": "chatml"}))
+    built, original = load_tokenizer(directory), AutoTokenizer.from_pretrained(source)
+    words = "the engine schedules every request over a paged cache of blocks"
+    assert built(words)["input_ids"] == [token - offset for token in original(words)["input_ids"]]
+    assert built.decode(built(words)["input_ids"]) == words
+    pieces = built.backend_tokenizer.pre_tokenizer.pre_tokenize_str("in 2024, naïve")
+    assert [piece for piece, _ in pieces] == ["in", "Ġ", "2", "0", "2", "4", ",", "ĠnaÃ¯ve"]  # digit by digit
+    ranks = len(original.get_vocab()) - offset
+    assert built.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|extra_204|>"]) == [
+        ranks, ranks + 1, ranks + 2, ranks + 207,
+    ]  # fmt: skip
+    assert built.eos_token_id == ranks
+    messages = [{"role": "user", "content": "hi"}]
+    chat = built.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
