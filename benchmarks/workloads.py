@@ -82,6 +82,64 @@ MODEL_SHAPES: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 8192,
         "rope_theta": 500000.0,
     },
+    # the smallest real shape of each family besides Llama that MII serves (issue 16); bos/eos are
+    # the benchmark tokenizer's
+    "falcon-7b": {  # tiiuae/falcon-7b: multi-query (71 query heads: tensor_parallel 1 only), parallel block
+        "architectures": ["FalconForCausalLM"],
+        "model_type": "falcon",
+        "hidden_size": 4544,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 71,
+        "multi_query": True,
+        "new_decoder_architecture": False,
+        "parallel_attn": True,
+        "alibi": False,
+        "bias": False,
+        "layer_norm_epsilon": 1e-5,
+        "vocab_size": 65024,
+        "max_position_embeddings": 2048,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+    },
+    "opt-125m": {  # facebook/opt-125m
+        "architectures": ["OPTForCausalLM"],
+        "model_type": "opt",
+        "hidden_size": 768,
+        "ffn_dim": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "do_layer_norm_before": True,
+        "word_embed_proj_dim": 768,
+        "activation_function": "relu",
+        "vocab_size": 50272,
+        "max_position_embeddings": 2048,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float16",
+    },
+    "qwen-1.8b": {  # Qwen/Qwen-1_8B (v1; dynamic NTK: contexts up to seq_length)
+        "architectures": ["QWenLMHeadModel"],
+        "model_type": "qwen",
+        "hidden_size": 2048,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "kv_channels": 128,
+        "layer_norm_epsilon": 1e-6,
+        "max_position_embeddings": 8192,
+        "seq_length": 8192,
+        "rotary_emb_base": 10000,
+        "rotary_pct": 1.0,
+        "use_dynamic_ntk": True,
+        "use_logn_attn": True,
+        "no_bias": True,
+        "tie_word_embeddings": False,
+        "vocab_size": 151936,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+    },
     "tiny": {  # CPU smoke runs
         **_LLAMA_COMMON,
         "hidden_size": 64,
@@ -259,7 +317,8 @@ def _merges(alphabet: list[str]) -> Iterator[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class ShapeArithmetic:
-    """Parameter, byte and FLOP counts of a Llama-family config (dense, no biases)."""
+    """Parameter, byte and FLOP counts of a dense decoder config (biases and norms left out), read
+    through fastgen's own config reader, so every family's config counts alike."""
 
     hidden_size: int
     intermediate_size: int
@@ -271,6 +330,9 @@ class ShapeArithmetic:
     dtype_bytes: int = 2
     linear_bytes: int = 2  # bytes a weight of the decoder layers' linears (1 with FP8 weights)
     kv_element_bytes: int = 2  # bytes a cached key or value element (1 with an FP8 KV cache)
+    mlp_matrices: int = 3  # gate, up and down; 2 for a plain MLP (fc1, fc2)
+    tied_embeddings: bool = False  # the LM head is the embedding table
+    embedding_dim: int | None = None  # of the token embeddings, when not hidden_size (OPT-350m)
 
     @classmethod
     def from_config(
@@ -280,15 +342,20 @@ class ShapeArithmetic:
         linear_bytes: int | None = None,
         kv_element_bytes: int | None = None,
     ) -> ShapeArithmetic:
-        heads = config["num_attention_heads"]
+        from fastgen.models.config import ModelConfig
+
+        model = ModelConfig.from_dict(config)
         return cls(
-            hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"],
-            num_layers=config["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-            vocab_size=config["vocab_size"],
+            hidden_size=model.hidden_size,
+            intermediate_size=model.intermediate_size,
+            num_layers=model.num_layers,
+            num_heads=model.num_heads,
+            num_kv_heads=model.num_kv_heads,
+            head_dim=model.head_dim,
+            vocab_size=model.vocab_size,
+            mlp_matrices=3 if model.gated_mlp else 2,
+            tied_embeddings=model.tie_word_embeddings,
+            embedding_dim=model.embedding_dim,
             dtype_bytes=dtype_bytes,
             linear_bytes=dtype_bytes if linear_bytes is None else linear_bytes,
             kv_element_bytes=dtype_bytes if kv_element_bytes is None else kv_element_bytes,
@@ -298,7 +365,7 @@ class ShapeArithmetic:
     def linear_params(self) -> int:
         """Parameters of the decoder layers' linears (attention projections and MLP)."""
         h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return self.num_layers * (h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size)
+        return self.num_layers * (h * q + 2 * h * kv + q * h + self.mlp_matrices * h * self.intermediate_size)
 
     @property
     def layer_params(self) -> int:
@@ -307,12 +374,12 @@ class ShapeArithmetic:
 
     @property
     def embedding_params(self) -> int:
-        return self.vocab_size * self.hidden_size
+        return self.vocab_size * (self.embedding_dim or self.hidden_size)
 
     @property
     def total_params(self) -> int:
-        """Layers, input embedding and (untied) LM head."""
-        return self.layer_params + 2 * self.embedding_params
+        """Layers, input embedding and LM head (the same table when tied)."""
+        return self.layer_params + (1 if self.tied_embeddings else 2) * self.embedding_params
 
     @property
     def decode_weight_bytes(self) -> int:
