@@ -175,7 +175,17 @@ def test_bfloat16_engine_serves_concurrent_sampled_and_cancelled_requests(llama_
     assert stats.num_free_kv_blocks == stats.num_kv_blocks
 
 
-@pytest.mark.parametrize("case", ["llama-mha", "llama-gqa-llama3-rope"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "llama-mha",
+        "llama-gqa-llama3-rope",
+        # the other block shapes and position schemes, split at attention the same way
+        "falcon-40b-grouped-kv-two-norms",
+        "opt-350m-post-norm-projections-tied",
+        "qwen-v1-fused-c-attn",
+    ],
+)
 def test_piecewise_mixed_graphs_equal_eager_steps(toy_checkpoint, case):
     """Mixed steps replayed from piecewise graphs (every token bucket) give the eager logits."""
     family, overrides = CASES[case]
