@@ -110,10 +110,9 @@ class DecoderLayer(nn.Module):
         self.block = config.block
         self.input_layernorm = make_norm(config)
         self.self_attn = Attention(config, tp, max_model_len, layer)
-        if config.block != "parallel":
-            self.post_attention_layernorm = make_norm(config)
-        elif config.parallel_norms == 2:
-            self.mlp_layernorm = make_norm(config)
+        parallel = config.block == "parallel"
+        self.post_attention_layernorm = None if parallel else make_norm(config)
+        self.mlp_layernorm = make_norm(config) if parallel and config.parallel_norms == 2 else None
         self.sandwich = config.sandwich_norms
         if self.sandwich:
             self.pre_feedforward_layernorm = make_norm(config)
@@ -148,7 +147,7 @@ class DecoderLayer(nn.Module):
             normed, residual = self.input_layernorm(hidden, residual)
         attention = self.self_attn(positions, normed, batch)
         if self.block == "parallel":
-            mlp_input = self.mlp_layernorm(residual) if hasattr(self, "mlp_layernorm") else normed
+            mlp_input = normed if self.mlp_layernorm is None else self.mlp_layernorm(residual)
             return attention + self.feed_forward(mlp_input), residual
         if self.sandwich:
             attention = self.post_attention_layernorm(attention)
