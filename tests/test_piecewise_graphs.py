@@ -95,6 +95,8 @@ class SpyingRecorder(SegmentRecorder):
         dict(model_type="llama"),
         dict(model_type="phi", partial_rotary_factor=0.5),  # attention and MLP side by side
         dict(model_type="gemma2", head_dim=8),  # norms around each block's output
+        dict(model_type="falcon", new_decoder_architecture=True, num_kv_heads=2, ffn_hidden_size=64),
+        dict(model_type="opt", ffn_dim=64, do_layer_norm_before=False, word_embed_proj_dim=16),  # post-norm
     ],
 )
 def test_a_models_forward_splits_at_each_attention_layer(family):
@@ -112,9 +114,10 @@ def test_a_models_forward_splits_at_each_attention_layer(family):
     recorder = SpyingRecorder(graphs.buffers)
     hidden = graphs._forward(12, recorder)
     layers = [module for module in model.modules() if isinstance(module, PagedAttention)]
-    assert hidden.shape == (12, config.hidden_size) and len(layers) == 3
+    assert hidden.shape == (12, config.embedding_dim or config.hidden_size) and len(layers) == 3
     assert [hole.module for hole in recorder.holes] == [module for module, _ in recorder.seen] == layers
-    assert all(hole.out.shape == (12, 4, 8) for hole in recorder.holes)
+    kv_heads = config.num_kv_heads
+    assert all(hole.out.shape == (12, 4, 8) and hole.k.shape == (12, kv_heads, 8) for hole in recorder.holes)
     last_q = recorder.seen[-1][1]  # the static buffers are shared: they hold the last layer's copy
     assert torch.equal(recorder.holes[-1].q, last_q) and last_q.abs().sum() > 0
     assert all("forward" not in vars(layer) for layer in layers)
