@@ -22,7 +22,7 @@ import torch
 from fastgen import AsyncEngine, EngineConfig, SamplingParams
 from fastgen.errors import UnsupportedModelError
 from fastgen.models.config import ModelConfig
-from tests.helpers import engine_greedy, generate_together
+from tests.helpers import engine_greedy, generate_together, hf_greedy
 from tests.models.test_hf_parity import prompts_of_mixed_lengths, qwen2_twin
 
 # Qwen/Qwen-7B (v1.1)
@@ -230,3 +230,10 @@ def test_the_tokenizer_is_built_from_the_tiktoken_ranks(toy_checkpoint, tmp_path
     messages = [{"role": "user", "content": "hi"}]
     chat = built.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_bin_checkpoint(toy_checkpoint):
+    path = toy_checkpoint("qwen", weights_format="bin")
+    assert not list(Path(path).glob("*.safetensors"))
+    prompts = prompts_of_mixed_lengths(384, seed=3)[:3]
+    assert engine_greedy(path, prompts, 12, token_budget=16) == hf_greedy(qwen2_twin(path), prompts, 12)
