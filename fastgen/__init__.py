@@ -21,6 +21,7 @@ _EXPORTS = {
     "pipeline": "fastgen.mii_pipeline",
     "serve": "fastgen.serving.launcher",
     "client": "fastgen.serving.client",
+    "AccessDeniedError": "fastgen.errors",
     "DeploymentNotFoundError": "fastgen.errors",
     "EngineDeadError": "fastgen.errors",
     "EngineOverloadedError": "fastgen.errors",
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from .config import EngineConfig
     from .engine import AsyncEngine
     from .errors import (
+        AccessDeniedError,
         DeploymentNotFoundError,
         EngineDeadError,
         EngineOverloadedError,

@@ -176,6 +176,7 @@ async def _serve_in_process(args: argparse.Namespace, options: dict[str, Any]) -
     from fastgen.serving.backend import EngineBackend
     from fastgen.serving.gateway import create_app
     from fastgen.serving.http_server import HttpServer
+    from fastgen.serving.replica import engine_down
 
     engine = await _start_engine(args.model, EngineConfig.from_options(**options))
     try:
@@ -187,15 +188,24 @@ async def _serve_in_process(args: argparse.Namespace, options: dict[str, Any]) -
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.stop)
         print(f"fastgen: serving {backend.model_names[0]!r} on {server.url}", file=sys.stderr, flush=True)
-        await server.serve()
+        serving = asyncio.ensure_future(server.serve())
+        failing = asyncio.ensure_future(engine_down(engine))
+        await asyncio.wait({serving, failing}, return_when=asyncio.FIRST_COMPLETED)
+        if not failing.done():
+            failing.cancel()
+            return serving.result() or 0
+        # nothing restarts an engine in this process: exit, for whatever supervises it to restart it
+        print(f"fastgen: the engine cannot serve ({failing.result()}); exiting", file=sys.stderr, flush=True)
+        server.stop()
+        await asyncio.wait({serving}, timeout=10)
+        return 1
     finally:
         await engine.stop()
-    return 0
 
 
 def _serve_deployment(args: argparse.Namespace, options: dict[str, Any]) -> int:
     from fastgen.serving.launcher import serve
-    from fastgen.serving.processes import pid_alive
+    from fastgen.supervisor import pid_alive
 
     tensor_parallel = options.pop("tensor_parallel", 1)
     client = serve(

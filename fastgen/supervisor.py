@@ -131,7 +131,7 @@ class Child:
                 with contextlib.suppress(Exception):
                     sys.stderr.write(f"(fastgen {self.name}) {line}\n")
 
-    def output_tail(self, lines: int = 15) -> str:
+    def output_tail(self, lines: int = 20) -> str:
         if self.log_path is not None:
             text = log_tail(self.log_path, lines)
             return f"; the end of {self.log_path}:\n{text}" if text else f"; {self.log_path} is empty"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 from pathlib import Path
 
 
@@ -52,3 +53,17 @@ def is_running(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     stat = _stat(pid)
     return stat is not None and stat[0] != "Z"
+
+
+def wait_exited(pid: int, timeout_s: float) -> bool:
+    """Wait until process ``pid`` (any, not only a child) has exited: every thread of it, not only
+    its main one, which /proc already shows as a zombie while the others still tear down. True
+    once it has (or was gone already), False after ``timeout_s``."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([pidfd], [], [], timeout_s)[0])
+    finally:
+        os.close(pidfd)

@@ -56,10 +56,14 @@ _STOP_GRACE_S = 5.0  # after the shutdown frame, how long workers may take to ex
 class WorkerError(EngineDeadError):
     """A worker process failed to start or died; the executor cannot run steps any more."""
 
-    def __init__(self, message: str, *, rank: int | None = None, exit_code: int | None = None):
+    def __init__(
+        self, message: str, *, rank: int | None = None, exit_code: int | None = None, summary: str = ""
+    ):
         super().__init__(message)
         self.rank = rank
         self.exit_code = exit_code
+        # one line without pids or output, for health reports (default: the message's first line)
+        self.summary = summary or message.strip().splitlines()[0]
 
 
 class WorkerStepError(StepError):
@@ -350,7 +354,8 @@ class ZmqExecutor:
             code = worker.exit_code
             if code is not None:
                 message = f"tensor-parallel worker died: {worker.describe_exit()}"
-                raise self._die(WorkerError(message, rank=rank, exit_code=code))
+                summary = f"tensor-parallel worker rank {rank} {worker.exit_summary()}"
+                raise self._die(WorkerError(message, rank=rank, exit_code=code, summary=summary))
 
     def _die(self, error: WorkerError) -> WorkerError:
         """Mark the executor dead and stop the remaining workers (they may be stuck in a collective;

@@ -19,6 +19,7 @@ _EXPORTS = {
     "ServingMetrics": "fastgen.serving.metrics",
     "DeploymentInfo": "fastgen.serving.registry",
     "DeploymentStartError": "fastgen.serving.errors",
+    "RestartPolicy": "fastgen.supervisor",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -7,7 +7,9 @@ another process can front a deployment.
 
 Each event loop that uses the client gets its own DEALER socket (sockets belong to one loop);
 the synchronous methods run on a private background loop. A socket monitor notices a lost
-connection, which fails the requests in flight instead of leaving them waiting.
+connection, which fails the requests in flight instead of leaving them waiting. Every message is
+sealed with the deployment's key, read from its registry file (`fastgen.ipc.Seal`); without it the
+deployment answers `AccessDeniedError`.
 """
 
 from __future__ import annotations
@@ -26,20 +28,20 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
-from fastgen.errors import EngineDeadError, InvalidRequestError
+from fastgen.errors import AccessDeniedError, EngineDeadError, InvalidRequestError
 from fastgen.inputs import Prompt
+from fastgen.ipc import Seal, make_socket
 from fastgen.loops import BackgroundLoop
 from fastgen.mii import Response, mii_response, parse_mii_options
 from fastgen.outputs import EngineStats, RequestOutput
 from fastgen.sampling_params import SamplingParams
 from fastgen.streams import StreamGroup, collect_group, output_stream
+from fastgen.supervisor import kill, kill_group, pid_alive, wait_gone
 
 from . import registry
 from .backend import model_names_for
-from .processes import kill, kill_group, pid_alive, wait_gone
 from .protocol import Cancel, Control, Error, Generate, Output, Reply, decode, encode, error_from_message
 from .registry import DeploymentInfo
-from .zmq_util import make_socket
 
 logger = logging.getLogger("fastgen.serving.client")
 
@@ -52,6 +54,7 @@ class _Connection:
 
     def __init__(self, info: DeploymentInfo, on_close):
         self.info = info
+        self._seal = Seal.from_hex(info.secret) if info.secret else None
         self.socket = make_socket(zmq.DEALER)
         self._monitor = self.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self.socket.connect(info.address)
@@ -78,12 +81,16 @@ class _Connection:
     def forget(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
 
+    def _frame(self, message) -> bytes:
+        body = encode(message)
+        return self._seal.seal(body) if self._seal is not None else body  # without: refused
+
     async def send(self, message) -> None:
-        await self.socket.send(encode(message))
+        await self.socket.send(self._frame(message))
 
     def send_nowait(self, message) -> None:
         with contextlib.suppress(zmq.ZMQError):
-            future = self.socket.send(encode(message))
+            future = self.socket.send(self._frame(message))
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def _read(self) -> None:
@@ -292,6 +299,8 @@ class Client:
             info = self.deployment_info()
             pids = [info.server_pid, *(replica.pid for replica in info.replicas)]
             self._run(self._control("shutdown"))
+        except AccessDeniedError:
+            raise  # not ours to stop
         except Exception as exc:
             logger.warning("deployment %r did not take the shutdown order (%s): killing it", self.name, exc)
         if self._process is not None:

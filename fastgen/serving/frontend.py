@@ -3,6 +3,10 @@
 Each client's DEALER multiplexes any number of requests, told apart by the ids the client picks.
 A request's outputs are sent as they arrive; a `Cancel` (or a client that disconnected, which
 the ROUTER reports when a send fails) stops the request and frees its KV cache.
+
+Every message must be sealed with the deployment's key (`fastgen.ipc.Seal`; clients read it from
+the registry file, which only this user can read). Anything else (``generate``, ``info``,
+``shutdown`` alike) is refused with an `AccessDeniedError` and changes nothing.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from typing import Any
 import msgspec
 import zmq
 
+from fastgen.errors import AccessDeniedError
+from fastgen.ipc import Seal, bind, make_socket, unsealed_body
+
 from .backend import Backend
 from .errors import describe_error
 from .metrics import ServingMetrics
 from .protocol import Cancel, Control, Error, Generate, Output, Reply, decode, encode, error_message
-from .zmq_util import bind, make_socket
 
 logger = logging.getLogger("fastgen.serving.frontend")
 
@@ -37,12 +43,14 @@ class Frontend:
         backend: Backend,
         metrics: ServingMetrics,
         info: Callable[[], Any],
+        seal: Seal,
         host: str = "127.0.0.1",
         port: int = 0,
     ):
         self.backend = backend
         self.metrics = metrics
         self._info = info
+        self.seal = seal
         self.socket = make_socket(zmq.ROUTER)
         self.address = bind(self.socket, host, port)
         self.shutdown_requested = asyncio.Event()
@@ -51,7 +59,12 @@ class Frontend:
 
     async def run(self) -> None:
         while True:
-            identity, data = await self.socket.recv_multipart()
+            identity, frame = await self.socket.recv_multipart()
+            try:
+                data = self.seal.open(frame)
+            except AccessDeniedError as exc:
+                await self._refuse_unsealed(identity, frame, exc)
+                continue
             try:
                 message = decode(data)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -118,14 +131,20 @@ class Frontend:
             return
         await self._send_quietly(identity, Reply(message.request_id, body))
 
+    async def _refuse_unsealed(self, identity: bytes, frame: bytes, exc: AccessDeniedError) -> None:
+        """Answer a frame without the deployment's seal with the refusal alone (nothing of the
+        deployment is told), when an id can be read from it (sealed with another key, or not)."""
+        logger.warning("refused a message without this deployment's seal")
+        for body in (frame, unsealed_body(frame)):
+            request_id = _request_id(body)
+            if request_id is not None:
+                await self._send_quietly(identity, error_message(request_id, exc))
+                return
+
     async def _refuse_undecodable(self, identity: bytes, data: bytes, exc: Exception) -> None:
         """Answer a malformed request with an error naming the bad field, when it has an id."""
-        try:
-            raw = msgspec.msgpack.decode(data)
-        except msgspec.DecodeError:
-            raw = None
-        request_id = raw.get("request_id") if isinstance(raw, dict) else None
-        if not isinstance(request_id, str):
+        request_id = _request_id(data)
+        if request_id is None:
             logger.warning("dropping an undecodable message: %s", exc)
             return
         info = describe_error(exc)
@@ -140,3 +159,13 @@ class Frontend:
     async def _send_quietly(self, identity: bytes, message) -> None:
         with contextlib.suppress(_ClientGone):
             await self._send(identity, message)
+
+
+def _request_id(data: bytes) -> str | None:
+    """The ``request_id`` of a msgpack map, if it is one and has a string id."""
+    try:
+        raw = msgspec.msgpack.decode(data)
+    except msgspec.DecodeError:
+        return None
+    request_id = raw.get("request_id") if isinstance(raw, dict) else None
+    return request_id if isinstance(request_id, str) else None

@@ -387,7 +387,11 @@ class _Gateway:
             healthy = await asyncio.wait_for(self.backend.health(), _BACKEND_TIMEOUT_S)
         except Exception:
             healthy = False
-        return JSONResponse({"status": "ok" if healthy else "unhealthy"}, status_code=200 if healthy else 503)
+        body: dict[str, Any] = {"status": "ok" if healthy else "unhealthy"}
+        problems = getattr(self.backend, "health_problems", None)  # a deployment's router names them
+        if not healthy and problems is not None:
+            body["problems"] = problems()
+        return JSONResponse(body, status_code=200 if healthy else 503)
 
     async def metrics_text(self, request: Request) -> Response:
         try:

@@ -1,14 +1,13 @@
 """`serve()`: start a persistent deployment in background processes and return its client.
 
 The deployment server runs in its own session (it outlives the caller, like MII's), starts the
-replicas and publishes itself in the registry once all are ready. `serve` waits for that, and
-raises `DeploymentStartError` with the exit code and the end of the log if the server dies first
-or does not get ready in time; it never waits forever.
+replicas and publishes itself in the registry once all are ready (`fastgen.supervisor` starts it
+with its spec on stdin and waits). `serve` raises `DeploymentStartError` with the exit code and
+the end of the log if the server dies first or does not get ready in time; it never waits forever.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +16,21 @@ import msgspec
 from fastgen.config import EngineConfig
 from fastgen.models import ModelConfig, check_supported
 from fastgen.models.checkpoint import resolve_model
+from fastgen.supervisor import (
+    ChildExitedError,
+    RestartPolicy,
+    StartTimeoutError,
+    kill_group,
+    log_tail,
+    pid_alive,
+    spawn,
+    wait_started_blocking,
+)
 
 from . import registry
 from .client import Client
 from .errors import DeploymentStartError
 from .guard import HttpPolicy
-from .processes import kill_group, log_tail, pid_alive, spawn_module
 from .server import DeploymentSpec
 
 
@@ -38,6 +46,7 @@ def serve(
     restful_api_policy: HttpPolicy | None = None,
     zmq_port: int = 0,
     start_timeout_s: float = 600.0,
+    restart_policy: RestartPolicy | None = None,
     **engine_config: Any,
 ) -> Client:
     """Start a persistent deployment of ``model`` (a Hugging Face directory or a GGUF file; None:
@@ -49,7 +58,9 @@ def serve(
     ``/mii/{deployment_name}`` and the OpenAI-compatible routes) on ``restful_api_port``
     (0: a free port, see ``client.info.http_url``), answering as ``restful_api_policy`` says
     (hosts, web origins, body size; default: local names only, see `HttpPolicy`). ``engine_config``
-    holds `EngineConfig` fields. Stop the deployment with ``client.terminate_server()``.
+    holds `EngineConfig` fields. A replica that stops serving is restarted as ``restart_policy``
+    says (default: `RestartPolicy()`, backoff from 0.5 s doubling up to 30 s, giving up at the
+    5th failure within 10 minutes). Stop the deployment with ``client.terminate_server()``.
     """
     config = EngineConfig.from_options(tensor_parallel=tensor_parallel, **engine_config)
     # a path that cannot be loaded fails here, in one line, rather than in a replica's log
@@ -78,30 +89,38 @@ def serve(
         http_port=restful_api_port,
         http_policy=restful_api_policy or HttpPolicy(),
         start_timeout_s=start_timeout_s,
+        restart_policy=restart_policy or RestartPolicy(),
     )
     log_path = registry.deployment_dir(name) / "server.log"
-    process = spawn_module(
-        "fastgen.serving.server", [msgspec.json.encode(spec).decode()], log_path, new_session=True
+    server = spawn(
+        "the server process",
+        "fastgen.serving.server",
+        payload=msgspec.json.encode(spec),
+        log_path=log_path,
+        new_session=True,  # it outlives this process
     )
-    deadline = time.monotonic() + start_timeout_s + 30.0
+
+    def pending() -> list:
+        info = registry.read(name)  # published once every replica is ready
+        return [] if info is not None and info.server_pid == server.pid else [server]
+
     try:
-        while True:
-            code = process.poll()
-            if code is not None:
-                raise DeploymentStartError(
-                    f"deployment {name!r}: the server process (pid {process.pid}) exited with code {code} "
-                    f"while starting; the end of {log_path}:\n{log_tail(log_path, 40)}"
-                )
-            info = registry.read(name)
-            if info is not None and info.server_pid == process.pid:
-                return Client(info, process)
-            if time.monotonic() > deadline:
-                raise DeploymentStartError(
-                    f"deployment {name!r} was not ready within {start_timeout_s:.0f} s; "
-                    f"the end of {log_path}:\n{log_tail(log_path, 40)}"
-                )
-            time.sleep(0.05)
+        try:
+            wait_started_blocking([server], pending, start_timeout_s + 30.0)
+        except ChildExitedError:
+            raise DeploymentStartError(
+                f"deployment {name!r}: the server process (pid {server.pid}) {server.exit_summary()} "
+                f"while starting; the end of {log_path}:\n{log_tail(log_path, 40)}"
+            ) from None
+        except StartTimeoutError:
+            raise DeploymentStartError(
+                f"deployment {name!r} was not ready within {start_timeout_s:.0f} s; "
+                f"the end of {log_path}:\n{log_tail(log_path, 40)}"
+            ) from None
     except BaseException:
-        kill_group(process.pid)  # the server leads its own process group: replicas go with it
-        process.wait()
+        kill_group(server.pid)  # the server leads its own process group: replicas go with it
+        server.process.wait()
         raise
+    info = registry.read(name)
+    assert info is not None
+    return Client(info, server.process)

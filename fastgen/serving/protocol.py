@@ -1,8 +1,9 @@
-"""The ZeroMQ wire protocol: msgpack-encoded, tagged msgspec structs.
+"""The ZeroMQ wire protocol of deployments: msgpack-encoded, tagged msgspec structs (`fastgen.ipc`).
 
 The same messages flow client -> server -> replica and back. Every request carries an id chosen
 by its sender, so any number of requests share one socket; outputs are deltas, sent as the engine
-produces them.
+produces them. What a client sends the server, and what a replica sends the router, is sealed
+with the deployment's key (`fastgen.ipc.Seal`); a frame whose seal does not match is refused.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from typing import Any
 
 import msgspec
 
+from fastgen.config import EngineConfig
 from fastgen.errors import (
+    AccessDeniedError,
     DeploymentNotFoundError,
     EngineDeadError,
     EngineOverloadedError,
@@ -20,11 +23,12 @@ from fastgen.errors import (
     RequestAbortedError,
     StepError,
 )
+from fastgen.inputs import Prompt
+from fastgen.ipc import Codec
 from fastgen.outputs import RequestOutput
 from fastgen.sampling_params import SamplingParams
 
 from .errors import ModelNotFoundError
-from .prompts import Prompt
 
 # -- requests ------------------------------------------------------------------------------
 
@@ -85,19 +89,40 @@ class Ready(msgspec.Struct, tag="ready"):
     num_kv_blocks: int
 
 
-Message = Generate | Cancel | Control | Output | Error | Reply | Ready
+class EngineDown(msgspec.Struct, tag="engine_down"):
+    """A replica's engine cannot serve any more (``reason`` says why, without pids or paths); the
+    replica stops and exits. The router stops routing to it on this message, before the exit."""
 
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Message)
+    replica_id: int
+    reason: str
+
+
+Message = Generate | Cancel | Control | Output | Error | Reply | Ready | EngineDown
+
+_codec: Codec[Message] = Codec(Message)
 
 
 def encode(message: Message) -> bytes:
-    return _encoder.encode(message)
+    return _codec.encode(message)
 
 
 def decode(data: bytes) -> Message:
     """Decode one message (raises `msgspec.DecodeError`/`ValidationError` on garbage)."""
-    return _decoder.decode(data)
+    return _codec.decode(data)
+
+
+class ReplicaSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What one replica process needs; its supervisor writes it to the replica's stdin (it holds
+    the key, which must not appear on a command line)."""
+
+    address: str  # the router's socket, which the replica dials
+    replica_id: int
+    identity: str  # the replica's socket identity (hex), new for every start
+    key: str  # the deployment's key (hex): seals what the replica sends
+    model: str
+    config: EngineConfig
+    device_slot: int = 0  # GPUs device_slot*tp .. device_slot*tp+tp-1 of its host
+    replicas_on_host: int = 1  # replicas sharing this host's CPU cores
 
 
 # -- errors on the wire ---------------------------------------------------------------------
@@ -105,6 +130,7 @@ def decode(data: bytes) -> Message:
 _ERROR_TYPES: dict[str, type[FastgenError]] = {
     cls.__name__: cls
     for cls in (
+        AccessDeniedError,
         InvalidRequestError,
         EngineOverloadedError,
         EngineDeadError,

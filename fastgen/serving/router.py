@@ -4,9 +4,15 @@ It starts the replica processes, tokenizes each prompt (so a request's cost is e
 tokens + the most tokens it may generate) and sends it to the live replica with the fewest
 outstanding tokens, unless a replica that was sent a prompt with the same beginning (whose prefix
 cache likely holds it, see `fastgen.serving.affinity`) is within ``affinity_slack_tokens`` of that
-load; a replica whose queue is full refuses, and the request moves on to the next one. A replica
-whose process exits is taken out of rotation at once; its in-flight requests fail with
-`EngineDeadError`, the other replicas keep serving.
+load; a replica whose queue is full refuses, and the request moves on to the next one.
+
+The replicas' processes belong to a `ReplicaSupervisor` (`fastgen.serving.supervision`). A replica
+is out of rotation the moment its death is known (its process's exit event, or its own
+`EngineDown` message; a request finds its process gone even before that event is handled): its
+in-flight requests fail with `EngineDeadError`, one that could not be sent to it moves on to
+another replica, and the supervisor restarts it. Every message from a replica must be sealed with
+the deployment's key; ``health`` is false while any replica cannot serve, and ``health_problems``
+says which and why.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, fields
@@ -26,19 +31,20 @@ import zmq
 import zmq.asyncio
 
 from fastgen.config import EngineConfig
-from fastgen.errors import EngineDeadError, EngineOverloadedError
+from fastgen.errors import AccessDeniedError, EngineDeadError, EngineOverloadedError
 from fastgen.inputs import Prompt, max_total_tokens, tokenize_off_loop
+from fastgen.ipc import Seal, bind, make_socket
 from fastgen.outputs import EngineStats, RequestOutput
 from fastgen.sampling_params import SamplingParams
 from fastgen.streams import output_stream
+from fastgen.supervisor import Placement, RestartPolicy
 
 from .affinity import PrefixAffinity, prefix_keys
 from .backend import model_names_for
-from .errors import DeploymentStartError
-from .processes import log_tail, spawn_module, stop_process
 from .protocol import (
     Cancel,
     Control,
+    EngineDown,
     Error,
     Generate,
     Output,
@@ -49,41 +55,46 @@ from .protocol import (
     error_from_message,
 )
 from .registry import ReplicaInfo
-from .zmq_util import bind, make_socket
+from .supervision import ReplicaSlot, ReplicaSupervisor
 
 logger = logging.getLogger("fastgen.serving.router")
 
-_MONITOR_PERIOD_S = 0.1
 _CONTROL_TIMEOUT_S = 5.0
 
 
 @dataclass(eq=False)
 class _Replica:
-    replica_id: int
-    process: Any  # subprocess.Popen
-    log_path: Path
-    ready: bool = False
-    alive: bool = True
-    exit_code: int | None = None
-    max_model_len: int = 0
+    slot: ReplicaSlot  # its process and state, kept by the supervisor
     requests_routed: int = 0
     outstanding_tokens: int = 0
     in_flight: set[str] = field(default_factory=set)
 
     @property
+    def replica_id(self) -> int:
+        return self.slot.replica_id
+
+    @property
     def identity(self) -> bytes:
-        return f"replica-{self.replica_id}".encode()
+        return self.slot.identity
 
     @property
     def serving(self) -> bool:
-        return self.ready and self.alive
+        return self.slot.serving
+
+    @property
+    def max_model_len(self) -> int:
+        return self.slot.max_model_len
 
     def info(self) -> ReplicaInfo:
+        slot = self.slot
         return ReplicaInfo(
-            replica_id=self.replica_id,
-            pid=self.process.pid,
-            alive=self.alive,
-            exit_code=self.exit_code,
+            replica_id=slot.replica_id,
+            pid=slot.pid,
+            alive=slot.serving,
+            exit_code=slot.exit_code,
+            state=slot.state,
+            reason=slot.reason,
+            restarts=slot.restarts,
             requests_routed=self.requests_routed,
             in_flight=len(self.in_flight),
             outstanding_tokens=self.outstanding_tokens,
@@ -110,6 +121,9 @@ class Router:
         log_dir: Path,
         *,
         affinity_slack_tokens: int = 16384,
+        seal: Seal | None = None,
+        restart_policy: RestartPolicy | None = None,
+        placement: Placement | None = None,
     ):
         self.name = name
         self.model = model
@@ -119,8 +133,19 @@ class Router:
         self._model_names = model_names_for(model, name)
         self.socket = make_socket(zmq.ROUTER)
         self.address = bind(self.socket)
-        self.replicas = [_Replica(i, None, log_dir / f"replica-{i}.log") for i in range(replica_num)]
-        self._by_identity = {replica.identity: replica for replica in self.replicas}
+        self.seal = seal or Seal.new()
+        self.supervisor = ReplicaSupervisor(
+            model=model,
+            config=config,
+            replica_num=replica_num,
+            address=self.address,
+            seal=self.seal,
+            log_dir=log_dir,
+            on_down=self._replica_down,
+            policy=restart_policy,
+            placement=placement,
+        )
+        self.replicas = [_Replica(slot) for slot in self.supervisor.slots]
         self._flights: dict[str, _Flight] = {}
         self._replies: dict[str, tuple[_Replica, asyncio.Future]] = {}
         self._tasks: list[asyncio.Task] = []
@@ -133,45 +158,20 @@ class Router:
     async def start(self, timeout_s: float) -> None:
         """Start every replica and wait until all are ready; a replica that exits first (or a
         timeout) raises `DeploymentStartError` with its exit code and the end of its log."""
-        config_json = msgspec.json.encode(self.config).decode()
-        for replica in self.replicas:
-            args = [
-                "--address", self.address,
-                "--replica-id", str(replica.replica_id),
-                "--replicas", str(len(self.replicas)),
-                "--model", self.model,
-                "--config", config_json,
-            ]  # fmt: skip
-            replica.process = spawn_module("fastgen.serving.replica", args, replica.log_path)
-            logger.info("started replica %d (pid %d)", replica.replica_id, replica.process.pid)
         self._tasks.append(asyncio.create_task(self._read(), name="router-read"))
-        deadline = time.monotonic() + timeout_s
-        while not all(replica.ready for replica in self.replicas):
-            for replica in self.replicas:
-                code = replica.process.poll()
-                if code is not None:
-                    raise DeploymentStartError(
-                        f"replica {replica.replica_id} (pid {replica.process.pid}) exited with code {code} "
-                        f"while starting; the end of {replica.log_path}:\n{log_tail(replica.log_path, 30)}"
-                    )
-            if time.monotonic() > deadline:
-                waiting = [r.replica_id for r in self.replicas if not r.ready]
-                raise DeploymentStartError(f"replicas {waiting} were not ready within {timeout_s:.0f} s")
-            await asyncio.sleep(0.05)
-        self._tasks.append(asyncio.create_task(self._monitor(), name="router-monitor"))
+        self.supervisor.start_timeout_s = timeout_s
+        await self.supervisor.start()
 
     async def shutdown(self) -> None:
         """Stop every replica (politely, then by force) and fail what is still in flight."""
         self._closing = True
+
+        def ask_to_stop(slot: ReplicaSlot) -> None:
+            self._send_nowait(self.replicas[slot.replica_id], Control(uuid.uuid4().hex, "shutdown"))
+
+        await self.supervisor.shutdown(ask_to_stop)
         for replica in self.replicas:
-            if replica.process is not None and replica.alive and replica.ready:
-                self._send_nowait(replica, Control(uuid.uuid4().hex, "shutdown"))
-        stopping = [
-            asyncio.to_thread(stop_process, r.process, 5.0) for r in self.replicas if r.process is not None
-        ]
-        await asyncio.gather(*stopping)
-        for replica in self.replicas:
-            self._mark_dead(replica, EngineDeadError("the deployment is shutting down"))
+            self._fail_in_flight(replica, EngineDeadError("the deployment is shutting down"))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -185,7 +185,7 @@ class Router:
 
     @property
     def max_model_len(self) -> int:
-        lengths = [r.max_model_len for r in self.replicas if r.ready]
+        lengths = [r.max_model_len for r in self.replicas if r.serving]
         return min(lengths) if lengths else 0
 
     async def stream_outputs(
@@ -201,13 +201,18 @@ class Router:
             flight = self._board(request_id, replica, cost)
             self.affinity.record(keys, replica.replica_id)
             try:
-                await self._send(replica, Generate(request_id, token_ids, params))
-                first = await flight.queue.get()
+                try:
+                    await self._send(replica, Generate(request_id, token_ids, params))
+                except EngineDeadError as exc:  # its socket is gone: it never got the request
+                    first, unreachable = exc, True
+                else:
+                    first, unreachable = await flight.queue.get(), False
             except BaseException:
                 self._land(request_id, flight, cancel=True)
                 raise
             others = self._has_live_replica(refused | {replica})
-            if not isinstance(first, EngineOverloadedError) or not others:
+            # refused (full), or never reached: another replica may take it
+            if not (unreachable or isinstance(first, EngineOverloadedError)) or not others:
                 break
             self._land(request_id, flight, cancel=False)
             refused.add(replica)
@@ -234,7 +239,7 @@ class Router:
         self._flights.pop(request_id, None)
         replica.in_flight.discard(request_id)
         replica.outstanding_tokens -= flight.cost
-        if cancel and replica.alive:
+        if cancel and replica.serving:
             self._send_nowait(replica, Cancel(request_id))
 
     async def stats(self) -> EngineStats:
@@ -249,7 +254,12 @@ class Router:
         return EngineStats(**{name: sum(getattr(s, name) for s in snapshots) for name in names})
 
     async def health(self) -> bool:
-        return not self._closing and any(r.serving for r in self.replicas)
+        """True while every replica serves (no engine round-trip: the supervisor's state)."""
+        return not self._closing and not self.supervisor.problems()
+
+    def health_problems(self) -> list[str]:
+        """Why ``health`` is false: one line per replica that cannot serve."""
+        return ["the deployment is shutting down"] if self._closing else self.supervisor.problems()
 
     def replica_infos(self) -> list[ReplicaInfo]:
         return [replica.info() for replica in self.replicas]
@@ -259,7 +269,10 @@ class Router:
     def _pick(self, exclude: set[_Replica], keys: list[int] | None = None) -> _Replica:
         live = [r for r in self.replicas if r.serving and r not in exclude]
         if not live:
-            raise EngineDeadError(f"deployment {self.name!r} has no live replica")
+            why = "; ".join(self.health_problems())
+            raise EngineDeadError(
+                f"deployment {self.name!r} has no live replica" + (f" ({why})" if why else "")
+            )
 
         def load(replica: _Replica) -> tuple[int, int, int]:
             return replica.outstanding_tokens, replica.requests_routed, replica.replica_id
@@ -310,14 +323,19 @@ class Router:
 
     async def _read(self) -> None:
         while True:
-            identity, data = await self.socket.recv_multipart()
-            replica = self._by_identity.get(identity)
-            try:
-                message = decode(data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                logger.error("undecodable message from %r: %s", identity, exc)
+            identity, frame = await self.socket.recv_multipart()
+            slot = self.supervisor.slot_of(identity)
+            if slot is None:  # not a replica's current process: dropped unread
                 continue
-            if replica is None:
+            try:
+                message = decode(self.seal.open(frame))
+            except AccessDeniedError:
+                logger.warning(
+                    "dropping a message without the deployment's seal (replica %d)", slot.replica_id
+                )
+                continue
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                logger.error("undecodable message from replica %d: %s", slot.replica_id, exc)
                 continue
             if isinstance(message, Output):
                 flight = self._flights.get(message.output.request_id)
@@ -332,9 +350,9 @@ class Router:
             elif isinstance(message, Reply):
                 self._resolve(message.request_id, message.body)
             elif isinstance(message, Ready):
-                replica.ready = True
-                replica.max_model_len = message.max_model_len
-                logger.info("replica %d ready: %d KV blocks", replica.replica_id, message.num_kv_blocks)
+                self.supervisor.on_ready(slot, message)
+            elif isinstance(message, EngineDown):
+                self.supervisor.on_engine_down(slot, message.reason)
 
     def _resolve(self, request_id: str, value: Any) -> None:
         entry = self._replies.get(request_id)
@@ -345,28 +363,12 @@ class Router:
         else:
             entry[1].set_result(value)
 
-    async def _monitor(self) -> None:
-        while True:
-            await asyncio.sleep(_MONITOR_PERIOD_S)
-            for replica in self.replicas:
-                code = replica.process.poll() if replica.alive else None
-                if code is None:
-                    continue
-                logger.error(
-                    "replica %d (pid %d) exited with code %s; the end of its log:\n%s",
-                    replica.replica_id, replica.process.pid, code, log_tail(replica.log_path, 10),
-                )  # fmt: skip
-                replica.exit_code = code
-                self._mark_dead(
-                    replica,
-                    EngineDeadError(
-                        f"replica {replica.replica_id} (pid {replica.process.pid}) exited with code {code} "
-                        "while serving this request"
-                    ),
-                )
+    def _replica_down(self, slot: ReplicaSlot, error: EngineDeadError) -> None:
+        """The supervisor learnt that a replica stopped serving: it is out of rotation already
+        (``serving`` is false); fail what it was doing."""
+        self._fail_in_flight(self.replicas[slot.replica_id], error)
 
-    def _mark_dead(self, replica: _Replica, error: EngineDeadError) -> None:
-        replica.alive = False
+    def _fail_in_flight(self, replica: _Replica, error: EngineDeadError) -> None:
         self.affinity.forget(replica.replica_id)
         for request_id in list(replica.in_flight):
             flight = self._flights.get(request_id)

@@ -1,9 +1,13 @@
 """The deployment server process: replicas behind a `Router`, a ZeroMQ `Frontend` for clients and,
 optionally, the HTTP gateway, all on one uvloop event loop.
 
-``python -m fastgen.serving.server SPEC_JSON`` (started by `fastgen.serve`). The deployment is
-published in the registry only once every replica is ready; it stops on a ``shutdown`` command,
-SIGTERM or SIGINT, stopping its replicas and removing its registry entry.
+``python -m fastgen.serving.server`` reads its `DeploymentSpec` from stdin (started by
+`fastgen.serve`, through `fastgen.supervisor`). It makes the deployment's secret key, which seals
+every request to the front end and every message of a replica to the router. The deployment is
+published in the registry (key included; the file is this user's alone) only once every replica
+is ready; a replica that stops serving later is restarted by the router's `ReplicaSupervisor`.
+It stops on a ``shutdown`` command, SIGTERM or SIGINT, stopping its replicas and removing its
+registry entry.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import sys
 import msgspec
 
 from fastgen.config import EngineConfig
+from fastgen.ipc import Seal
 from fastgen.loops import new_event_loop
+from fastgen.supervisor import RestartPolicy, read_payload
 
 from . import registry
 from .errors import DeploymentStartError
@@ -27,6 +33,7 @@ from .guard import HttpPolicy
 from .http_server import HttpServer
 from .metrics import ServingMetrics
 from .router import Router
+from .supervision import ReplicaMetrics
 
 logger = logging.getLogger("fastgen.serving.server")
 
@@ -45,6 +52,7 @@ class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     http_port: int = 28080
     http_policy: HttpPolicy = HttpPolicy()
     start_timeout_s: float = 300.0
+    restart_policy: RestartPolicy = RestartPolicy()
 
 
 def _load_tokenizer(path: str):
@@ -57,7 +65,11 @@ async def run_deployment(spec: DeploymentSpec) -> None:
     from .frontend import Frontend
 
     log_dir = registry.deployment_dir(spec.name)
-    router = Router(spec.name, spec.model, None, spec.engine_config, spec.replica_num, log_dir)
+    seal = Seal.new()
+    router = Router(
+        spec.name, spec.model, None, spec.engine_config, spec.replica_num, log_dir,
+        seal=seal, restart_policy=spec.restart_policy,
+    )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -79,12 +91,14 @@ async def run_deployment(spec: DeploymentSpec) -> None:
             tensor_parallel=spec.engine_config.tensor_parallel,
             http_url=http.url if http is not None else None,
             log_dir=str(log_dir),
+            secret=seal.hex(),
         )
 
     try:
         # bind both ports first: a port in use fails the deployment before any engine loads
         metrics = ServingMetrics()
-        frontend = Frontend(router, metrics, info, spec.zmq_host, spec.zmq_port)
+        metrics.registry.register(ReplicaMetrics(router.supervisor))
+        frontend = Frontend(router, metrics, lambda: info().public(), seal, spec.zmq_host, spec.zmq_port)
         if spec.http:
             policy = spec.http_policy.serving(spec.http_host)
             app = create_app(router, metrics=metrics, policy=policy)
@@ -144,10 +158,10 @@ async def _wait_and_set(event: asyncio.Event, target: asyncio.Event) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(levelname)s %(name)s: %(message)s")
-    if len(argv) != 1:
-        print("usage: python -m fastgen.serving.server SPEC_JSON", file=sys.stderr)
+    if argv:
+        print("usage: python -m fastgen.serving.server < SPEC_JSON", file=sys.stderr)
         return 2
-    spec = msgspec.json.decode(argv[0], type=DeploymentSpec)
+    spec = msgspec.json.decode(read_payload(), type=DeploymentSpec)
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(run_deployment(spec))

@@ -46,11 +46,18 @@ def test_bounded_owners_and_entries():
     assert len(affinity) == 4 and affinity.owners(keys) == []  # least recently used forgotten
 
 
+class _Running:
+    """A replica process that runs (what the router asks of one)."""
+
+    pid = 1
+    exit_code: int | None = None
+
+
 def test_router_prefers_a_warm_replica_within_the_slack(tmp_path):
     router = Router("t", "model", None, EngineConfig(), 3, tmp_path, affinity_slack_tokens=1000)
     try:
         for replica in router.replicas:
-            replica.ready = True
+            replica.slot.state, replica.slot.unit = "serving", _Running()
         prompt = list(range(300))
         keys = prefix_keys(prompt)
         assert router._pick(set(), keys).replica_id == 0  # nobody holds it: the least loaded
@@ -63,7 +70,7 @@ def test_router_prefers_a_warm_replica_within_the_slack(tmp_path):
         router.replicas[1].outstanding_tokens = 500
         assert router._pick(set(), keys).replica_id == 1  # the least loaded of the warm ones
         assert router._pick({router.replicas[1]}, keys).replica_id == 0  # refused: cold, least loaded
-        router.replicas[1].alive = False
+        router.replicas[1].slot.unit.exit_code = -9  # dead
         assert router._pick(set(), keys).replica_id == 0
     finally:
         router.socket.close()

@@ -30,6 +30,7 @@ from fastgen import (
 from fastgen.serving import registry
 from fastgen.supervisor import pid_alive
 from tests.helpers import generate_together
+from tests.processes import wait_exited
 
 from .conftest import greedy_texts
 from .helpers import metric, raw_post
@@ -310,7 +311,9 @@ def test_http_overload_answers_503_at_once_and_accepted_requests_finish(deployme
     assert all(r.json()["usage"]["completion_tokens"] == OVERLOAD_TOKENS for r in accepted)
 
 
-def test_killed_replica_fails_its_requests_and_the_rest_keep_serving(deployment, reference):
+def test_killed_replica_fails_its_requests_is_out_of_rotation_at_once_and_comes_back(deployment, reference):
+    url = deployment.info.http_url
+
     async def main():
         streams = [
             deployment.astream(f"the engine {i}", max_new_tokens=400, ignore_eos=True) for i in range(4)
@@ -322,6 +325,13 @@ def test_killed_replica_fails_its_requests_and_the_rest_keep_serving(deployment,
         assert [r.in_flight for r in info.replicas] == [2, 2]
         both = await deployment.stats()
         os.kill(victim.pid, signal.SIGKILL)
+        assert await asyncio.to_thread(wait_exited, victim.pid, 60)  # the moment it is gone...
+        # ...requests go to replica 0 alone, and /health says why not to both
+        after_death = await deployment.agenerate(PROMPTS, max_new_tokens=8, do_sample=False)
+        async with httpx.AsyncClient(base_url=url) as http:
+            down = await http.get("/health")
+            one = await deployment.stats()
+            kv_metric = metric((await http.get("/metrics")).text, "fastgen_kv_blocks_total")
 
         async def drain(stream):
             try:
@@ -329,24 +339,31 @@ def test_killed_replica_fails_its_requests_and_the_rest_keep_serving(deployment,
             except EngineDeadError as exc:
                 return exc
 
-        return victim, await asyncio.gather(*(drain(s) for s in streams)), both
+        results = await asyncio.gather(*(drain(s) for s in streams))
+        return victim, results, both, after_death, down, one, kv_metric
 
-    victim, results, both = run(main(), timeout_s=60)
+    victim, results, both, after_death, down, one, kv_metric = run(main(), timeout_s=120)
     failed = [r for r in results if isinstance(r, EngineDeadError)]
-    assert len(failed) == 2 and all("replica 1" in str(e) and "exited" in str(e) for e in failed)
+    assert len(failed) == 2 and all("replica 1 exited with code -9 (SIGKILL)" in str(e) for e in failed)
     assert all(r.finish_reason == "length" for r in results if not isinstance(r, Exception))
-    # the deployment keeps serving on replica 0
+    assert [r.generated_text for r in after_death] == reference  # none was sent to the dead replica
+    assert down.status_code == 503
+    assert down.json()["problems"][0].startswith("replica 1 ")  # restarting, or starting again
+    assert down.json()["problems"][0].endswith(": exited with code -9 (SIGKILL)")
+    # stats (and /metrics) count the live replica alone: half the KV blocks of the two
+    assert 2 * one.num_kv_blocks == both.num_kv_blocks > 0 and kv_metric == one.num_kv_blocks
+    # the supervisor restarts it: both serve again
+    deadline = time.monotonic() + 240  # slack; the restart's own start timeout is longer
+    while httpx.get(f"{url}/health").status_code != 200:
+        assert time.monotonic() < deadline, "replica 1 did not come back"
+        time.sleep(0.05)
+    replicas = deployment.deployment_info().replicas
+    assert [(r.alive, r.state, r.restarts) for r in replicas] == [(True, "serving", 0), (True, "serving", 1)]
+    assert replicas[1].exit_code == -signal.SIGKILL and replicas[1].pid != victim.pid
+    assert not pid_alive(victim.pid)
     responses = deployment.generate(PROMPTS, max_new_tokens=8, do_sample=False)
     assert [r.generated_text for r in responses] == reference
-    replicas = deployment.deployment_info().replicas
-    assert [r.alive for r in replicas] == [True, False] and replicas[1].exit_code == -signal.SIGKILL
-    assert not pid_alive(victim.pid)
-    assert httpx.get(f"{deployment.info.http_url}/health").status_code == 200
-    # stats (and /metrics) count the live replica alone: half the KV blocks of the two
-    one = run(deployment.stats())
-    assert 2 * one.num_kv_blocks == both.num_kv_blocks > 0
-    text = httpx.get(f"{deployment.info.http_url}/metrics").text
-    assert metric(text, "fastgen_kv_blocks_total") == one.num_kv_blocks
+    assert metric(httpx.get(f"{url}/metrics").text, "fastgen_replica_restarts_total", 'replica="1"') == 1
 
 
 def test_terminate_server_leaves_no_processes(deployment):

@@ -20,8 +20,9 @@ import fastgen
 from fastgen import AsyncEngine, EngineConfig, EngineDeadError
 from fastgen.serving import DeploymentStartError, registry
 from fastgen.supervisor import pid_alive, wait_gone
+from tests.processes import descendants, is_running, zombies
 
-from .conftest import greedy_texts
+from .conftest import greedy_texts, start_cli_server
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -123,3 +124,30 @@ def test_cli_engine_switches_turn_features_off():
     assert _engine_options(parser.parse_args(["generate", "model", "x", "--no-cuda-graphs"])) == {
         "cuda_graphs": False
     }
+
+
+def test_cli_serve_exits_with_a_clear_message_when_its_engine_dies(llama_path):
+    """One process, one engine, nothing to restart it in: ``fastgen serve`` exits non-zero, saying
+    why, for whatever supervises it (systemd, a container runtime) to restart it."""
+    process, url = start_cli_server(llama_path, "--dtype", "float32", "--executor", "zmq")
+    try:
+        assert httpx.get(f"{url}/health").status_code == 200
+        (worker,) = [pid for pid in descendants(process.pid) if b"fastgen.worker" in _cmdline(pid)]
+        os.kill(worker, signal.SIGKILL)
+        code = process.wait(timeout=60)  # slack: the worker's exit is an event, the check is 50 ms
+        message = process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert code == 1
+    assert (
+        "the engine cannot serve (tensor-parallel worker rank 0 exited with code -9 (SIGKILL)); exiting"
+        in message
+    )
+    assert not is_running(worker) and zombies() == []  # the engine stopped its worker before exiting
+
+
+def _cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()

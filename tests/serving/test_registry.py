@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 
 import pytest
 
@@ -71,3 +72,26 @@ def test_stream_group_merges_and_fails_as_a_whole():
         await asyncio.wait_for(closed.wait(), 1)
 
     asyncio.run(main())
+
+
+def test_registry_files_hold_the_secret_for_this_user_alone(runtime_dir):
+    os.chmod(runtime_dir, 0o755)  # a directory of ours left open is closed again
+    path = registry.register(info("private", os.getpid()))
+    try:
+        assert stat.S_IMODE(runtime_dir.stat().st_mode) == 0o700
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        registry.register(info("private", os.getpid()))  # rewritten atomically, still 0600
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        registry.unregister("private")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another user")
+def test_a_runtime_directory_of_another_user_is_refused(tmp_path, monkeypatch):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o777)
+    os.chown(foreign, 65534, 65534)  # nobody's
+    monkeypatch.setenv("FASTGEN_RUNTIME_DIR", str(foreign))
+    with pytest.raises(PermissionError, match="not a directory of this user"):
+        registry.runtime_dir()
