@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 
 from .errors import InvalidRequestError
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, check_token_ids
 
 
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
@@ -114,3 +114,34 @@ def _render_chat(tokenizer: Any, prompt: ChatPrompt) -> list[int]:
     except Exception as exc:  # a template may raise on roles it does not know
         raise InvalidRequestError("messages", f"the chat template rejected the messages: {exc}") from None
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class InputProcessor:
+    """Checks requests against one model (its vocabulary and context) and reads their prompts."""
+
+    def __init__(self, tokenizer: Any, *, vocab_size: int, max_model_len: int):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def token_ids(self, prompt: Prompt | SequenceOf[int]) -> list[int]:
+        return prompt_token_ids(self.tokenizer, prompt)
+
+    def max_total_tokens(self, prompt_len: int, params: SamplingParams) -> int:
+        return max_total_tokens(prompt_len, params, self.max_model_len)
+
+    def validate(self, prompt: Prompt | SequenceOf[int], params: SamplingParams) -> tuple[list[int], int]:
+        """The prompt's token ids and the most tokens the request may hold, or `InvalidRequestError`
+        naming what is wrong with the request."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params", f"expected SamplingParams, got {type(params).__name__}")
+        params.validate(vocab_size=self.vocab_size)
+        if isinstance(prompt, list):  # a prompt too long is refused before its ids are read
+            self.max_total_tokens(len(prompt), params)
+        ids = self.token_ids(prompt)
+        if not isinstance(prompt, str | ChatPrompt):
+            check_token_ids("prompt", ids, self.vocab_size)
+        return ids, self.max_total_tokens(len(ids), params)
