@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -11,6 +13,10 @@ from torch import nn
 from fastgen import kernels
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+# cos/sin tables by their settings and device, alive while a module holds them: the layers of a
+# model share one table instead of computing one each (seconds of a CPU start-up for 30 layers)
+_TABLES: weakref.WeakValueDictionary[tuple, torch.Tensor] = weakref.WeakValueDictionary()
 
 
 def inverse_frequencies(
@@ -69,10 +75,14 @@ class RotaryEmbedding(nn.Module):
     ):
         super().__init__()
         self.rotary_dim = rotary_dim
-        inv_freq = inverse_frequencies(rotary_dim, base, scaling, max_model_len, max_positions)
-        positions = torch.arange(max(max_model_len, max_positions), dtype=torch.float32)
-        freqs = positions[:, None] * inv_freq[None, :]
-        cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+        key = (rotary_dim, base, json.dumps(scaling, sort_keys=True), max_model_len, max_positions)
+        key += (str(torch.get_default_device()),)
+        cache = _TABLES.get(key)
+        if cache is None:
+            inv_freq = inverse_frequencies(rotary_dim, base, scaling, max_model_len, max_positions)
+            positions = torch.arange(max(max_model_len, max_positions), dtype=torch.float32)
+            freqs = positions[:, None] * inv_freq[None, :]
+            cache = _TABLES[key] = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
