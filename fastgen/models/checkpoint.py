@@ -1,6 +1,7 @@
 """What a model argument names: a Hugging Face directory, a GGUF file (or a directory holding one),
-or nothing (the default model). `resolve_model` checks it before anything loads, so that a bad
-path gets one error that says what was expected, in whichever process it is given."""
+a fastgen snapshot (`fastgen.models.snapshot`), or nothing (the default model). `resolve_model`
+checks it before anything loads, so that a bad path gets one error that says what was expected,
+in whichever process it is given."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from fastgen.errors import ModelNotFoundError, UnsupportedModelError
 
 from .default import default_model_path
 from .gguf import gguf_file_in, is_gguf_file
+from .snapshot import check_snapshot, is_snapshot
 
 _EXPECTED = "a Hugging Face model directory (config.json, tokenizer and weights) or a .gguf file"
 
@@ -18,12 +20,20 @@ _EXPECTED = "a Hugging Face model directory (config.json, tokenizer and weights)
 def resolve_model(model: str | Path | None, load_format: str = "auto") -> str:
     """The checkpoint ``model`` names, as a path string: the default model when None, the GGUF file
     of a directory holding one, else ``model`` itself once checked. Raises `ModelNotFoundError`
-    (nothing there) or `UnsupportedModelError` (something fastgen does not read)."""
+    (nothing there) or `UnsupportedModelError` (something fastgen does not read); a snapshot's
+    manifest and small files are checked here (`check_snapshot`), its weights as they load."""
     if model is None:
         return default_model_path()
     path = Path(model).expanduser()
     if not path.exists():
         raise ModelNotFoundError(f"{model}: no such file or directory; expected {_EXPECTED}")
+    if is_snapshot(path):
+        if load_format not in ("auto", "safetensors", "dummy"):
+            raise UnsupportedModelError(
+                f"{model} is a fastgen snapshot: load_format={load_format!r} cannot read it"
+            )
+        check_snapshot(path)
+        return str(path)
     gguf_file = gguf_file_in(path)
     if gguf_file is not None:
         if not is_gguf_file(gguf_file):

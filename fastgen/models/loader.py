@@ -1,7 +1,10 @@
 """Building a model and filling its weights: safetensors (single or sharded), ``*.bin``, GGUF
 (dequantized, see `fastgen.models.gguf`), or random ("dummy") weights from the config alone, the
 same at every tensor-parallel size. Each tensor-parallel rank keeps only its slices (of a GGUF
-tensor it dequantizes the whole, then slices)."""
+tensor it dequantizes the whole, then slices). A fastgen snapshot (`fastgen.models.snapshot`)
+holds each rank's weights as the engine holds them: its modules are built with their parameters
+on the meta device (`build_skeleton`), which then become views of the rank's file as read onto
+the device (`assign_tensors`)."""
 
 from __future__ import annotations
 
@@ -10,21 +13,25 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from fastgen.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from fastgen.layers.parallel import SINGLE, TensorParallel
-from fastgen.layers.quantization import quantize_linear_layers
+from fastgen.layers.quantization import FP8, quantize_linear_layers
 
 from . import adapter_for, model_class_for
 from .adapter import RowBlocks
 from .config import ModelConfig
 from .gguf import gguf_file_in
 from .gguf import iterate_tensors as iterate_gguf_tensors
+
+# the layers whose weights ``quantization="fp8"`` stores in FP8 (with ``weight_scale`` beside them)
+QUANTIZED_LAYERS = (ColumnParallelLinear, QKVParallelLinear, RowParallelLinear)
 
 
 @contextlib.contextmanager
@@ -52,7 +59,14 @@ def build_model(
 ) -> nn.Module:
     """Construct ``config``'s model on ``device`` in ``dtype`` and load (or draw) its weights;
     ``quantization="fp8"`` then turns the linear layers' weights into FP8 (see
-    `fastgen.layers.quantization`)."""
+    `fastgen.layers.quantization`). ``path`` may be a snapshot directory made for these options."""
+    from .snapshot import is_snapshot, load_snapshot_model
+
+    if load_format != "dummy" and is_snapshot(path):
+        return load_snapshot_model(
+            path, config, dtype=dtype, device=device, tp=tp, max_model_len=max_model_len,
+            quantization=quantization,
+        )  # fmt: skip
     cls = model_class_for(config)
     with _default_dtype(dtype), device:
         model = cls(config, tp, max_model_len)
@@ -64,10 +78,108 @@ def build_model(
     else:
         load_weights(model, Path(path), load_format, show_progress=show_progress)
     if quantization == "fp8":
-        quantize_linear_layers(model, (ColumnParallelLinear, QKVParallelLinear, RowParallelLinear))
+        quantize_linear_layers(model, QUANTIZED_LAYERS)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the model-dtype weights' memory goes back to the KV cache
     return model
+
+
+class _ParametersOnMeta(TorchFunctionMode):
+    """While modules are built: the tensors they create empty or constant (``torch.empty``,
+    ``zeros``, ``ones`` and their ``_like`` forms: parameters to be filled, placeholders) go to the
+    meta device, without memory or initialization; tensors they compute (rotary tables) are made
+    on the device as usual."""
+
+    _PLACEHOLDERS = frozenset(
+        {torch.empty, torch.zeros, torch.ones, torch.empty_like, torch.zeros_like, torch.ones_like}
+    )
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in self._PLACEHOLDERS:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def build_skeleton(
+    config: ModelConfig, *, dtype: torch.dtype, device: torch.device, tp: TensorParallel, max_model_len: int
+) -> nn.Module:
+    """``config``'s model for rank ``tp.rank`` with every parameter on the meta device and its
+    computed buffers on ``device``; `assign_tensors` gives it its weights."""
+    cls = model_class_for(config)
+    with _default_dtype(dtype), device, _ParametersOnMeta():
+        model = cls(config, tp, max_model_len)
+    return model.eval()
+
+
+class _Slot(NamedTuple):
+    """Where a snapshot tensor goes: the shape and dtype it must have, the modules' attributes."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    holders: list[tuple[nn.Module, str]]
+
+
+def assign_tensors(
+    model: nn.Module, tensors: dict[str, torch.Tensor], *, device: torch.device, quantized: bool, where: str
+) -> None:
+    """Make ``tensors`` the weights of ``model`` (built by `build_skeleton`) as they are, without a
+    copy: a parameter's tensor is named as the parameter (tied ones under their first name), an
+    FP8 layer's scales ``<layer>.weight_scale``. Each must have its parameter's shape and dtype
+    (FP8 for the weights of `QUANTIZED_LAYERS` when ``quantized``); a tensor missing, left over
+    or of another shape raises `SnapshotMismatchError` naming it (``where`` names the file)."""
+    from .snapshot import SnapshotMismatchError
+
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}  # a parameter -> every (module, attribute)
+    for module in model.modules():
+        for attribute, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            holders.setdefault(id(param), []).append((module, attribute))
+    slots: dict[str, _Slot] = {}
+    for name, param in model.named_parameters():
+        module_name, _, attribute = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        fp8 = quantized and attribute == "weight" and isinstance(module, QUANTIZED_LAYERS)
+        slots[name] = _Slot(tuple(param.shape), FP8 if fp8 else param.dtype, holders[id(param)])
+        if fp8:
+            slots[f"{module_name}.weight_scale"] = _Slot(
+                (param.shape[0], 1), torch.float32, [(module, "weight_scale")]
+            )
+    problems = {
+        "missing": sorted(set(slots) - set(tensors)),
+        "unexpected": sorted(set(tensors) - set(slots)),
+        "of another shape or dtype": [
+            f"{name} {tuple(tensor.shape)} {tensor.dtype} where {slots[name].shape} {slots[name].dtype}"
+            for name, tensor in sorted(tensors.items())
+            if name in slots and (tuple(tensor.shape), tensor.dtype) != slots[name][:2]
+        ],
+    }
+    if any(problems.values()):
+        found = "; ".join(f"{what}: {', '.join(names[:6])}" for what, names in problems.items() if names)
+        raise SnapshotMismatchError(
+            f"{where} does not hold this model's weights as this fastgen lays them out ({found})"
+        )
+    for name, slot in slots.items():
+        tensor = tensors[name]
+        value = tensor if name.endswith(".weight_scale") else nn.Parameter(tensor, requires_grad=False)
+        for module, attribute in slot.holders:
+            setattr(module, attribute, value)
+    _materialize_placeholders(model, device)
+
+
+def _materialize_placeholders(model: nn.Module, device: torch.device) -> None:
+    """Empty placeholders built on the meta device (an attention layer's KV cache before it is
+    sized) made on ``device``; anything else left on the meta device is a bug, raised here."""
+    left = []
+    for module_name, module in model.named_modules():
+        for attribute, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                if value.numel():
+                    left.append(f"{module_name}.{attribute}")
+                else:
+                    setattr(module, attribute, torch.empty(value.shape, dtype=value.dtype, device=device))
+    left += [name for name, value in [*model.named_parameters(), *model.named_buffers()] if value.is_meta]
+    if left:
+        raise RuntimeError(f"{type(model).__name__}: {', '.join(left[:6])} left on the meta device")
 
 
 def fill_dummy_weights(model: nn.Module, unsharded: nn.Module, seed: int) -> None:
