@@ -21,6 +21,7 @@ _EXPORTS = {
     "pipeline": "fastgen.mii_pipeline",
     "serve": "fastgen.serving.launcher",
     "client": "fastgen.serving.client",
+    "snapshot": "fastgen.models.snapshot",
     "AccessDeniedError": "fastgen.errors",
     "DeploymentNotFoundError": "fastgen.errors",
     "EngineDeadError": "fastgen.errors",
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
     )
     from .mii import Response
     from .mii_pipeline import pipeline
+    from .models.snapshot import snapshot
     from .outputs import EngineStats, RequestOutput, TokenLogprob
     from .sampling_params import SamplingParams
     from .serving.client import client

@@ -5,8 +5,11 @@
   engine in this process; otherwise a persistent deployment is started and stopped with the command.
 - ``fastgen generate [MODEL] "prompt" [--max-new-tokens N --temperature T ...]``: stream one
   completion to the terminal. MODEL may also name a running deployment.
+- ``fastgen snapshot [MODEL] OUT [--tensor-parallel N --quantization fp8 --dtype ...]``: write the
+  engine's ready-to-run weights for those options to the new directory OUT, which then loads as a
+  MODEL (see `fastgen.models.snapshot`).
 
-MODEL is a Hugging Face model directory or a GGUF file; without one, the default model
+MODEL is a Hugging Face model directory, a GGUF file or a snapshot; without one, the default model
 (SmolLM2-135M-Instruct, see `fastgen.models.default`). A model that cannot be loaded is reported in
 one line on stderr, with exit code 1.
 
@@ -334,9 +337,52 @@ async def _stream_to_terminal(args: argparse.Namespace, params) -> int:
     return 0
 
 
+# -- fastgen snapshot --------------------------------------------------------------------------------
+
+
+def _add_snapshot(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "snapshot",
+        help="write a model as the engine holds it (per-rank shards, FP8 when quantized) for fast loading",
+        description="Write MODEL (default: SmolLM2-135M-Instruct) to the new directory OUT as the engine "
+        "holds it for the options given: one safetensors file of weights per tensor-parallel rank, in "
+        "the engine's layout (fused projections, FP8 values and scales with --quantization fp8), with "
+        "the config, tokenizer and a manifest of hashes. OUT then loads as a MODEL anywhere (serve, "
+        "generate, pipeline, AsyncEngine.start) with the same --tensor-parallel, --dtype and "
+        "--quantization; the other engine options do not shape the weights and are not recorded.",
+    )
+    parser.add_argument(
+        "first", metavar="MODEL_OR_OUT", help="the output directory, or MODEL when OUT follows"
+    )
+    parser.add_argument("out", nargs="?", default=None, metavar="OUT", help="a new (or empty) directory")
+    _add_engine_options(parser)
+    parser.set_defaults(func=_snapshot)
+
+
+def _snapshot(args: argparse.Namespace) -> int:
+    from fastgen.models.snapshot import read_manifest, snapshot
+
+    model, out = (None, args.first) if args.out is None else (args.first, args.out)
+    started = time.perf_counter()
+    try:
+        written = snapshot(model, out, **_engine_options(args))
+    except FileExistsError as exc:  # OUT is taken
+        print(f"fastgen: error: {exc}", file=sys.stderr)
+        return 1
+    manifest = read_manifest(written)
+    options = ", ".join(f"{name}={value}" for name, value in manifest.options.items())
+    size_gb = sum(rank.size for rank in manifest.ranks) / 1e9
+    print(
+        f"fastgen: snapshot of {manifest.source} written to {written} ({options}; {size_gb:.2f} GB of "
+        f"weights in {len(manifest.ranks)} file(s), {time.perf_counter() - started:.1f} s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 # -- loading -----------------------------------------------------------------------------------------
 
-_MODEL_HELP = "a Hugging Face model directory or a .gguf file (default: SmolLM2-135M-Instruct)"
+_MODEL_HELP = "a Hugging Face model directory, a .gguf file or a snapshot (default: SmolLM2-135M-Instruct)"
 
 
 async def _start_engine(model: str | None, config: Any) -> Any:
@@ -357,7 +403,11 @@ async def _start_engine(model: str | None, config: Any) -> Any:
 
 # -- entry point -------------------------------------------------------------------------------------
 
-COMMANDS: dict[str, Callable[[Any], None]] = {"serve": _add_serve, "generate": _add_generate}
+COMMANDS: dict[str, Callable[[Any], None]] = {
+    "serve": _add_serve,
+    "generate": _add_generate,
+    "snapshot": _add_snapshot,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
