@@ -49,6 +49,11 @@ def zombies(root: int | None = None) -> list[int]:
     return sorted(pid for pid, state in descendants(root).items() if state == "Z")
 
 
+def gone(pid: int) -> bool:
+    """True once ``pid`` is neither running nor a zombie (it exited and was reaped)."""
+    return _stat(pid) is None
+
+
 def is_running(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     stat = _stat(pid)

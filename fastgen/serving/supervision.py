@@ -78,6 +78,8 @@ class ReplicaSlot:
         """``replica 1 restarting: exited with code -9 (SIGKILL)``; None while it serves."""
         if self.serving:
             return None
+        if self.state == SERVING and self.unit is not None:  # its exit event is not handled yet
+            return f"replica {self.replica_id} down: {self.unit.exit_summary()}"
         return f"replica {self.replica_id} {self.state}" + (f": {self.reason}" if self.reason else "")
 
 

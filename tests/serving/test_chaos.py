@@ -31,7 +31,7 @@ from fastgen.serving import registry
 from fastgen.serving.client import Client
 from fastgen.serving.protocol import Control, Error, Generate, decode, encode
 from fastgen.supervisor import RestartPolicy
-from tests.processes import descendants, is_running, zombies
+from tests.processes import descendants, gone, zombies
 
 from .helpers import metric
 
@@ -181,8 +181,8 @@ def test_a_killed_worker_fails_its_requests_and_the_replica_restarts(deployment)
     # once the supervisor has started the next process, every process of the old one is gone
     # (reaped, not zombies): the replica stopped its workers, the server reaped the replica
     wait_for(lambda: deployment.deployment_info().replicas[0].pid != old_replica, "a new replica process")
-    assert zombies() == []
-    assert not any(is_running(pid) for pid in [old_replica, *old_workers])
+    assert zombies(deployment.info.server_pid) == []
+    assert all(gone(pid) for pid in [old_replica, *old_workers])
     # it serves again, as before
     wait_for(lambda: health(url).status_code == 200, "/health answering 200", START_TIMEOUT_S + SLACK_S)
     after = [r.generated_text for r in deployment.generate(PROMPTS, max_new_tokens=8, do_sample=False)]
@@ -231,6 +231,5 @@ def test_terminate_leaves_no_process_and_no_zombie(deployment):
     pids = [info.server_pid, info.replicas[0].pid, *worker_pids(info.replicas[0].pid)]
     deployment.terminate_server()
     assert deployment._process.returncode == 0
-    assert not any(is_running(pid) for pid in pids)
-    assert zombies() == [] and not set(pids) & set(descendants())
+    assert all(gone(pid) for pid in pids)  # exited and reaped: no zombie either
     assert not Path(registry.runtime_dir(), NAME).exists()

@@ -326,12 +326,12 @@ def test_killed_replica_fails_its_requests_is_out_of_rotation_at_once_and_comes_
         both = await deployment.stats()
         os.kill(victim.pid, signal.SIGKILL)
         assert await asyncio.to_thread(wait_exited, victim.pid, 60)  # the moment it is gone...
-        # ...requests go to replica 0 alone, and /health says why not to both
-        after_death = await deployment.agenerate(PROMPTS, max_new_tokens=8, do_sample=False)
+        # .../health says why not both serve, stats count replica 0 alone, requests go to it alone
         async with httpx.AsyncClient(base_url=url) as http:
             down = await http.get("/health")
             one = await deployment.stats()
             kv_metric = metric((await http.get("/metrics")).text, "fastgen_kv_blocks_total")
+        after_death = await deployment.agenerate(PROMPTS, max_new_tokens=8, do_sample=False)
 
         async def drain(stream):
             try:
@@ -348,7 +348,7 @@ def test_killed_replica_fails_its_requests_is_out_of_rotation_at_once_and_comes_
     assert all(r.finish_reason == "length" for r in results if not isinstance(r, Exception))
     assert [r.generated_text for r in after_death] == reference  # none was sent to the dead replica
     assert down.status_code == 503
-    assert down.json()["problems"][0].startswith("replica 1 ")  # restarting, or starting again
+    assert down.json()["problems"][0].startswith("replica 1 ")  # down, restarting, or starting again
     assert down.json()["problems"][0].endswith(": exited with code -9 (SIGKILL)")
     # stats (and /metrics) count the live replica alone: half the KV blocks of the two
     assert 2 * one.num_kv_blocks == both.num_kv_blocks > 0 and kv_metric == one.num_kv_blocks

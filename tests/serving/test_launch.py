@@ -20,7 +20,7 @@ import fastgen
 from fastgen import AsyncEngine, EngineConfig, EngineDeadError
 from fastgen.serving import DeploymentStartError, registry
 from fastgen.supervisor import pid_alive, wait_gone
-from tests.processes import descendants, is_running, zombies
+from tests.processes import descendants, gone
 
 from .conftest import greedy_texts, start_cli_server
 
@@ -145,7 +145,7 @@ def test_cli_serve_exits_with_a_clear_message_when_its_engine_dies(llama_path):
         "the engine cannot serve (tensor-parallel worker rank 0 exited with code -9 (SIGKILL)); exiting"
         in message
     )
-    assert not is_running(worker) and zombies() == []  # the engine stopped its worker before exiting
+    assert gone(worker) and gone(process.pid)  # the engine stopped (and reaped) its worker before exiting
 
 
 def _cmdline(pid: int) -> bytes:
