@@ -198,13 +198,15 @@ class ZmqExecutor:
 
     @property
     def is_alive(self) -> bool:
-        if self._closed or self._error is not None:
-            return False
-        return all(worker.exit_code is None for worker in self.workers)
+        if not self._closed:
+            self._note_exits()
+        return not self._closed and self._error is None
 
     @property
     def error(self) -> WorkerError | None:
         """Why the executor died (None while it is alive or after a clean shutdown)."""
+        if not self._closed:
+            self._note_exits()
         return self._error
 
     def submit(self, plan: StepPlan) -> asyncio.Future[StepResult]:
@@ -350,12 +352,22 @@ class ZmqExecutor:
 
     def _check_processes(self) -> None:
         """Raise `WorkerError` (and stop the other workers) if a worker exited."""
+        self._note_exits()
+        if self._error is not None:
+            raise self._error
+
+    def _note_exits(self) -> None:
+        """Mark the executor dead, naming the worker, once any worker has exited; a reader of
+        `is_alive` or `error` must never see a dead worker without its reason."""
+        if self._error is not None:
+            return
         for rank, worker in enumerate(self.workers):
             code = worker.exit_code
             if code is not None:
                 message = f"tensor-parallel worker died: {worker.describe_exit()}"
                 summary = f"tensor-parallel worker rank {rank} {worker.exit_summary()}"
-                raise self._die(WorkerError(message, rank=rank, exit_code=code, summary=summary))
+                self._die(WorkerError(message, rank=rank, exit_code=code, summary=summary))
+                return
 
     def _die(self, error: WorkerError) -> WorkerError:
         """Mark the executor dead and stop the remaining workers (they may be stuck in a collective;
