@@ -5,11 +5,11 @@ that reading can verify every piece as it arrives, on several cores at once, and
 that differ. (SHA-256 rather than BLAKE2b: CPUs with SHA extensions, today's x86 and Arm servers,
 hash it about twice as fast — 1.1 vs 0.5 GB/s a core on the development box.)
 
-`read_tensors` reads a file once, in order, in pieces: a thread pool hashes each piece while the
-next one is read, and the data lands in one buffer on the target device (on a CPU, read into it
-directly; on a GPU, through pinned staging buffers). Every tensor is a view of that buffer, so
-nothing is copied or converted after the read; a piece that does not match its hash raises
-`DamagedFileError` before any tensor is returned.
+`read_tensors` reads a file once, in pieces, in file order, each of a pool of threads hashing a
+piece as it arrives; the data lands in one buffer on the target device (on a CPU the file mapped
+privately, on a GPU one allocation, filled through a pinned staging buffer per thread). Every
+tensor is a view of that buffer, so nothing is copied or converted after the read; a piece that
+does not match its hash raises `DamagedFileError` before any tensor is returned.
 
 `write_tensors` writes a file readers of the safetensors format accept (``safetensors.safe_open``
 reads it), tensors ordered by element size so that each starts aligned to its own size.
@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import queue
 import struct
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -197,23 +198,68 @@ def read_tensors(
     path: Path, expected: FileDigest, device: torch.device, *, workers: int | None = None
 ) -> dict[str, torch.Tensor]:
     """The tensors of the safetensors file at ``path`` on ``device``, each a view of one buffer
-    that holds the file's data; every piece is checked against ``expected`` as it is read."""
+    that holds the file's data, once every piece of the file is checked against ``expected``.
+
+    On a CPU the buffer is the file itself, mapped privately (its pages are the page cache's: no
+    copy, no memory of its own; a write would copy the page, none happens), and the pieces are
+    hashed through the mapping, which reads them in. (Pages the kernel drops are read again from
+    the same file later: fastgen never rewrites a snapshot's files in place, a new snapshot is a new
+    directory renamed into place, but a file truncated by hand under a running CPU engine crashes
+    it, as with any mapped file.) On a GPU each piece is read into a pinned buffer, hashed and
+    copied to the device."""
     import torch
 
     size = _check_size(path, expected)
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     with open(path, "rb", buffering=0) as file:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         prefix = _read_exactly(file, 8)
         (header_size,) = struct.unpack("<Q", prefix)
         if header_size > size - 8:
             raise DamagedFileError(f"{path}: its header claims {header_size} bytes, more than the file holds")
         head = prefix + _read_exactly(file, header_size)
         entries = _parse_header(path, head[8:], size - len(head))
-        data = torch.empty(size - len(head), dtype=torch.uint8, device=device)
-        _stream_into(file, path, head, data, expected, workers)
+        if device.type == "cpu":
+            whole = _map(file, size)
+            _verify_pieces(path, expected, workers, lambda start, end: _hash_parts(whole[start:end]))
+            data = torch.frombuffer(whole, dtype=torch.uint8)[len(head) :]
+        else:
+            data = torch.empty(size - len(head), dtype=torch.uint8, device=device)
+            _stream_to_device(file, path, head, data, expected, workers)
     return {entry.name: _view(data, entry) for entry in entries}
+
+
+def _map(file: Any, size: int) -> memoryview:
+    """The file as private, writable memory (copy-on-write: torch wants writable buffers)."""
+    mapped = mmap.mmap(file.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    if hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_WILLNEED)  # start reading it all in now
+    return memoryview(mapped)
+
+
+def _verify_pieces(
+    path: Path, expected: FileDigest, workers: int, hash_piece: Callable[[int, int], str]
+) -> None:
+    """Hash every ``chunk_bytes`` piece of the file (``hash_piece(start, end)``, in file order, on
+    ``workers`` threads) against ``expected``; the first that differs raises `DamagedFileError`."""
+    pieces = [
+        (start, min(start + expected.chunk_bytes, expected.size))
+        for start in range(0, expected.size, expected.chunk_bytes)
+    ]
+    if len(pieces) != len(expected.chunks):
+        raise DamagedFileError(f"{path}: {len(pieces)} pieces where {len(expected.chunks)} were hashed")
+    with ThreadPoolExecutor(workers, thread_name_prefix="fastgen-read") as pool:
+        futures = [pool.submit(hash_piece, start, end) for start, end in pieces]
+        try:
+            for (start, end), future, digest in zip(pieces, futures, expected.chunks):
+                if future.result() != digest:
+                    raise DamagedFileError(
+                        f"{path}: bytes {start}..{end} do not match the hash written with the file "
+                        "(damaged or changed since)"
+                    )
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def _read_exactly(file: Any, count: int) -> bytes:
@@ -254,80 +300,46 @@ def _parse_header(path: Path, raw: bytes, data_size: int) -> list[_Entry]:
 
 def _view(data: torch.Tensor, entry: _Entry) -> torch.Tensor:
     part = data[entry.start : entry.end]
-    if entry.start % entry.dtype.itemsize:
+    if part.storage_offset() % entry.dtype.itemsize:
         part = part.clone()  # not aligned to its element size (a file from another writer)
     return part.view(entry.dtype).view(entry.shape)
 
 
-def _pieces(file_size: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, file_size, chunk_bytes):
-        yield start, min(start + chunk_bytes, file_size)
-
-
-def _stream_into(
+def _stream_to_device(
     file: Any, path: Path, head: bytes, data: torch.Tensor, expected: FileDigest, workers: int
 ) -> None:
-    """Read the data section into ``data`` piece by piece (the file position is at its start),
-    hashing each piece of the whole file (header included) on the pool as the next is read."""
+    """Read the file's data section into ``data`` (on a GPU), checking every piece: each worker
+    thread reads a piece into its pinned buffer, hashes it and copies it to the device."""
     import torch
 
     head_size = len(head)
-    file_size = head_size + data.numel()
-    pieces = list(_pieces(file_size, expected.chunk_bytes))
-    if len(pieces) != len(expected.chunks):
-        raise DamagedFileError(f"{path}: {len(pieces)} pieces where {len(expected.chunks)} were hashed")
-    on_host = data.device.type == "cpu"
-    host = data.numpy() if on_host else None
-    depth = workers + 1  # pieces in flight; on a GPU each holds a pinned staging buffer
-    staging: deque[torch.Tensor] = deque()
-    if not on_host:
-        staging.extend(
-            torch.empty(expected.chunk_bytes, dtype=torch.uint8, pin_memory=True)
-            for _ in range(min(depth, len(pieces)))
-        )
-    in_flight: deque[tuple[int, Future[str], torch.Tensor | None]] = deque()
+    staging: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+    for _ in range(max(1, min(workers, len(expected.chunks)))):
+        staging.put(torch.empty(expected.chunk_bytes, dtype=torch.uint8, pin_memory=True))
 
-    def settle_oldest() -> None:
-        index, future, buffer = in_flight.popleft()
-        digest = future.result()
-        if buffer is not None:
-            staging.append(buffer)
-        if digest != expected.chunks[index]:
-            start, end = pieces[index]
-            raise DamagedFileError(
-                f"{path}: bytes {start}..{end} do not match the hash written with the file "
-                "(damaged or changed since)"
-            )
+    def load(start: int, end: int) -> str:
+        low, high = max(start, head_size) - head_size, max(end - head_size, 0)  # of the data section
+        buffer = staging.get()
+        try:
+            target = memoryview(buffer.numpy())[: high - low]
+            _read_at(file.fileno(), target, head_size + low, path)
+            digest = _hash_parts(head[start:end], target)
+            if high > low:
+                data[low:high].copy_(buffer[: high - low])  # synchronous: the buffer is free afterwards
+            return digest
+        finally:
+            staging.put(buffer)
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="fastgen-read") as pool:
-        for index, (start, end) in enumerate(pieces):
-            if len(in_flight) >= depth:
-                settle_oldest()
-            header_part = head[start : min(end, head_size)]
-            low, high = max(start, head_size) - head_size, end - head_size  # of the data section
-            buffer = None
-            if on_host:
-                target = memoryview(host)[low:high] if high > low else memoryview(b"")
-                _read_into(file, target)
-                future = pool.submit(_hash_parts, header_part, target)
-            else:
-                buffer = staging.popleft()
-                target = memoryview(buffer.numpy())[: max(0, high - low)]
-                _read_into(file, target)
-                future = pool.submit(_hash_and_copy, header_part, target, buffer, data, low, high)
-            in_flight.append((index, future, buffer))
-        while in_flight:
-            settle_oldest()
-    if not on_host:
-        torch.cuda.synchronize(data.device)
+    _verify_pieces(path, expected, workers, load)
+    torch.cuda.synchronize(data.device)
 
 
-def _read_into(file: Any, target: memoryview) -> None:
+def _read_at(descriptor: int, target: memoryview, offset: int, path: Path) -> None:
     filled = 0
     while filled < len(target):
-        count = file.readinto(target[filled:])
+        count = os.preadv(descriptor, [target[filled:]], offset + filled)
         if not count:
-            raise DamagedFileError(f"{file.name}: ended early")
+            raise DamagedFileError(f"{path}: ended early")
         filled += count
 
 
@@ -336,12 +348,3 @@ def _hash_parts(*parts: bytes | memoryview) -> str:
     for part in parts:
         hasher.update(part)
     return hasher.hexdigest()
-
-
-def _hash_and_copy(
-    header_part: bytes, target: memoryview, buffer: torch.Tensor, data: torch.Tensor, low: int, high: int
-) -> str:
-    digest = _hash_parts(header_part, target)
-    if high > low:
-        data[low:high].copy_(buffer[: high - low])  # from pinned memory; done before the buffer is reused
-    return digest
