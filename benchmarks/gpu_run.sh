@@ -5,7 +5,9 @@
 # phases: tests, enginetests, kernels, decode, profile, overhead, serving, async (batch-1 decode with
 # and without asynchronous scheduling), prefix (a closed loop with and without a shared prompt prefix),
 # fp8 (batch-1 decode and the offline run with FP8 weights), kvfp8 (the same with an FP8 KV cache,
-# with bf16 and with FP8 weights, and the latter at a 2048-token budget)
+# with bf16 and with FP8 weights, and the latter at a 2048-token budget), families (batch-1 decode and
+# the offline 256 x (1200, 128) run of the smallest real shape of Falcon, OPT and Qwen v1; FAMILY_SHAPES,
+# FAMILY_TIMEOUT_S per shape)
 # Results and logs land in $OUT (or benchmarks/results when OUT is unset). The serving phase takes
 # SERVING_LIMIT_S / SERVING_TIMEOUT_S (the kernels phase takes KERNELS_ARGS, e.g. "--only moe")
 # and extra arguments in SERVING_ARGS, e.g. to finish a sweep:
@@ -108,6 +110,13 @@ for phase in "$@"; do
                 fi
                 timeout "${FLASHINFER_TIMEOUT_S:-150}" python3 benchmarks/flashinfer_peer.py --out "$D" ${FLASHINFER_ARGS:-} 2>&1 \
                   | tee "$D/flashinfer.log" | tail -30 ;;
+    families) for shape in ${FAMILY_SHAPES:-opt-125m qwen-1.8b falcon-7b}; do  # issue 16: one figure per family
+                echo "--- $shape"
+                timeout "${FAMILY_TIMEOUT_S:-90}" python3 benchmarks/serving.py --model-shape "$shape" \
+                  --workloads 1200-128 --clients "" --offline-requests 256 --skip-peer --batch1-repeats 1 \
+                  --time-limit-s "$(( ${FAMILY_TIMEOUT_S:-90} - 20 ))" --max-run-s 40 --out "$D" 2>&1 \
+                  | tee -a "$D/families.log" | grep -E "^\| (batch-1 decode|offline|kernels)|Roofline|HBM"
+              done ;;
     *) echo "unknown phase $phase" ;;
   esac
   if [ -n "${PACK:-}" ]; then
