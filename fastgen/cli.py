@@ -120,6 +120,12 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free one)")
     parser.add_argument("--replicas", type=int, default=1, help="engine processes behind a load balancer")
+    parser.add_argument(
+        "--device-map",
+        default=None,
+        help="the GPUs of each replica's ranks, as MII's device_map: auto, or JSON such as 0, [0,1] "
+        "(one replica) or [[0,1],[2,3]] (one list per replica)",
+    )
     parser.add_argument("--served-model-name", default=None, help="the model's name in the API")
     parser.add_argument("--log-level", default="warning")
     _add_http_options(parser)
@@ -168,9 +174,17 @@ def _http_policy(args: argparse.Namespace) -> HttpPolicy:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from fastgen.serving.device_map import parse_device_map, replica_device_ids
+
     options = _engine_options(args)
+    device_map = None if args.device_map is None else parse_device_map(args.device_map)
     if args.replicas > 1 or options.get("tensor_parallel", 1) > 1:
-        return _serve_deployment(args, options)
+        return _serve_deployment(args, options, device_map)
+    lists = replica_device_ids(device_map, tensor_parallel=1, replica_num=1)  # checked here too
+    if lists is not None:
+        if options.get("device_ids") is not None:
+            raise ValueError("give --device-map or --device-ids, not both")
+        options["device_ids"] = lists[0]
     return _run(_serve_in_process(args, options))
 
 
@@ -206,7 +220,7 @@ async def _serve_in_process(args: argparse.Namespace, options: dict[str, Any]) -
         await engine.stop()
 
 
-def _serve_deployment(args: argparse.Namespace, options: dict[str, Any]) -> int:
+def _serve_deployment(args: argparse.Namespace, options: dict[str, Any], device_map: Any = None) -> int:
     from fastgen.serving.launcher import serve
     from fastgen.supervisor import pid_alive
 
@@ -220,6 +234,7 @@ def _serve_deployment(args: argparse.Namespace, options: dict[str, Any]) -> int:
         restful_api_port=args.port,
         restful_api_host=args.host,
         restful_api_policy=_http_policy(args),
+        device_map=device_map,
         **options,
     )
     stop = threading.Event()

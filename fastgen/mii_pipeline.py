@@ -18,6 +18,7 @@ from .engine import AsyncEngine
 from .errors import EngineDeadError, InvalidRequestError
 from .loops import BackgroundLoop
 from .mii import Response, mii_response, parse_mii_options
+from .serving.device_map import DeviceMap, replica_device_ids
 from .streams import collect
 
 
@@ -77,11 +78,25 @@ async def generate_responses(
     ]
 
 
-def pipeline(model_name_or_path: str | Path | None = None, **config: Any) -> Pipeline:
+def pipeline(
+    model_name_or_path: str | Path | None = None, *, device_map: DeviceMap = None, **config: Any
+) -> Pipeline:
     """Load a model for synchronous, non-persistent generation (MII's ``mii.pipeline``).
 
     ``model_name_or_path`` is passed to `AsyncEngine.start` (``None``: its default model).
     ``config`` holds `EngineConfig` fields (``tensor_parallel``, ``token_budget``, ...).
+    ``device_map`` names the GPUs of the pipeline's one replica, as MII's does (a GPU id, a list
+    of ``tensor_parallel`` ids, ``[[ids]]``, ``{"localhost": [[ids]]}``; see
+    `fastgen.serving.device_map`).
     """
     model = None if model_name_or_path is None else str(model_name_or_path)
-    return Pipeline(model, EngineConfig.from_options(**config))
+    engine_config = EngineConfig.from_options(**config)
+    try:
+        lists = replica_device_ids(device_map, tensor_parallel=engine_config.tensor_parallel, replica_num=1)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (a pipeline is one replica)") from None
+    if lists is not None:
+        if engine_config.device_ids is not None:
+            raise ValueError("give device_map or device_ids, not both")
+        engine_config = engine_config.replace(device_ids=lists[0])
+    return Pipeline(model, engine_config)

@@ -29,6 +29,7 @@ from fastgen.supervisor import (
 
 from . import registry
 from .client import Client
+from .device_map import DeviceMap, replica_device_ids
 from .errors import DeploymentStartError
 from .guard import HttpPolicy
 from .server import DeploymentSpec
@@ -44,6 +45,7 @@ def serve(
     *,
     restful_api_host: str = "127.0.0.1",
     restful_api_policy: HttpPolicy | None = None,
+    device_map: DeviceMap = None,
     zmq_port: int = 0,
     start_timeout_s: float = 600.0,
     restart_policy: RestartPolicy | None = None,
@@ -57,7 +59,10 @@ def serve(
     outstanding tokens. ``enable_restful_api`` also serves the HTTP gateway (MII's
     ``/mii/{deployment_name}`` and the OpenAI-compatible routes) on ``restful_api_port``
     (0: a free port, see ``client.info.http_url``), answering as ``restful_api_policy`` says
-    (hosts, web origins, body size; default: local names only, see `HttpPolicy`). ``engine_config``
+    (hosts, web origins, body size; default: local names only, see `HttpPolicy`). ``device_map``
+    says which GPUs each replica's ranks use, as MII's does (`fastgen.serving.device_map`: ``"auto"``,
+    a GPU id, a list of ids for one replica, a list of such lists, ``{"localhost": lists}``); it is
+    checked against ``tensor_parallel`` and ``replica_num`` before anything starts. ``engine_config``
     holds `EngineConfig` fields. A replica that stops serving is restarted as ``restart_policy``
     says (default: `RestartPolicy()`, backoff from 0.5 s doubling up to 30 s, giving up at the
     5th failure within 10 minutes). Stop the deployment with ``client.terminate_server()``.
@@ -69,8 +74,15 @@ def serve(
     name = registry.check_name(deployment_name or registry.default_name(model))
     if not isinstance(replica_num, int) or replica_num < 1:
         raise ValueError(f"replica_num must be a positive integer, got {replica_num!r}")
+    replica_devices = replica_device_ids(
+        device_map, tensor_parallel=config.tensor_parallel, replica_num=replica_num
+    )
+    if config.device_ids is not None and replica_devices is not None:
+        raise ValueError("give device_map or device_ids, not both (device_map names each replica's GPUs)")
     if config.device_ids is not None and replica_num > 1:
-        raise ValueError("device_ids is chosen per replica; leave it unset when replica_num > 1")
+        raise ValueError(
+            "device_ids is chosen per replica: with replica_num > 1 leave it unset or give device_map"
+        )
     existing = registry.read(name)
     if existing is not None and pid_alive(existing.server_pid):
         raise ValueError(
@@ -83,6 +95,7 @@ def serve(
         model=model,
         engine_config=config,
         replica_num=replica_num,
+        replica_device_ids=replica_devices,
         zmq_port=zmq_port,
         http=enable_restful_api,
         http_host=restful_api_host,

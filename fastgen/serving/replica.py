@@ -52,16 +52,25 @@ EXIT_ENGINE_DOWN = 1
 
 
 def assign_devices(config: EngineConfig, device_slot: int, replicas_on_host: int) -> EngineConfig:
-    """A replica in device slot ``i`` of a GPU host gets GPUs ``i*tp .. i*tp+tp-1``; on CPU nothing
-    changes, except that the replicas share the cores instead of each taking all of them."""
+    """A replica in device slot ``i`` of a GPU host gets GPUs ``i*tp .. i*tp+tp-1`` unless its
+    config names them (a device_map); on CPU nothing changes, except that the replicas share the
+    cores instead of each taking all of them."""
     import torch
 
     on_cuda = config.device in ("auto", "cuda") and torch.cuda.is_available()
     if not on_cuda:
+        if config.device_ids is not None:
+            logger.warning("device ids %s ignored: this replica runs on the CPU", config.device_ids)
         if config.device in ("auto", "cpu") and replicas_on_host > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // replicas_on_host))
         return config
     if config.device_ids is not None:
+        visible = torch.cuda.device_count()
+        if max(config.device_ids) >= visible:
+            raise RuntimeError(
+                f"replica slot {device_slot} was given GPUs {config.device_ids} but only {visible} are "
+                f"visible (ids 0..{visible - 1})"
+            )
         return config
     first = device_slot * config.tensor_parallel
     needed = first + config.tensor_parallel

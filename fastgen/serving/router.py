@@ -124,6 +124,7 @@ class Router:
         seal: Seal | None = None,
         restart_policy: RestartPolicy | None = None,
         placement: Placement | None = None,
+        replica_device_ids: list[list[int]] | None = None,
     ):
         self.name = name
         self.model = model
@@ -144,6 +145,7 @@ class Router:
             on_down=self._replica_down,
             policy=restart_policy,
             placement=placement,
+            replica_device_ids=replica_device_ids,
         )
         self.replicas = [_Replica(slot) for slot in self.supervisor.slots]
         self._flights: dict[str, _Flight] = {}

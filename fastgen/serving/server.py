@@ -45,6 +45,7 @@ class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str
     engine_config: EngineConfig
     replica_num: int = 1
+    replica_device_ids: list[list[int]] | None = None  # from device_map; None: slot i takes GPUs i*tp..
     zmq_host: str = "127.0.0.1"
     zmq_port: int = 0
     http: bool = False
@@ -68,7 +69,7 @@ async def run_deployment(spec: DeploymentSpec) -> None:
     seal = Seal.new()
     router = Router(
         spec.name, spec.model, None, spec.engine_config, spec.replica_num, log_dir,
-        seal=seal, restart_policy=spec.restart_policy,
+        seal=seal, restart_policy=spec.restart_policy, replica_device_ids=spec.replica_device_ids,
     )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

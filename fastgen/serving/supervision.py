@@ -99,7 +99,10 @@ class ReplicaSupervisor:
         policy: RestartPolicy | None = None,
         placement: Placement | None = None,
         start_timeout_s: float = 300.0,
+        replica_device_ids: list[list[int]] | None = None,
     ):
+        if replica_device_ids is not None and len(replica_device_ids) != replica_num:
+            raise ValueError(f"{len(replica_device_ids)} lists of device ids for {replica_num} replicas")
         self.model = model
         self.config = config
         self.address = address
@@ -109,6 +112,7 @@ class ReplicaSupervisor:
         self.policy = policy or RestartPolicy()
         self.placement = placement or LocalPlacement()
         self.start_timeout_s = start_timeout_s
+        self.replica_device_ids = replica_device_ids  # GPUs of each replica (device_map); None: by slot
         self.slots = [ReplicaSlot(i, Backoff(self.policy)) for i in range(replica_num)]
         self._by_identity: dict[bytes, ReplicaSlot] = {}
         self._changed = asyncio.Event()  # a replica became ready
@@ -181,6 +185,12 @@ class ReplicaSupervisor:
             if slot.state != FAILED:
                 slot.state, slot.reason = STOPPED, "the deployment is shutting down"
 
+    def replica_config(self, replica_id: int) -> EngineConfig:
+        """The engine config replica ``replica_id`` starts with: its GPUs when a device_map named them."""
+        if self.replica_device_ids is None:
+            return self.config
+        return self.config.replace(device_ids=self.replica_device_ids[replica_id])
+
     def problems(self) -> list[str]:
         """One line for each replica that cannot serve now (none: all serve)."""
         return [problem for slot in self.slots if (problem := slot.problem()) is not None]
@@ -201,7 +211,7 @@ class ReplicaSupervisor:
             identity=slot.identity.hex(),
             key=self.seal.hex(),
             model=self.model,
-            config=self.config,
+            config=self.replica_config(slot.replica_id),
             device_slot=slot.replica_id,
             replicas_on_host=len(self.slots),
         )
