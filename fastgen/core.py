@@ -13,8 +13,11 @@ workers fill in N's tokens, see `fastgen.scheduler`), so the next step is queued
 before the current one ends and the device never waits for the host between steps. A sequence that
 a stop string ends meanwhile computes one wasted token in step N+1, which `Scheduler.commit` drops.
 
-A step that fails fails its requests (`StepError`); when the executor died with it, the engine
-cannot go on (`CoreOutputs.fatal`).
+A step that fails while the executor lives fails only the request that caused it (`StepError`):
+the scheduler re-runs the step's sequences in halves until it finds it (`Scheduler.fail_step`),
+with one step in flight meanwhile; the others go on with the tokens they would have had. When the
+executor died with the step, the engine cannot go on (`CoreOutputs.fatal`): the step's requests
+fail with `StepError`, the others with `EngineDeadError`.
 """
 
 from __future__ import annotations
@@ -162,6 +165,7 @@ class EngineCore:
             num_kv_blocks=self.block_manager.num_blocks,
             num_free_kv_blocks=self.block_manager.num_free,
             num_preemptions=self.scheduler.num_preemptions,
+            num_failed_steps=self.scheduler.num_failed_steps,
             num_steps=self.num_steps,
             generated_tokens=self.generated_tokens,
             prompt_tokens=self.prompt_tokens,
@@ -184,7 +188,8 @@ class EngineCore:
                 self.scheduler.add(seq)
                 self.prompt_tokens += seq.prompt_len
         self._arrivals.clear()
-        while len(self._in_flight) < self.ahead and self.scheduler.has_work:
+        ahead = 1 if self.scheduler.isolating else self.ahead  # a failed probe step holds its members only
+        while len(self._in_flight) < ahead and self.scheduler.has_work:
             step = self.scheduler.schedule()
             if not step.plan.chunks:
                 return
@@ -239,17 +244,30 @@ class EngineCore:
         self._in_flight.clear()
 
     def _fail_step(self, step: ScheduledStep, error: BaseException, outputs: CoreOutputs) -> None:
-        logger.error(
-            "step %d failed; failing its %d requests", step.plan.step_id, len(step.sequences), exc_info=error
-        )
+        step_id = step.plan.step_id
+        if self.executor.is_alive:
+            culprit = self.scheduler.fail_step(step)
+            if culprit is None:
+                logger.warning(
+                    "step %d failed (%r): re-running its %d sequences in halves",
+                    step_id,
+                    error,
+                    len(step.sequences),
+                )
+                return
+            logger.error("step %d failed with one request alone, which fails", step_id, exc_info=error)
+            failure = StepError(f"a forward step failed, also with this request alone in it: {error!r}")
+            self.scheduler.finish(culprit, FinishReason.ERROR)
+            outputs.failed.append((culprit, failure))
+            return
+        logger.error("step %d failed and the executor with it", step_id, exc_info=error)
         failure = StepError(f"a forward step failed: {error!r}")
         for seq in step.sequences:
             if not seq.is_finished:
                 self.scheduler.finish(seq, FinishReason.ERROR)
                 outputs.failed.append((seq, failure))
-        if not self.executor.is_alive:
-            outputs.fatal = EngineDeadError(f"the executor died: {error}")
-            outputs.fatal.__cause__ = error
+        outputs.fatal = EngineDeadError(f"the executor died: {error}")
+        outputs.fatal.__cause__ = error
 
 
 def _consume_error(future: asyncio.Future) -> None:

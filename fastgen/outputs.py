@@ -87,4 +87,5 @@ class EngineStats:
     generated_tokens: int
     prompt_tokens: int
     prefix_cache_hit_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    num_failed_steps: int = 0  # steps that raised (the scheduler then isolates their culprit)
     kernel_compiles: int = 0  # Triton kernel variants compiled by steps (after start-up, which compiles all)

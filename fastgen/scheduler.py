@@ -18,6 +18,25 @@ one pending token, which the next step decodes as `PENDING_TOKEN` (the worker kn
 Sequences that turn out to be finished when the earlier step commits waste that one decode; a
 pending token that reaches the length limit is never decoded. A sequence preempted while a step
 that contains it is in flight starts a new incarnation: that step's token for it is dropped.
+
+Failed steps: a step that raises while the workers live (a value the runner cannot handle, a bug
+that one request's options trigger) fails only its culprit. `fail_step` makes the step's live
+sequences *suspects*, requeued for recompute like preempted ones (a new incarnation: a step in
+flight behind the failed one drops their tokens). While suspects remain the scheduler isolates:
+steps hold only the *probe*, the first half of the suspects; other sequences wait, the running
+ones keeping their KV unless a probe member needs its blocks or place. A suspect is cleared when
+it samples in a step that completes (or when it finishes). A probe step that fails narrows the
+probe to the first half of its sequences; one that ran a single sequence names it the culprit (it
+failed in company and alone), for the caller to fail. The caller keeps one step in flight while
+isolating, so a failed probe step holds probe members only. Recompute yields the tokens a
+sequence would have had (greedy and seeded sampling depend on the position alone), so the
+cleared go on as if nothing had failed, and a failure that does not recur fails nobody.
+
+Liveness while isolating: a probe can always run (it may preempt every sequence outside it, and a
+sequence fits the cache alone), and each probe step advances every member it holds (clearing those
+that sample), fails one sequence or halves the probe, so isolation ends. A request that fails only
+sometimes may fail a later step again: each such round gives every suspect a token or fails one,
+and lengths are finite.
 """
 
 from __future__ import annotations
@@ -51,6 +70,7 @@ class ScheduledStep:
     num_decodes: int = 0
     preempted: list[Sequence] = field(default_factory=list)
     wait_reason: WaitReason | None = None
+    isolated: bool = False  # scheduled while isolating: holds probe members only
 
 
 class Scheduler:
@@ -68,6 +88,10 @@ class Scheduler:
         self._next_step_id = 0
         self.num_preemptions = 0
         self.num_cached_tokens = 0  # prompt tokens admitted from the prefix cache
+        self.num_failed_steps = 0
+        # sequences of failed steps not cleared yet, by seq_id in the order found; the probe among them
+        self._suspects: dict[int, Sequence] = {}
+        self._probe: dict[int, Sequence] = {}
 
     # -- requests in and out -------------------------------------------------------------
 
@@ -80,6 +104,7 @@ class Scheduler:
         """Finish ``seq`` (done, aborted or failed) and free its blocks. Idempotent."""
         if seq.status is SequenceStatus.FINISHED:
             return
+        self._clear(seq)
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
             self._release_blocks(seq)
@@ -100,6 +125,11 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    @property
+    def isolating(self) -> bool:
+        """Suspects remain: steps run the probe alone, and the caller keeps one in flight."""
+        return bool(self._suspects)
 
     def _release_blocks(self, seq: Sequence) -> None:
         self.block_manager.free(seq.block_table)
@@ -122,9 +152,12 @@ class Scheduler:
         scheduled: list[Sequence] = []
         started: list[SequenceStart] = []
         preempted: list[Sequence] = []
+        probe = self._next_probe() if self._suspects else None  # None: steps hold anyone
 
         # 1. decodes, oldest first; a decode that needs a block may preempt the newest sequence
         decodes = [s for s in self.running if s.num_uncomputed == 1 and s.can_decode_pending]
+        if probe is not None:
+            decodes = [s for s in decodes if s.seq_id in probe]
         for seq in decodes:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
@@ -139,30 +172,38 @@ class Scheduler:
         for seq in self.running:
             if budget == 0:
                 break
-            if seq.num_uncomputed > 1:
+            if seq.num_uncomputed > 1 and (probe is None or seq.seq_id in probe):
                 take = min(seq.num_uncomputed, budget)
                 chunks.append(self._chunk(seq, seq.num_computed, take, started))
                 scheduled.append(seq)
                 budget -= take
 
-        # 3. admit waiting sequences while the budget, the sequence cap and the cache allow
+        # 3. admit waiting sequences while the budget, the sequence cap and the cache allow; while
+        # isolating, only the probe's members, for whom sequences outside the probe make room
         wait_reason = None
         reserve = min(len(self.running), self.block_manager.num_blocks // 100)
-        while self.waiting:
+        queue = self.waiting
+        if probe is not None:  # its members, in queue order, with nothing held back for others
+            queue, reserve = collections.deque(s for s in self.waiting if s.seq_id in probe), 0
+        while queue:
+            seq = queue[0]
             if budget == 0:
                 wait_reason = WaitReason.TOKEN_BUDGET
                 break
+            if probe is not None:
+                self._make_room(seq, probe, preempted)
             if len(self.running) >= self.max_running:
                 wait_reason = WaitReason.SEQUENCE_CAP
                 break
-            seq = self.waiting[0]
             cached = self._cached_prefix(seq)
             needed = self.block_manager.blocks_for(seq.num_tokens) - len(cached)
             if not self.block_manager.can_allocate(needed + (reserve if self.running else 0)):
                 self.block_manager.free(cached)
                 wait_reason = WaitReason.KV_CACHE
                 break
-            self.waiting.popleft()
+            queue.popleft()
+            if queue is not self.waiting:
+                self.waiting.remove(seq)
             seq.block_table = cached + self.block_manager.allocate(needed)
             seq.num_registered_blocks = len(cached)
             seq.num_computed = len(cached) * self.block_size
@@ -182,7 +223,8 @@ class Scheduler:
         plan = StepPlan(step_id=self._next_step_id, released=released, started=started, chunks=chunks)
         self._next_step_id += bool(chunks)
         incarnations = [seq.num_preemptions for seq in scheduled]
-        return ScheduledStep(plan, scheduled, incarnations, num_decodes, preempted, wait_reason)
+        isolated = probe is not None
+        return ScheduledStep(plan, scheduled, incarnations, num_decodes, preempted, wait_reason, isolated)
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks of the prefix cache that hold the start of ``seq`` (with references taken)."""
@@ -262,12 +304,59 @@ class Scheduler:
         return seq
 
     def _preempt(self, seq: Sequence) -> None:
+        self._requeue(seq)
+        self.num_preemptions += 1
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Free ``seq``'s blocks and queue it first, to be recomputed (a new incarnation)."""
         self.running.remove(seq)
         self._release_blocks(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
-        self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+    # -- failed steps -----------------------------------------------------------------------
+
+    def fail_step(self, step: ScheduledStep) -> Sequence | None:
+        """``step`` raised and the workers live on: its culprit, for the caller to fail, when it was a
+        probe step of one sequence; otherwise None, and its live sequences are suspects (see the
+        module docstring). Their release tells the workers to drop what the step left behind."""
+        self.num_failed_steps += 1
+        live = [
+            seq
+            for seq, incarnation in zip(step.sequences, step.incarnations)
+            if seq.status is SequenceStatus.RUNNING and seq.num_preemptions == incarnation
+        ]
+        if step.isolated and len(step.sequences) == 1:
+            return live[0] if live else None
+        for seq in reversed(live):  # each goes first: together they keep their order
+            self._requeue(seq)
+        self._suspects.update((seq.seq_id, seq) for seq in live)
+        if step.isolated and live:
+            self._probe = {seq.seq_id: seq for seq in live[: (len(live) + 1) // 2]}
+        return None
+
+    def _next_probe(self) -> dict[int, Sequence]:
+        if not self._probe:
+            suspects = list(self._suspects.values())
+            self._probe = {seq.seq_id: seq for seq in suspects[: (len(suspects) + 1) // 2]}
+        return self._probe
+
+    def _clear(self, seq: Sequence) -> None:
+        """``seq`` is no suspect (any more): it sampled in a step that completed, or it finished."""
+        if self._suspects.pop(seq.seq_id, None) is not None:
+            self._probe.pop(seq.seq_id, None)
+
+    def _make_room(self, seq: Sequence, probe: dict[int, Sequence], preempted: list[Sequence]) -> None:
+        """Preempt the newest running sequences outside ``probe`` until ``seq`` (a member) fits the
+        sequence cap and the cache, prefix-cache hits aside."""
+        needed = self.block_manager.blocks_for(seq.num_tokens)
+        while len(self.running) >= self.max_running or not self.block_manager.can_allocate(needed):
+            victim = next((s for s in reversed(self.running) if s.seq_id not in probe), None)
+            if victim is None:
+                return  # other members hold the room: they run first
+            self._preempt(victim)
+            preempted.append(victim)
 
     # -- after the step ---------------------------------------------------------------------
 
@@ -283,4 +372,6 @@ class Scheduler:
             if token is not None:
                 seq.num_pending -= 1
                 seq.append_token(token)
+                if self._suspects:
+                    self._clear(seq)
                 yield seq, token

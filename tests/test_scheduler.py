@@ -8,14 +8,20 @@ trips its integrity checks.
 
 from __future__ import annotations
 
+import collections
+import math
 import random
 import subprocess
 import sys
+from collections.abc import Callable
+
+import msgspec
+import pytest
 
 from fastgen.block_manager import BlockManager
-from fastgen.plan import StepPlan, StepResult
+from fastgen.plan import PENDING_TOKEN, SequenceChunk, StepPlan, StepResult
 from fastgen.sampling_params import SamplingParams
-from fastgen.scheduler import Scheduler, WaitReason
+from fastgen.scheduler import ScheduledStep, Scheduler, WaitReason
 from fastgen.sequence import FinishReason, Sequence, SequenceStatus
 
 VOCAB = 1000
@@ -306,3 +312,230 @@ def test_waiting_sequence_can_be_finished():
     scheduler.add(seq)
     scheduler.finish(seq, FinishReason.ABORT)
     assert not scheduler.has_work
+
+
+# -- failed steps: only the culprit fails ---------------------------------------------------------
+
+
+class FailingRunner(FakeRunner):
+    """A `FakeRunner` whose step raises when ``fails(chunk, plan)`` holds for one of its chunks, after
+    it wrote the step's KV and extended its block tables, as a runner whose sampling raises leaves
+    them. A `PENDING_TOKEN` reads the token its sequence sampled last (0 before any)."""
+
+    def __init__(self, num_blocks: int, block_size: int, fails: Callable[[SequenceChunk, StepPlan], bool]):
+        super().__init__(num_blocks, block_size)
+        self.fails = fails
+        self.last_sampled: dict[int, int] = {}
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        known = [
+            msgspec.structs.replace(c, token_ids=[self.last_sampled.get(c.seq_id, 0)])
+            if c.token_ids == [PENDING_TOKEN]
+            else c
+            for c in plan.chunks
+        ]
+        result = super().execute(msgspec.structs.replace(plan, chunks=known))
+        if any(self.fails(chunk, plan) for chunk in plan.chunks):
+            raise RuntimeError("a value the runner cannot handle")
+        sampling = [chunk.seq_id for chunk in plan.chunks if chunk.sample]
+        self.last_sampled.update(zip(sampling, result.sampled_token_ids))
+        return result
+
+
+def run_failing(scheduler: Scheduler, runner: FailingRunner, ahead: int) -> tuple[list[Sequence], list]:
+    """Run to completion as `EngineCore` does: up to ``ahead`` steps in flight (one while isolating),
+    which the runner executes in order, each failed one handed to `Scheduler.fail_step` and its
+    culprit failed. Checks that isolated steps hold only sequences of failed steps. Returns the
+    culprits and the failed steps."""
+    in_flight: collections.deque[tuple[ScheduledStep, StepResult | None]] = collections.deque()
+    culprits: list[Sequence] = []
+    failed: list[ScheduledStep] = []
+    suspected: set[int] = set()
+    for _ in range(100_000):
+        while len(in_flight) < (1 if scheduler.isolating else ahead) and scheduler.has_work:
+            step = scheduler.schedule()
+            if not step.plan.chunks:
+                break
+            assert step.isolated == scheduler.isolating
+            assert not step.isolated or {seq.seq_id for seq in step.sequences} <= suspected
+            try:
+                in_flight.append((step, runner.execute(step.plan)))
+            except RuntimeError:
+                in_flight.append((step, None))
+        if not in_flight:
+            assert not scheduler.has_work, f"nothing scheduled: {scheduler.running} {scheduler.waiting}"
+            return culprits, failed
+        step, result = in_flight.popleft()
+        if result is None:
+            failed.append(step)
+            suspected |= {seq.seq_id for seq in step.sequences}
+            culprit = scheduler.fail_step(step)
+            if culprit is not None:
+                scheduler.finish(culprit, FinishReason.ERROR)
+                culprits.append(culprit)
+            continue
+        for seq, _ in scheduler.commit(step, result):
+            if (reason := seq.token_stop_reason()) is not None:
+                scheduler.finish(seq, reason)
+    raise AssertionError("no progress")
+
+
+def failing_run(
+    requests: list,
+    fails: Callable[[SequenceChunk, StepPlan], bool],
+    *,
+    ahead: int,
+    num_blocks: int = 256,
+    **limits,
+) -> tuple[list[Sequence], list[Sequence], list[ScheduledStep], Scheduler]:
+    """``requests`` (seq ids are their indices) run to completion on a runner that ``fails`` so;
+    checks that every block comes back."""
+    scheduler = Scheduler(BlockManager(num_blocks, 4), **{"token_budget": 32, "max_seqs": 16, **limits})
+    seqs = [make_seq(i, prompt, new) for i, (prompt, new) in enumerate(requests)]
+    for seq in seqs:
+        scheduler.add(seq)
+    culprits, failed = run_failing(scheduler, FailingRunner(num_blocks, 4, fails), ahead)
+    assert scheduler.block_manager.num_free == num_blocks and not scheduler.isolating
+    assert scheduler.num_failed_steps == len(failed)
+    return seqs, culprits, failed, scheduler
+
+
+def assert_only_culprits_failed(seqs: list[Sequence], requests: list, culprits: set[int]) -> None:
+    """The culprits failed; every other sequence has the tokens it has alone."""
+    for seq, (prompt, new) in zip(seqs, requests):
+        if seq.seq_id in culprits:
+            assert seq.finish_reason is FinishReason.ERROR, seq
+        else:
+            assert seq.finish_reason is not FinishReason.ERROR, seq
+            assert seq.generated_token_ids == run_alone(prompt, new), seq
+
+
+def samples_for(*seq_ids: int) -> Callable[[SequenceChunk, StepPlan], bool]:
+    """A runner that fails whenever it samples for one of ``seq_ids`` (as for a top_k it cannot hold)."""
+    return lambda chunk, plan: chunk.sample and chunk.seq_id in seq_ids
+
+
+@pytest.mark.parametrize("ahead", [1, 2], ids=["sync", "async"])
+def test_a_culprit_among_decodes_fails_alone_and_the_others_match_running_alone(ahead):
+    requests = random_requests(16, random.Random(5), prompt_range=(2, 12), new_range=(10, 25))
+    requests.append(([5, 6, 7], 10))  # the culprit: admitted after the others, which decode by then
+    culprit = len(requests) - 1
+    seqs, culprits, failed, scheduler = failing_run(requests, samples_for(culprit), ahead=ahead)
+    assert culprits == [seqs[culprit]]
+    assert_only_culprits_failed(seqs, requests, {culprit})
+    assert failed[0].num_decodes > 8
+    # the first failure (and the step in flight behind it), a halving per failed probe, then alone
+    assert len(failed) <= 2 + math.ceil(math.log2(len(failed[0].sequences)))
+    assert scheduler.num_preemptions == 0  # a roomy cache: the innocents kept their KV while they waited
+
+
+@pytest.mark.parametrize("ahead", [1, 2], ids=["sync", "async"])
+def test_a_culprit_in_a_prompt_chunk_fails_alone(ahead):
+    """Its prompt spans several steps; a chunk that does not sample fails."""
+    requests = random_requests(8, random.Random(6), prompt_range=(2, 12), new_range=(10, 25))
+    requests.insert(3, (list(range(1, 61)), 5))
+
+    def fails(chunk: SequenceChunk, plan: StepPlan) -> bool:
+        return chunk.seq_id == 3 and not chunk.sample and chunk.start_position > 0
+
+    seqs, culprits, failed, _ = failing_run(requests, fails, ahead=ahead, token_budget=16)
+    assert culprits == [seqs[3]] and all(len(step.sequences) > 1 for step in failed[:1])
+    assert_only_culprits_failed(seqs, requests, {3})
+
+
+def test_two_culprits_in_one_step_each_fail_alone():
+    requests = random_requests(12, random.Random(7), prompt_range=(2, 12), new_range=(5, 25))
+    seqs, culprits, failed, _ = failing_run(requests, samples_for(1, 4), ahead=2)
+    assert {1, 4} <= {seq.seq_id for seq in failed[0].sequences}
+    assert sorted(seq.seq_id for seq in culprits) == [1, 4]
+    assert_only_culprits_failed(seqs, requests, {1, 4})
+
+
+@pytest.mark.parametrize("count", [1, 12])
+def test_a_failure_that_does_not_recur_fails_nobody(count):
+    """The step fails once (a transient fault): its sequences are re-run and all finish, a lone
+    request too, with the tokens they have alone."""
+    requests = random_requests(count, random.Random(8), prompt_range=(2, 12), new_range=(5, 25))
+    faults = [True]
+
+    def fails(chunk: SequenceChunk, plan: StepPlan) -> bool:
+        return plan.step_id == 2 and bool(faults) and bool(faults.pop())
+
+    seqs, culprits, failed, _ = failing_run(requests, fails, ahead=2)
+    assert culprits == [] and len(failed) == 1
+    assert_only_culprits_failed(seqs, requests, set())
+
+
+@pytest.mark.parametrize("ahead", [1, 2], ids=["sync", "async"])
+def test_isolation_under_preemption_pressure_and_the_sequence_cap(ahead):
+    """24 blocks hold about two sequences and at most 4 run: probe members take blocks and places
+    from the waiting innocents, which are recomputed later, with the same tokens."""
+    requests = random_requests(10, random.Random(9), prompt_range=(4, 12), new_range=(20, 40))
+    seqs, culprits, _, scheduler = failing_run(
+        requests, samples_for(4, 8), ahead=ahead, num_blocks=24, token_budget=16, max_seqs=4
+    )
+    assert scheduler.num_preemptions > 0, "the test should exercise preemption"
+    assert sorted(seq.seq_id for seq in culprits) == [4, 8]
+    assert_only_culprits_failed(seqs, requests, {4, 8})
+
+
+def test_a_sequence_that_fails_only_in_company_finishes_and_so_do_the_others():
+    """It fails every step it shares and passes alone: each round of isolation gives every suspect
+    a token, so all finish, with the tokens they have alone."""
+    requests = random_requests(12, random.Random(10), prompt_range=(2, 20), new_range=(5, 15))
+
+    def fails(chunk: SequenceChunk, plan: StepPlan) -> bool:
+        return chunk.seq_id == 3 and chunk.sample and len(plan.chunks) > 1
+
+    seqs, culprits, failed, _ = failing_run(requests, fails, ahead=2)
+    assert culprits == [] and len(failed) > 2
+    assert_only_culprits_failed(seqs, requests, set())
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_failures_no_request_causes_end_and_harm_only_whom_they_fall_on(seed):
+    """One step in five fails, whoever it holds: the run ends, and every sequence not failed has
+    the tokens it has alone."""
+    rng = random.Random(seed)
+    requests = random_requests(12, rng, prompt_range=(2, 20), new_range=(5, 15))
+    fault = random.Random(seed)
+    seqs, culprits, failed, _ = failing_run(requests, lambda chunk, plan: fault.random() < 0.05, ahead=2)
+    assert failed
+    assert_only_culprits_failed(seqs, requests, {seq.seq_id for seq in culprits})
+
+
+def test_probes_halve_the_suspects_until_one_fails_alone():
+    scheduler = Scheduler(BlockManager(num_blocks=64, block_size=4), token_budget=64, max_seqs=8)
+    seqs = [make_seq(i, [1 + i, 2, 3], 5) for i in range(4)]
+    for seq in seqs:
+        scheduler.add(seq)
+    first = scheduler.schedule()
+    assert scheduler.fail_step(first) is None and scheduler.isolating
+    assert scheduler.num_waiting == 4 and scheduler.num_preemptions == 0  # requeued, not preempted
+    probe = scheduler.schedule()
+    assert probe.isolated and probe.sequences == seqs[:2] and sorted(probe.plan.released) == [0, 1, 2, 3]
+    assert scheduler.fail_step(probe) is None
+    alone = scheduler.schedule()
+    assert alone.sequences == seqs[:1] and scheduler.num_waiting == 3
+    assert scheduler.fail_step(alone) is seqs[0]  # failed in company, then alone
+    scheduler.finish(seqs[0], FinishReason.ERROR)
+    assert scheduler.schedule().sequences == seqs[1:3]  # the first half of the suspects left
+    assert scheduler.isolating
+
+
+def test_suspects_that_finish_leave_isolation_and_a_step_of_finished_sequences_suspects_nobody():
+    scheduler = Scheduler(BlockManager(num_blocks=64, block_size=4), token_budget=64, max_seqs=8)
+    seqs = [make_seq(i, [1 + i, 2, 3], 5) for i in range(4)]
+    for seq in seqs:
+        scheduler.add(seq)
+    step = scheduler.schedule()
+    scheduler.fail_step(step)
+    assert scheduler.schedule().sequences == seqs[:2]
+    for seq in seqs:  # e.g. their clients left
+        scheduler.finish(seq, FinishReason.ABORT)
+    assert not scheduler.isolating and not scheduler.has_work
+    late = make_seq(4, [9, 9, 9], 5)
+    scheduler.add(late)
+    step = scheduler.schedule()
+    scheduler.finish(late, FinishReason.ABORT)
+    assert scheduler.fail_step(step) is None and not scheduler.isolating

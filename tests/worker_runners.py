@@ -73,3 +73,27 @@ def echo_rank1_hangs_at_step1(spec: WorkerSpec, rank: int) -> _HangsAtStep:
 
 def model_rank1_hangs_at_step3(spec: WorkerSpec, rank: int) -> _HangsAtStep:
     return _HangsAtStep(build_model_runner(spec, rank), rank, hang_rank=1, step_id=3)
+
+
+POISONED_SEED = 666  # a request seeded so is the culprit of `PoisonedRunner` (greedy: nothing else changes)
+
+
+class PoisonedRunner:
+    """Wraps a runner: a step fails once it has run (KV written, the runner's state advanced, as a
+    failure in sampling leaves it) if it samples for a sequence seeded `POISONED_SEED`, or with
+    ``in_prompt``, if it holds a chunk of one that does not sample (a prompt spanning steps)."""
+
+    def __init__(self, runner: Runner, in_prompt: bool = False):
+        self.runner = runner
+        self.num_kv_blocks = runner.num_kv_blocks
+        self.in_prompt = in_prompt
+        self.poisoned: set[int] = set()  # live sequences seeded POISONED_SEED
+
+    def execute(self, plan: StepPlan, **options) -> StepResult:
+        self.poisoned.difference_update(plan.released)
+        self.poisoned.update(start.seq_id for start in plan.started if start.sampling.seed == POISONED_SEED)
+        result = self.runner.execute(plan, **options)
+        for chunk in plan.chunks:
+            if chunk.seq_id in self.poisoned and (not chunk.sample if self.in_prompt else chunk.sample):
+                raise RuntimeError(f"sequence {chunk.seq_id} asks for what the runner cannot do")
+        return result

@@ -72,6 +72,10 @@ class _EngineCollector:
                 stats.prefix_cache_hit_tokens,
             ),
             "fastgen_steps": ("Forward steps run", stats.num_steps),
+            "fastgen_failed_steps": (
+                "Forward steps that raised (their requests are re-run in halves to find the one at fault)",
+                stats.num_failed_steps,
+            ),
             "fastgen_kernel_compiles": (
                 "Triton kernel variants compiled while serving (each stalls its step; start-up compiles all)",
                 stats.kernel_compiles,
