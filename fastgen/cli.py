@@ -2,7 +2,8 @@
 
 - ``fastgen serve [MODEL] [--host 127.0.0.1 --port 8000 --replicas N --tensor-parallel N ...]``: the
   HTTP gateway (MII and OpenAI-compatible routes). One replica without tensor parallelism runs the
-  engine in this process; otherwise a persistent deployment is started and stopped with the command.
+  engine in this process; otherwise a persistent deployment is started and stopped with the command
+  (``--ray [--ray-address ADDR]``: its replicas on the nodes of a Ray cluster).
 - ``fastgen generate [MODEL] "prompt" [--max-new-tokens N --temperature T ...]``: stream one
   completion to the terminal. MODEL may also name a running deployment.
 - ``fastgen snapshot [MODEL] OUT [--tensor-parallel N --quantization fp8 --dtype ...]``: write the
@@ -128,6 +129,7 @@ def _add_serve(subparsers) -> None:
     )
     parser.add_argument("--served-model-name", default=None, help="the model's name in the API")
     parser.add_argument("--log-level", default="warning")
+    _add_ray_options(parser)
     _add_http_options(parser)
     _add_engine_options(parser)
     parser.set_defaults(func=_serve)
@@ -159,6 +161,38 @@ def _add_http_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Ray cluster (pip install 'fastgen[ray]'; see the README)")
+    group.add_argument(
+        "--ray",
+        action="store_true",
+        help="place each replica on a node of a Ray cluster (this host keeps the gateway)",
+    )
+    group.add_argument(
+        "--ray-address",
+        default=None,
+        help="the cluster to join (default: RAY_ADDRESS, else the one `ray start` made on this host, "
+        "else a private one)",
+    )
+    group.add_argument(
+        "--ray-router-port",
+        type=int,
+        default=0,
+        help="the port of this host that replicas on other nodes dial (default: a free one)",
+    )
+
+
+def _cluster(args: argparse.Namespace) -> Any:
+    """``--ray`` and its options as `fastgen.serve`'s ``cluster`` argument."""
+    if not args.ray:
+        if args.ray_address is not None or args.ray_router_port:
+            raise ValueError("--ray-address and --ray-router-port need --ray")
+        return "local"
+    from fastgen.serving.ray_placement import RayCluster
+
+    return RayCluster(address=args.ray_address, router_port=args.ray_router_port)
+
+
 def _names(value: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in value.split(",") if name.strip())
 
@@ -178,8 +212,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     options = _engine_options(args)
     device_map = None if args.device_map is None else parse_device_map(args.device_map)
-    if args.replicas > 1 or options.get("tensor_parallel", 1) > 1:
-        return _serve_deployment(args, options, device_map)
+    cluster = _cluster(args)
+    if cluster != "local" or args.replicas > 1 or options.get("tensor_parallel", 1) > 1:
+        return _serve_deployment(args, options, device_map, cluster)
     lists = replica_device_ids(device_map, tensor_parallel=1, replica_num=1)  # checked here too
     if lists is not None:
         if options.get("device_ids") is not None:
@@ -220,7 +255,9 @@ async def _serve_in_process(args: argparse.Namespace, options: dict[str, Any]) -
         await engine.stop()
 
 
-def _serve_deployment(args: argparse.Namespace, options: dict[str, Any], device_map: Any = None) -> int:
+def _serve_deployment(
+    args: argparse.Namespace, options: dict[str, Any], device_map: Any = None, cluster: Any = "local"
+) -> int:
     from fastgen.serving.launcher import serve
     from fastgen.supervisor import pid_alive
 
@@ -235,6 +272,7 @@ def _serve_deployment(args: argparse.Namespace, options: dict[str, Any], device_
         restful_api_host=args.host,
         restful_api_policy=_http_policy(args),
         device_map=device_map,
+        cluster=cluster,
         **options,
     )
     stop = threading.Event()

@@ -13,7 +13,8 @@ replicas and the deployment server (no torch here).
   with the children's output.
 - `RestartPolicy` and `Backoff`: exponential, capped, giving up after N failures in a window.
 - `Placement` is where a supervised unit runs: `LocalPlacement` starts a subprocess on this host;
-  another placement (Ray actors on other machines) returns its own `Supervised` handle.
+  `fastgen.serving.ray_placement.RayPlacement` starts it through a Ray actor on a cluster's node
+  and returns its own `Supervised` handle.
 - The child's side: `watch_parent` / `parent_gone` notice that the process that started us is gone.
 - For processes started elsewhere (a deployment seen from a client): `pid_alive`, `wait_gone`,
   `kill`, `kill_group`, `log_tail`.
@@ -141,14 +142,7 @@ class Child:
         return "; last output:\n" + "\n".join(tail) if tail else "; it printed nothing"
 
     def exit_summary(self) -> str:
-        code = self.exit_code
-        if code is None:
-            return "is running"
-        text = f"exited with code {code}"
-        if code < 0:
-            with contextlib.suppress(ValueError):
-                text += f" ({signal.Signals(-code).name})"
-        return text
+        return exit_text(self.exit_code)
 
     def describe_exit(self) -> str:
         return f"{self.name} (pid {self.pid}) {self.exit_summary()}{self.output_tail()}"
@@ -239,6 +233,17 @@ class Child:
             self.process.stdout.close()
         if self._exited is not None:
             self._close_pidfd(self._exited.get_loop())
+
+
+def exit_text(code: int | None) -> str:
+    """``exited with code -9 (SIGKILL)``, or ``is running`` for None."""
+    if code is None:
+        return "is running"
+    text = f"exited with code {code}"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            text += f" ({signal.Signals(-code).name})"
+    return text
 
 
 def _resolve(future: asyncio.Future[int], code: int) -> None:
@@ -400,21 +405,36 @@ class Launch(msgspec.Struct, kw_only=True):
     module: str  # run as ``python -m module``
     payload: bytes  # its spec (secrets included), delivered privately
     log_path: str  # where its output goes (on the machine that runs it)
-    device_slot: int = 0  # which group of devices of its host it takes (a replica: GPUs slot*tp..)
+    # which group of devices it takes: of its host (a replica: GPUs slot*tp..), or placed by Ray,
+    # which placement group (one per replica, kept across its restarts)
+    device_slot: int = 0
 
 
 class Placement(Protocol):
     """Where supervised units run. Starting returns at once; readiness is the unit's own message
     (it connects back to the address in its payload), death is `Supervised.wait_exit`."""
 
+    # True when each unit sees only the devices it was given (Ray sets CUDA_VISIBLE_DEVICES per
+    # actor): every unit then takes device slot 0 of what it sees, and shares no cores
+    isolates_devices: bool
+
     def start(self, launch: Launch) -> Supervised: ...
+
+    def close(self) -> None:
+        """Release what the placement holds (after every unit it started has exited)."""
+        ...
 
 
 class LocalPlacement:
     """Every unit is a subprocess of this process, on this host."""
 
+    isolates_devices = False
+
     def start(self, launch: Launch) -> Child:
         return spawn(launch.name, launch.module, payload=launch.payload, log_path=Path(launch.log_path))
+
+    def close(self) -> None:
+        pass
 
 
 # -- the child's side ---------------------------------------------------------------------------

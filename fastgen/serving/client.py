@@ -286,7 +286,7 @@ class Client:
     def terminate_server(self, timeout_s: float = 30.0) -> None:
         """Stop the deployment: its server and every replica. Returns once their processes are
         gone (killing them if they do not exit within ``timeout_s``)."""
-        pids = [self.info.server_pid, *(replica.pid for replica in self.info.replicas)]
+        pids = _local_pids(self.info)
         if not pid_alive(self.info.server_pid):  # already stopped (or died): only clean up
             kill_group(self.info.server_pid)
             if self._process is not None:
@@ -297,7 +297,7 @@ class Client:
             return
         try:
             info = self.deployment_info()
-            pids = [info.server_pid, *(replica.pid for replica in info.replicas)]
+            pids = _local_pids(info)
             self._run(self._control("shutdown"))
         except AccessDeniedError:
             raise  # not ours to stop
@@ -337,6 +337,12 @@ class Client:
             with contextlib.suppress(Exception):
                 background.run(asyncio.sleep(0.01), timeout=1)  # let the cancelled readers clean up
             background.close()
+
+
+def _local_pids(info: DeploymentInfo) -> list[int]:
+    """The deployment's processes on this host: the server and its replica subprocesses (a replica
+    placed by Ray runs elsewhere, its pid another host's; the server stops it through Ray)."""
+    return [info.server_pid, *(replica.pid for replica in info.replicas if not replica.node_id)]
 
 
 def _prompt_list(prompts: str | Sequence[str]) -> list[str]:

@@ -32,6 +32,7 @@ from .client import Client
 from .device_map import DeviceMap, replica_device_ids
 from .errors import DeploymentStartError
 from .guard import HttpPolicy
+from .ray_placement import RayCluster, cluster_spec
 from .server import DeploymentSpec
 
 
@@ -49,6 +50,8 @@ def serve(
     zmq_port: int = 0,
     start_timeout_s: float = 600.0,
     restart_policy: RestartPolicy | None = None,
+    cluster: str | RayCluster = "local",
+    ray_address: str | None = None,
     **engine_config: Any,
 ) -> Client:
     """Start a persistent deployment of ``model`` (a Hugging Face directory or a GGUF file; None:
@@ -65,8 +68,12 @@ def serve(
     checked against ``tensor_parallel`` and ``replica_num`` before anything starts. ``engine_config``
     holds `EngineConfig` fields. A replica that stops serving is restarted as ``restart_policy``
     says (default: `RestartPolicy()`, backoff from 0.5 s doubling up to 30 s, giving up at the
-    5th failure within 10 minutes). Stop the deployment with ``client.terminate_server()``.
+    5th failure within 10 minutes). ``cluster="ray"`` places each replica on a node of the Ray
+    cluster at ``ray_address`` (a `RayCluster` says more: CPUs and custom resources per replica,
+    the router's port for replicas); the server and its gateway stay on this host. Stop the
+    deployment with ``client.terminate_server()``.
     """
+    ray = cluster_spec(cluster, ray_address)  # without Ray installed: what to install
     config = EngineConfig.from_options(tensor_parallel=tensor_parallel, **engine_config)
     # a path that cannot be loaded fails here, in one line, rather than in a replica's log
     model = str(Path(resolve_model(model, config.load_format)).resolve())
@@ -77,6 +84,8 @@ def serve(
     replica_devices = replica_device_ids(
         device_map, tensor_parallel=config.tensor_parallel, replica_num=replica_num
     )
+    if ray is not None and (config.device_ids is not None or replica_devices is not None):
+        raise ValueError("device_map and device_ids name this host's GPUs; on Ray a replica uses its actor's")
     if config.device_ids is not None and replica_devices is not None:
         raise ValueError("give device_map or device_ids, not both (device_map names each replica's GPUs)")
     if config.device_ids is not None and replica_num > 1:
@@ -103,6 +112,7 @@ def serve(
         http_policy=restful_api_policy or HttpPolicy(),
         start_timeout_s=start_timeout_s,
         restart_policy=restart_policy or RestartPolicy(),
+        ray=ray,
     )
     log_path = registry.deployment_dir(name) / "server.log"
     server = spawn(

@@ -40,6 +40,10 @@ class ReplicaInfo(msgspec.Struct, kw_only=True):
     requests_routed: int = 0
     in_flight: int = 0
     outstanding_tokens: int = 0
+    # where it runs when a cluster placed it (Ray's node id and the node's IP); empty: a
+    # subprocess of the server, on the server's host
+    node_id: str = ""
+    node_ip: str = ""
 
 
 class DeploymentInfo(msgspec.Struct, kw_only=True):

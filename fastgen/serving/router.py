@@ -98,6 +98,8 @@ class _Replica:
             requests_routed=self.requests_routed,
             in_flight=len(self.in_flight),
             outstanding_tokens=self.outstanding_tokens,
+            node_id=getattr(slot.unit, "node_id", ""),
+            node_ip=getattr(slot.unit, "node_ip", ""),
         )
 
 
@@ -124,6 +126,8 @@ class Router:
         seal: Seal | None = None,
         restart_policy: RestartPolicy | None = None,
         placement: Placement | None = None,
+        bind_host: str = "127.0.0.1",
+        bind_port: int = 0,
         replica_device_ids: list[list[int]] | None = None,
     ):
         self.name = name
@@ -133,7 +137,8 @@ class Router:
         self.log_dir = log_dir
         self._model_names = model_names_for(model, name)
         self.socket = make_socket(zmq.ROUTER)
-        self.address = bind(self.socket)
+        # the replicas dial this address: loopback, or a cluster node's IP when they run elsewhere
+        self.address = bind(self.socket, bind_host, bind_port)
         self.seal = seal or Seal.new()
         self.supervisor = ReplicaSupervisor(
             model=model,

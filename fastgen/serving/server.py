@@ -32,6 +32,7 @@ from .gateway import create_app
 from .guard import HttpPolicy
 from .http_server import HttpServer
 from .metrics import ServingMetrics
+from .ray_placement import RayCluster, RayPlacement
 from .router import Router
 from .supervision import ReplicaMetrics
 
@@ -54,6 +55,7 @@ class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     http_policy: HttpPolicy = HttpPolicy()
     start_timeout_s: float = 300.0
     restart_policy: RestartPolicy = RestartPolicy()
+    ray: RayCluster | None = None  # place the replicas on a Ray cluster (None: subprocesses here)
 
 
 def _load_tokenizer(path: str):
@@ -67,9 +69,14 @@ async def run_deployment(spec: DeploymentSpec) -> None:
 
     log_dir = registry.deployment_dir(spec.name)
     seal = Seal.new()
+    placement, bind_host, bind_port = None, "127.0.0.1", 0
+    if spec.ray is not None:
+        placement = RayPlacement(spec.ray, spec.name, spec.engine_config)  # joins the cluster
+        bind_host, bind_port = placement.router_host, spec.ray.router_port
     router = Router(
         spec.name, spec.model, None, spec.engine_config, spec.replica_num, log_dir,
         seal=seal, restart_policy=spec.restart_policy, replica_device_ids=spec.replica_device_ids,
+        placement=placement, bind_host=bind_host, bind_port=bind_port,
     )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

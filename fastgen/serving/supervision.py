@@ -9,8 +9,9 @@ it sends `Ready`. At the policy's ``max_failures``-th failure within ``window_s`
 gives up on the replica, which stays down, named by `problems` (and so by ``/health``).
 
 The replicas dial the router's address, so a placement need not know where they listen: it only
-starts them and reports their exit. `LocalPlacement` starts subprocesses; a Ray placement would
-start actors and report an actor's death the same way.
+starts them and reports their exit. `LocalPlacement` starts subprocesses; `RayPlacement`
+(`fastgen.serving.ray_placement`) starts each through a Ray actor on a cluster node and reports
+the actor's death as the replica's exit, so both take this one path of restarts and backoff.
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ class ReplicaSupervisor:
         for slot in self.slots:
             if slot.state != FAILED:
                 slot.state, slot.reason = STOPPED, "the deployment is shutting down"
+        self.placement.close()
 
     def replica_config(self, replica_id: int) -> EngineConfig:
         """The engine config replica ``replica_id`` starts with: its GPUs when a device_map named them."""
@@ -205,6 +207,9 @@ class ReplicaSupervisor:
         if slot.identity:
             self._by_identity.pop(slot.identity, None)
         slot.identity = secrets.token_bytes(16)  # unguessable: no other process can take its place
+        # a placement that gives each replica its own devices (a Ray actor's GPUs) makes every
+        # replica the first and only one of what it sees
+        isolated = self.placement.isolates_devices
         spec = ReplicaSpec(
             address=self.address,
             replica_id=slot.replica_id,
@@ -212,8 +217,8 @@ class ReplicaSupervisor:
             key=self.seal.hex(),
             model=self.model,
             config=self.replica_config(slot.replica_id),
-            device_slot=slot.replica_id,
-            replicas_on_host=len(self.slots),
+            device_slot=0 if isolated else slot.replica_id,
+            replicas_on_host=1 if isolated else len(self.slots),
         )
         launch = Launch(
             name=f"replica {slot.replica_id}",

@@ -129,6 +129,8 @@ class FakeUnit:
 class FakePlacement:
     """Starts scripted replicas as tasks of this loop; ``crash`` replicas exit as they start."""
 
+    isolates_devices = False
+
     def __init__(self, replicas: list[ScriptedReplica], crash: set[int] = frozenset()):
         self.replicas = replicas
         self.crash = set(crash)
@@ -147,6 +149,9 @@ class FakePlacement:
 
     def current(self, replica_id: int) -> FakeUnit:
         return self.units[replica_id][-1]
+
+    def close(self) -> None:
+        pass
 
 
 def stats_of(blocks: int, running: int) -> EngineStats:
