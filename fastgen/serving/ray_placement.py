@@ -99,6 +99,34 @@ def ray_installed() -> bool:
     return importlib.util.find_spec("ray") is not None
 
 
+def replica_bundle(cluster: RayCluster, config: EngineConfig, cluster_gpus: float) -> dict[str, float]:
+    """What one replica takes: a GPU per tensor-parallel rank unless it runs on the CPU (device
+    "cpu", or "auto" on a cluster without GPUs), ``num_cpus`` CPUs, and the custom resources."""
+    on_gpu = config.device == "cuda" or (config.device == "auto" and cluster_gpus > 0)
+    bundle = {"CPU": float(cluster.num_cpus), **cluster.resources}
+    if on_gpu:
+        bundle["GPU"] = float(config.tensor_parallel)
+    return {name: value for name, value in bundle.items() if value > 0}
+
+
+def check_fits(bundle: dict[str, float], nodes: list[dict[str, Any]]) -> None:
+    """Refuse at once when no live node (``ray.nodes()``) could ever hold one replica's
+    ``bundle``, rather than let the deployment wait for its start timeout."""
+    alive = [node for node in nodes if node.get("Alive")]
+    for node in alive:
+        offered = node.get("Resources", {})
+        if all(offered.get(name, 0) >= value for name, value in bundle.items()):
+            return
+    seen = "; ".join(
+        f"{node.get('NodeManagerAddress')}: "
+        + ", ".join(f"{name}={node.get('Resources', {}).get(name, 0):g}" for name in bundle)
+        for node in alive
+    )
+    raise DeploymentStartError(
+        f"no node of the Ray cluster has what one replica needs ({bundle}); nodes: {seen or 'none'}"
+    )
+
+
 def actor_name(deployment: str, replica_id: int, start: int) -> str:
     """The Ray name (in namespace ``fastgen``) of the actor of a replica's ``start``-th process
     (counted from 0): a new name each time, so a restart never waits for the old name to free."""
@@ -292,40 +320,14 @@ class RayPlacement:
             self._joined = True
         self.deployment = deployment
         self.cluster = cluster
-        self.bundle = self._bundle(cluster, config)
-        self._check_fits()
+        self.bundle = replica_bundle(cluster, config, ray.cluster_resources().get("GPU", 0))
+        check_fits(self.bundle, ray.nodes())
         self._check_name_free()
         self.router_host = cluster.router_host or ray.util.get_node_ip_address()
         self._groups: dict[int, Any] = {}
         self._starts: dict[int, int] = {}  # per replica: how many actors it had
         self._host_class = ray.remote(ReplicaHost)
         logger.info("replicas go to Ray nodes with %s each; they dial %s", self.bundle, self.router_host)
-
-    def _bundle(self, cluster: RayCluster, config: EngineConfig) -> dict[str, float]:
-        """What one replica takes: GPUs (one per tensor-parallel rank) unless it runs on the CPU
-        (device "cpu", or "auto" on a cluster without GPUs), CPUs, and custom resources."""
-        gpus = self._ray.cluster_resources().get("GPU", 0)
-        on_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
-        bundle = {"CPU": float(cluster.num_cpus), **cluster.resources}
-        if on_gpu:
-            bundle["GPU"] = float(config.tensor_parallel)
-        return {name: value for name, value in bundle.items() if value > 0}
-
-    def _check_fits(self) -> None:
-        """Refuse at once when no node could ever hold one replica (rather than time out)."""
-        nodes = [node for node in self._ray.nodes() if node.get("Alive")]
-        for node in nodes:
-            offered = node.get("Resources", {})
-            if all(offered.get(name, 0) >= value for name, value in self.bundle.items()):
-                return
-        seen = "; ".join(
-            f"{node.get('NodeManagerAddress')}: "
-            + ", ".join(f"{k}={v:g}" for k, v in sorted(node.get("Resources", {}).items()) if "/" not in k)
-            for node in nodes
-        )
-        raise DeploymentStartError(
-            f"no node of the Ray cluster has what one replica needs ({self.bundle}); nodes: {seen or 'none'}"
-        )
 
     def _check_name_free(self) -> None:
         ours = f"{self.deployment}/"
