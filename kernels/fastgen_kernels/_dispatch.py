@@ -1,4 +1,5 @@
-"""Backend choice: Triton on CUDA tensors, the PyTorch reference elsewhere.
+"""Backend choice: Triton on CUDA tensors, the PyTorch reference elsewhere (paged attention has a
+batched CPU path besides, see ``attention.paged_attention``).
 
 ``FASTGEN_KERNELS=reference`` forces the reference everywhere (debugging on a GPU).
 """

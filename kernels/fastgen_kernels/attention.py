@@ -22,13 +22,19 @@ Layout shared by the reference and the Triton kernel:
 
 The Triton path (``paged_attention_triton``, kernels in ``attention_triton.py``) serves the ragged
 batch with one launch, or two with ``num_decodes``; see that module for the work decomposition.
+On the CPU, ``paged_attention_cpu`` computes what the reference computes with a few large torch
+ops per step instead of a dozen small ones per sequence (tests compare the two).
 """
 
 from __future__ import annotations
 
-import torch
+import itertools
+from typing import NamedTuple
 
-from ._dispatch import use_triton
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import reference_forced, use_triton
 from .attention_triton import paged_attention_triton
 
 
@@ -48,7 +54,7 @@ def paged_attention_reference(
     num_decodes: int = 0,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Plain-PyTorch paged attention, one sequence at a time (also the CPU backend)."""
+    """Plain-PyTorch paged attention, one sequence at a time (what the other paths are tested against)."""
     del max_query_len, max_context_len, num_decodes  # shape the Triton launches; not needed here
     num_heads, head_dim = query.shape[1], query.shape[2]
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
@@ -85,6 +91,171 @@ def paged_attention_reference(
     return out
 
 
+def paged_attention_cpu(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    query_start: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    max_query_len: int | None = None,
+    max_context_len: int | None = None,
+    out: torch.Tensor | None = None,
+    num_decodes: int = 0,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """The reference's attention (float32 scores, the same masks), batched for the CPU backend.
+
+    The sequences with one query token (decodes, wherever they sit: ``num_decodes`` is not needed)
+    attend as a few padded batches, their keys and values gathered with one copy per cache and
+    batch; every other sequence attends on its own, as in the reference. The reference runs a dozen
+    small ops per sequence and layer, and a 2-core CPU spends more time dispatching those than
+    computing them. Scores in float32 as in the reference; torch's fused attention sums in another
+    order, so outputs agree to float32 rounding, not bit for bit.
+    """
+    del max_query_len, max_context_len, num_decodes  # shape the Triton launches; not needed here
+    if out is None:
+        out = torch.empty_like(query)
+    num_heads, head_dim = query.shape[1:]
+    for group in _step_plan(query_start, context_lens, block_tables, key_cache.shape[1], sliding_window):
+        num_seqs = group.slots.shape[0] // group.width
+        # [seqs, heads, query_len, d]: a token per decode, or the tokens of one chunk
+        grouped = query.index_select(0, group.rows).view(num_seqs, group.query_len, num_heads, head_dim)
+        result = _attend(grouped.transpose(1, 2), key_cache, value_cache, group, scale, softcap)
+        out.index_copy_(0, group.rows, result.transpose(1, 2).reshape(-1, num_heads, head_dim).to(out.dtype))
+    return out
+
+
+class _Group(NamedTuple):
+    """Sequences that attend as one padded batch, with all their query tokens: ``rows`` (int64) in
+    the step's tokens, sequence by sequence; ``query_len`` tokens each; ``slots`` (int64
+    ``[seqs * width]``) the cache slots each reads, ``width`` of them per sequence; ``mask`` (bool
+    ``[seqs, 1, query_len, width]``) where each query may look, or None where it may look
+    everywhere."""
+
+    rows: torch.Tensor
+    query_len: int
+    width: int
+    slots: torch.Tensor
+    mask: torch.Tensor | None
+
+
+# the last step's plan and what it was made from: every layer of a step asks for the same one
+_last_plan: tuple[tuple, list[_Group]] | None = None
+
+
+def _step_plan(
+    query_start: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    block_size: int,
+    sliding_window: int | None,
+) -> list[_Group]:
+    """The groups of `paged_attention_cpu`, computed once a step (the plan of the last step asked
+    for is kept; another engine in the same process only makes this recompute).
+
+    Decodes are grouped by context length, longest first, a group taking sequences while the
+    longest context is at most twice theirs: padding then at most doubles the keys gathered, where
+    one batch could gather a thousand times too many (a long context among many short ones)."""
+    global _last_plan
+    starts, lens = query_start.tolist(), context_lens.tolist()
+    key = (
+        tuple(starts),
+        tuple(lens),
+        block_tables.shape,
+        block_tables.numpy().tobytes(),
+        block_size,
+        sliding_window,
+        block_tables.device,
+    )
+    cached = _last_plan  # one read: another thread may replace it meanwhile
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    tables = block_tables.tolist()
+    query_lens = [end - begin for begin, end in itertools.pairwise(starts)]
+    decodes = sorted((seq for seq, length in enumerate(query_lens) if length == 1), key=lambda s: -lens[s])
+    members: list[list[int]] = []  # sequences of each group
+    for seq in decodes:
+        if members and lens[members[-1][0]] <= 2 * lens[seq]:
+            members[-1].append(seq)
+        else:
+            members.append([seq])
+    members += [[seq] for seq, length in enumerate(query_lens) if length > 1]
+    device = query_start.device
+    plan = [
+        _group(seqs, starts, lens, query_lens[seqs[0]], tables, block_size, sliding_window, device)
+        for seqs in members
+    ]
+    _last_plan = (key, plan)
+    return plan
+
+
+def _group(
+    seqs: list[int],
+    starts: list[int],
+    lens: list[int],
+    query_len: int,
+    tables: list[list[int]],
+    block_size: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> _Group:
+    """The `_Group` of sequences ``seqs``, each with ``query_len`` query tokens.
+
+    Past a shorter context a row reads the sequence's first slot again. Those positions are masked
+    out, but they must still hold finite numbers: a stale slot, or one in a table entry past the
+    sequence's last block (which the reference never reads), could hold a NaN that no mask hides."""
+    rows = torch.tensor([starts[seq] + i for seq in seqs for i in range(query_len)], device=device)
+    width = max(lens[seq] for seq in seqs)
+    key_pos = torch.arange(width, device=device)
+    group_lens = torch.tensor([lens[seq] for seq in seqs], device=device)[:, None]  # [seqs, 1]
+    read = torch.where(key_pos < group_lens, key_pos, 0)  # [seqs, width]
+    num_blocks = -(-width // block_size)
+    blocks = torch.tensor([tables[seq][:num_blocks] for seq in seqs], dtype=torch.int64, device=device)
+    slots = (blocks.gather(1, read // block_size) * block_size + read % block_size).view(-1)
+    # [seqs, query_len, 1]: the positions of the queries, the last query_len of each context
+    query_pos = group_lens[:, :, None] - query_len + torch.arange(query_len, device=device)[:, None]
+    allowed = key_pos <= query_pos  # [seqs, query_len, width]: causal, and so within the context
+    if sliding_window is not None:
+        allowed &= key_pos > query_pos - sliding_window
+    mask = None if bool(allowed.all()) else allowed[:, None]  # the same for every head
+    return _Group(rows, query_len, width, slots, mask)
+
+
+def _attend(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    group: _Group,
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Attention of ``query`` ``[seqs, heads, query_len, d]`` over the keys and values of
+    ``group``'s slots where its mask allows; float32 ``[seqs, heads, query_len, d]``."""
+    num_seqs, num_heads, _, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    shape = (num_seqs, group.width, num_kv_heads, head_dim)
+    keys = key_cache.view(-1, num_kv_heads, head_dim).index_select(0, group.slots).view(shape)
+    values = value_cache.view(-1, num_kv_heads, head_dim).index_select(0, group.slots).view(shape)
+    keys = keys.transpose(1, 2).float()  # [seqs, kv_heads, width, d]
+    values = values.transpose(1, 2).float()
+    query = query.float()
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=group.mask, scale=scale, enable_gqa=num_heads != num_kv_heads
+        )
+    group_size = num_heads // num_kv_heads
+    keys, values = keys.repeat_interleave(group_size, dim=1), values.repeat_interleave(group_size, dim=1)
+    scores = torch.matmul(query, keys.transpose(2, 3)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if group.mask is not None:
+        scores = scores.masked_fill(~group.mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), values)
+
+
 def paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -101,14 +272,30 @@ def paged_attention(
     num_decodes: int = 0,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention of a ragged batch against the paged cache (Triton on CUDA, reference elsewhere).
+    """Attention of a ragged batch against the paged cache: Triton on CUDA, `paged_attention_cpu` on
+    the CPU, the reference elsewhere and wherever ``FASTGEN_KERNELS=reference`` forces it.
 
     ``num_decodes``: the first ``num_decodes`` sequences have one query token each (the caller's
     promise, see the module docstring); lets the Triton path launch decodes and chunks apart.
     """
-    impl = paged_attention_triton if use_triton(query) else paged_attention_reference
+    if use_triton(query):
+        impl = paged_attention_triton
+    elif query.device.type == "cpu" and not reference_forced():
+        impl = paged_attention_cpu
+    else:
+        impl = paged_attention_reference
     return impl(
-        query, key_cache, value_cache, query_start, context_lens, block_tables,
-        scale=scale, sliding_window=sliding_window, max_query_len=max_query_len,
-        max_context_len=max_context_len, out=out, num_decodes=num_decodes, softcap=softcap,
+        query,
+        key_cache,
+        value_cache,
+        query_start,
+        context_lens,
+        block_tables,
+        scale=scale,
+        sliding_window=sliding_window,
+        max_query_len=max_query_len,
+        max_context_len=max_context_len,
+        out=out,
+        num_decodes=num_decodes,
+        softcap=softcap,
     )

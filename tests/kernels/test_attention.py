@@ -261,7 +261,8 @@ def test_split_choice() -> None:
     assert attention_triton.choose_num_splits(2, 200, cpu) == 1
 
 
-def test_dispatcher_uses_reference_on_cpu(seed) -> None:
+def test_dispatcher_on_cpu_matches_reference(seed) -> None:
+    """The CPU path (tests/kernels/test_attention_cpu.py) agrees with the reference to rounding."""
     batch = make_batch([(1, 20), (4, 9)], 4, 2, 64, 16, torch.float32, torch.device("cpu"))
     out = attention.paged_attention(**batch, scale=0.125)
     expected = paged_attention_reference(**batch, scale=0.125)

@@ -1,0 +1,170 @@
+"""The CPU backend of paged attention (`paged_attention_cpu`) against the plain reference.
+
+Batches come from `make_batch` (tests/kernels/test_attention.py): shuffled block tables, entries
+past a sequence's last block pointing at a NaN-filled block. Here the unused tail of each
+sequence's last block is NaN-filled too, so a read past a context that reaches the output shows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastgen.kernels import _dispatch, attention
+from fastgen.kernels.attention import _step_plan, paged_attention_cpu, paged_attention_reference
+
+from .test_attention import make_batch
+
+CPU = torch.device("cpu")
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+# (num_heads, num_kv_heads, head_dim, block_size)
+SHAPES = [
+    (4, 4, 64, 16),  # MHA
+    (9, 3, 64, 16),  # SmolLM2-135M: GQA 3
+    (7, 1, 80, 32),  # MQA
+]
+
+
+def poisoned_batch(
+    specs: list[tuple[int, int]],
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    cache_dtype: torch.dtype | None = None,
+) -> dict:
+    """`make_batch`, with NaN in every slot of a sequence's last block past its context."""
+    num_heads, num_kv_heads, head_dim, block_size = shape
+    batch = make_batch(
+        specs,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        dtype,
+        CPU,
+        strided_query=True,
+        cache_dtype=cache_dtype,
+    )
+    for seq, (_, context_len) in enumerate(specs):
+        if context_len % block_size:
+            last = int(batch["block_tables"][seq, (context_len - 1) // block_size])
+            batch["key_cache"][last, context_len % block_size :] = float("nan")
+            batch["value_cache"][last, context_len % block_size :] = float("nan")
+    return batch
+
+
+def compare(
+    specs: list[tuple[int, int]],
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype = torch.float32,
+    cache_dtype: torch.dtype | None = None,
+    **options,
+) -> None:
+    batch = poisoned_batch(specs, shape, dtype, cache_dtype)
+    scale = shape[2] ** -0.5 if cache_dtype is None else shape[2] ** -0.5 / 20
+    out = torch.full_like(batch["query"], float("nan"))
+    result = paged_attention_cpu(**batch, scale=scale, out=out, **options)
+    assert result is out
+    expected = paged_attention_reference(**batch, scale=scale, **options)
+    assert not out.isnan().any(), "a read past a context reached the output, or a row was left unwritten"
+    torch.testing.assert_close(out, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_decodes(shape, seed) -> None:
+    """Padded batches: contexts of one token, of a block exactly, and across many blocks."""
+    compare([(1, c) for c in (1, 17, 100, 64, 203, 16)], shape)
+    compare([(1, 37)], shape)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_mixed_steps(shape, seed) -> None:
+    """Decodes first, then prompt chunks with and without earlier context, and decodes between the
+    chunks (batched with the leading ones)."""
+    compare([(1, 50), (1, 7), (37, 37), (12, 160), (1, 1), (70, 85), (1, 33)], shape)
+
+
+def test_decode_groups_bound_the_padding(seed) -> None:
+    """A long context among short ones: decodes are grouped so that no group pads a context to more
+    than twice its length, and every query token is in one group."""
+    specs = [(1, 1000), (1, 10), (5, 40), (1, 12), (1, 600), (1, 300), (1, 499), (1, 1), (1, 2)]
+    compare(specs, (9, 3, 64, 16))
+    batch = poisoned_batch(specs, (9, 3, 64, 16), torch.float32)
+    plan = _step_plan(batch["query_start"], batch["context_lens"], batch["block_tables"], 16, None)
+    lens = batch["context_lens"].tolist()
+    rows = [row for group in plan for row in group.rows.tolist()]
+    assert sorted(rows) == list(range(int(batch["query_start"][-1])))
+    for group in plan:
+        seqs = [batch["query_start"].tolist().index(row) for row in group.rows[:: group.query_len].tolist()]
+        assert group.width == max(lens[seq] for seq in seqs)
+        assert all(group.width <= 2 * lens[seq] for seq in seqs), (group.width, seqs)
+    assert len(plan) == 5  # decodes {1000, 600}, {499, 300}, {12, 10}, {2, 1}; the chunk
+
+
+def test_plan_follows_the_block_tables(seed) -> None:
+    """The next step with the same lengths but other blocks (the tables changed in place) reads the
+    new blocks: the plan kept from the last step is not reused."""
+    batch = poisoned_batch([(1, 40), (1, 20), (6, 30)], (4, 2, 64, 16), torch.float32)
+    first = paged_attention_cpu(**batch, scale=0.125)
+    permutation = torch.randperm(batch["key_cache"].shape[0])  # block b moves to permutation[b]
+    for cache in (batch["key_cache"], batch["value_cache"]):
+        cache[permutation] = cache.clone()
+    batch["block_tables"].copy_(permutation[batch["block_tables"].long()])
+    torch.testing.assert_close(paged_attention_cpu(**batch, scale=0.125), first, atol=0, rtol=0)
+
+
+def test_prefill_only(seed) -> None:
+    compare([(150, 150), (3, 3), (40, 300)], (8, 2, 64, 16))
+
+
+@pytest.mark.parametrize("window", [1, 8, 20])
+def test_sliding_window(window, seed) -> None:
+    compare([(1, 100), (1, 5), (30, 30), (16, 140), (1, 3)], (8, 2, 64, 16), sliding_window=window)
+
+
+def test_softcap(seed) -> None:
+    specs = [(1, 70), (1, 9), (24, 60), (5, 5)]
+    compare(specs, (4, 2, 64, 16), softcap=1.0)
+    compare(specs, (4, 2, 64, 16), softcap=1.0, sliding_window=20)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision(dtype, seed) -> None:
+    """Scores in float32 as in the reference; the output rounded to the query's dtype."""
+    compare([(1, 40), (1, 90), (9, 30)], (9, 3, 64, 16), dtype)
+
+
+def test_fp8_cache(seed) -> None:
+    compare([(1, 40), (1, 7), (9, 30), (1, 65)], (8, 2, 64, 16), cache_dtype=torch.float8_e4m3fn)
+
+
+def test_empty_sequences_and_trailing_rows(seed) -> None:
+    """Sequences without query tokens are skipped; rows past the last sequence's are left alone."""
+    batch = poisoned_batch([(1, 40), (1, 12), (0, 0), (3, 30), (0, 0)], (4, 2, 64, 16), torch.float32)
+    batch["query"] = torch.cat([batch["query"], torch.randn_like(batch["query"][:2])])
+    out = torch.full_like(batch["query"], 7.0)
+    paged_attention_cpu(**batch, scale=0.125, out=out)
+    expected = paged_attention_reference(**batch, scale=0.125, out=torch.full_like(batch["query"], 7.0))
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    assert (out[-2:] == 7.0).all()
+
+
+def test_dispatch(seed, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU path on the CPU; the reference where ``FASTGEN_KERNELS=reference`` forces it."""
+    batch = make_batch([(1, 20), (4, 9)], 4, 2, 64, 16, torch.float32, CPU)
+    calls = []
+
+    def counting(name: str):
+        function = getattr(attention, name)
+
+        def counted(*args, **kwargs):
+            calls.append(name)
+            return function(*args, **kwargs)
+
+        return counted
+
+    for name in ("paged_attention_cpu", "paged_attention_reference"):
+        monkeypatch.setattr(attention, name, counting(name))
+    attention.paged_attention(**batch, scale=0.125)
+    monkeypatch.setattr(_dispatch, "_forced_reference", lambda: True)
+    attention.paged_attention(**batch, scale=0.125)
+    assert calls == ["paged_attention_cpu", "paged_attention_reference"]
