@@ -27,8 +27,7 @@ from tests.processes import gone
 from .conftest import greedy_texts
 from .helpers import metric
 
-ray = pytest.importorskip("ray", reason="needs Ray: pip install 'fastgen[ray]'")
-pytestmark = pytest.mark.ray
+pytestmark = pytest.mark.ray  # Ray is imported by the fixtures: without it, collection still works
 
 NAME = "toy-on-ray"
 PROMPTS = ["the engine schedules", "a paged cache of blocks", "decodes run first", "the budget"]
@@ -39,9 +38,14 @@ QUICK = RestartPolicy(first_delay_s=0.1, max_delay_s=1.0)
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def ray():
+    return pytest.importorskip("ray", reason="needs Ray: pip install 'fastgen[ray]'")
+
+
+@pytest.fixture(scope="module")
+def cluster(ray):
     """A head node without CPUs (only the drivers connect to it) and two nodes that hold one
-    replica each."""
+    replica each; this process joins it too, to find and kill actors."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(
@@ -51,7 +55,7 @@ def cluster():
     try:
         for _ in range(2):
             cluster.add_node(num_cpus=1, resources={NODE_RESOURCE: 1}, object_store_memory=OBJECT_STORE_BYTES)
-        ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)  # to find and kill actors
+        ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
         yield cluster
     finally:
         ray.shutdown()
@@ -94,14 +98,14 @@ def wait_for(condition, what: str, timeout_s: float = SLACK_S):
     raise AssertionError(f"{what}: not within {timeout_s:g} s")
 
 
-def worker_node_ids() -> set[str]:
+def worker_node_ids(ray) -> set[str]:
     return {node["NodeID"] for node in ray.nodes() if node["Alive"] and node["Resources"].get(NODE_RESOURCE)}
 
 
-def test_two_replicas_on_two_nodes_answer_as_the_engine_in_process(deployment, reference):
+def test_two_replicas_on_two_nodes_answer_as_the_engine_in_process(ray, deployment, reference):
     replicas = deployment.deployment_info().replicas
     nodes = [r.node_id for r in replicas]
-    assert len(set(nodes)) == 2 and set(nodes) == worker_node_ids()  # one replica per node
+    assert len(set(nodes)) == 2 and set(nodes) == worker_node_ids(ray)  # one replica per node
     assert all(r.node_ip and r.state == "serving" for r in replicas)
     assert deployment.info.secret not in repr(replicas)
     # the router reaches them over TCP on this node's IP (as a remote node would)
@@ -114,7 +118,7 @@ def test_two_replicas_on_two_nodes_answer_as_the_engine_in_process(deployment, r
     assert metric(text, "fastgen_replica_serving", 'replica="1"') == 1
 
 
-def test_a_killed_actor_fails_only_its_requests_and_its_replica_comes_back(deployment, reference):
+def test_a_killed_actor_fails_only_its_requests_and_its_replica_comes_back(ray, deployment, reference):
     url = deployment.info.http_url
     before = deployment.deployment_info().replicas[1]
 
@@ -157,7 +161,7 @@ def test_a_killed_actor_fails_only_its_requests_and_its_replica_comes_back(deplo
     assert metric(httpx.get(f"{url}/metrics").text, "fastgen_replica_restarts_total", 'replica="1"') == 1
 
 
-def test_a_killed_replica_process_is_restarted_through_a_new_actor(deployment, reference):
+def test_a_killed_replica_process_is_restarted_through_a_new_actor(ray, deployment, reference):
     """The actor lives on and reports its process's exit; the next actor waits for its bundle."""
     url = deployment.info.http_url
     before = deployment.deployment_info().replicas[0]
@@ -174,7 +178,7 @@ def test_a_killed_replica_process_is_restarted_through_a_new_actor(deployment, r
     assert [r.generated_text for r in responses] == reference
 
 
-def test_terminate_stops_every_actor_and_replica_process(deployment):
+def test_terminate_stops_every_actor_and_replica_process(ray, deployment):
     replicas = deployment.deployment_info().replicas
     deployment.terminate_server()
     assert deployment._process.returncode == 0
