@@ -71,6 +71,11 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     decode attention, for a small loss of precision."""
     seed: int = 0
     """Seed of the engine's own random stream (for requests without a seed)."""
+    cpu_threads: int | None = None
+    """Torch threads of a model on the CPU (per tensor-parallel rank). Unset: ``OMP_NUM_THREADS``
+    when set, else one less than the cores this process may use (the engine's own thread needs one),
+    split between ranks and between a deployment's replicas; at least 1. Ignored on GPUs. Torch's
+    count is per process: threads of the host application that start later get it too."""
     worker_start_timeout_s: float = 300.0
     """How long the worker processes (``zmq`` executor) may take to load the model and report ready."""
     step_timeout_s: float | None = 600.0
@@ -82,7 +87,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         _positive(self, "tensor_parallel", "token_budget", "max_seqs", "block_size", "max_queued_requests")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        for name in ("num_kv_blocks", "kv_cache_bytes", "max_model_len"):
+        for name in ("num_kv_blocks", "kv_cache_bytes", "max_model_len", "cpu_threads"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")

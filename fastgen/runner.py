@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -68,6 +69,23 @@ def resolve_device(config: EngineConfig, rank: int = 0) -> torch.device:
     return device
 
 
+def cpu_threads(config: EngineConfig, tp_size: int = 1, engines: int = 1) -> int:
+    """Torch threads of a rank on the CPU: ``config.cpu_threads``, else ``OMP_NUM_THREADS``, else
+    the cores this process may use less one per engine, split between the ranks of the ``engines``
+    that share them (a deployment's replicas on one host); at least 1.
+
+    The core left over is the engine's: its event loop schedules, detokenizes and serves while a
+    step runs. Without it, a step's torch threads and the engine's thread take turns on the cores,
+    and every parallel op waits for its slowest thread: on a loaded machine, decoding with all cores
+    is slower than with one fewer (benchmarks/results/cpu_generate-2026-12-06.md)."""
+    if config.cpu_threads is not None:
+        return config.cpu_threads
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, (cores - engines) // (tp_size * engines))
+
+
 def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
     if config.dtype != "auto":
         return getattr(torch, config.dtype)
@@ -114,6 +132,10 @@ class ModelRunner:
         self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        elif self.device.type == "cpu":
+            # from the thread that runs the steps: with OpenMP, a thread keeps the count it first saw
+            # (a later torch.set_num_threads elsewhere does not reach it)
+            torch.set_num_threads(cpu_threads(config, tp.size))
         self.model = build_model(
             model_path,
             model_config,

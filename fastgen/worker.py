@@ -48,8 +48,6 @@ class Runner(Protocol):
 
 def build_model_runner(spec: WorkerSpec, rank: int) -> Runner:
     """The real runner: join the process group, load this rank's shard, agree on KV blocks."""
-    import torch
-
     from fastgen.layers.parallel import TensorParallel, init_distributed
     from fastgen.models.config import ModelConfig
     from fastgen.runner import ModelRunner, resolve_device
@@ -57,8 +55,6 @@ def build_model_runner(spec: WorkerSpec, rank: int) -> Runner:
     config = spec.config
     size = config.tensor_parallel
     device = resolve_device(config, rank)
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     tp = TensorParallel(rank, size)
     if size > 1:
         init_distributed(tp, device, timeout_s=max(config.worker_start_timeout_s, 60.0))

@@ -31,6 +31,7 @@ FLAG_VALUES = {
     "quantization": ("--quantization", "fp8", "fp8"),
     "kv_cache_dtype": ("--kv-cache-dtype", "fp8", "fp8"),
     "seed": ("--seed", "7", 7),
+    "cpu_threads": ("--cpu-threads", "3", 3),
     "worker_start_timeout_s": ("--worker-start-timeout-s", "12.5", 12.5),
     "step_timeout_s": ("--step-timeout-s", "none", None),
 }

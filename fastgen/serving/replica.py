@@ -62,7 +62,10 @@ def assign_devices(config: EngineConfig, device_slot: int, replicas_on_host: int
         if config.device_ids is not None:
             logger.warning("device ids %s ignored: this replica runs on the CPU", config.device_ids)
         if config.device in ("auto", "cpu") and replicas_on_host > 1:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // replicas_on_host))
+            from fastgen.runner import cpu_threads
+
+            threads = cpu_threads(config, config.tensor_parallel, engines=replicas_on_host)
+            return config.replace(cpu_threads=threads)
         return config
     if config.device_ids is not None:
         visible = torch.cuda.device_count()
