@@ -29,8 +29,9 @@ it samples in a step that completes (or when it finishes). A probe step that fai
 probe to the first half of its sequences; one that ran a single sequence names it the culprit (it
 failed in company and alone), for the caller to fail. The caller keeps one step in flight while
 isolating, so a failed probe step holds probe members only. Recompute yields the tokens a
-sequence would have had (greedy and seeded sampling depend on the position alone), so the
-cleared go on as if nothing had failed, and a failure that does not recur fails nobody.
+sequence would have had (greedy and seeded sampling depend on the position alone; unseeded
+sampling draws anew), so the cleared go on as if nothing had failed, and a failure that does not
+recur fails nobody.
 
 Liveness while isolating: a probe can always run (it may preempt every sequence outside it, and a
 sequence fits the cache alone), and each probe step advances every member it holds (clearing those

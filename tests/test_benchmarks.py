@@ -511,3 +511,21 @@ def test_cpu_generate_benchmark_smoke(tmp_path, capsys):
         assert row["fastgen_over_hf"] == pytest.approx(row["hf_s"] / row["fastgen_s"])
         assert 0.0 <= row["agreement"] <= 1.0
     assert "| batch size | fastgen s |" in capsys.readouterr().out
+
+
+def test_soak_benchmark_smoke(tmp_path, llama_path):
+    """Mixed requests through ``fastgen serve`` on the toy model, many malformed or left early: none
+    lost, the malformed refused, the server idle again and stopped cleanly; JSON and markdown."""
+    import soak
+
+    argv = ["--requests", "40", "--concurrency", "8", "--model", llama_path, "--max-tokens", "8"]
+    argv += ["--bad-rate", "0.2", "--disconnect-rate", "0.3", "--out", str(tmp_path)]
+    assert soak.main(argv) == 0
+    [json_path] = tmp_path.glob("soak-*.json")
+    assert json_path.with_suffix(".md").is_file()
+    data = json.loads(json_path.read_text())
+    outcomes = data["summary"]["outcomes"]
+    assert sum(outcomes.values()) == 40 and "lost" not in outcomes and "not refused" not in outcomes
+    assert outcomes["completed"] > 0 and outcomes["refused"] > 0 and outcomes["disconnected"] > 0
+    assert data["idle"]["reached"] and data["server_exit_code"] == 0 and data["server_log_tracebacks"] == 0
+    assert data["command"].endswith(" ".join(argv)) and data["config"]["oversubscription"] > 1
