@@ -498,7 +498,10 @@ def test_cpu_generate_benchmark_smoke(tmp_path, capsys):
     """fastgen against HF generate on a tiny random model, two batch sizes; JSON, markdown, PNG."""
     import cpu_generate
 
-    argv = ["--toy", "--prompts", "3", "--new-tokens", "4", "--batch-sizes", "1,2", "--out", str(tmp_path)]
+    import fastgen
+
+    argv = ["--toy", "--prompts", "3", "--new-tokens", "4", "--batch-sizes", "1,2", "--repeats", "1"]
+    argv += ["--reference-attention", "--out", str(tmp_path)]
     assert cpu_generate.main(argv) == 0
     [json_path] = tmp_path.glob("cpu_generate-*.json")
     assert json_path.with_suffix(".md").is_file() and json_path.with_suffix(".png").is_file()
@@ -510,7 +513,13 @@ def test_cpu_generate_benchmark_smoke(tmp_path, capsys):
         assert row["output_tokens"] == 3 * 4 and row["fastgen_s"] > 0 and row["hf_s"] > 0
         assert row["fastgen_over_hf"] == pytest.approx(row["hf_s"] / row["fastgen_s"])
         assert 0.0 <= row["agreement"] <= 1.0
-    assert "| batch size | fastgen s |" in capsys.readouterr().out
+        assert row["threads"] == data["threads"][0] and row["ceiling_tokens_per_s"] > 0
+        assert row["fastgen_reference_s"] > 0 and 0.0 <= row["reference_agreement"] <= 1.0
+    checkout = str(Path(fastgen.__file__).resolve().parent.parent)
+    assert data["fastgen"].startswith(checkout)  # the fastgen measured, for before/after runs
+    [by_threads] = data["ceilings"]["threads"].values()
+    assert by_threads["read_gb_per_s"] > 0 and by_threads["matmul_gflop_per_s"] > 0
+    assert "| threads | batch size | fastgen s |" in capsys.readouterr().out
 
 
 def test_soak_benchmark_smoke(tmp_path, llama_path):
