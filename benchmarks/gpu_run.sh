@@ -33,8 +33,12 @@
 # SERVING8B_ARGS, FLASHINFER_ARGS; FIBUILD_WAIT_S (90): how long flashinfer waits for the build.
 # With PACK=1 each phase's files go into one $OUT/<phase>.tgz (few files come back from the GPU
 # machine); its stdout tail stays in the log.
+# A tree copied without its .git (the GPU machine's .git may be stale): put the commit in a COMMIT file,
+#   rm -rf .snap && mkdir .snap && git archive HEAD | tar -x -C .snap && git rev-parse --short HEAD > .snap/COMMIT
+# and run from .snap (carry .whl and .snap); the results then name that commit.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+if [ -f COMMIT ]; then export FASTGEN_COMMIT="$(cat COMMIT)"; fi
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \

@@ -781,6 +781,9 @@ def _versions() -> dict[str, str | None]:
             versions[name] = __import__(name).__version__
         except Exception:
             versions[name] = None
+    if os.environ.get("FASTGEN_COMMIT"):  # a tree copied without its .git (git archive) says what it is
+        versions["fastgen_commit"] = os.environ["FASTGEN_COMMIT"]
+        return versions
     try:
 
         def git(*command: str) -> str:
