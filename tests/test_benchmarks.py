@@ -538,3 +538,12 @@ def test_soak_benchmark_smoke(tmp_path, llama_path):
     assert outcomes["completed"] > 0 and outcomes["refused"] > 0 and outcomes["disconnected"] > 0
     assert data["idle"]["reached"] and data["server_exit_code"] == 0 and data["server_log_tracebacks"] == 0
     assert data["command"].endswith(" ".join(argv)) and data["config"]["oversubscription"] > 1
+
+
+def test_versions_name_the_commit_given_for_a_tree_without_its_git(monkeypatch):
+    from serving import _versions
+
+    monkeypatch.setenv("FASTGEN_COMMIT", "0123abc")
+    assert _versions()["fastgen_commit"] == "0123abc"
+    monkeypatch.delenv("FASTGEN_COMMIT")
+    assert _versions()["fastgen_commit"] != "0123abc"  # this checkout's own HEAD (or None without git)
