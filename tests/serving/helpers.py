@@ -1,10 +1,13 @@
-"""Helpers of the serving tests: raw HTTP over a socket and Prometheus text parsing."""
+"""Helpers of the serving tests: raw HTTP over a socket, Prometheus text parsing, polling."""
 
 from __future__ import annotations
 
 import json
 import re
 import socket
+import time
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 
@@ -65,3 +68,14 @@ def metric(text: str, name: str, labels: str = "", *, unset: float | None = None
     if unset is not None and labels and declared:
         return unset
     raise AssertionError(f"no sample {sample} in the metrics:\n{text}")
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout_s: float) -> Any:
+    """Poll ``condition()`` until it returns something true, and return that (the bound is slack)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"{what}: not within {timeout_s:g} s")

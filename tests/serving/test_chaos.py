@@ -15,7 +15,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -34,6 +33,7 @@ from fastgen.supervisor import RestartPolicy
 from tests.processes import descendants, gone, zombies
 
 from .helpers import metric
+from .helpers import wait_for as poll_until
 
 NAME = "toy-tp-chaos"
 PROMPTS = ["the engine schedules", "a paged cache of blocks"]
@@ -63,14 +63,7 @@ def run(coroutine, timeout_s: float = 120):
 
 
 def wait_for(condition, what: str, timeout_s: float = SLACK_S):
-    """Poll ``condition()`` until it returns something true (the bound is slack, not a figure)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what}: not within {timeout_s:g} s")
+    return poll_until(condition, what, timeout_s)
 
 
 def health(url: str) -> httpx.Response:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 
 import httpx
 import pytest
@@ -26,6 +25,7 @@ from tests.processes import gone
 
 from .conftest import greedy_texts
 from .helpers import metric
+from .helpers import wait_for as poll_until
 
 pytestmark = pytest.mark.ray  # Ray is imported by the fixtures: without it, collection still works
 
@@ -89,13 +89,7 @@ def run(coroutine, timeout_s: float = SLACK_S):
 
 
 def wait_for(condition, what: str, timeout_s: float = SLACK_S):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout_s:g} s")
+    return poll_until(condition, what, timeout_s)
 
 
 def worker_node_ids(ray) -> set[str]:
