@@ -2,7 +2,7 @@
 # One GPU-machine session: install offline, run the GPU tests, then the named benchmarks.
 # Usage (from the project root, on the GPU machine, with .whl carried):
 #   bash benchmarks/gpu_run.sh tests decode
-# phases: tests, enginetests, kernels, decode, profile, overhead, serving, async (batch-1 decode with
+# phases: tests (needs the pytest-xdist and execnet wheels in .whl), enginetests, kernels, decode, profile, overhead, serving, async (batch-1 decode with
 # and without asynchronous scheduling), prefix (a closed loop with and without a shared prompt prefix),
 # fp8 (batch-1 decode and the offline run with FP8 weights), kvfp8 (the same with an FP8 KV cache,
 # with bf16 and with FP8 weights, and the latter at a 2048-token budget), families (batch-1 decode and
@@ -55,7 +55,10 @@ for phase in "$@"; do
   D="$OUT"  # where the phase writes; with PACK=1 a folder packed into $OUT/$phase.tgz after it
   if [ -n "${PACK:-}" ]; then D="$OUT/_work/$phase"; mkdir -p "$D"; fi
   case "$phase" in
-    tests)   timeout 420 python3 -m pytest -m gpu -q tests/kernels tests/test_gpu_engine.py tests/test_fp8.py 2>&1 | tee "$D/gpu_tests.log" | tail -25 ;;
+    tests)   # GPU_TEST_WORKERS pytest-xdist processes share the GPU: Triton compiles on many cores at once
+             timeout "${TESTS_TIMEOUT_S:-420}" python3 -m pytest -m gpu -q -p no:cacheprovider -n "${GPU_TEST_WORKERS:-8}" \
+               --durations=12 tests/kernels tests/test_gpu_engine.py tests/test_fp8.py tests/test_gpu_stalls.py 2>&1 \
+               | tee "$D/gpu_tests.log" | tail -40 ;;
     kernels) timeout 300 python3 benchmarks/kernel_timings.py --out "$D" ${KERNELS_ARGS:-} 2>&1 | tee "$D/kernels.log" | tail -40 ;;
     decode)  timeout 300 python3 benchmarks/decode_step.py --out "$D" 2>&1 | tee "$D/decode.log" | tail -20 ;;
     profile) timeout 400 python3 -m benchmarks.step_profile --out "$D/step_profile.json" 2>&1 | tee "$D/step_profile.log" | tail -80 ;;
