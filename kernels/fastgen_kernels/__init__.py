@@ -2,7 +2,7 @@
 signature. The public functions dispatch on the tensor's device: Triton on CUDA, the reference
 on CPU (``FASTGEN_KERNELS=reference`` forces the reference)."""
 
-from ._dispatch import reference_forced
+from ._dispatch import fusion_enabled, reference_forced
 from .activation import gelu, silu_and_mul
 from .attention import paged_attention
 from .cache import write_kv_cache
@@ -16,6 +16,7 @@ from .sampling import sample
 __all__ = [
     "apply_rotary",
     "fused_moe",
+    "fusion_enabled",
     "gelu",
     "layer_norm",
     "linear_small_batch",

@@ -2,6 +2,8 @@
 batched CPU path besides, see ``attention.paged_attention``).
 
 ``FASTGEN_KERNELS=reference`` forces the reference everywhere (debugging on a GPU).
+``FASTGEN_FUSIONS_OFF`` turns fused kernels off by name (a comma list, or ``all``) so that a
+benchmark can measure each fusion against the separate kernels it replaces.
 """
 
 from __future__ import annotations
@@ -25,3 +27,15 @@ def reference_forced() -> bool:
 def use_triton(tensor: torch.Tensor) -> bool:
     """True when ``tensor`` lives on a CUDA device and Triton kernels are not disabled."""
     return tensor.is_cuda and not _forced_reference()
+
+
+@functools.cache
+def _fusions_off() -> frozenset[str]:
+    names = os.environ.get("FASTGEN_FUSIONS_OFF", "").lower().replace(" ", "")
+    return frozenset(name for name in names.split(",") if name)
+
+
+def fusion_enabled(name: str) -> bool:
+    """False when ``FASTGEN_FUSIONS_OFF`` names the fusion ``name`` (or says ``all``)."""
+    off = _fusions_off()
+    return name not in off and "all" not in off
