@@ -11,6 +11,7 @@ from .moe import fused_moe
 from .norm import layer_norm, rms_norm
 from .quant import quantize_rows
 from .rotary import apply_rotary
+from .rotary_kv import rotary_and_write_kv_cache
 from .sampling import sample
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "quantize_rows",
     "reference_forced",
     "rms_norm",
+    "rotary_and_write_kv_cache",
     "sample",
     "silu_and_mul",
     "write_kv_cache",

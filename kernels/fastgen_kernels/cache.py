@@ -35,6 +35,15 @@ def write_kv_cache_reference(
 
 
 @triton.jit
+def _cast_for_cache(x, cache_ptr, TO_FP8: tl.constexpr):
+    """``x`` (in the activations' dtype) as the cache stores it; shared with the fused rotary
+    write (``rotary_kv``) so that both round alike."""
+    if TO_FP8:
+        x = _saturate_to_e4m3(x.to(tl.float32))
+    return x.to(cache_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _write_kv_cache_kernel(
     key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
     num_kv_heads, head_dim,
@@ -54,13 +63,25 @@ def _write_kv_cache_kernel(
                   mask=mask)
     value = tl.load(value_ptr + token * stride_v_token + heads[:, None] * stride_v_head + dims[None, :],
                     mask=mask)
-    if TO_FP8:
-        key = _saturate_to_e4m3(key.to(tl.float32))
-        value = _saturate_to_e4m3(value.to(tl.float32))
     tl.store(key_cache_ptr + slot * stride_kc_slot + heads[:, None] * stride_kc_head + dims[None, :],
-             key.to(key_cache_ptr.dtype.element_ty), mask=mask)
+             _cast_for_cache(key, key_cache_ptr, TO_FP8), mask=mask)
     tl.store(value_cache_ptr + slot * stride_vc_slot + heads[:, None] * stride_vc_head + dims[None, :],
-             value.to(value_cache_ptr.dtype.element_ty), mask=mask)
+             _cast_for_cache(value, value_cache_ptr, TO_FP8), mask=mask)
+
+
+def check_write_layout(
+    key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor
+) -> None:
+    """What the Triton writes need: contiguous last dims, and a cache slot's stride that
+    addresses every (block, offset) pair (the kernels index ``slot``, not the two)."""
+    for name, tensor in (("key", key), ("value", value), ("key_cache", key_cache),
+                         ("value_cache", value_cache)):
+        if tensor.stride(-1) != 1:
+            raise ValueError(f"write_kv_cache needs a contiguous last dim in {name}")
+    if key_cache.stride(0) != key_cache.shape[1] * key_cache.stride(1):
+        raise ValueError("key_cache blocks must be laid out contiguously ([num_blocks, block_size, ...])")
+    if value_cache.stride(0) != value_cache.shape[1] * value_cache.stride(1):
+        raise ValueError("value_cache blocks must be laid out contiguously ([num_blocks, block_size, ...])")
 
 
 def write_kv_cache_triton(
@@ -74,14 +95,7 @@ def write_kv_cache_triton(
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
-    for name, tensor in (("key", key), ("value", value), ("key_cache", key_cache),
-                         ("value_cache", value_cache)):
-        if tensor.stride(-1) != 1:
-            raise ValueError(f"write_kv_cache needs a contiguous last dim in {name}")
-    if key_cache.stride(0) != key_cache.shape[1] * key_cache.stride(1):
-        raise ValueError("key_cache blocks must be laid out contiguously ([num_blocks, block_size, ...])")
-    if value_cache.stride(0) != value_cache.shape[1] * value_cache.stride(1):
-        raise ValueError("value_cache blocks must be laid out contiguously ([num_blocks, block_size, ...])")
+    check_write_layout(key, value, key_cache, value_cache)
     block_d = triton.next_power_of_2(head_dim)
     block_h = max(1, min(triton.next_power_of_2(num_kv_heads), 4096 // block_d))
     grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))

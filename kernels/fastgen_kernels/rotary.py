@@ -43,6 +43,24 @@ def apply_rotary_reference(
 
 
 @triton.jit
+def _cos_sin(positions_ptr, token, cos_sin_ptr, stride_cos_sin, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """The cosines and sines of ``token``'s position, float32, ``[1, BLOCK_HALF]``."""
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    dims = tl.arange(0, BLOCK_HALF)
+    dim_mask = dims < HALF
+    cos = tl.load(cos_sin_ptr + position * stride_cos_sin + dims, mask=dim_mask, other=0.0)
+    sin = tl.load(cos_sin_ptr + position * stride_cos_sin + HALF + dims, mask=dim_mask, other=0.0)
+    return cos.to(tl.float32)[None, :], sin.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _rotate_pair(x1, x2, cos, sin):
+    """Both rotated halves in float32. Every rotary kernel goes through this one expression, so a
+    fused kernel rounds (and contracts into FMAs) exactly as the unfused one does."""
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
 def _rotate_heads(
     x_ptr, token, num_heads, stride_token, stride_head, cos, sin,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
@@ -55,8 +73,9 @@ def _rotate_heads(
         ptrs = x_ptr + token * stride_token + heads[:, None] * stride_head + dims[None, :]
         x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptrs, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
-        tl.store(ptrs + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+        rotated1, rotated2 = _rotate_pair(x1, x2, cos, sin)
+        tl.store(ptrs, rotated1.to(x_ptr.dtype.element_ty), mask=mask)
+        tl.store(ptrs + HALF, rotated2.to(x_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -68,13 +87,7 @@ def _rotary_kernel(
 ):
     """One token per program: its queries and keys, all heads."""
     token = tl.program_id(0).to(tl.int64)
-    position = tl.load(positions_ptr + token).to(tl.int64)
-    dims = tl.arange(0, BLOCK_HALF)
-    dim_mask = dims < HALF
-    cos = tl.load(cos_sin_ptr + position * stride_cos_sin + dims, mask=dim_mask, other=0.0)
-    sin = tl.load(cos_sin_ptr + position * stride_cos_sin + HALF + dims, mask=dim_mask, other=0.0)
-    cos = cos.to(tl.float32)[None, :]
-    sin = sin.to(tl.float32)[None, :]
+    cos, sin = _cos_sin(positions_ptr, token, cos_sin_ptr, stride_cos_sin, HALF, BLOCK_HALF)
     _rotate_heads(query_ptr, token, num_heads, stride_q_token, stride_q_head, cos, sin,
                   HALF, BLOCK_H, BLOCK_HALF)
     _rotate_heads(key_ptr, token, num_kv_heads, stride_k_token, stride_k_head, cos, sin,
