@@ -47,6 +47,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 export FLASHINFER_WORKSPACE_BASE=/tmp/fastgen-flashinfer
+# Triton's compiled kernels from an earlier call (a fresh machine starts with an empty cache):
+# .tcache/triton-cache.tgz, as SAVE_TRITON_CACHE=1 packs it into $OUT at the end
+TRITON_HOME_CACHE=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+if [ -f .tcache/triton-cache.tgz ]; then
+  mkdir -p "$TRITON_HOME_CACHE" && tar -xzf .tcache/triton-cache.tgz -C "$TRITON_HOME_CACHE" \
+    && echo "Triton cache restored: $(ls "$TRITON_HOME_CACHE" | wc -l) kernels"
+fi
 STARTUP_CACHE=/tmp/fastgen-triton-startup
 FIBUILD_PID=""
 FIBUILD_LOG=""
@@ -141,4 +148,9 @@ if [ -n "$FIBUILD_PID" ] && kill -0 "$FIBUILD_PID" 2>/dev/null; then
   echo "stopping the unfinished FlashInfer build"; kill "$FIBUILD_PID"
 fi
 if [ -n "${PACK:-}" ]; then rmdir "$OUT/_work" 2>/dev/null || true; fi
+if [ -n "${SAVE_TRITON_CACHE:-}" ] && [ -d "$TRITON_HOME_CACHE" ]; then  # at most 15 MiB comes back
+  tar -czf /tmp/triton-cache.tgz -C "$TRITON_HOME_CACHE" . \
+    && if [ "$(stat -c %s /tmp/triton-cache.tgz)" -lt 15728640 ]; then mv /tmp/triton-cache.tgz "$OUT/"
+       else echo "Triton cache too large to bring back: $(du -h /tmp/triton-cache.tgz | cut -f1)"; fi
+fi
 ls -la "$OUT" | tail -12
