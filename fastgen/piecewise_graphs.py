@@ -10,10 +10,12 @@ shapes of the step.
 Capture runs the model's own forward, which knows nothing of graphs: for the time of a capture the
 runner swaps each attention layer's forward for the recorder's (`attention_recorded_by`), which
 copies q/k/v into static buffers (inside the segment), closes the segment, remembers the hole, and
-opens the next segment, which reads the attention output from a static buffer. The static buffers
-are shared by every layer and bucket (replays are sequential on one stream), so the graphs hold no
-per-layer activations: the q/k/v copies cost a few percent of a full-budget step, far less than
-keeping each layer's QKV alive per bucket would cost in memory. Segments touch no KV cache, so
+opens the next segment, which reads the attention output from a static buffer. (A layer whose
+rotary goes into its cache write, see `PagedAttention.fuses_rotary`, hands over unrotated q/k and
+its rotary: the hole applies it with the write.) The static buffers are shared by every layer and
+bucket (replays are sequential on one stream), so the graphs hold no per-layer activations: the
+q/k/v copies cost a few percent of a full-budget step, far less than keeping each layer's QKV alive
+per bucket would cost in memory. Segments touch no KV cache, so
 capture happens before the cache exists.
 Replay: copy the step's token ids and positions into static buffers, then replay segment 0,
 attend, replay segment 1, ... The final hidden states of the padded tokens come back; the runner
@@ -33,6 +35,7 @@ from torch import nn
 
 from fastgen.cuda_graphs import capture_sizes_on_side_stream
 from fastgen.layers.attention import ForwardBatch, PagedAttention
+from fastgen.layers.rotary import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class _Hole:
     k: torch.Tensor
     v: torch.Tensor
     out: torch.Tensor
+    rotary: RotaryEmbedding | None = None  # applied by the attention's cache write
 
 
 class StaticBuffers:
@@ -120,13 +124,19 @@ class SegmentRecorder:
         return static
 
     def attention(
-        self, module: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+        self,
+        module: PagedAttention,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+        rotary: RotaryEmbedding | None = None,
     ) -> torch.Tensor:
         """Stands in for ``module``'s forward during a capture: the attention becomes a hole."""
         static = self._to_static(q, k, v)
         out = self.buffers.get("out", q)
         self.end()
-        self.holes.append(_Hole(module, *static, out))
+        self.holes.append(_Hole(module, *static, out, rotary))
         self.begin()
         return out
 
@@ -206,5 +216,5 @@ class MixedGraphs:
             if index < len(recorder.holes):
                 hole = recorder.holes[index]
                 q, k, v, out = hole.q[:count], hole.k[:count], hole.v[:count], hole.out[:count]
-                hole.module.attend(q, k, v, batch, out=out)
+                hole.module.attend(q, k, v, batch, out=out, rotary=hole.rotary)
         return self.hidden[size][:count]

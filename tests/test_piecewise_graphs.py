@@ -84,9 +84,9 @@ class SpyingRecorder(SegmentRecorder):
         super().__init__(None, buffers, capture=False)
         self.seen: list[tuple[PagedAttention, torch.Tensor]] = []
 
-    def attention(self, module, q, k, v, batch):
+    def attention(self, module, q, k, v, batch, rotary=None):
         self.seen.append((module, q.clone()))
-        return super().attention(module, q, k, v, batch)
+        return super().attention(module, q, k, v, batch, rotary)
 
 
 @pytest.mark.parametrize(

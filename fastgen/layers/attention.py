@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fastgen import kernels
+from fastgen.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -30,6 +31,10 @@ class ForwardBatch:
 
 class PagedAttention(nn.Module):
     """Writes the step's keys/values to the cache, then attends over the cache.
+
+    Given the layer's rotary embedding (when :meth:`fuses_rotary` says so), the write applies it
+    too: one kernel rotates the queries in place and writes the rotated keys (``k`` itself stays
+    unrotated: only the cache is read afterwards).
 
     The runner assigns ``key_cache`` / ``value_cache`` (``[num_blocks, block_size, kv_heads,
     head_dim]``) after it sizes the cache.
@@ -55,9 +60,23 @@ class PagedAttention(nn.Module):
         self.key_cache = torch.empty(0)
         self.value_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+        rotary: RotaryEmbedding | None = None,
+    ) -> torch.Tensor:
         """``q``: [T, heads, d]; ``k``, ``v``: [T, kv_heads, d]; returns [T, heads, d]."""
-        return self.attend(q, k, v, batch)
+        return self.attend(q, k, v, batch, rotary=rotary)
+
+    @staticmethod
+    def fuses_rotary(q: torch.Tensor) -> bool:
+        """Whether the rotary is better left to :meth:`attend`: with the Triton kernels (on CUDA),
+        unless ``FASTGEN_FUSIONS_OFF`` names ``rotary_kv``. On the CPU the separate references
+        stay, as they were."""
+        return q.is_cuda and not kernels.reference_forced() and kernels.fusion_enabled("rotary_kv")
 
     def attend(
         self,
@@ -66,9 +85,19 @@ class PagedAttention(nn.Module):
         v: torch.Tensor,
         batch: ForwardBatch,
         out: torch.Tensor | None = None,
+        rotary: RotaryEmbedding | None = None,
     ) -> torch.Tensor:
-        """Write this step's keys/values to the cache, then attend (into ``out`` when given)."""
-        kernels.write_kv_cache(k, v, self.key_cache, self.value_cache, batch.slot_mapping)
+        """Write this step's keys/values to the cache, then attend (into ``out`` when given).
+
+        With ``rotary``, ``q`` and ``k`` come unrotated: ``q`` is rotated in place by
+        ``batch.positions`` and the keys are rotated on their way into the cache."""
+        if rotary is None:
+            kernels.write_kv_cache(k, v, self.key_cache, self.value_cache, batch.slot_mapping)
+        else:
+            kernels.rotary_and_write_kv_cache(
+                batch.positions, q, k, v, self.key_cache, self.value_cache, batch.slot_mapping,
+                rotary.cos_sin_cache, rotary.rotary_dim,
+            )  # fmt: skip
         return kernels.paged_attention(
             q,
             self.key_cache,

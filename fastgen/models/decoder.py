@@ -86,11 +86,14 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
-        if self.rotary is not None:
+        # the attention's cache write can apply the rotary too (one kernel for two), unless the
+        # queries must be scaled after it
+        fused_rotary = self.rotary if self.logn is None and self.attn.fuses_rotary(q) else None
+        if self.rotary is not None and fused_rotary is None:
             q, k = self.rotary(positions, q, k)
         if self.logn is not None:
             self.logn(positions, q)
-        out = self.attn(q, k, v, batch)
+        out = self.attn(q, k, v, batch, rotary=fused_rotary)
         return self.o_proj(out.view(-1, q_size))
 
 
