@@ -121,3 +121,24 @@ def test_a_models_forward_splits_at_each_attention_layer(family):
     last_q = recorder.seen[-1][1]  # the static buffers are shared: they hold the last layer's copy
     assert torch.equal(recorder.holes[-1].q, last_q) and last_q.abs().sum() > 0
     assert all("forward" not in vars(layer) for layer in layers)
+
+
+def test_a_rotary_fused_into_the_cache_write_travels_to_its_hole(monkeypatch):
+    """With the rotary_kv fusion the layers hand over unrotated q/k and their rotary: each hole
+    keeps its layer's rotary for the attention it replays."""
+    from fastgen.models.decoder import Attention
+
+    monkeypatch.setattr(PagedAttention, "fuses_rotary", staticmethod(lambda q: True))
+    config = ModelConfig.from_dict({**TINY, "model_type": "llama"})
+    model = build_model(
+        None, config, dtype=torch.float32, device=torch.device("cpu"), tp=SINGLE, max_model_len=64,
+        load_format="dummy",
+    )  # fmt: skip
+    graphs = MixedGraphs(model, device=torch.device("cpu"), max_tokens=16)
+    graphs.token_ids.copy_(torch.randint(0, 64, (16,)))
+    graphs.positions.copy_(torch.arange(16))
+    recorder = SegmentRecorder(None, graphs.buffers, capture=False)
+    graphs._forward(12, recorder)
+    rotaries = [module.rotary for module in model.modules() if isinstance(module, Attention)]
+    assert len(rotaries) == 3 and all(rotary is not None for rotary in rotaries)
+    assert [hole.rotary for hole in recorder.holes] == rotaries
