@@ -12,7 +12,8 @@ random bf16 weights, written once to ``--work-dir`` (drawn on the GPU when there
 
 Each run is a fresh process that starts an `AsyncEngine` and asks for one token; it reports the
 seconds from its spawn to: imports done, weights loaded, engine ready, first token, and how long
-the weights took (the model's build: read + convert/quantize, or the snapshot's read + hash check).
+the weights took (the model's build: read + convert/quantize, or the snapshot's read + hash check;
+the snapshot's own log line, in the report, says how its bytes came in: O_DIRECT, page cache).
 A first, unmeasured start, made while the snapshots are written, fills the caches every run
 shares (Python bytecode, compiled kernels, a GGUF's tokenizer).
 
@@ -440,8 +441,8 @@ def markdown(data: dict[str, Any]) -> str:
         + (f"{direct / gb:.2f} GB/s" if direct else "refused by the file system")
         + f", buffered cold {ceiling['cold_bytes_per_s'] / gb:.2f} GB/s, page cache (warm) "
         f"{ceiling['warm_bytes_per_s'] / gb:.2f} GB/s; the disk ceiling is {ceiling['disk_method']}",
-        "- seconds from a fresh process's spawn; weights start: after imports, config, tokenizer, device "
-        "set-up; weights = the model's build (read + dequantize/convert/"
+        "- seconds from a fresh process's spawn; weights start: after imports, config, device set-up (the "
+        "tokenizer loads beside the weights); weights = the model's build (read + dequantize/convert/"
         "quantize, or the snapshot's read + hash check); median of "
         f"{data['repeats']} run(s) each; vs ceiling = weights / (snapshot bytes / disk or page-cache "
         "bandwidth)",

@@ -92,8 +92,19 @@ class AsyncEngine:
         model_config = await asyncio.to_thread(ModelConfig.from_pretrained, model_path)  # GGUF: seconds
         check_supported(model_config)  # fail fast, before loading anything
         max_model_len = config.max_model_len or model_config.max_position_embeddings
-        tokenizer = await asyncio.to_thread(_load_tokenizer, config.tokenizer or model_path)
-        executor = await create_executor(model_path, config, model_config, max_model_len)
+        # the tokenizer loads on a thread of its own while the executor loads the weights
+        tokenizer_source = config.tokenizer or model_path
+        tokenizer_load = asyncio.ensure_future(asyncio.to_thread(_load_tokenizer, tokenizer_source))
+        try:
+            executor = await create_executor(model_path, config, model_config, max_model_len)
+        except BaseException:
+            tokenizer_load.cancel()  # its thread finishes unwatched; nothing waits for it
+            raise
+        try:
+            tokenizer = await tokenizer_load
+        except BaseException:
+            await executor.shutdown()
+            raise
         capacity = executor.num_kv_blocks * config.block_size
         if capacity < max_model_len:
             logger.warning(

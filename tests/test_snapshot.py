@@ -246,6 +246,71 @@ def test_a_damaged_weights_file_is_found_by_its_hash_before_serving(llama_snapsh
     built(str(copy), 0, 2)  # the other rank's file is intact
 
 
+def test_an_engine_refuses_a_damaged_snapshot_before_serving(toy_checkpoint, tmp_path):
+    """The weights read cold (O_DIRECT where the file system allows) and hashed on other threads:
+    a flipped bit stops the engine's start, naming the file and the bytes."""
+    import os
+
+    path = Path(snapshot_of(toy_checkpoint("llama"), tmp_path / "snap"))
+    file = path / "rank-0-of-1.safetensors"
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    file.write_bytes(bytes(data))
+    descriptor = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(descriptor)
+    message = r"rank-0-of-1\.safetensors: bytes \d+\.\.\d+ do not match the hash"
+    with pytest.raises(DamagedFileError, match=message):
+        start(path)
+
+
+def test_the_tokenizer_loads_while_the_weights_do(toy_checkpoint, monkeypatch):
+    """The engine's start loads the tokenizer on a thread beside the weights' build (a build that
+    waits for the tokenizer's load to begin would time out if they ran one after the other); a
+    tokenizer that fails still stops the start, and the executor made meanwhile is shut down."""
+    import threading
+
+    import fastgen.engine as engine_module
+    import fastgen.runner as runner_module
+    from fastgen.executor import InProcessExecutor
+
+    source = toy_checkpoint("llama")
+    tokenizer_started = threading.Event()
+    load_tokenizer, build = engine_module._load_tokenizer, runner_module.build_model
+
+    def slow_tokenizer(path: str):
+        tokenizer_started.set()
+        return load_tokenizer(path)
+
+    def build_after_the_tokenizer_began(*args, **kwargs):
+        assert tokenizer_started.wait(30), "the tokenizer did not load beside the weights"
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "_load_tokenizer", slow_tokenizer)
+    monkeypatch.setattr(runner_module, "build_model", build_after_the_tokenizer_began)
+    start(source)
+
+    shut_down = []
+    shutdown = InProcessExecutor.shutdown
+
+    async def record_shutdown(self):
+        shut_down.append(self)
+        await shutdown(self)
+
+    def failing_tokenizer(path: str):
+        tokenizer_started.set()
+        raise OSError(f"no tokenizer in {path}")
+
+    monkeypatch.setattr(engine_module, "_load_tokenizer", failing_tokenizer)
+    monkeypatch.setattr(InProcessExecutor, "shutdown", record_shutdown)
+    with pytest.raises(OSError, match="no tokenizer in"):
+        start(source)
+    assert len(shut_down) == 1
+
+
 def test_truncated_or_missing_files_are_refused_at_once(llama_snapshot, tmp_path):
     copy = a_copy(llama_snapshot, tmp_path)
     rank = copy / "rank-0-of-2.safetensors"

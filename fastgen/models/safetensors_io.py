@@ -5,11 +5,11 @@ that reading can verify every piece as it arrives, on several cores at once, and
 that differ. (SHA-256 rather than BLAKE2b: CPUs with SHA extensions, today's x86 and Arm servers,
 hash it about twice as fast — 1.1 vs 0.5 GB/s a core on the development box.)
 
-`read_tensors` reads a file once, in pieces, in file order, each of a pool of threads hashing a
-piece as it arrives; the data lands in one buffer on the target device (on a CPU the file mapped
-privately, on a GPU one allocation, filled through a pinned staging buffer per thread). Every
-tensor is a view of that buffer, so nothing is copied or converted after the read; a piece that
-does not match its hash raises `DamagedFileError` before any tensor is returned.
+`load_tensors` (and `read_tensors`) parse a file's header, then read its data once, in pieces,
+into one buffer on the target device, every piece hashed as it arrives
+(`fastgen.models.file_reader`: O_DIRECT into the final memory, hashing on other threads than
+reading). Every tensor is a view of that buffer, so nothing is copied or converted after the
+read; a piece that does not match its hash raises `DamagedFileError` before any tensor is returned.
 
 `write_tensors` writes a file readers of the safetensors format accept (``safetensors.safe_open``
 reads it), tensors ordered by element size so that each starts aligned to its own size.
@@ -19,12 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
-import queue
 import struct
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -34,6 +30,8 @@ from fastgen.errors import ModelLoadError
 
 if TYPE_CHECKING:  # torch is imported where tensors are read or written: checks stay torch-free
     import torch
+
+    from .file_reader import ReadStats
 
 CHUNK_BYTES = 32 << 20
 HASH_NAME = "sha256"
@@ -194,74 +192,49 @@ class _Entry(NamedTuple):
     end: int
 
 
-def read_tensors(
-    path: Path, expected: FileDigest, device: torch.device, *, workers: int | None = None
-) -> dict[str, torch.Tensor]:
-    """The tensors of the safetensors file at ``path`` on ``device``, each a view of one buffer
-    that holds the file's data, once every piece of the file is checked against ``expected``.
+class LoadedTensors(NamedTuple):
+    tensors: dict[str, torch.Tensor]
+    stats: ReadStats  # how the bytes came in (O_DIRECT, page cache)
 
-    On a CPU the buffer is the file itself, mapped privately (its pages are the page cache's: no
-    copy, no memory of its own; a write would copy the page, none happens), and the pieces are
-    hashed through the mapping, which reads them in. (Pages the kernel drops are read again from
-    the same file later: fastgen never rewrites a snapshot's files in place, a new snapshot is a new
-    directory renamed into place, but a file truncated by hand under a running CPU engine crashes
-    it, as with any mapped file.) On a GPU each piece is read into a pinned buffer, hashed and
-    copied to the device."""
-    import torch
+
+def read_tensors(
+    path: Path, expected: FileDigest, device: torch.device, *, workers: int | None = None, direct: bool = True
+) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file at ``path`` on ``device`` (see `load_tensors`)."""
+    return load_tensors(path, expected, device, workers=workers, direct=direct).tensors
+
+
+def load_tensors(
+    path: Path,
+    expected: FileDigest,
+    device: torch.device,
+    *,
+    workers: int | None = None,
+    direct: bool = True,
+    staged: bool | None = None,
+) -> LoadedTensors:
+    """The tensors of the safetensors file at ``path`` on ``device``, each a view of one buffer
+    that holds the file's data, once every piece of the file is checked against ``expected``
+    (`fastgen.models.file_reader.read_verified`: O_DIRECT unless ``direct=False`` or refused,
+    pieces already in the page cache copied from it, ``workers`` hashing threads). On a CPU the
+    buffer is the process's own memory, read into directly; elsewhere (or with ``staged``) pieces
+    go through staging buffers to the device."""
+    from .file_reader import read_verified
 
     size = _check_size(path, expected)
-    # a thread per core this process may use, up to 16: hashing a warm file is the bound (SHA-256,
-    # 1-2 GB/s a core); 8 threads read one onto an H100 at 5.3 GB/s where the page cache gives 9
-    workers = workers or max(1, min(16, len(os.sched_getaffinity(0))))
     with open(path, "rb", buffering=0) as file:
+        # the header alone: no readahead into the data, which is read apart (O_DIRECT, in pieces)
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
         prefix = _read_exactly(file, 8)
         (header_size,) = struct.unpack("<Q", prefix)
         if header_size > size - 8:
             raise DamagedFileError(f"{path}: its header claims {header_size} bytes, more than the file holds")
-        head = prefix + _read_exactly(file, header_size)
-        entries = _parse_header(path, head[8:], size - len(head))
-        if device.type == "cpu":
-            whole = _map(file, size)
-            _verify_pieces(path, expected, workers, lambda start, end: _hash_parts(whole[start:end]))
-            data = torch.frombuffer(whole, dtype=torch.uint8)[len(head) :]
-        else:
-            data = torch.empty(size - len(head), dtype=torch.uint8, device=device)
-            _stream_to_device(file, path, head, data, expected, workers)
-    return {entry.name: _view(data, entry) for entry in entries}
-
-
-def _map(file: Any, size: int) -> memoryview:
-    """The file as private, writable memory (copy-on-write: torch wants writable buffers)."""
-    mapped = mmap.mmap(file.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    if hasattr(mapped, "madvise"):
-        mapped.madvise(mmap.MADV_WILLNEED)  # start reading it all in now
-    return memoryview(mapped)
-
-
-def _verify_pieces(
-    path: Path, expected: FileDigest, workers: int, hash_piece: Callable[[int, int], str]
-) -> None:
-    """Hash every ``chunk_bytes`` piece of the file (``hash_piece(start, end)``, in file order, on
-    ``workers`` threads) against ``expected``; the first that differs raises `DamagedFileError`."""
-    pieces = [
-        (start, min(start + expected.chunk_bytes, expected.size))
-        for start in range(0, expected.size, expected.chunk_bytes)
-    ]
-    if len(pieces) != len(expected.chunks):
-        raise DamagedFileError(f"{path}: {len(pieces)} pieces where {len(expected.chunks)} were hashed")
-    with ThreadPoolExecutor(workers, thread_name_prefix="fastgen-read") as pool:
-        futures = [pool.submit(hash_piece, start, end) for start, end in pieces]
-        try:
-            for (start, end), future, digest in zip(pieces, futures, expected.chunks):
-                if future.result() != digest:
-                    raise DamagedFileError(
-                        f"{path}: bytes {start}..{end} do not match the hash written with the file "
-                        "(damaged or changed since)"
-                    )
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+        head_size = 8 + header_size
+        entries = _parse_header(path, _read_exactly(file, header_size), size - head_size)
+    data, stats = read_verified(
+        path, expected, device, data_start=head_size, hash_threads=workers, direct=direct, staged=staged
+    )
+    return LoadedTensors({entry.name: _view(data, entry) for entry in entries}, stats)
 
 
 def _read_exactly(file: Any, count: int) -> bytes:
@@ -305,48 +278,3 @@ def _view(data: torch.Tensor, entry: _Entry) -> torch.Tensor:
     if part.storage_offset() % entry.dtype.itemsize:
         part = part.clone()  # not aligned to its element size (a file from another writer)
     return part.view(entry.dtype).view(entry.shape)
-
-
-def _stream_to_device(
-    file: Any, path: Path, head: bytes, data: torch.Tensor, expected: FileDigest, workers: int
-) -> None:
-    """Read the file's data section into ``data`` (on a GPU), checking every piece: each worker
-    thread reads a piece into its pinned buffer, hashes it and copies it to the device."""
-    import torch
-
-    head_size = len(head)
-    staging: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
-    for _ in range(max(1, min(workers, len(expected.chunks)))):
-        staging.put(torch.empty(expected.chunk_bytes, dtype=torch.uint8, pin_memory=True))
-
-    def load(start: int, end: int) -> str:
-        low, high = max(start, head_size) - head_size, max(end - head_size, 0)  # of the data section
-        buffer = staging.get()
-        try:
-            target = memoryview(buffer.numpy())[: high - low]
-            _read_at(file.fileno(), target, head_size + low, path)
-            digest = _hash_parts(head[start:end], target)
-            if high > low:
-                data[low:high].copy_(buffer[: high - low])  # synchronous: the buffer is free afterwards
-            return digest
-        finally:
-            staging.put(buffer)
-
-    _verify_pieces(path, expected, workers, load)
-    torch.cuda.synchronize(data.device)
-
-
-def _read_at(descriptor: int, target: memoryview, offset: int, path: Path) -> None:
-    filled = 0
-    while filled < len(target):
-        count = os.preadv(descriptor, [target[filled:]], offset + filled)
-        if not count:
-            raise DamagedFileError(f"{path}: ended early")
-        filled += count
-
-
-def _hash_parts(*parts: bytes | memoryview) -> str:
-    hasher = hashlib.new(HASH_NAME)
-    for part in parts:
-        hasher.update(part)
-    return hasher.hexdigest()

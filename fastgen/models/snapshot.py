@@ -10,10 +10,11 @@ dtype, quantization), the fastgen version, and each file's size and hash.
 Loading one (`load_snapshot_model`, which `fastgen.models.loader.build_model` calls for a snapshot
 directory) builds the model's modules with their parameters on the meta device (no memory, no
 initialization), reads the rank's file straight into one buffer on the rank's device, checking
-its hash as it reads (`fastgen.models.safetensors_io`), and makes each parameter a view of that
-buffer: no conversion, no re-sharding, no re-quantization. A snapshot made for other options, or
-by another fastgen version, is refused with `SnapshotMismatchError` naming what differs; a damaged
-file is refused with `DamagedFileError` before the engine serves.
+its hash as it reads (`fastgen.models.safetensors_io`, `fastgen.models.file_reader`: O_DIRECT
+reads, hashed on other threads), and makes each parameter a view of that buffer: no conversion,
+no re-sharding, no re-quantization. A snapshot made for other options, or by another fastgen
+version, is refused with `SnapshotMismatchError` naming what differs; a damaged file is refused
+with `DamagedFileError` before the engine serves.
 
 Anything the engine loads becomes a snapshot: a Hugging Face directory (safetensors or ``.bin``),
 a GGUF file, or dummy weights.
@@ -294,7 +295,7 @@ def load_snapshot_model(
     import torch
 
     from .loader import assign_tensors, build_skeleton
-    from .safetensors_io import read_tensors
+    from .safetensors_io import load_tensors
 
     manifest = read_manifest(path)
     check_options(
@@ -308,15 +309,15 @@ def load_snapshot_model(
     started = time.perf_counter()
     model = build_skeleton(config, dtype=dtype, device=device, tp=tp, max_model_len=max_model_len)
     built = time.perf_counter()
-    tensors = read_tensors(Path(path) / digest.name, digest, device)
+    tensors, how = load_tensors(Path(path) / digest.name, digest, device)
     read = time.perf_counter()
     where = str(Path(path) / digest.name)
     assign_tensors(model, tensors, device=device, quantized=quantization == "fp8", where=where)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     logger.info(
-        "rank %d loaded %s: %.3f GB read and verified in %.3f s (%.2f GB/s); modules built in %.3f s",
+        "rank %d loaded %s: %.3f GB read and verified in %.3f s (%.2f GB/s: %s); modules built in %.3f s",
         tp.rank, digest.name, digest.size / 1e9, read - built, digest.size / 1e9 / max(read - built, 1e-9),
-        built - started,
+        how.describe(), built - started,
     )  # fmt: skip
     return model
