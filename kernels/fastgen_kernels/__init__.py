@@ -6,6 +6,7 @@ from ._dispatch import fusion_enabled, reference_forced
 from .activation import gelu, silu_and_mul
 from .attention import paged_attention
 from .cache import write_kv_cache
+from .fused_linear import rms_norm_linear, silu_and_mul_linear
 from .gemv import linear_small_batch
 from .moe import fused_moe
 from .norm import layer_norm, rms_norm
@@ -25,8 +26,10 @@ __all__ = [
     "quantize_rows",
     "reference_forced",
     "rms_norm",
+    "rms_norm_linear",
     "rotary_and_write_kv_cache",
     "sample",
     "silu_and_mul",
+    "silu_and_mul_linear",
     "write_kv_cache",
 ]

@@ -26,14 +26,23 @@ def gelu_reference(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 
 
 @triton.jit
+def _silu_mul(gate, up, out_dtype: tl.constexpr):
+    """``silu(gate) * up`` in float32, the SiLU rounded to ``out_dtype`` before the product (as
+    eager PyTorch does) and the product rounded to it; shared with the small-batch linear's fused
+    prologue (``gemv.silu_and_mul_linear``), so both compute the same bits."""
+    gate = gate.to(tl.float32)
+    silu = (gate * tl.sigmoid(gate)).to(out_dtype).to(tl.float32)
+    return (silu * up.to(tl.float32)).to(out_dtype)
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, width, stride_x_row, stride_out_row, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
-    gate = tl.load(x_ptr + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x_row + width + cols, mask=mask, other=0.0).to(tl.float32)
-    silu = (gate * tl.sigmoid(gate)).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * stride_out_row + cols, (silu * up).to(out_ptr.dtype.element_ty), mask=mask)
+    gate = tl.load(x_ptr + row * stride_x_row + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x_row + width + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_out_row + cols, _silu_mul(gate, up, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -22,6 +22,10 @@ nothing else that costs time. How it does that:
   kernel over per-split partials (two launches, deterministic). ``benchmarks/gemv.py`` measures
   both.
 
+- **A prologue on the activations.** ``PROLOGUE`` lets the kernel compute its activations as it
+  loads them, from ``gate_up`` (SiLU-and-mul) or from the residual stream (RMSNorm, with the rows'
+  sums of squares taken over all of K before the loop): the fused ops of ``fused_linear.py``.
+
 Everything is CUDA-graph capturable: no host synchronization, and workspaces sized from shapes
 alone. The atomic workspace is kept per (device, N, BLOCK_N) and left zeroed by every call, so
 calls must not run concurrently on two streams of one device (the engine uses one). It is made
@@ -50,6 +54,8 @@ import triton
 import triton.language as tl
 
 from ._dispatch import use_triton
+from .activation import _silu_mul
+from .norm import _add_residual, _rms_rstd, _rms_scale
 from .quant import FP8
 
 MAX_ROWS = 8  # largest M served; the caller keeps cuBLAS beyond
@@ -75,15 +81,62 @@ def linear_small_batch_reference(
 
 
 @triton.jit
+def _rms_rows(
+    x_ptr, residual_ptr, residual_out_ptr, M, K, eps, stride_xm, stride_rm, stride_rom, residual_cols,
+    BLOCK_M: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROW_BLOCK: tl.constexpr,
+):
+    """Fused RMSNorm prologue: [BLOCK_M] reciprocal RMS of the rows of ``x (+ residual)`` over all
+    of K, each row summed by the norm kernel's own helper (the same bits). The new residual rows
+    are stored up to column ``residual_cols``: K in one program, 0 in the others."""
+    offs_m = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, ROW_BLOCK)
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # a loop, not unrolled: ptxas would hoist every row's loads and spill (sm_90, Triton 3.9)
+    for row in tl.range(0, M, num_stages=1):
+        hidden = tl.load(x_ptr + row * stride_xm + cols, mask=cols < K, other=0.0)
+        if HAS_RESIDUAL:
+            residual = tl.load(residual_ptr + row * stride_rm + cols, mask=cols < K, other=0.0)
+            hidden = _add_residual(hidden, residual)
+            tl.store(residual_out_ptr + row * stride_rom + cols, hidden, mask=cols < residual_cols)
+        rstd = tl.where(offs_m == row, _rms_rstd(hidden.to(tl.float32), K, eps), rstd)
+    return rstd
+
+
+@triton.jit
+def _load_activations(
+    x_ptrs, residual_ptrs, norm_weight_ptrs, x_mask, k_mask, rstd, K,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):
+    """A tile of the activations the product reads, in x's dtype: x itself, or the values the
+    unfused kernel would have written (``silu_and_mul`` of the gate and up halves, or RMSNorm of
+    x + residual), rounded the same way in registers."""
+    x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+    if PROLOGUE == "silu_mul":  # x is the gate half; the up half starts K further
+        up = tl.load(x_ptrs + K, mask=x_mask, other=0.0)
+        x = _silu_mul(x, up, x.dtype)
+    elif PROLOGUE == "rms_norm":
+        if HAS_RESIDUAL:
+            x = _add_residual(x, tl.load(residual_ptrs, mask=x_mask, other=0.0))
+        if k_mask is None:  # K a multiple of BLOCK_K
+            norm_weight = tl.load(norm_weight_ptrs)
+        else:
+            norm_weight = tl.load(norm_weight_ptrs, mask=k_mask, other=0.0)
+        x = _rms_scale(x, rstd, norm_weight, x.dtype)
+    return x
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, workspace_ptr, counter_ptr,
-    M, N, K, k_per_split, stride_xm, stride_wn, stride_om,
+    residual_ptr, residual_out_ptr, norm_weight_ptr, eps,
+    M, N, K, k_per_split, stride_xm, stride_wn, stride_om, stride_rm, stride_rom,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROW_BLOCK: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of weight over K range pid_k."""
+    """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of weight over K range pid_k.
+    ``PROLOGUE`` names what the activations are made of (see :func:`_load_activations`)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -94,39 +147,52 @@ def _gemv_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     w_rows = offs_n.to(tl.int64) * stride_wn
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if PROLOGUE == "rms_norm":
+        rstd = _rms_rows(x_ptr, residual_ptr, residual_out_ptr, M, K, eps, stride_xm, stride_rm, stride_rom,
+                         tl.where((pid_n == 0) & (pid_k == 0), K, 0), BLOCK_M, HAS_RESIDUAL, ROW_BLOCK)
 
     if USE_DOT:
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+        r_ptrs = residual_ptr + offs_m[:, None] * stride_rm + offs_k[None, :]
+        nw_ptrs = norm_weight_ptr + offs_k[None, :]
         w_ptrs = w_ptr + w_rows[:, None] + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
             if EVEN_K:
-                x = tl.load(x_ptrs + k, mask=m_mask[:, None], other=0.0)
+                x = _load_activations(x_ptrs + k, r_ptrs + k, nw_ptrs + k, m_mask[:, None], None,
+                                      rstd[:, None], K, PROLOGUE, HAS_RESIDUAL)
                 if EVEN_N:
                     w = tl.load(w_ptrs + k)
                 else:
                     w = tl.load(w_ptrs + k, mask=n_mask[:, None], other=0.0)
             else:
                 k_mask = (k + offs_k) < K
-                x = tl.load(x_ptrs + k, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                x = _load_activations(x_ptrs + k, r_ptrs + k, nw_ptrs + k, m_mask[:, None] & k_mask[None, :],
+                                      k_mask[None, :], rstd[:, None], K, PROLOGUE, HAS_RESIDUAL)
                 w = tl.load(w_ptrs + k, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
     else:
         # 3-D: [BLOCK_M, 1, BLOCK_K] activations times [1, BLOCK_N, BLOCK_K] weights, summed over K
         # once after the loop so that the loop body is loads and FMAs only
         x_ptrs = x_ptr + offs_m[:, None, None] * stride_xm + offs_k[None, None, :]
+        r_ptrs = residual_ptr + offs_m[:, None, None] * stride_rm + offs_k[None, None, :]
+        nw_ptrs = norm_weight_ptr + offs_k[None, None, :]
         w_ptrs = w_ptr + w_rows[None, :, None] + offs_k[None, None, :]
         acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
             if EVEN_K:
-                x = tl.load(x_ptrs + k, mask=m_mask[:, None, None], other=0.0)
+                x = _load_activations(x_ptrs + k, r_ptrs + k, nw_ptrs + k, m_mask[:, None, None], None,
+                                      rstd[:, None, None], K, PROLOGUE, HAS_RESIDUAL)
                 if EVEN_N:
                     w = tl.load(w_ptrs + k)
                 else:
                     w = tl.load(w_ptrs + k, mask=n_mask[None, :, None], other=0.0)
             else:
                 k_mask = (k + offs_k) < K
-                x = tl.load(x_ptrs + k, mask=m_mask[:, None, None] & k_mask[None, None, :], other=0.0)
+                x = _load_activations(x_ptrs + k, r_ptrs + k, nw_ptrs + k,
+                                      m_mask[:, None, None] & k_mask[None, None, :], k_mask[None, None, :],
+                                      rstd[:, None, None], K, PROLOGUE, HAS_RESIDUAL)
                 w = tl.load(w_ptrs + k, mask=n_mask[None, :, None] & k_mask[None, None, :], other=0.0)
             acc3 += x.to(tl.float32) * w.to(tl.float32)
         acc = tl.sum(acc3, axis=2)
@@ -256,16 +322,42 @@ def _atomic_workspace(device: torch.device, n: int, block_n: int) -> tuple[torch
     return found
 
 
+@dataclass(frozen=True)
+class Prologue:
+    """What the product's activations are made of, computed as each tile is loaded
+    (:func:`_load_activations`): ``"none"``, x itself; ``"silu_mul"``, x is ``gate_up`` [M, 2K]
+    and the activations ``silu_and_mul(gate_up)``; ``"rms_norm"``, the activations are
+    ``rms_norm(x (+ residual), norm_weight, eps)`` and the new residual goes to ``residual_out``
+    (the fused ops of ``fused_linear.py`` make these)."""
+
+    kind: str = "none"
+    norm_weight: torch.Tensor | None = None
+    eps: float = 0.0
+    residual: torch.Tensor | None = None  # [M, K] rows, unit column stride
+    residual_out: torch.Tensor | None = None  # [M, K] rows, written by one program
+
+
+NO_PROLOGUE = Prologue()
+MAX_NORM_WIDTH = 8192  # the fused RMSNorm holds a row of K float32 per program in registers
+
+
 def _applies(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scale: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_scale: torch.Tensor | None,
+    in_features: int | None = None,
 ) -> bool:
+    """Whether the kernel serves this product; ``in_features`` is x's last dim when it is not K
+    (``gate_up`` holds 2K)."""
     if weight_scale is None:
         weight_ok = weight.dtype == x.dtype
     else:
         weight_ok = (weight.dtype == FP8 and x.dtype != torch.float32 and weight_scale.dtype == torch.float32
                      and weight_scale.numel() == weight.shape[0] and weight_scale.device == weight.device)
+    in_features = x.shape[-1] if in_features is None else in_features
     return (
-        weight_ok and weight.dim() == 2 and x.shape[-1] == weight.shape[1] and weight.stride(1) == 1
+        weight_ok and weight.dim() == 2 and in_features == weight.shape[1] and weight.stride(1) == 1
         and x.dtype in _DTYPES and x.device == weight.device
         and (bias is None or (bias.shape == (weight.shape[0],) and bias.dtype == x.dtype))
         and math.prod(x.shape[:-1]) <= MAX_ROWS
@@ -293,12 +385,14 @@ def linear_small_batch_with_config(
     out: torch.Tensor | None,
     config: GemvConfig,
     weight_scale: torch.Tensor | None = None,
+    prologue: Prologue = NO_PROLOGUE,
 ) -> torch.Tensor:
     """The Triton launch with explicit parameters (benchmarks and tests try variants through it);
-    the caller has checked that the kernel applies (M <= 8, see :func:`linear_small_batch_triton`)."""
+    the caller has checked that the kernel applies (M <= 8, see :func:`linear_small_batch_triton`
+    and, for a prologue, ``fused_linear.py``)."""
     n, k = weight.shape
-    rows = x.reshape(-1, k)
-    if k > 1 and rows.stride(1) != 1:
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[-1] > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
     m = rows.shape[0]
     out, out_rows = _output_rows(x, n, out)
@@ -323,13 +417,19 @@ def linear_small_batch_with_config(
             workspace = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
         else:
             workspace, counters = found
+    residual = prologue.residual if prologue.residual is not None else rows  # placeholders when unused
+    residual_out = prologue.residual_out if prologue.residual_out is not None else rows
     grid = (triton.cdiv(n, config.block_n), split_k)
     _gemv_kernel[grid](
         rows, weight, weight if weight_scale is None else weight_scale, weight if bias is None else bias,
         out_rows, workspace, counters,
+        residual, residual_out, prologue.norm_weight if prologue.kind == "rms_norm" else weight, prologue.eps,
         m, n, k, k_per_split, rows.stride(0), weight.stride(0), out_rows.stride(0),
+        residual.stride(0), residual_out.stride(0),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
         ATOMIC=atomic, USE_DOT=config.use_dot, HAS_BIAS=bias is not None, HAS_SCALE=weight_scale is not None,
+        PROLOGUE=prologue.kind, HAS_RESIDUAL=prologue.residual is not None,
+        ROW_BLOCK=max(2, triton.next_power_of_2(k)) if prologue.kind == "rms_norm" else 1,
         EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", NUM_STAGES=config.num_stages,
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -341,6 +441,12 @@ def linear_small_batch_with_config(
             SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
         )
     return out
+
+
+def choose_config_for(x_rows: int, weight: torch.Tensor, device: torch.device) -> GemvConfig:
+    """:func:`choose_config` for ``x_rows`` rows times ``weight`` on ``device``."""
+    n, k = weight.shape
+    return choose_config(x_rows, n, k, _num_sms(device), weight_bytes=weight.element_size())
 
 
 def linear_small_batch_triton(
@@ -356,9 +462,7 @@ def linear_small_batch_triton(
     caller then uses cuBLAS."""
     if not _applies(x, weight, bias, weight_scale):
         return None
-    m = math.prod(x.shape[:-1])
-    n, k = weight.shape
-    config = choose_config(m, n, k, _num_sms(x.device), weight_bytes=weight.element_size())
+    config = choose_config_for(math.prod(x.shape[:-1]), weight, x.device)
     return linear_small_batch_with_config(x, weight, bias, out, config, weight_scale)
 
 

@@ -8,6 +8,11 @@ The Triton path writes the new residual stream **in place into ``residual``'s st
 that tensor (as vLLM's fused add-norm does) when ``residual`` is contiguous and has ``x``'s dtype;
 otherwise it returns a new tensor. Either way the returned values equal the reference's; callers
 must use the returned residual and not read the old one afterwards. ``x`` is never modified.
+
+The RMS statistic is a sum of squares in a fixed order (:func:`_sum_of_squares`, a pairwise tree
+written out in the program rather than ``tl.sum``, whose order follows the compiler's layout), so
+that the small-batch linear's fused RMSNorm prologue (``gemv.rms_norm_linear``) computes the very
+same bits with its own block shape and warp count.
 """
 
 from __future__ import annotations
@@ -53,6 +58,40 @@ def layer_norm_reference(
 
 
 @triton.jit
+def _sum_of_squares(values):
+    """Sum of squares of a 1-D float32 block (a power of two >= 2), padded with zeros: squares of
+    adjacent pairs (one fma), then adjacent partial sums, up to the total. The order is the
+    program's, not the layout's, so every kernel calling this on the same row agrees bit for bit."""
+    even, odd = tl.split(tl.reshape(values, [values.shape[0] // 2, 2]))
+    total = tl.fma(even, even, odd * odd)  # one rounding, whatever the compiler would contract
+    for _ in tl.static_range(24):
+        if total.shape[0] > 1:
+            left, right = tl.split(tl.reshape(total, [total.shape[0] // 2, 2]))
+            total = left + right
+    return tl.sum(total, axis=0)  # a single element
+
+
+@triton.jit
+def _rms_rstd(hidden, width, eps):
+    """1 / sqrt(mean(hidden ** 2) + eps) of one zero-padded row (float32, ``width`` valid)."""
+    return 1.0 / tl.sqrt(_sum_of_squares(hidden) / width + eps)
+
+
+@triton.jit
+def _add_residual(x, residual):
+    """``x + residual`` in float32, rounded to x's dtype (the new residual stream)."""
+    return (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def _rms_scale(x, rstd, weight, out_dtype: tl.constexpr):
+    """``weight * (x * rstd)``: HF rounds the normalized activations to x's dtype before the
+    weight multiply, the product is rounded to ``out_dtype``."""
+    normed = (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)
+    return (weight.to(tl.float32) * normed).to(out_dtype)
+
+
+@triton.jit
 def _norm_kernel(
     x_ptr, residual_ptr, residual_out_ptr, weight_ptr, bias_ptr, out_ptr,
     width, eps, stride_x, stride_residual, stride_residual_out, stride_out,
@@ -65,16 +104,14 @@ def _norm_kernel(
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + residual.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        x = _add_residual(x, residual)
         tl.store(residual_out_ptr + row * stride_residual_out + cols, x, mask=mask)
-    hidden = x.to(tl.float32)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if RMS:
-        rstd = 1.0 / tl.sqrt(tl.sum(hidden * hidden, axis=0) / width + eps)
-        # HF rounds the normalized activations to the input dtype before the weight multiply
-        normed = (hidden * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-        y = weight * normed
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+        y = _rms_scale(x, _rms_rstd(x.to(tl.float32), width, eps), weight, out_ptr.dtype.element_ty)
     else:
+        hidden = x.to(tl.float32)
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(hidden, axis=0) / width
         centered = tl.where(mask, hidden - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / width + eps)
@@ -110,7 +147,7 @@ def _norm_triton(
             residual_rows = residual_rows.contiguous()
     residual_out_rows = residual_rows if residual_out is None else residual_out.view(-1, width)
     if rows.shape[0] > 0:
-        block = triton.next_power_of_2(width)
+        block = max(2, triton.next_power_of_2(width))  # _sum_of_squares takes pairs
         num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
         _norm_kernel[(rows.shape[0],)](
             rows, residual_rows, residual_out_rows, weight, weight if bias is None else bias,
