@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastgen.kernels.attention import CpuAttentionPlan
 from fastgen.layers.attention import ForwardBatch
 from fastgen.plan import SequenceChunk
 
@@ -75,14 +76,18 @@ class HostBatch:
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
+        block_tables = self.padded_block_tables()
         batch = ForwardBatch(
             positions=tensor(self.positions, torch.int64),
             slot_mapping=tensor(self.slots, torch.int64),
             query_start=tensor(self.query_start, torch.int32),
             context_lens=tensor(self.context_lens, torch.int32),
-            block_tables=tensor(self.padded_block_tables(), torch.int32),
+            block_tables=tensor(block_tables, torch.int32),
             max_query_len=self.max_query_len,
             max_context_len=max(self.context_lens),
             num_decodes=self.num_decodes,
         )
+        if batch.positions.device.type == "cpu":
+            # from the lists at hand: the CPU attention needs them on the host, once per step
+            batch.cpu_attention_plan = CpuAttentionPlan(self.query_start, self.context_lens, block_tables)
         return tensor(self.token_ids, torch.int64), batch, tensor(self.sample_indices, torch.int64)

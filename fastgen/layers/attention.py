@@ -27,6 +27,8 @@ class ForwardBatch:
     max_query_len: int
     max_context_len: int
     num_decodes: int = 0  # the first sequences that have one query token (see kernels.paged_attention)
+    # on the CPU, how the step's attention is batched: made once per step, shared by every layer
+    cpu_attention_plan: kernels.attention.CpuAttentionPlan | None = None
 
 
 class PagedAttention(nn.Module):
@@ -112,4 +114,5 @@ class PagedAttention(nn.Module):
             num_decodes=batch.num_decodes,
             out=out,
             softcap=self.softcap,
+            cpu_plan=batch.cpu_attention_plan,
         )

@@ -28,7 +28,9 @@ ops per step instead of a dozen small ones per sequence (tests compare the two).
 
 from __future__ import annotations
 
+import functools
 import itertools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -106,6 +108,7 @@ def paged_attention_cpu(
     out: torch.Tensor | None = None,
     num_decodes: int = 0,
     softcap: float | None = None,
+    plan: CpuAttentionPlan | None = None,
 ) -> torch.Tensor:
     """The reference's attention (float32 scores, the same masks), batched for the CPU backend.
 
@@ -115,12 +118,17 @@ def paged_attention_cpu(
     small ops per sequence and layer, and a 2-core CPU spends more time dispatching those than
     computing them. Scores in float32 as in the reference; torch's fused attention sums in another
     order, so outputs agree to float32 rounding, not bit for bit.
+
+    ``plan``: the step's `CpuAttentionPlan` (the runner makes one per step and every layer shares
+    it); without one, this call makes its own from the batch tensors.
     """
     del max_query_len, max_context_len, num_decodes  # shape the Triton launches; not needed here
     if out is None:
         out = torch.empty_like(query)
+    if plan is None:
+        plan = CpuAttentionPlan.from_tensors(query_start, context_lens, block_tables)
     num_heads, head_dim = query.shape[1:]
-    for group in _step_plan(query_start, context_lens, block_tables, key_cache.shape[1], sliding_window):
+    for group in plan.groups(key_cache.shape[1], sliding_window):
         num_seqs = group.slots.shape[0] // group.width
         # [seqs, heads, query_len, d]: a token per decode, or the tokens of one chunk
         grouped = query.index_select(0, group.rows).view(num_seqs, group.query_len, num_heads, head_dim)
@@ -143,54 +151,74 @@ class _Group(NamedTuple):
     mask: torch.Tensor | None
 
 
-# the last step's plan and what it was made from: every layer of a step asks for the same one
-_last_plan: tuple[tuple, list[_Group]] | None = None
-
-
-def _step_plan(
-    query_start: torch.Tensor,
-    context_lens: torch.Tensor,
-    block_tables: torch.Tensor,
-    block_size: int,
-    sliding_window: int | None,
-) -> list[_Group]:
-    """The groups of `paged_attention_cpu`, computed once a step (the plan of the last step asked
-    for is kept; another engine in the same process only makes this recompute).
+class CpuAttentionPlan:
+    """How `paged_attention_cpu` batches one step: which sequences attend together, and for each
+    such group the query rows, cache slots and masks. It belongs to the step, not to a layer: the
+    runner makes it where it flattens the step (from the host's lists, so nothing is read back
+    from tensors), and every layer passes it in. A group's tensors depend on the cache's block
+    size and the layer's sliding window, so they are made by the first layer that asks for a
+    (block size, window) and kept for the step's other layers.
 
     Decodes are grouped by context length, longest first, a group taking sequences while the
     longest context is at most twice theirs: padding then at most doubles the keys gathered, where
-    one batch could gather a thousand times too many (a long context among many short ones)."""
-    global _last_plan
-    starts, lens = query_start.tolist(), context_lens.tolist()
-    key = (
-        tuple(starts),
-        tuple(lens),
-        block_tables.shape,
-        block_tables.numpy().tobytes(),
-        block_size,
-        sliding_window,
-        block_tables.device,
-    )
-    cached = _last_plan  # one read: another thread may replace it meanwhile
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    tables = block_tables.tolist()
-    query_lens = [end - begin for begin, end in itertools.pairwise(starts)]
-    decodes = sorted((seq for seq, length in enumerate(query_lens) if length == 1), key=lambda s: -lens[s])
-    members: list[list[int]] = []  # sequences of each group
-    for seq in decodes:
-        if members and lens[members[-1][0]] <= 2 * lens[seq]:
-            members[-1].append(seq)
-        else:
-            members.append([seq])
-    members += [[seq] for seq, length in enumerate(query_lens) if length > 1]
-    device = query_start.device
-    plan = [
-        _group(seqs, starts, lens, query_lens[seqs[0]], tables, block_size, sliding_window, device)
-        for seqs in members
-    ]
-    _last_plan = (key, plan)
-    return plan
+    one batch could gather a thousand times too many (a long context among many short ones). Every
+    other sequence is a group of its own.
+
+    ``block_tables``: one list per sequence, all of one width (past a sequence's last block the
+    entries are never read)."""
+
+    def __init__(
+        self,
+        query_start: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        device: torch.device | str = "cpu",
+    ):
+        self.query_start = query_start
+        self.context_lens = context_lens
+        self.block_tables = block_tables
+        self.device = torch.device(device)
+        query_lens = [end - begin for begin, end in itertools.pairwise(query_start)]
+        decodes = sorted(
+            (seq for seq, length in enumerate(query_lens) if length == 1), key=lambda s: -context_lens[s]
+        )
+        members: list[list[int]] = []
+        for seq in decodes:
+            if members and context_lens[members[-1][0]] <= 2 * context_lens[seq]:
+                members[-1].append(seq)
+            else:
+                members.append([seq])
+        members += [[seq] for seq, length in enumerate(query_lens) if length > 1]
+        self.members = members  # the sequences of each group
+        self.query_lens = query_lens
+        self._groups: dict[tuple[int, int | None], list[_Group]] = {}
+
+    @classmethod
+    def from_tensors(
+        cls, query_start: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor
+    ) -> CpuAttentionPlan:
+        """The plan of a batch given as tensors (a caller without the host's lists)."""
+        return cls(query_start.tolist(), context_lens.tolist(), block_tables.tolist(), query_start.device)
+
+    def groups(self, block_size: int, sliding_window: int | None) -> list[_Group]:
+        """The groups' tensors for a cache of ``block_size`` and a layer's ``sliding_window``."""
+        key = (block_size, sliding_window)
+        groups = self._groups.get(key)
+        if groups is None:
+            groups = self._groups[key] = [
+                _group(
+                    seqs,
+                    self.query_start,
+                    self.context_lens,
+                    self.query_lens[seqs[0]],
+                    self.block_tables,
+                    block_size,
+                    sliding_window,
+                    self.device,
+                )
+                for seqs in self.members
+            ]
+        return groups
 
 
 def _group(
@@ -271,17 +299,21 @@ def paged_attention(
     out: torch.Tensor | None = None,
     num_decodes: int = 0,
     softcap: float | None = None,
+    cpu_plan: CpuAttentionPlan | None = None,
 ) -> torch.Tensor:
     """Attention of a ragged batch against the paged cache: Triton on CUDA, `paged_attention_cpu` on
     the CPU, the reference elsewhere and wherever ``FASTGEN_KERNELS=reference`` forces it.
 
     ``num_decodes``: the first ``num_decodes`` sequences have one query token each (the caller's
     promise, see the module docstring); lets the Triton path launch decodes and chunks apart.
+    ``cpu_plan``: the step's `CpuAttentionPlan`, for the CPU path (made here when not given; the
+    other paths need none).
     """
+    impl: Callable[..., torch.Tensor]
     if use_triton(query):
         impl = paged_attention_triton
     elif query.device.type == "cpu" and not reference_forced():
-        impl = paged_attention_cpu
+        impl = functools.partial(paged_attention_cpu, plan=cpu_plan)
     else:
         impl = paged_attention_reference
     return impl(

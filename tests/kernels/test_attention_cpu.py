@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fastgen.kernels import _dispatch, attention
-from fastgen.kernels.attention import _step_plan, paged_attention_cpu, paged_attention_reference
+from fastgen.kernels.attention import CpuAttentionPlan, paged_attention_cpu, paged_attention_reference
 
 from .test_attention import make_batch
 
@@ -89,7 +89,8 @@ def test_decode_groups_bound_the_padding(seed) -> None:
     specs = [(1, 1000), (1, 10), (5, 40), (1, 12), (1, 600), (1, 300), (1, 499), (1, 1), (1, 2)]
     compare(specs, (9, 3, 64, 16))
     batch = poisoned_batch(specs, (9, 3, 64, 16), torch.float32)
-    plan = _step_plan(batch["query_start"], batch["context_lens"], batch["block_tables"], 16, None)
+    tensors = batch["query_start"], batch["context_lens"], batch["block_tables"]
+    plan = CpuAttentionPlan.from_tensors(*tensors).groups(16, None)
     lens = batch["context_lens"].tolist()
     rows = [row for group in plan for row in group.rows.tolist()]
     assert sorted(rows) == list(range(int(batch["query_start"][-1])))
@@ -102,7 +103,7 @@ def test_decode_groups_bound_the_padding(seed) -> None:
 
 def test_plan_follows_the_block_tables(seed) -> None:
     """The next step with the same lengths but other blocks (the tables changed in place) reads the
-    new blocks: the plan kept from the last step is not reused."""
+    new blocks: a call without a plan makes its own from the tensors it is given."""
     batch = poisoned_batch([(1, 40), (1, 20), (6, 30)], (4, 2, 64, 16), torch.float32)
     first = paged_attention_cpu(**batch, scale=0.125)
     permutation = torch.randperm(batch["key_cache"].shape[0])  # block b moves to permutation[b]
@@ -110,6 +111,55 @@ def test_plan_follows_the_block_tables(seed) -> None:
         cache[permutation] = cache.clone()
     batch["block_tables"].copy_(permutation[batch["block_tables"].long()])
     torch.testing.assert_close(paged_attention_cpu(**batch, scale=0.125), first, atol=0, rtol=0)
+
+
+def test_a_plan_serves_every_layer_of_its_step(seed) -> None:
+    """A plan given by the caller gives what the call would plan for itself; its groups are made
+    once per (block size, sliding window) and reused by the next layer with the same ones."""
+    specs = [(1, 40), (1, 90), (1, 12), (9, 30), (1, 65)]
+    batch = poisoned_batch(specs, (8, 2, 64, 16), torch.float32)
+    host = (batch["query_start"].tolist(), batch["context_lens"].tolist(), batch["block_tables"].tolist())
+    plan = CpuAttentionPlan(*host)
+    for window in (None, 20, None):
+        expected = paged_attention_cpu(**batch, scale=0.125, sliding_window=window)
+        given = paged_attention_cpu(**batch, scale=0.125, sliding_window=window, plan=plan)
+        torch.testing.assert_close(given, expected, atol=0, rtol=0)
+    assert plan.groups(16, None) is plan.groups(16, None)
+    assert plan.groups(16, 20) is not plan.groups(16, None)
+    assert len(plan.groups(16, None)) == 4  # decodes {90, 65}, {40}, {12}; the chunk
+
+
+def test_the_runner_plans_once_a_step(toy_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the engine on the CPU, each step with tokens makes one plan, where it flattens the
+    step, and each group's tensors are made once, however many layers attend."""
+    from fastgen.runner import ModelRunner
+    from tests.helpers import engine_greedy
+
+    plans: list[CpuAttentionPlan] = []
+    groups_made = []
+    steps = []
+    make_plan, make_group, execute = CpuAttentionPlan.__init__, attention._group, ModelRunner.execute
+
+    def planning(self, *args, **kwargs) -> None:
+        plans.append(self)
+        make_plan(self, *args, **kwargs)
+
+    def grouping(*args, **kwargs):
+        groups_made.append(args[0])
+        return make_group(*args, **kwargs)
+
+    def executing(self, plan, *args, **kwargs):
+        steps.append(len(plan.chunks))
+        return execute(self, plan, *args, **kwargs)
+
+    monkeypatch.setattr(CpuAttentionPlan, "__init__", planning)
+    monkeypatch.setattr(attention, "_group", grouping)
+    monkeypatch.setattr(ModelRunner, "execute", executing)
+    path = toy_checkpoint("llama", num_hidden_layers=3)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]
+    engine_greedy(path, prompts, 6, device="cpu", executor="inprocess", token_budget=8)
+    assert len(plans) == sum(1 for chunks in steps if chunks) > 6
+    assert len(groups_made) == sum(len(plan.members) for plan in plans)
 
 
 def test_prefill_only(seed) -> None:
