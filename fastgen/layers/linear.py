@@ -7,6 +7,7 @@ checkpoint tensor or a lazy safetensors slice (anything indexable with a ``shape
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,8 +21,28 @@ from .quantization import fp8_linear
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def small_batch(x: torch.Tensor) -> bool:
+    """Whether a linear of ``x`` takes the Triton small-batch kernel: decode-sized half-precision
+    rows on CUDA (up to 8), where the fused kernels (``fused_linear.py``) apply too."""
+    return x.is_cuda and x.dtype in _HALF and x.dim() == 2 and x.shape[0] <= 8
+
+
+@dataclass(frozen=True)
+class RMSNormInput:
+    """Rows that the linear reading them normalizes first (the ``norm_linear`` fusion): the
+    activations are ``rms_norm(hidden (+ residual), weight, eps)``, and that linear writes the new
+    residual ``hidden + residual`` into ``residual_out``, so exactly one linear must read this.
+    Made by `RMSNorm.into_linear` for rows where `small_batch` holds."""
+
+    hidden: torch.Tensor
+    residual: torch.Tensor | None
+    weight: torch.Tensor
+    eps: float
+    residual_out: torch.Tensor | None
+
+
 def linear(
-    x: torch.Tensor,
+    x: torch.Tensor | RMSNormInput,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     weight_scale: torch.Tensor | None = None,
@@ -29,8 +50,14 @@ def linear(
     """``x @ weight.T + bias``. Decode-sized half-precision inputs on CUDA (up to 8 rows) take the
     Triton small-batch kernel (faster than cuBLAS there: benchmarks/NOTES-runner.md), FP8 weights
     included (scaled per row, activations left in their dtype); other FP8 products go through
-    `fp8_linear`, everything else cuBLAS / torch."""
-    if x.is_cuda and x.dtype in _HALF and x.dim() == 2 and x.shape[0] <= 8:
+    `fp8_linear`, everything else cuBLAS / torch. An `RMSNormInput` is normalized by the same
+    kernel as it is read."""
+    if isinstance(x, RMSNormInput):
+        result = kernels.rms_norm_linear(
+            x.hidden, x.weight, x.eps, weight, bias, x.residual, weight_scale, x.residual_out
+        )
+        return result if x.residual is None else result[0]
+    if small_batch(x):
         return kernels.linear_small_batch(x, weight, bias, weight_scale=weight_scale)
     if weight_scale is not None:
         return fp8_linear(x, weight, weight_scale, bias)
@@ -163,7 +190,15 @@ class RowParallelLinear(nn.Module):
         copy_checked(param.data, loaded[:, start : start + self.local_in], "row shard")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight, weight_scale=self.weight_scale)
+        return self._reduce(linear(x, self.weight, weight_scale=self.weight_scale))
+
+    def forward_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``forward(silu_and_mul(gate_up))`` in one kernel (the ``gated_down`` fusion) for rows
+        where `small_batch` holds: each rank's ``gate_up`` shard holds its own gate and up halves."""
+        return self._reduce(kernels.silu_and_mul_linear(gate_up, self.weight, weight_scale=self.weight_scale))
+
+    def _reduce(self, out: torch.Tensor) -> torch.Tensor:
+        """Partial sums of the ranks all-reduced, then the bias (added once)."""
         out = self.tp.all_reduce(out)
         if self.bias is not None:
             out = out + self.bias

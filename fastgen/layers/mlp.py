@@ -7,7 +7,7 @@ from torch import nn
 
 from fastgen import kernels
 
-from .linear import ColumnParallelLinear, RowParallelLinear
+from .linear import ColumnParallelLinear, RMSNormInput, RowParallelLinear, small_batch
 from .parallel import SINGLE, TensorParallel
 
 # activation name -> the GELU approximation the kernel takes
@@ -66,9 +66,11 @@ class GatedMLP(nn.Module):
         )
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, tp=tp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | RMSNormInput) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if self.gelu is None:
+            if small_batch(gate_up) and kernels.fusion_enabled("gated_down"):
+                return self.down_proj.forward_silu_and_mul(gate_up)  # no [M, I] activation written
             return self.down_proj(kernels.silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(kernels.gelu(gate, self.gelu) * up)

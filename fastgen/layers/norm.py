@@ -7,7 +7,7 @@ from torch import nn
 
 from fastgen import kernels
 
-from .linear import load_full
+from .linear import RMSNormInput, load_full
 
 
 class RMSNorm(nn.Module):
@@ -28,6 +28,17 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         return kernels.rms_norm(x, self.weight, self.eps, residual)
+
+    def into_linear(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[RMSNormInput, torch.Tensor]:
+        """``forward(x, residual)`` left to the linear that reads it (the ``norm_linear`` fusion):
+        (the rows for that linear, the new residual: ``x`` without ``residual``, else a buffer that
+        linear fills). Pass the rows to exactly one linear before reading the residual."""
+        if residual is None:
+            return RMSNormInput(x, None, self.weight, self.eps, None), x
+        residual_out = torch.empty_like(x)
+        return RMSNormInput(x, residual, self.weight, self.eps, residual_out), residual_out
 
 
 class LayerNorm(nn.Module):

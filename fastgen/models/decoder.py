@@ -9,7 +9,8 @@ A layer is attention and a feed-forward block around the residual stream, in one
 - ``post_norm``: ``norm(x + attn(x))``, then ``norm(. + mlp(.))`` (OPT-350m).
 
 Pre-norm layers return their output and the running residual apart; the next norm adds them
-(fused in the norm kernel). The module names are the canonical checkpoint names (Llama's).
+(fused in the norm kernel; for decode-sized rows an RMSNorm and its add run inside the linear after
+it, see `RMSNorm.into_linear`). The module names are the canonical checkpoint names (Llama's).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from fastgen import kernels
 from fastgen.layers.attention import ForwardBatch, PagedAttention
 from fastgen.layers.embedding import LMHead, PositionEmbedding, VocabParallelEmbedding
-from fastgen.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear
+from fastgen.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear, small_batch
 from fastgen.layers.mlp import MLP, GatedMLP
 from fastgen.layers.moe import MoE
 from fastgen.layers.norm import LayerNorm, RMSNorm
@@ -123,6 +124,14 @@ class DecoderLayer(nn.Module):
         # the checkpoint's name of a mixture of experts (Mixtral's)
         self.feed_forward_name = "block_sparse_moe" if config.num_experts else "mlp"
         self.add_module(self.feed_forward_name, make_feed_forward(config, tp))
+        # each RMSNorm of a pre-norm layer can be left to the linear after it (qkv_proj, the
+        # feed-forward's first): the norm_linear fusion, see `RMSNorm.into_linear`
+        self.norms_into_linears = (
+            self.block == "sequential" and not self.sandwich
+            and isinstance(self.input_layernorm, RMSNorm)
+            and isinstance(self.post_attention_layernorm, RMSNorm)
+            and isinstance(self.feed_forward, (GatedMLP, MLP))
+        )  # fmt: skip
 
     @property
     def feed_forward(self) -> nn.Module:
@@ -143,7 +152,11 @@ class DecoderLayer(nn.Module):
             hidden, _ = self.input_layernorm(self.self_attn(positions, hidden, batch), hidden)
             hidden, _ = self.post_attention_layernorm(self.feed_forward(hidden), hidden)
             return hidden, None
-        if residual is None:
+        fuse = kernels.fusion_enabled("norm_linear")
+        into_linears = self.norms_into_linears and fuse and small_batch(hidden)
+        if into_linears:
+            normed, residual = self.input_layernorm.into_linear(hidden, residual)
+        elif residual is None:
             residual = hidden
             normed = self.input_layernorm(hidden)
         else:
@@ -156,7 +169,10 @@ class DecoderLayer(nn.Module):
             attention = self.post_attention_layernorm(attention)
             hidden, residual = self.pre_feedforward_layernorm(attention, residual)
             return self.post_feedforward_layernorm(self.feed_forward(hidden)), residual
-        hidden, residual = self.post_attention_layernorm(attention, residual)
+        if into_linears:
+            hidden, residual = self.post_attention_layernorm.into_linear(attention, residual)
+        else:
+            hidden, residual = self.post_attention_layernorm(attention, residual)
         return self.feed_forward(hidden), residual
 
 

@@ -1,0 +1,166 @@
+"""The fused small-batch linears in the model (``gated_down``: SiLU-and-mul folded into the down
+projection; ``norm_linear``: a pre-norm RMSNorm folded into the next projection): a step gives the
+same logits, to the bit, with the fusions on and off.
+
+The model takes them where the small-batch kernel runs: half-precision decode rows on CUDA. On the
+CPU the test moves that rule onto CPU tensors and runs the norm, activation and linear kernels in
+Triton's interpreter (float16), so the fused kernels meet the unfused ones inside a real model
+step (decodes fused, prompt chunks of more than 8 rows not). The GPU tests switch the fusions off
+through ``FASTGEN_FUSIONS_OFF``, as benchmarks do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from fastgen.kernels import _dispatch, activation, fused_linear, gemv, norm
+
+from fastgen.layers import linear as linear_layers
+from fastgen.layers import mlp as mlp_layers
+from fastgen.models import decoder
+from tests.helpers import engine_greedy
+from tests.models.test_hf_parity import CASES, prompts_of_mixed_lengths
+from tests.test_fusions import mixed_plans, step_logits
+
+FUSED_LINEARS = "gated_down,norm_linear"
+MODEL_CASES = {
+    name: CASES[name]
+    for name in [
+        "llama-gqa-llama3-rope",  # both fusions
+        "qwen3-qk-norm-head-dim",  # q/k norms after the fused qkv projection
+        "gemma-geglu-mqa-offset-norms-scaled-embeddings",  # norm weight offset; GeGLU: no gated_down
+        "phi-parallel-block-partial-rotary",  # parallel block: neither
+    ]
+}
+EXPECTED_CALLS = {  # per layer and decode step: (silu_and_mul_linear, rms_norm_linear)
+    "llama-gqa-llama3-rope": (1, 2),
+    "qwen3-qk-norm-head-dim": (1, 2),
+    "gemma-geglu-mqa-offset-norms-scaled-embeddings": (0, 2),
+    "phi-parallel-block-partial-rotary": (0, 0),
+}
+
+
+@pytest.fixture
+def fusions_off(monkeypatch):
+    """``fusions_off(names)`` sets ``FASTGEN_FUSIONS_OFF`` for what runs next ("" for none)."""
+
+    def switch(names: str) -> None:
+        monkeypatch.setenv("FASTGEN_FUSIONS_OFF", names)
+        _dispatch._fusions_off.cache_clear()
+
+    yield switch
+    monkeypatch.undo()
+    _dispatch._fusions_off.cache_clear()
+
+
+@pytest.fixture
+def count_calls(monkeypatch) -> dict[str, int]:
+    """Calls of the two fused kernels' public functions, by name."""
+    calls = {"silu_and_mul_linear": 0, "rms_norm_linear": 0}
+    for name in calls:
+        original = getattr(linear_layers.kernels, name)
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(linear_layers.kernels, name, counting)
+    return calls
+
+
+@pytest.fixture
+def small_batch_kernels_on_cpu(monkeypatch) -> None:
+    """The small-batch rule without its CUDA condition, and the Triton kernels it leads to (norm,
+    activation, linear, fused linear; the interpreter) instead of the CPU references."""
+
+    def small_batch(x: torch.Tensor) -> bool:
+        return x.dtype in (torch.float16, torch.bfloat16) and x.dim() == 2 and x.shape[0] <= 8
+
+    for module in (linear_layers, mlp_layers, decoder):
+        monkeypatch.setattr(module, "small_batch", small_batch)
+    for module in (norm, activation, gemv, fused_linear):
+        monkeypatch.setattr(module, "use_triton", lambda tensor: True)
+
+
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_cpu_interpreted_fused_linears_change_no_logit(
+    toy_checkpoint, case, fusions_off, small_batch_kernels_on_cpu, count_calls
+):
+    family, overrides = MODEL_CASES[case]
+    path = toy_checkpoint(family, **overrides)
+    plans = mixed_plans(num_mixed=2, num_decode_only=2)
+    fusions_off(FUSED_LINEARS)
+    unfused = step_logits(path, plans, dtype="float16", device="cpu")
+    assert count_calls == {"silu_and_mul_linear": 0, "rms_norm_linear": 0}
+    fusions_off("")
+    fused = step_logits(path, plans, dtype="float16", device="cpu")
+    num_layers = decoder.ModelConfig.from_pretrained(path).num_layers
+    decode_steps = sum(1 for plan in plans if sum(len(c.token_ids) for c in plan.chunks) <= 8)
+    silu_calls, norm_calls = EXPECTED_CALLS[case]
+    assert decode_steps >= 2
+    assert count_calls["silu_and_mul_linear"] == silu_calls * num_layers * decode_steps
+    assert count_calls["rms_norm_linear"] == norm_calls * num_layers * decode_steps
+    for step, (got, want) in enumerate(zip(fused, unfused, strict=True)):
+        assert torch.equal(got, want), f"step {step}: max difference {(got - want).abs().max()}"
+
+
+def test_cpu_keeps_the_unfused_path(toy_checkpoint, count_calls) -> None:
+    """Without CUDA neither fusion is taken: the CPU model is what it was."""
+    family, overrides = CASES["llama-gqa-llama3-rope"]
+    path = toy_checkpoint(family, **overrides)
+    step_logits(path, mixed_plans(num_mixed=1, num_decode_only=1), dtype="float16", device="cpu")
+    assert count_calls == {"silu_and_mul_linear": 0, "rms_norm_linear": 0}
+
+
+# ---- GPU ----
+
+
+@pytest.fixture
+def deterministic_split_k(monkeypatch) -> None:
+    """Split-K linears sum their partials in a second launch, not by float32 atomics (whose order
+    of arrival may change a last bit between any two runs), so that logits compare bit for bit."""
+    choose = gemv.choose_config
+
+    def two_launch(*args, **kwargs) -> gemv.GemvConfig:
+        return dataclasses.replace(choose(*args, **kwargs), atomic_reduce=False)
+
+    monkeypatch.setattr(gemv, "choose_config", two_launch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantization", [None, "fp8"], ids=["bf16", "fp8-weights"])
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
+@pytest.mark.parametrize("case", ["llama-gqa-llama3-rope", "gemma-geglu-mqa-offset-norms-scaled-embeddings"])
+def test_gpu_fused_linears_change_no_logit(
+    toy_checkpoint, case, cuda_graphs, quantization, fusions_off, count_calls, deterministic_split_k
+):
+    """bfloat16 steps (decode graphs and piecewise graphs of mixed steps, or eager) give the same
+    logits, to the bit, with the fused linears and without."""
+    family, overrides = CASES[case]
+    path = toy_checkpoint(family, **overrides)
+    plans = mixed_plans()
+    config = dict(dtype="bfloat16", device="cuda", cuda_graphs=cuda_graphs, token_budget=64, max_seqs=16,
+                  quantization=quantization)  # fmt: skip
+    fusions_off(FUSED_LINEARS)
+    unfused = step_logits(path, plans, **config)
+    assert count_calls == {"silu_and_mul_linear": 0, "rms_norm_linear": 0}
+    fusions_off("")
+    fused = step_logits(path, plans, **config)
+    assert count_calls["rms_norm_linear"] > 0
+    for step, (got, want) in enumerate(zip(fused, unfused, strict=True)):
+        assert torch.equal(got, want), f"step {step}: max difference {(got - want).abs().max()}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fusion", ["gated_down", "norm_linear"])
+def test_gpu_greedy_tokens_equal_with_fusion_on_and_off(toy_checkpoint, fusion, fusions_off):
+    family, overrides = CASES["llama-gqa-llama3-rope"]
+    path = toy_checkpoint(family, **overrides)
+    prompts = prompts_of_mixed_lengths(384)
+    tokens = {}
+    for names in (fusion, ""):
+        fusions_off(names)
+        tokens[names] = engine_greedy(path, prompts, 24, token_budget=16, device="cuda")
+    assert tokens[""] == tokens[fusion]
