@@ -2,6 +2,13 @@
 the HBM floor (weight + KV bytes / measured copy bandwidth). GPU only.
 
     python benchmarks/decode_step.py [--shape llama2-7b] [--context 1024] [--batches 1 8 32 64 128]
+
+With ``--fusions-off`` it measures each fused kernel against the kernels it replaces: one fresh
+process per setting (``FASTGEN_FUSIONS_OFF`` is read once a process), CUDA-graph steps at batches
+1 and 8 unless ``--batches`` says otherwise, one table. A setting is a fusion's name, ``all``, or
+"" (every fusion on); ``+`` joins names within a setting:
+
+    python benchmarks/decode_step.py --fusions-off "",gated_down,norm_linear,rotary_kv,all
 """
 
 from __future__ import annotations
@@ -9,7 +16,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -100,15 +109,36 @@ def time_steps(runner: ModelRunner, batch: int, context: int, steps: int) -> flo
     return statistics.median(times[3:])
 
 
-def main() -> None:
+def parse_settings(text: str) -> list[str]:
+    """``--fusions-off`` settings: comma-separated, each a ``+``-joined list of fusion names, ""
+    or ``all``; returned as values of ``FASTGEN_FUSIONS_OFF`` (names joined by commas)."""
+    return [setting.strip().strip("'\"").replace("+", ",") for setting in text.split(",")]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
     parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
+    parser.add_argument(
+        "--batches", type=int, nargs="+", help="default: 1 8 32 64 128 (1 8 with --fusions-off)"
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quantization", default=None, choices=["fp8"], help="FP8 linear weights")
-    args = parser.parse_args()
+    parser.add_argument("--graphs", default="both", choices=["both", "on", "off"], help="CUDA graphs")
+    parser.add_argument(
+        "--fusions-off", type=parse_settings, default=None, metavar="SETTINGS",
+        help='compare FASTGEN_FUSIONS_OFF settings, e.g. "",gated_down,norm_linear,rotary_kv,all',
+    )  # fmt: skip
+    parser.add_argument("--rows-to", type=Path, help=argparse.SUPPRESS)  # a setting's process: rows as JSON
+    args = parser.parse_args(argv)
+    if args.batches is None:
+        args.batches = [1, 8] if args.fusions_off is not None else [1, 8, 32, 64, 128]
+    return args
+
+
+def measure(args: argparse.Namespace) -> tuple[list[dict], float]:
+    """(rows, copy bandwidth in bytes/s) of the decode steps ``args`` ask for, in this process."""
     bandwidth = copy_bandwidth_bytes_per_s()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,7 +153,7 @@ def main() -> None:
             print(f"skipping batches {sorted(set(args.batches) - set(fitting))}: their KV does not fit")
             args.batches = fitting
         blocks_needed = max(args.batches) * blocks_per_seq
-        for graphs in (True, False):
+        for graphs in {"both": (True, False), "on": (True,), "off": (False,)}[args.graphs]:
             config = EngineConfig(
                 load_format="dummy",
                 num_kv_blocks=blocks_needed,
@@ -152,25 +182,86 @@ def main() -> None:
                 )
             del runner
             torch.cuda.empty_cache()
+    return rows, bandwidth
+
+
+def measure_fusions(args: argparse.Namespace, argv: list[str]) -> tuple[list[dict], float]:
+    """Rows of every ``--fusions-off`` setting, each measured by a fresh process of this script
+    (CUDA graphs on); each row names its setting (``fusions_off``)."""
+    rows, bandwidths = [], []
+    child_argv = []
+    skip = False
+    for arg in argv:  # the same options less --fusions-off, --graphs and --out
+        if skip:
+            skip = False
+        elif arg in ("--fusions-off", "--graphs", "--out"):
+            skip = True
+        elif not arg.startswith(("--fusions-off=", "--graphs=", "--out=")):
+            child_argv.append(arg)
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, setting in enumerate(args.fusions_off):
+            rows_path = Path(tmp) / f"rows-{index}.json"
+            command = [sys.executable, __file__, *child_argv, "--graphs", "on", "--rows-to", str(rows_path)]
+            print(f"FASTGEN_FUSIONS_OFF={setting!r}: {' '.join(command)}", flush=True)
+            subprocess.run(command, env={**os.environ, "FASTGEN_FUSIONS_OFF": setting}, check=True)
+            measured = json.loads(rows_path.read_text())
+            bandwidths.append(measured["copy_bandwidth"])
+            rows += [dict(row, fusions_off=setting) for row in measured["rows"]]
+    return rows, statistics.median(bandwidths)
+
+
+def fusion_table(rows: list[dict]) -> str:
+    """Markdown rows of a --fusions-off run: each setting's step time against every fusion on."""
+    fused = {row["batch"]: row["step_ms"] for row in rows if row["fusions_off"] == ""}
+    text = (
+        "| fusions off | batch | step ms | HBM floor ms | floor/step | tokens/s | vs all fusions on |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
+    for r in sorted(rows, key=lambda row: row["batch"]):
+        versus = f"{r['step_ms'] / fused[r['batch']] - 1:+.1%}" if r["batch"] in fused else "-"
+        text += (
+            f"| {r['fusions_off'] or '(none)'} | {r['batch']} | {r['step_ms']:.3f} | {r['floor_ms']:.3f} | "
+            f"{r['of_floor']:.1%} | {r['tokens_per_s']:.0f} | {versus} |\n"
+        )
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.rows_to is not None:  # one setting's process of a --fusions-off run
+        rows, bandwidth = measure(args)
+        args.rows_to.write_text(json.dumps(dict(rows=rows, copy_bandwidth=bandwidth)))
+        return
+    if args.fusions_off is not None:
+        rows, bandwidth = measure_fusions(args, argv)
+    else:
+        rows, bandwidth = measure(args)
     device = torch.cuda.get_device_name()
     stamp = datetime.datetime.now(datetime.UTC)
-    command = "python benchmarks/decode_step.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/decode_step.py " + " ".join(argv)
     text = (
         f"# Decode step time, {args.shape}{', FP8 weights' if args.quantization else ''}, "
         f"context {args.context}\n\n"
         f"- command: `{command}`\n- device: {device}\n"
         f"- date: {stamp:%Y-%m-%d %H:%M} UTC\n- copy bandwidth (read+write): {bandwidth / 1e12:.2f} TB/s\n\n"
-        "| cuda graphs | batch | step ms | HBM floor ms | floor/step | tokens/s |\n"
-        "|---|---|---|---|---|---|\n"
     )
-    for r in rows:
+    if args.fusions_off is not None:
+        text += "CUDA graphs on; each setting measured in its own process.\n\n" + fusion_table(rows)
+    else:
         text += (
-            f"| {r['cuda_graphs']} | {r['batch']} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | "
-            f"{r['of_floor']:.0%} | {r['tokens_per_s']:.0f} |\n"
+            "| cuda graphs | batch | step ms | HBM floor ms | floor/step | tokens/s |\n"
+            "|---|---|---|---|---|---|\n"
         )
+        for r in rows:
+            text += (
+                f"| {r['cuda_graphs']} | {r['batch']} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | "
+                f"{r['of_floor']:.0%} | {r['tokens_per_s']:.0f} |\n"
+            )
     print(text)
     args.out.mkdir(exist_ok=True, parents=True)
-    name = f"decode_step-{device.replace(' ', '_')}{'-fp8' if args.quantization else ''}-{stamp:%Y%m%d}"
+    name = f"decode_step-{device.replace(' ', '_')}{'-fp8' if args.quantization else ''}"
+    name += f"{'-fusions' if args.fusions_off is not None else ''}-{stamp:%Y%m%d}"
     (args.out / f"{name}.md").write_text(text)
     (args.out / f"{name}.json").write_text(
         json.dumps(

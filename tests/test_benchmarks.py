@@ -547,3 +547,18 @@ def test_versions_name_the_commit_given_for_a_tree_without_its_git(monkeypatch):
     assert _versions()["fastgen_commit"] == "0123abc"
     monkeypatch.delenv("FASTGEN_COMMIT")
     assert _versions()["fastgen_commit"] != "0123abc"  # this checkout's own HEAD (or None without git)
+
+
+def test_decode_step_fusion_settings_parse():
+    """benchmarks/decode_step.py --fusions-off (the run itself needs a GPU): settings, the default
+    batches, the table against every fusion on."""
+    import decode_step
+
+    args = decode_step.parse_args(["--fusions-off", ",gated_down,norm_linear+rotary_kv,all"])
+    assert args.fusions_off == ["", "gated_down", "norm_linear,rotary_kv", "all"]
+    assert args.batches == [1, 8] and decode_step.parse_args([]).batches == [1, 8, 32, 64, 128]
+    rows = [dict(fusions_off=setting, batch=1, step_ms=step_ms, floor_ms=4.5, of_floor=4.5 / step_ms,
+                 tokens_per_s=1e3 / step_ms) for setting, step_ms in [("", 5.0), ("all", 6.0)]]  # fmt: skip
+    table = decode_step.fusion_table(rows)
+    assert "| (none) | 1 | 5.000 | 4.500 | 90.0% | 200 | +0.0% |" in table
+    assert "| all | 1 | 6.000 | 4.500 | 75.0% | 167 | +20.0% |" in table
