@@ -153,7 +153,8 @@ def test_fp8_on_the_gpu_in_bfloat16_with_graphs(trained_path):
     params = SamplingParams(max_new_tokens=16, prompt_logprobs=1, ignore_eos=True)
 
     async def run(**options):
-        config = EngineConfig(dtype="bfloat16", device="cuda", **options)
+        # a set cache size: parallel test workers share the GPU
+        config = EngineConfig(dtype="bfloat16", device="cuda", kv_cache_bytes=1 << 28, **options)
         async with await AsyncEngine.start(trained_path, config) as engine:
             outs = [out async for out in engine.generate(text, params)]
         return outs[0].prompt_logprobs[1:], [t for out in outs for t in out.token_ids]

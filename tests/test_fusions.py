@@ -179,5 +179,5 @@ def test_gpu_greedy_tokens_equal_with_fusion_on_and_off(toy_checkpoint, case, fu
     for names in (fusion, ""):
         fusions_off(names)
         tokens[names] = engine_greedy(path, prompts, 24, token_budget=16, device="cuda",
-                                      cuda_graphs=cuda_graphs)
+                                      cuda_graphs=cuda_graphs, kv_cache_bytes=1 << 28)
     assert tokens[""] == tokens[fusion]

@@ -68,6 +68,10 @@ GPU_CASES = [
 ]
 
 
+# a set KV cache size, not a share of free memory: parallel test workers share the GPU
+KV_BYTES = 1 << 28
+
+
 @pytest.mark.parametrize("case", GPU_CASES)
 @pytest.mark.parametrize("cuda_graphs", [True, False])
 def test_float32_greedy_matches_hf_on_gpu(toy_checkpoint, case, cuda_graphs):
@@ -75,7 +79,9 @@ def test_float32_greedy_matches_hf_on_gpu(toy_checkpoint, case, cuda_graphs):
     path = toy_checkpoint(family, **overrides)
     prompts = prompts_of_mixed_lengths(384)
     expected = hf_greedy_cuda(hf_reference(path, family), prompts, 24)
-    got = engine_greedy(path, prompts, 24, token_budget=16, device="cuda", cuda_graphs=cuda_graphs)
+    got = engine_greedy(
+        path, prompts, 24, token_budget=16, device="cuda", cuda_graphs=cuda_graphs, kv_cache_bytes=KV_BYTES
+    )
     assert got == expected
 
 
@@ -149,7 +155,8 @@ def test_bfloat16_engine_serves_concurrent_sampled_and_cancelled_requests(llama_
     from fastgen import AsyncEngine
 
     async def main():
-        engine = await AsyncEngine.start(llama_path, EngineConfig(device="cuda", token_budget=64))
+        config = EngineConfig(device="cuda", token_budget=64, kv_cache_bytes=KV_BYTES)
+        engine = await AsyncEngine.start(llama_path, config)
         async with engine:
             seeded = SamplingParams(
                 max_new_tokens=20, do_sample=True, top_p=0.9, top_k=40, seed=7, ignore_eos=True

@@ -39,7 +39,9 @@ def test_serving_after_start_compiles_nothing(toy_checkpoint, kv_cache_dtype):
     rng = random.Random(7)
 
     async def run() -> int:
-        config = EngineConfig(token_budget=256, max_seqs=64, kv_cache_dtype=kv_cache_dtype)
+        config = EngineConfig(  # a set cache size: the GPU may be shared by parallel test workers
+            token_budget=256, max_seqs=64, kv_cache_dtype=kv_cache_dtype, kv_cache_bytes=1 << 30
+        )
         async with await AsyncEngine.start(path, config) as engine:
             assert engine.stats().kernel_compiles == 0
             for wave in range(6):
