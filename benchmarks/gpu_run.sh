@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_run.sh tests decode
 # phases: tests (needs the pytest-xdist and execnet wheels in .whl), enginetests, kernels, decode, profile, overhead, serving, async (batch-1 decode with
 # and without asynchronous scheduling), prefix (a closed loop with and without a shared prompt prefix),
-# fp8 (batch-1 decode and the offline run with FP8 weights), kvfp8 (the same with an FP8 KV cache,
+# fusions (issue 13: the decode step with each fused kernel turned off in turn;
+# FUSIONS_ARGS, e.g. "--shape llama3-8b"), fp8 (batch-1 decode and the offline run with FP8 weights), kvfp8 (the same with an FP8 KV cache,
 # with bf16 and with FP8 weights, and the latter at a 2048-token budget), families (batch-1 decode and
 # the offline 256 x (1200, 128) run of the smallest real shape of Falcon, OPT and Qwen v1; FAMILY_SHAPES,
 # FAMILY_TIMEOUT_S per shape), snapload (issue 18: start-up from the HF checkpoint vs its snapshot, cold and
@@ -64,10 +65,14 @@ for phase in "$@"; do
   case "$phase" in
     tests)   # GPU_TEST_WORKERS pytest-xdist processes share the GPU: Triton compiles on many cores at once
              timeout "${TESTS_TIMEOUT_S:-420}" python3 -m pytest -m gpu -q -p no:cacheprovider -n "${GPU_TEST_WORKERS:-8}" \
-               --durations=12 tests/kernels tests/test_gpu_engine.py tests/test_fp8.py tests/test_gpu_stalls.py 2>&1 \
+               --durations=12 tests/kernels tests/test_gpu_engine.py tests/test_fp8.py tests/test_gpu_stalls.py \
+               tests/test_fusions.py tests/test_fused_linears.py 2>&1 \
                | tee "$D/gpu_tests.log" | tail -40 ;;
     kernels) timeout 300 python3 benchmarks/kernel_timings.py --out "$D" ${KERNELS_ARGS:-} 2>&1 | tee "$D/kernels.log" | tail -40 ;;
     decode)  timeout 300 python3 benchmarks/decode_step.py --out "$D" 2>&1 | tee "$D/decode.log" | tail -20 ;;
+    fusions) timeout "${FUSIONS_TIMEOUT_S:-300}" python3 benchmarks/decode_step.py --graphs on \
+               --fusions-off "",gated_down,norm_linear,rotary_kv,all --out "$D" ${FUSIONS_ARGS:-} 2>&1 \
+               | tee "$D/fusions.log" | tail -24 ;;
     profile) timeout 400 python3 -m benchmarks.step_profile --out "$D/step_profile.json" 2>&1 | tee "$D/step_profile.log" | tail -80 ;;
     overhead) timeout 300 python3 -m benchmarks.host_overhead 2>&1 | tee "$D/overhead.log" | tail -70 ;;
     enginetests) timeout 300 python3 -m pytest -m gpu -q tests/test_gpu_engine.py 2>&1 | tee "$D/engine_tests.log" | tail -25 ;;
