@@ -6,8 +6,9 @@ cache. `read_verified` reads each ``chunk_bytes`` piece of the file (the pieces 
 hashes) with ``O_DIRECT`` straight into memory the data stays in: on a CPU, one page-aligned buffer
 that the tensors are views of; on a GPU, a pinned staging buffer copied to the device while the
 next pieces are read. A piece already in the page cache (``mincore`` says so) is copied from there
-instead, which is faster than the disk. Where the file system refuses ``O_DIRECT``, or the pieces
-are not aligned to its blocks, pieces are read through the page cache.
+instead, which is faster than the disk; on a CPU, a file wholly in the cache is mapped, not
+copied. Where the file system refuses ``O_DIRECT``, or the pieces are not aligned to its blocks,
+pieces are read through the page cache.
 
 Reading and hashing are separate stages: a few I/O threads keep reads in flight, in file order,
 and hand each piece to a pool of hashing threads (SHA-256 is CPU-bound, about 1 GB/s a core), so
@@ -94,6 +95,8 @@ def read_verified(
         if staged:
             buffers = min(len(pieces), STAGING_BUFFERS)
             sink = _StagedSink(device, size - data_start, data_start, _round_up(chunk), buffers)
+        elif _is_resident(resident, 0, size):
+            sink = _MappedSink(source.buffered, size, data_start)  # no copy of what the cache holds
         else:
             sink = _HostSink(size, data_start)
         stats = _run_pipeline(path, expected, pieces, source, sink, resident, hash_threads)
@@ -219,6 +222,8 @@ class _Slot:
 
 
 class _Sink:
+    reads = True  # whether pieces are read into the slots (a mapped file's are there already)
+
     def take(self, start: int, end: int) -> _Slot:
         raise NotImplementedError
 
@@ -241,9 +246,8 @@ class _HostSink(_Sink):
 
         self.size, self.data_start = size, data_start
         length = max(_round_up(size), ALIGN_BYTES)
+        # (no MADV_HUGEPAGE: where the kernel compacts memory for it, faults stall for seconds)
         self.memory = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            self.memory.madvise(mmap.MADV_HUGEPAGE)  # fewer page faults as reads fill it
         self.view = memoryview(self.memory)
         self.whole = torch.frombuffer(self.memory, dtype=torch.uint8)  # keeps the mapping alive
 
@@ -252,6 +256,29 @@ class _HostSink(_Sink):
 
     def result(self) -> torch.Tensor:
         return self.whole[self.data_start : self.size]
+
+
+class _MappedSink(_Sink):
+    """A file wholly in the page cache, mapped privately: the tensors are views of the cache's
+    pages (a write would copy a page; none happens), so nothing is read or copied, only hashed.
+    (Pages the kernel drops are read again from the same file later: fastgen never rewrites a
+    snapshot's files in place, a new snapshot is a new directory renamed into place.)"""
+
+    reads = False
+
+    def __init__(self, descriptor: int, size: int, data_start: int):
+        import torch
+
+        protection = mmap.PROT_READ | mmap.PROT_WRITE  # torch wants writable buffers
+        self.memory = mmap.mmap(descriptor, size, flags=mmap.MAP_PRIVATE, prot=protection)
+        self.view = memoryview(self.memory)
+        self.data = torch.frombuffer(self.memory, dtype=torch.uint8)[data_start:]
+
+    def take(self, start: int, end: int) -> _Slot:
+        return _Slot(self.view[start:end])
+
+    def result(self) -> torch.Tensor:
+        return self.data
 
 
 class _StagedSink(_Sink):
@@ -355,10 +382,10 @@ def _run_pipeline(
             if failed.is_set():
                 sink.release(slot)
                 return None
-            cached = _is_resident(resident, start, end)
+            cached = not sink.reads or _is_resident(resident, start, end)
             wants_direct = source.direct is not None and not cached
             target = slot.target if wants_direct else slot.target[: end - start]
-            direct = source.read(target, start, end - start, wants_direct)
+            direct = sink.reads and source.read(target, start, end - start, wants_direct)
             sink.landed(slot, start, end)
         except BaseException:
             sink.release(slot)
