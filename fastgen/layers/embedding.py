@@ -10,6 +10,10 @@ from torch import nn
 from .linear import copy_checked, linear, load_full
 from .parallel import SINGLE, TensorParallel
 
+# oneDNN's matmul, where this torch was built with it (the op torch's compiler emits for float32
+# linears on the CPU)
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
 
 class VocabParallelEmbedding(nn.Module):
     """Embedding table whose rows (vocabulary) are split across ranks; the last shard is padded.
@@ -65,9 +69,30 @@ class LMHead(nn.Module):
             self.bias.weight_loader = embedding._load
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.weight, self.bias)
+        logits = vocab_projection(hidden, self.weight, self.bias)
         logits = self.tp.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]
+
+
+def vocab_projection(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``hidden @ weight.T + bias``, the LM head's product (`linear`), with the weight in its one
+    layout ``[vocab, hidden]`` (the embedding's when tied).
+
+    On the CPU in float32 at decode batch sizes (up to 32 rows), torch's default GEMM (MKL) reads
+    a weight of this shape (tens of thousands of short rows) far slower than memory allows, and two
+    other calls of the same product read it faster (benchmarks/results/cpu_generate-2026-12-06.md):
+    ``weight @ hidden.T`` for 2 to 4 rows, oneDNN's matmul for other row counts. They sum in
+    another order, so logits agree to float32 rounding."""
+    rows = hidden.shape[0]
+    cpu_float32 = hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32
+    if not cpu_float32 or hidden.dim() != 2 or rows > 32:
+        return linear(hidden, weight, bias)
+    if 2 <= rows <= 4:
+        logits = torch.mm(weight, hidden.t()).t().contiguous()
+        return logits if bias is None else logits + bias
+    if _ONEDNN_LINEAR:
+        return torch.ops.mkldnn._linear_pointwise(hidden, weight, bias, "none", [], "")
+    return linear(hidden, weight, bias)
 
 
 class PositionEmbedding(nn.Module):
