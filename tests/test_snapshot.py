@@ -153,6 +153,16 @@ def test_engine_answers_as_from_the_source(toy_checkpoint, tmp_path, options):
     assert len({text for _, text in expected}) == len(PROMPTS)  # real, distinct answers
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [{}, {"quantization": "fp8"}], ids=["bf16", "fp8"])
+def test_gpu_engine_answers_as_from_the_source(toy_checkpoint, tmp_path, options):
+    """The snapshot read on a GPU (pinned staging buffers, a copy stream) serves as the source."""
+    options = {**options, "dtype": "bfloat16", "device": "cuda"}
+    source = toy_checkpoint("llama", train_steps=200, seed=3)
+    path = snapshot_of(source, tmp_path / "snap", **options)
+    assert greedy(path, PROMPTS, **options) == greedy(source, PROMPTS, **options)
+
+
 def test_tensor_parallel_engine_answers_as_from_the_source(toy_checkpoint, tmp_path):
     """Two worker processes (gloo), each reading its own rank's file; bf16 with FP8 weights (the
     float32 ranks hold the source's weights bit for bit: test_each_rank_file_holds_that_ranks_shard)."""
