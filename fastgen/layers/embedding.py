@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .linear import copy_checked, linear, load_full
+from .linear import copy_checked, cpu_few_rows, linear, load_full
 from .parallel import SINGLE, TensorParallel
 
 # oneDNN's matmul, where this torch was built with it (the op torch's compiler emits for float32
@@ -75,22 +75,17 @@ class LMHead(nn.Module):
 
 
 def vocab_projection(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``hidden @ weight.T + bias``, the LM head's product (`linear`), with the weight in its one
-    layout ``[vocab, hidden]`` (the embedding's when tied).
+    """``hidden @ weight.T + bias``, the LM head's product, with the weight in its one layout
+    ``[vocab, hidden]`` (the embedding's when tied).
 
     On the CPU in float32 at decode batch sizes (up to 32 rows), torch's default GEMM (MKL) reads
-    a weight of this shape (tens of thousands of short rows) far slower than memory allows, and two
-    other calls of the same product read it faster (benchmarks/results/cpu_generate-2026-12-06.md):
-    ``weight @ hidden.T`` for 2 to 4 rows, oneDNN's matmul for other row counts. They sum in
-    another order, so logits agree to float32 rounding."""
-    rows = hidden.shape[0]
+    a weight of this shape (tens of thousands of short rows) far slower than memory allows. `linear`
+    asks it for ``weight @ hidden.T`` at 2 to 4 rows (`cpu_few_rows`), which reads it fastest there;
+    at the other row counts oneDNN's matmul is faster (benchmarks/results/cpu_generate-2026-12-06.md).
+    Both sum in another order than F.linear, so logits agree to float32 rounding."""
     cpu_float32 = hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32
-    if not cpu_float32 or hidden.dim() != 2 or rows > 32:
-        return linear(hidden, weight, bias)
-    if 2 <= rows <= 4:
-        logits = torch.mm(weight, hidden.t()).t().contiguous()
-        return logits if bias is None else logits + bias
-    if _ONEDNN_LINEAR:
+    decode_sized = hidden.dim() == 2 and hidden.shape[0] <= 32 and not cpu_few_rows(hidden, weight)
+    if _ONEDNN_LINEAR and cpu_float32 and decode_sized:
         return torch.ops.mkldnn._linear_pointwise(hidden, weight, bias, "none", [], "")
     return linear(hidden, weight, bias)
 

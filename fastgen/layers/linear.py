@@ -61,7 +61,24 @@ def linear(
         return kernels.linear_small_batch(x, weight, bias, weight_scale=weight_scale)
     if weight_scale is not None:
         return fp8_linear(x, weight, weight_scale, bias)
+    if cpu_few_rows(x, weight):
+        # MKL's GEMM reads the weight at up to twice the speed when asked for weight @ x.T at these
+        # sizes (benchmarks/results/cpu_generate-2026-12-06.md); the same product summed in
+        # another order
+        out = torch.mm(weight, x.t()).t().contiguous()
+        return out if bias is None else out + bias
     return nn.functional.linear(x, weight, bias)
+
+
+def cpu_few_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` computes ``x @ weight.T`` as ``(weight @ x.T).T``: float32 on the CPU, 2 to
+    4 rows (decodes of a small batch)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.dim() == 2
+        and 2 <= x.shape[0] <= 4
+    )
 
 
 def loaded_shape(loaded: Any) -> tuple[int, ...]:

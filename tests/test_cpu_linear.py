@@ -1,5 +1,6 @@
-"""The LM head's product on the CPU (`vocab_projection`): the paths it takes at decode batch sizes
-give `linear`'s logits to float32 rounding, with and without a bias, and keep one weight."""
+"""Linear products on the CPU in float32: `linear` at a few rows (`cpu_few_rows`) and the LM head's
+`vocab_projection` at decode batch sizes give F.linear's outputs to float32 rounding, with and
+without a bias; the tied head keeps one weight."""
 
 from __future__ import annotations
 
@@ -7,7 +8,19 @@ import pytest
 import torch
 
 from fastgen.layers.embedding import LMHead, VocabParallelEmbedding, vocab_projection
-from fastgen.layers.linear import linear
+from fastgen.layers.linear import cpu_few_rows, linear
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_at_few_rows_equals_f_linear(rows, with_bias) -> None:
+    torch.manual_seed(rows)
+    weight, hidden = torch.randn(300, 64), torch.randn(rows, 64)
+    bias = torch.randn(300) if with_bias else None
+    assert cpu_few_rows(hidden, weight) == (2 <= rows <= 4)
+    out = linear(hidden, weight, bias)
+    assert out.shape == (rows, 300) and out.is_contiguous()
+    torch.testing.assert_close(out, torch.nn.functional.linear(hidden, weight, bias), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16, 32, 33])
@@ -20,7 +33,8 @@ def test_vocab_projection_equals_linear(rows, with_bias) -> None:
     with torch.inference_mode():
         logits = vocab_projection(hidden, weight, bias)
     assert logits.shape == (rows, 1000) and logits.is_contiguous()
-    torch.testing.assert_close(logits, linear(hidden, weight, bias), atol=1e-4, rtol=1e-5)
+    expected = torch.nn.functional.linear(hidden, weight, bias)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-5)
 
 
 def test_other_dtypes_take_linear() -> None:
