@@ -2,8 +2,10 @@
 batched CPU path besides, see ``attention.paged_attention``).
 
 ``FASTGEN_KERNELS=reference`` forces the reference everywhere (debugging on a GPU).
-``FASTGEN_FUSIONS_OFF`` turns fused kernels off by name (a comma list, or ``all``) so that a
-benchmark can measure each fusion against the separate kernels it replaces.
+``FASTGEN_FUSIONS_OFF`` turns fused kernels off by name (a comma list, or ``all``; empty: none off)
+so that a benchmark can measure each fusion against the separate kernels it replaces. Unset, it
+means ``all``: the fused kernels stay off by default until their GPU tests pass
+(benchmarks/NOTES-kernels.md, "Fusions").
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def use_triton(tensor: torch.Tensor) -> bool:
 
 @functools.cache
 def _fusions_off() -> frozenset[str]:
-    names = os.environ.get("FASTGEN_FUSIONS_OFF", "").lower().replace(" ", "")
+    names = os.environ.get("FASTGEN_FUSIONS_OFF", "all").lower().replace(" ", "")
     return frozenset(name for name in names.split(",") if name)
 
 
