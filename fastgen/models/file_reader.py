@@ -3,12 +3,13 @@
 A cold read through the page cache (page faults on a mapping, or ``read`` with the kernel's
 readahead) gets a fraction of what the disk gives, and copies everything once more through the
 cache. `read_verified` reads each ``chunk_bytes`` piece of the file (the pieces its `FileDigest`
-hashes) with ``O_DIRECT`` straight into memory the data stays in: on a CPU, one page-aligned buffer
-that the tensors are views of; on a GPU, a pinned staging buffer copied to the device while the
-next pieces are read. A piece already in the page cache (``mincore`` says so) is copied from there
-instead, which is faster than the disk; on a CPU, a file wholly in the cache is mapped, not
-copied. Where the file system refuses ``O_DIRECT``, or the pieces are not aligned to its blocks,
-pieces are read through the page cache.
+hashes) with ``O_DIRECT`` straight into memory the data stays in: one page-aligned host buffer
+that the tensors are views of, copied to a GPU in one go when the tensors go there; or, with
+``staged=True``, pinned staging buffers copied to the device while the next pieces are read (not
+the default until its GPU test passes on a GPU). A piece already in the page cache (``mincore``
+says so) is copied from there instead, which is faster than the disk; a file wholly in the cache
+is mapped, not copied. Where the file system refuses ``O_DIRECT``, or the pieces are not aligned
+to its blocks, pieces are read through the page cache.
 
 Reading and hashing are separate stages: a few I/O threads keep reads in flight, in file order,
 and hand each piece to a pool of hashing threads (SHA-256 is CPU-bound, about 1 GB/s a core), so
@@ -70,20 +71,20 @@ def read_verified(
     data_start: int,
     hash_threads: int | None = None,
     direct: bool = True,
-    staged: bool | None = None,
+    staged: bool = False,
 ) -> tuple[torch.Tensor, ReadStats]:
     """Bytes ``data_start`` to the end of the file at ``path`` as one uint8 tensor on ``device``,
     once every piece of the file matches ``expected`` (`DamagedFileError` otherwise).
 
-    ``direct=False`` reads through the page cache only. ``staged`` (default: on any device but
-    the CPU) reads through staging buffers and copies them to ``device``; on the CPU the file is
-    read into the returned tensor's own memory."""
+    ``direct=False`` reads through the page cache only. ``staged`` reads through staging buffers
+    and copies them to ``device``; otherwise the file is read into host memory (the returned
+    tensor's own on the CPU), then copied to ``device`` whole."""
     size = expected.size
     chunk = expected.chunk_bytes
     pieces = [(start, min(start + chunk, size)) for start in range(0, size, chunk)]
     if len(pieces) != len(expected.chunks):
         raise DamagedFileError(f"{path}: {len(pieces)} pieces where {len(expected.chunks)} were hashed")
-    staged = device.type != "cpu" if staged is None else staged
+    staged = bool(staged)
     hash_threads = hash_threads or max(1, min(16, len(os.sched_getaffinity(0))))
     refused = "" if direct else "O_DIRECT not asked for"
     if direct and chunk % ALIGN_BYTES:  # a piece's aligned reads would overlap its neighbours'
@@ -101,7 +102,8 @@ def read_verified(
             sink = _HostSink(size, data_start)
         stats = _run_pipeline(path, expected, pieces, source, sink, resident, hash_threads)
         stats.direct_refused = source.refused
-        return sink.result(), stats
+        data = sink.result()
+        return (data if staged or device.type == "cpu" else data.to(device)), stats
     finally:
         source.close()
 

@@ -211,14 +211,14 @@ def load_tensors(
     *,
     workers: int | None = None,
     direct: bool = True,
-    staged: bool | None = None,
+    staged: bool = False,
 ) -> LoadedTensors:
     """The tensors of the safetensors file at ``path`` on ``device``, each a view of one buffer
     that holds the file's data, once every piece of the file is checked against ``expected``
     (`fastgen.models.file_reader.read_verified`: O_DIRECT unless ``direct=False`` or refused,
-    pieces already in the page cache copied from it, ``workers`` hashing threads). On a CPU the
-    buffer is the process's own memory, read into directly; elsewhere (or with ``staged``) pieces
-    go through staging buffers to the device."""
+    pieces already in the page cache copied from it, ``workers`` hashing threads). The buffer is
+    host memory, read into directly, and copied whole to another ``device``; with ``staged``,
+    pieces go through staging buffers to the device instead."""
     from .file_reader import read_verified
 
     size = _check_size(path, expected)

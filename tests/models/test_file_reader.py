@@ -211,20 +211,21 @@ def test_a_damaged_piece_is_refused_wherever_it_lies(written, piece, staged):
 
 
 @pytest.mark.gpu
-def test_gpu_reads_through_pinned_staging_buffers(written):
-    """On a GPU the pieces go through pinned staging buffers and a copy stream: cold (O_DIRECT
-    where allowed), warm and plain reads give the same tensors on the device."""
+@pytest.mark.parametrize("staged", [False, True], ids=["host", "staged"])
+def test_gpu_reads_give_the_files_tensors_on_the_device(written, staged):
+    """Onto a GPU, through host memory and one copy or through pinned staging buffers and a copy
+    stream: cold (O_DIRECT where allowed), warm and plain reads give the file's tensors."""
     path, digest, tensors = written
     cuda = torch.device("cuda")
     evict(path)
-    cold = load_tensors(path, digest, cuda, workers=2)
+    cold = load_tensors(path, digest, cuda, workers=2, staged=staged)
     assert all(tensor.device.type == "cuda" for tensor in cold.tensors.values())
     assert_same({name: tensor.cpu() for name, tensor in cold.tensors.items()}, tensors)
     if direct_allowed(path):
         assert cold.stats.direct_bytes == digest.size
     warm(path)
-    cached = load_tensors(path, digest, cuda, workers=2)
+    cached = load_tensors(path, digest, cuda, workers=2, staged=staged)
     assert_same({name: tensor.cpu() for name, tensor in cached.tensors.items()}, tensors)
     evict(path)
-    plain = load_tensors(path, digest, cuda, direct=False, workers=1)
+    plain = load_tensors(path, digest, cuda, direct=False, workers=1, staged=staged)
     assert_same({name: tensor.cpu() for name, tensor in plain.tensors.items()}, tensors)
