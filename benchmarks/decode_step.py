@@ -201,7 +201,10 @@ def measure_fusions(args: argparse.Namespace, argv: list[str]) -> tuple[list[dic
     with tempfile.TemporaryDirectory() as tmp:
         for index, setting in enumerate(args.fusions_off):
             rows_path = Path(tmp) / f"rows-{index}.json"
-            command = [sys.executable, __file__, *child_argv, "--graphs", "on", "--rows-to", str(rows_path)]
+            # the batches chosen here (a repeated option's last value wins): the child's default differs
+            batches = ["--batches", *map(str, args.batches)]
+            command = [sys.executable, __file__, *child_argv, *batches, "--graphs", "on"]
+            command += ["--rows-to", str(rows_path)]
             print(f"FASTGEN_FUSIONS_OFF={setting!r}: {' '.join(command)}", flush=True)
             subprocess.run(command, env={**os.environ, "FASTGEN_FUSIONS_OFF": setting}, check=True)
             measured = json.loads(rows_path.read_text())
