@@ -7,13 +7,18 @@ them (its ``Prologue``).
 - :func:`rms_norm_linear` (the ``norm_linear`` fusion): ``linear_small_batch(rms_norm(x, w, eps,
   residual), weight)``, a pre-norm block's first projection reading the residual stream. Every
   program computes the rows' sums of squares over all of K (x is a few KB, read from L2) with the
-  norm kernel's own fixed-order sum; program (0, 0) writes the new residual ``x + residual`` into
+  norm kernel's own helper; program (0, 0) writes the new residual ``x + residual`` into
   ``residual_out``, a separate buffer (other programs still read ``residual``).
 
-Each is exact: the fused kernel computes the activations with the unfused kernels' own helpers
-(``activation._silu_mul``, ``norm._rms_rstd`` / ``_rms_scale``), rounding them to the activation
-dtype in registers where the unfused kernels round them in memory, so its output equals the
-unfused kernels' bit for bit. The references compose the ops' references. The dispatching
+The fused kernel computes the activations with the unfused kernels' own helpers
+(``activation._silu_mul``, ``norm._add_residual`` / ``_rms_rstd`` / ``_rms_scale``), rounding them
+to the activation dtype in registers where the unfused kernels round them in memory.
+``silu_and_mul_linear`` is exact: its output equals the unfused kernels' bit for bit (same launch
+config). ``rms_norm_linear``'s new residual is exact too, but its RMS statistic is a ``tl.sum``
+whose order of additions follows the kernel's layout (block shape, warps), unlike the norm kernel's,
+so it may differ in its last float32 bit; where that moves a normalized activation across a
+rounding boundary, the activation differs by one half-precision ulp and the output by a few ulps
+(the tests bound it). The references compose the ops' references. The dispatching
 functions take the fused kernel on CUDA when it applies, else the unfused kernels (the reference
 on CPU); the layers choose fused or not by ``fusion_enabled`` (``FASTGEN_FUSIONS_OFF``).
 """

@@ -86,7 +86,8 @@ def _rms_rows(
     BLOCK_M: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROW_BLOCK: tl.constexpr,
 ):
     """Fused RMSNorm prologue: [BLOCK_M] reciprocal RMS of the rows of ``x (+ residual)`` over all
-    of K, each row summed by the norm kernel's own helper (the same bits). The new residual rows
+    of K, each row by the norm kernel's own helper (its ``tl.sum`` adds in this kernel's layout's
+    order, so the last float32 bit may differ from the norm kernel's). The new residual rows
     are stored up to column ``residual_cols``: K in one program, 0 in the others."""
     offs_m = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, ROW_BLOCK)
@@ -429,7 +430,7 @@ def linear_small_batch_with_config(
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
         ATOMIC=atomic, USE_DOT=config.use_dot, HAS_BIAS=bias is not None, HAS_SCALE=weight_scale is not None,
         PROLOGUE=prologue.kind, HAS_RESIDUAL=prologue.residual is not None,
-        ROW_BLOCK=max(2, triton.next_power_of_2(k)) if prologue.kind == "rms_norm" else 1,
+        ROW_BLOCK=triton.next_power_of_2(k) if prologue.kind == "rms_norm" else 1,
         EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", NUM_STAGES=config.num_stages,
         num_warps=config.num_warps, num_stages=config.num_stages,

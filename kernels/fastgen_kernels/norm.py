@@ -9,10 +9,12 @@ that tensor (as vLLM's fused add-norm does) when ``residual`` is contiguous and 
 otherwise it returns a new tensor. Either way the returned values equal the reference's; callers
 must use the returned residual and not read the old one afterwards. ``x`` is never modified.
 
-The RMS statistic is a sum of squares in a fixed order (:func:`_sum_of_squares`, a pairwise tree
-written out in the program rather than ``tl.sum``, whose order follows the compiler's layout), so
-that the small-batch linear's fused RMSNorm prologue (``gemv.rms_norm_linear``) computes the very
-same bits with its own block shape and warp count.
+The RMS statistic is ``tl.sum`` of the squares, whose order of additions follows the compiler's
+layout (block size, warp count). The small-batch linear's fused RMSNorm prologue
+(``fused_linear.rms_norm_linear``) takes it with the same helper (:func:`_rms_rstd`) but its own
+block shape and warps, so its statistic may differ from this kernel's in the last float32 bits and
+a normalized value rounded to half precision by one unit in the last place: the fused and unfused
+results agree to within a few half-precision ulps, not bit for bit.
 """
 
 from __future__ import annotations
@@ -58,23 +60,9 @@ def layer_norm_reference(
 
 
 @triton.jit
-def _sum_of_squares(values):
-    """Sum of squares of a 1-D float32 block (a power of two >= 2), padded with zeros: squares of
-    adjacent pairs (one fma), then adjacent partial sums, up to the total. The order is the
-    program's, not the layout's, so every kernel calling this on the same row agrees bit for bit."""
-    even, odd = tl.split(tl.reshape(values, [values.shape[0] // 2, 2]))
-    total = tl.fma(even, even, odd * odd)  # one rounding, whatever the compiler would contract
-    for _ in tl.static_range(24):
-        if total.shape[0] > 1:
-            left, right = tl.split(tl.reshape(total, [total.shape[0] // 2, 2]))
-            total = left + right
-    return tl.sum(total, axis=0)  # a single element
-
-
-@triton.jit
 def _rms_rstd(hidden, width, eps):
     """1 / sqrt(mean(hidden ** 2) + eps) of one zero-padded row (float32, ``width`` valid)."""
-    return 1.0 / tl.sqrt(_sum_of_squares(hidden) / width + eps)
+    return 1.0 / tl.sqrt(tl.sum(hidden * hidden, axis=0) / width + eps)
 
 
 @triton.jit
@@ -147,7 +135,7 @@ def _norm_triton(
             residual_rows = residual_rows.contiguous()
     residual_out_rows = residual_rows if residual_out is None else residual_out.view(-1, width)
     if rows.shape[0] > 0:
-        block = max(2, triton.next_power_of_2(width))  # _sum_of_squares takes pairs
+        block = triton.next_power_of_2(width)
         num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
         _norm_kernel[(rows.shape[0],)](
             rows, residual_rows, residual_out_rows, weight, weight if bias is None else bias,

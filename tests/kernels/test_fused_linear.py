@@ -1,13 +1,17 @@
 """Fused small-batch linears (``gated_down``, ``norm_linear``) against the unfused kernels.
 
 The fused kernel computes its activations with the unfused kernels' own helpers and rounds them as
-they do, so its outputs must equal ``silu_and_mul`` then the small-batch linear (or ``rms_norm``
-then the linear) **bit for bit** with the same launch config. On CPU both run under Triton's
-interpreter (float32, float16; FP8 weights with float16 activations) at ragged shapes, through
-both multiply paths and all three ways to finish; the interpreter runs programs one after the
-other, so even the atomic split-K sums in the same order. The ``gpu`` tests run bf16 at
-Llama-2-7B's shapes: bitwise with the deterministic split-K (two launches), and within float32
-rounding with the float32 atomics, whose order of arrival changes from run to run.
+they do. ``gated_down`` must equal ``silu_and_mul`` then the small-batch linear **bit for bit** with
+the same launch config. ``norm_linear``'s new residual must too, but its RMS statistic is a
+``tl.sum`` in the GEMV's layout where the norm kernel's is one in its own, so the two may differ in
+the last float32 bits: its output, the unfused kernels' and the reference composition's must each
+lie in the envelope that :func:`norm_linear_envelope` derives (a few half-precision ulps). On CPU
+the kernels run under Triton's interpreter (float32, float16; FP8 weights with float16
+activations) at ragged shapes, through both multiply paths and all three ways to finish; the
+interpreter runs programs one after the other, so even the atomic split-K sums in the same order.
+The ``gpu`` tests run bf16 at Llama-2-7B's shapes: ``gated_down`` bitwise with the deterministic
+split-K (two launches) and within float32 rounding with the float32 atomics, whose order of arrival
+changes from run to run; ``norm_linear`` in its envelope either way.
 """
 
 from __future__ import annotations
@@ -31,6 +35,68 @@ def assert_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     assert not actual.isnan().any(), "an output element was not written"
     assert torch.equal(actual, expected), f"max difference {(actual.float() - expected.float()).abs().max()}"
+
+
+# Relative distance from the exact 1 / sqrt(mean(h ** 2) + eps) within which any float32 rstd of
+# the kernels or the reference lies: a float32 sum of non-negative squares whose longest chain of
+# additions is c is within (c + 1) * 2**-24 of the exact sum; tl.sum chains at most
+# BLOCK / (32 * num_warps) <= 64 additions in a thread and then a tree of at most 10 levels, torch's
+# reductions (the reference) a few hundred at most, and the division, sqrt and reciprocal round 3
+# more times: under 2**-16 (in practice a few 2**-24), taken with a margin of 2.
+RSTD_SLACK = 2.0**-15
+
+
+def norm_linear_envelope(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(center, radius), float64 [M, N]: where ``linear(rms_norm(x (+ residual)), weight) + bias``
+    lies when computed as the kernels and the reference do, whatever the order of the float32 sums.
+
+    - The activations ``a = round(w * round(h * rstd))`` (round: to x's dtype, after a float32
+      product) are monotone in rstd, so with rstd anywhere in ``exact * (1 +- RSTD_SLACK)`` each
+      lies between its values at the two ends, ``a_lo`` and ``a_hi``: equal for most; one ulp apart
+      where ``h * rstd`` is near a rounding boundary (float32 activations: ~2 * RSTD_SLACK apart).
+    - The exact sums over any such activations lie within ``|W| @ (a_hi - a_lo) / 2`` of
+      ``W @ (a_lo + a_hi) / 2 + bias`` (W with the FP8 scale applied).
+    - A float32 dot product of K terms is within ``K * 2**-24 * (|W| @ |a|)`` of its exact value
+      (any order); 16 more roundings cover split-K's partial sums, the FP8 scale and the bias, and
+      the factor 2 the tensor cores' truncating accumulation.
+
+    The rounding of the output to x's dtype is added by :func:`assert_in_envelope`."""
+    hidden = x if residual is None else (x.float() + residual.float()).to(x.dtype)
+    exact = torch.rsqrt(hidden.double().pow(2).mean(-1, keepdim=True) + eps)
+    ends = []
+    for rstd in (exact * (1 - RSTD_SLACK), exact * (1 + RSTD_SLACK)):
+        normed = (hidden.float() * rstd.float()).to(x.dtype)
+        ends.append((norm_weight.float() * normed.float()).to(x.dtype).double())
+    low, high = torch.minimum(*ends), torch.maximum(*ends)
+    full = weight.double() if scale is None else weight.double() * scale.double().reshape(-1, 1)
+    bias64 = full.new_zeros(full.shape[0]) if bias is None else bias.double()
+    center = (low + high) / 2 @ full.T + bias64
+    spread = (high - low) / 2 @ full.abs().T
+    magnitude = torch.maximum(low.abs(), high.abs()) @ full.abs().T + bias64.abs()
+    return center, spread + 2 * (x.shape[-1] + 16) * 2.0**-24 * magnitude
+
+
+def assert_in_envelope(actual: torch.Tensor, envelope: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """``actual`` (x's dtype) within the envelope's radius of its center, plus half an ulp of
+    ``actual`` for its own rounding (half the smallest subnormal below the normal range)."""
+    center, radius = envelope
+    assert not actual.isnan().any(), "an output element was not written"
+    info = torch.finfo(actual.dtype)
+    value = actual.double().reshape(center.shape)
+    rounding = torch.clamp(info.eps * value.abs(), min=info.eps * info.smallest_normal) / 2
+    excess = (value - center).abs() - (radius + rounding)
+    assert (excess <= 0).all(), (
+        f"{int((excess > 0).sum())} outputs outside the envelope, by up to {excess.max():.3g} "
+        f"(radius up to {radius.max():.3g}, max |difference| {(value - center).abs().max():.3g})"
+    )
 
 
 def make_weight(n: int, k: int, dtype: torch.dtype, device, fp8: bool):
@@ -81,7 +147,7 @@ def test_silu_and_mul_linear_equals_unfused(m, use_dot, finish, dtype, fp8, devi
 @pytest.mark.parametrize(("dtype", "fp8", "m"), CASES)
 @pytest.mark.parametrize("finish", FINISH)
 @pytest.mark.parametrize("use_dot", [False, True], ids=["fma", "dot"])
-def test_rms_norm_linear_equals_unfused(m, use_dot, finish, dtype, fp8, device, seed) -> None:
+def test_rms_norm_linear_matches_unfused(m, use_dot, finish, dtype, fp8, device, seed) -> None:
     config = make_config(finish, use_dot, fp8)
     for (n, k, with_bias), with_residual in zip(shapes_for(m), (True, False)):
         x = torch.randn(m, k, dtype=dtype, device=device)
@@ -104,14 +170,17 @@ def test_rms_norm_linear_equals_unfused(m, use_dot, finish, dtype, fp8, device, 
         else:
             y = fused
         assert torch.equal(x, x_before)
-        assert_equal(y, gemv.linear_small_batch_with_config(normed, weight, bias, None, config, scale))
+        envelope = norm_linear_envelope(x, norm_weight, EPS, weight, bias, residual, scale)
+        assert_in_envelope(y, envelope)
+        unfused = gemv.linear_small_batch_with_config(normed, weight, bias, None, config, scale)
+        assert_in_envelope(unfused, envelope)
         expected = fused_linear.rms_norm_linear_reference(x, norm_weight, EPS, weight, bias, residual, scale)
-        assert_close(y, expected if residual is None else expected[0])
+        assert_in_envelope(expected if residual is None else expected[0], envelope)
     assert_atomic_workspaces_clean()
 
 
-def test_norm_kernel_sum_is_padding_independent(device, seed) -> None:
-    """Rows of 1 and 3 columns (the fixed-order sum takes pairs: blocks of at least 2)."""
+def test_norm_kernel_narrow_rows(device, seed) -> None:
+    """Rows of 1 and 3 columns (blocks of 1 and 4)."""
     for width in (1, 3):
         x = torch.randn(4, width, device=device)
         weight = torch.randn(width, device=device)
@@ -134,12 +203,14 @@ def test_shape_rule_and_dispatch(device, seed) -> None:
         fused_y, fused_residual = fused_linear.rms_norm_linear_triton(
             x, norm_weight, EPS, weight, None, residual
         )
+        envelope = norm_linear_envelope(x, norm_weight, EPS, weight, None, residual)
+        assert_in_envelope(fused_y, envelope)
         assert_close(fused_y, y)
         assert torch.equal(fused_residual, new_residual)
         residual_out = torch.empty_like(x)
         public = rms_norm_linear(x, norm_weight, EPS, weight, None, residual, residual_out=residual_out)
         assert public[1] is residual_out and torch.equal(residual_out, new_residual)
-        assert_close(public[0], y)
+        assert_in_envelope(public[0], envelope)
     assert_atomic_workspaces_clean()
 
 
@@ -204,20 +275,24 @@ def test_llama2_7b_norm_linear(name, fp8, seed) -> None:
         x, residual = torch.randn(2, m, k, dtype=torch.bfloat16, device="cuda")
         config = gemv.choose_config_for(m, weight, x.device)
         normed, expected_residual = norm.rms_norm_triton(x, norm_weight, EPS, residual.clone())
+        envelope = norm_linear_envelope(x, norm_weight, EPS, weight, None, residual, scale)
         for deterministic in (True, False):
             launch = dataclasses.replace(config, atomic_reduce=False) if deterministic else config
             y, new_residual = fused_linear.rms_norm_linear_triton(
                 x, norm_weight, EPS, weight, None, residual, scale, None, launch
             )
             assert_equal(new_residual, expected_residual)
-            unfused = gemv.linear_small_batch_with_config(normed, weight, None, None, launch, scale)
-            (assert_equal if deterministic or config.split_k == 1 else assert_close)(y, unfused)
+            # the fused RMS adds in the GEMV's order, the norm kernel's in its own: an envelope
+            assert_in_envelope(y, envelope)
+            assert_in_envelope(gemv.linear_small_batch_with_config(normed, weight, None, None, launch, scale),
+                               envelope)
     assert_atomic_workspaces_clean()
 
 
 @pytest.mark.gpu
 def test_fused_cuda_graph_replay(seed) -> None:
-    """Both fusions captured in a graph replay on new inputs like the unfused kernels."""
+    """Both fusions captured in a graph replay on new inputs: gated_down equal to the unfused kernels,
+    norm_linear (and the unfused norm and linear) in its envelope, its new residual equal."""
     k, n = 4096, 4096
     weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
     down = torch.randn(n, 11008, dtype=torch.bfloat16, device="cuda") * 0.02
@@ -250,7 +325,9 @@ def test_fused_cuda_graph_replay(seed) -> None:
             tensor.copy_(torch.randn_like(tensor))
         graph.replay()
         normed, new_residual = norm.rms_norm_triton(x, norm_weight, EPS, residual.clone())
-        assert_equal(outs[0], gemv.linear_small_batch_with_config(normed, weight, None, None, config))
+        envelope = norm_linear_envelope(x, norm_weight, EPS, weight, None, residual)
+        assert_in_envelope(outs[0], envelope)
+        assert_in_envelope(gemv.linear_small_batch_with_config(normed, weight, None, None, config), envelope)
         assert_equal(outs[1], new_residual)
         activations = silu_and_mul_triton(gate_up)
         assert_equal(outs[2], gemv.linear_small_batch_with_config(activations, down, None, None, down_config))
