@@ -1,6 +1,8 @@
 """The fused small-batch linears in the model (``gated_down``: SiLU-and-mul folded into the down
-projection; ``norm_linear``: a pre-norm RMSNorm folded into the next projection): a step gives the
-same logits, to the bit, with the fusions on and off.
+projection; ``norm_linear``: a pre-norm RMSNorm folded into the next projection): with
+``gated_down`` on a step gives the same logits, to the bit, as with the fusions off; with
+``norm_linear`` on too, the same logits to within :data:`LOGIT_ULPS` ulps of the model dtype at the
+step's largest logit (the comment at ``LOGIT_ULPS`` says why).
 
 The model takes them where the small-batch kernel runs: half-precision decode rows on CUDA. On the
 CPU the test moves that rule onto CPU tensors and runs the norm, activation and linear kernels in
@@ -40,6 +42,27 @@ EXPECTED_CALLS = {  # per layer and decode step: (silu_and_mul_linear, rms_norm_
     "gemma-geglu-mqa-offset-norms-scaled-embeddings": (0, 2),
     "phi-parallel-block-partial-rotary": (0, 0),
 }
+# norm_linear's RMS statistic is a tl.sum in the GEMV's layout, the norm kernel's in its own, so its
+# outputs may differ from the unfused ones by a few half-precision ulps (the kernel tests bound
+# them: tests/kernels/test_fused_linear.py, norm_linear_envelope) and the layers after carry that
+# on. Measured on the CPU models below (float16, interpreter), with the fused statistic scaled by
+# 1 + 4 * 2**-23 and by 1 + 64 * 2**-23 in every layer (two orders of one float32 sum usually differ
+# by a few ulps): logits within 1.5 ulps at the step's largest either way; 4 keeps a margin.
+LOGIT_ULPS = 4
+
+
+def assert_logits_close(fused: list[torch.Tensor], unfused: list[torch.Tensor], dtype: torch.dtype) -> None:
+    """Each step's logits within ``LOGIT_ULPS`` ulps of ``dtype`` at that step's largest logit (a
+    wrong norm, residual or projection moves logits by a sizable part of that largest)."""
+    for step, (got, want) in enumerate(zip(fused, unfused, strict=True)):
+        tolerance = LOGIT_ULPS * torch.finfo(dtype).eps * want.abs().max()
+        difference = (got - want).abs().max()
+        assert difference <= tolerance, f"step {step}: max difference {difference} > {tolerance}"
+
+
+def assert_logits_equal(fused: list[torch.Tensor], unfused: list[torch.Tensor]) -> None:
+    for step, (got, want) in enumerate(zip(fused, unfused, strict=True)):
+        assert torch.equal(got, want), f"step {step}: max difference {(got - want).abs().max()}"
 
 
 @pytest.fixture
@@ -94,16 +117,19 @@ def test_cpu_interpreted_fused_linears_change_no_logit(
     fusions_off(FUSED_LINEARS)
     unfused = step_logits(path, plans, dtype="float16", device="cpu")
     assert count_calls == {"silu_and_mul_linear": 0, "rms_norm_linear": 0}
-    fusions_off("")
-    fused = step_logits(path, plans, dtype="float16", device="cpu")
     num_layers = decoder.ModelConfig.from_pretrained(path).num_layers
     decode_steps = sum(1 for plan in plans if sum(len(c.token_ids) for c in plan.chunks) <= 8)
     silu_calls, norm_calls = EXPECTED_CALLS[case]
     assert decode_steps >= 2
-    assert count_calls["silu_and_mul_linear"] == silu_calls * num_layers * decode_steps
+    fusions_off("norm_linear")
+    assert_logits_equal(step_logits(path, plans, dtype="float16", device="cpu"), unfused)
+    gated_down_calls = silu_calls * num_layers * decode_steps
+    assert count_calls == {"silu_and_mul_linear": gated_down_calls, "rms_norm_linear": 0}
+    fusions_off("")
+    fused = step_logits(path, plans, dtype="float16", device="cpu")
+    assert count_calls["silu_and_mul_linear"] == 2 * gated_down_calls
     assert count_calls["rms_norm_linear"] == norm_calls * num_layers * decode_steps
-    for step, (got, want) in enumerate(zip(fused, unfused, strict=True)):
-        assert torch.equal(got, want), f"step {step}: max difference {(got - want).abs().max()}"
+    assert_logits_close(fused, unfused, torch.float16)
 
 
 def test_cpu_keeps_the_unfused_path(toy_checkpoint, count_calls) -> None:
@@ -137,7 +163,8 @@ def test_gpu_fused_linears_change_no_logit(
     toy_checkpoint, case, cuda_graphs, quantization, fusions_off, count_calls, deterministic_split_k
 ):
     """bfloat16 steps (decode graphs and piecewise graphs of mixed steps, or eager) give the same
-    logits, to the bit, with the fused linears and without."""
+    logits, to the bit, with gated_down and without the fused linears; with norm_linear as well,
+    the same to within ``LOGIT_ULPS`` bfloat16 ulps at each step's largest logit."""
     family, overrides = CASES[case]
     path = toy_checkpoint(family, **overrides)
     plans = mixed_plans()
@@ -146,11 +173,14 @@ def test_gpu_fused_linears_change_no_logit(
     fusions_off(FUSED_LINEARS)
     unfused = step_logits(path, plans, **config)
     assert count_calls == {"silu_and_mul_linear": 0, "rms_norm_linear": 0}
+    fusions_off("norm_linear")
+    gated_down_only = step_logits(path, plans, **config)
+    assert count_calls["rms_norm_linear"] == 0
+    assert_logits_equal(gated_down_only, unfused)
     fusions_off("")
     fused = step_logits(path, plans, **config)
     assert count_calls["rms_norm_linear"] > 0
-    for step, (got, want) in enumerate(zip(fused, unfused, strict=True)):
-        assert torch.equal(got, want), f"step {step}: max difference {(got - want).abs().max()}"
+    assert_logits_close(fused, unfused, torch.bfloat16)
 
 
 @pytest.mark.gpu
