@@ -32,3 +32,18 @@ def toy_checkpoint(tmp_path_factory):
 def llama_path(toy_checkpoint) -> str:
     """Tiny Llama, multi-head attention."""
     return toy_checkpoint("llama")
+
+
+@pytest.fixture
+def fusions_off(monkeypatch):
+    """``fusions_off(names)`` sets ``FASTGEN_FUSIONS_OFF`` for what runs next ("" for none: every
+    fused kernel on); the setting is read once a process, so its cache is cleared around it."""
+    from fastgen.kernels import _dispatch
+
+    def switch(names: str) -> None:
+        monkeypatch.setenv("FASTGEN_FUSIONS_OFF", names)
+        _dispatch._fusions_off.cache_clear()
+
+    yield switch
+    monkeypatch.undo()
+    _dispatch._fusions_off.cache_clear()

@@ -17,7 +17,7 @@ import dataclasses
 
 import pytest
 import torch
-from fastgen.kernels import _dispatch, activation, fused_linear, gemv, norm
+from fastgen.kernels import activation, fused_linear, gemv, norm
 
 from fastgen.layers import linear as linear_layers
 from fastgen.layers import mlp as mlp_layers
@@ -63,19 +63,6 @@ def assert_logits_close(fused: list[torch.Tensor], unfused: list[torch.Tensor], 
 def assert_logits_equal(fused: list[torch.Tensor], unfused: list[torch.Tensor]) -> None:
     for step, (got, want) in enumerate(zip(fused, unfused, strict=True)):
         assert torch.equal(got, want), f"step {step}: max difference {(got - want).abs().max()}"
-
-
-@pytest.fixture
-def fusions_off(monkeypatch):
-    """``fusions_off(names)`` sets ``FASTGEN_FUSIONS_OFF`` for what runs next ("" for none)."""
-
-    def switch(names: str) -> None:
-        monkeypatch.setenv("FASTGEN_FUSIONS_OFF", names)
-        _dispatch._fusions_off.cache_clear()
-
-    yield switch
-    monkeypatch.undo()
-    _dispatch._fusions_off.cache_clear()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fastgen.kernels import _dispatch
 
 from fastgen import EngineConfig, kernels
 from fastgen.layers.attention import PagedAttention
@@ -75,19 +74,6 @@ def step_logits(path: str, plans: list[StepPlan], **config) -> list[torch.Tensor
         runner.execute(plan)
     assert len(logits) == len(plans)
     return logits
-
-
-@pytest.fixture
-def fusions_off(monkeypatch):
-    """``fusions_off(names)`` sets ``FASTGEN_FUSIONS_OFF`` for what runs next ("" for none)."""
-
-    def switch(names: str) -> None:
-        monkeypatch.setenv("FASTGEN_FUSIONS_OFF", names)
-        _dispatch._fusions_off.cache_clear()
-
-    yield switch
-    monkeypatch.undo()
-    _dispatch._fusions_off.cache_clear()
 
 
 @pytest.fixture
