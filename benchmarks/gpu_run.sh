@@ -35,7 +35,8 @@
 # With PACK=1 each phase's files go into one $OUT/<phase>.tgz (few files come back from the GPU
 # machine); its stdout tail stays in the log.
 # A tree copied without its .git (the GPU machine's .git may be stale): put the commit in a COMMIT file,
-#   rm -rf .snap && mkdir .snap && git archive HEAD | tar -x -C .snap && git rev-parse --short HEAD > .snap/COMMIT
+#   rm -rf .snap && mkdir .snap && git archive HEAD | tar -x -C .snap && git rev-parse --short HEAD > .snap/COMMIT \
+#     && rm -rf .snap/benchmarks/results/*   # 17 MB the run does not read: the working tree's limit is 64 MiB
 # and run from .snap (carry .whl and .snap); the results then name that commit.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
