@@ -71,13 +71,10 @@ def files_of(path: Path) -> list[Path]:
 
 def evict(files: list[Path]) -> None:
     """Drop ``files`` from the page cache (dirty pages are written first: only clean pages go)."""
+    from fastgen.models.file_reader import drop_from_page_cache
+
     for file in files:
-        descriptor = os.open(file, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(descriptor)
+        drop_from_page_cache(file)
 
 
 def resident_fraction(files: list[Path]) -> float | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from fastgen.models.file_reader import drop_from_page_cache
 from fastgen.models.safetensors_io import load_tensors
 from fastgen.models.snapshot import read_manifest
 
@@ -29,12 +30,7 @@ def drop(file: Path, warm: bool) -> None:
             while handle.read(32 << 20):
                 pass
         return
-    descriptor = os.open(file, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(descriptor)
+    drop_from_page_cache(file)
 
 
 def main() -> None:

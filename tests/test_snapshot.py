@@ -20,6 +20,7 @@ from fastgen.errors import ModelLoadError, UnsupportedModelError
 from fastgen.layers.parallel import TensorParallel
 from fastgen.models.checkpoint import load_tokenizer, resolve_model
 from fastgen.models.config import ModelConfig
+from fastgen.models.file_reader import drop_from_page_cache
 from fastgen.models.loader import build_model, build_skeleton
 from fastgen.models.safetensors_io import DamagedFileError, file_digest, write_tensors
 from fastgen.models.snapshot import MANIFEST_NAME, SnapshotMismatchError, read_manifest, snapshot
@@ -259,19 +260,12 @@ def test_a_damaged_weights_file_is_found_by_its_hash_before_serving(llama_snapsh
 def test_an_engine_refuses_a_damaged_snapshot_before_serving(toy_checkpoint, tmp_path):
     """The weights read cold (O_DIRECT where the file system allows) and hashed on other threads:
     a flipped bit stops the engine's start, naming the file and the bytes."""
-    import os
-
     path = Path(snapshot_of(toy_checkpoint("llama"), tmp_path / "snap"))
     file = path / "rank-0-of-1.safetensors"
     data = bytearray(file.read_bytes())
     data[len(data) // 2] ^= 0x01
     file.write_bytes(bytes(data))
-    descriptor = os.open(file, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(descriptor)
+    drop_from_page_cache(file)  # the engine reads it cold, through O_DIRECT where allowed
     message = r"rank-0-of-1\.safetensors: bytes \d+\.\.\d+ do not match the hash"
     with pytest.raises(DamagedFileError, match=message):
         start(path)

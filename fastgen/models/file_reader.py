@@ -178,6 +178,17 @@ def _open_direct(path: Path, flag: int) -> int:
 _LIBC: Any = None
 
 
+def drop_from_page_cache(path: Path) -> None:
+    """Write ``path``'s dirty pages, then drop its pages from the page cache, so that the next read
+    comes from the disk (only clean pages can be dropped)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(descriptor)
+
+
 def _resident_pages(descriptor: int, size: int) -> bytes | None:
     """One byte per page of the file, nonzero where the page is in the page cache (``mincore``
     on a mapping that is never touched: nothing is read); None where it cannot be asked."""
