@@ -15,8 +15,8 @@ rotary goes into its cache write, see `PagedAttention.fuses_rotary`, hands over 
 its rotary: the hole applies it with the write.) The static buffers are shared by every layer and
 bucket (replays are sequential on one stream), so the graphs hold no per-layer activations: the
 q/k/v copies cost a few percent of a full-budget step, far less than keeping each layer's QKV alive
-per bucket would cost in memory. Segments touch no KV cache, so
-capture happens before the cache exists.
+per bucket would cost in memory. Segments touch no KV cache, so capture happens before the cache
+exists.
 Replay: copy the step's token ids and positions into static buffers, then replay segment 0,
 attend, replay segment 1, ... The final hidden states of the padded tokens come back; the runner
 computes logits on the sampled rows only.

@@ -152,8 +152,9 @@ class DecoderLayer(nn.Module):
             hidden, _ = self.input_layernorm(self.self_attn(positions, hidden, batch), hidden)
             hidden, _ = self.post_attention_layernorm(self.feed_forward(hidden), hidden)
             return hidden, None
-        fuse = kernels.fusion_enabled("norm_linear")
-        into_linears = self.norms_into_linears and fuse and small_batch(hidden)
+        into_linears = (
+            self.norms_into_linears and small_batch(hidden) and kernels.fusion_enabled("norm_linear")
+        )
         if into_linears:
             normed, residual = self.input_layernorm.into_linear(hidden, residual)
         elif residual is None:
