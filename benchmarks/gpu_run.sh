@@ -2,7 +2,7 @@
 # One GPU-machine session: install offline, run the GPU tests, then the named benchmarks.
 # Usage (from the project root, on the GPU machine, with .whl carried):
 #   bash benchmarks/gpu_run.sh tests decode
-# phases: tests (needs the pytest-xdist and execnet wheels in .whl), enginetests, kernels, decode, profile, overhead, serving, async (batch-1 decode with
+# phases: tests (needs the pytest-xdist and execnet wheels in .whl; GPU_TEST_PATHS picks files, GPU_TEST_TB the traceback style), enginetests, kernels, decode, profile, overhead, serving, async (batch-1 decode with
 # and without asynchronous scheduling), prefix (a closed loop with and without a shared prompt prefix),
 # fusions (issue 13: the decode step with each fused kernel turned off in turn;
 # FUSIONS_ARGS, e.g. "--shape llama3-8b"), fp8 (batch-1 decode and the offline run with FP8 weights), kvfp8 (the same with an FP8 KV cache,
@@ -66,8 +66,9 @@ for phase in "$@"; do
   case "$phase" in
     tests)   # GPU_TEST_WORKERS pytest-xdist processes share the GPU: Triton compiles on many cores at once
              timeout "${TESTS_TIMEOUT_S:-420}" python3 -m pytest -m gpu -q -p no:cacheprovider -n "${GPU_TEST_WORKERS:-8}" \
-               --durations=12 tests/kernels tests/test_gpu_engine.py tests/test_fp8.py tests/test_gpu_stalls.py \
-               tests/test_fusions.py tests/test_fused_linears.py tests/test_snapshot.py tests/models/test_file_reader.py 2>&1 \
+               --durations=12 --tb="${GPU_TEST_TB:-short}" ${GPU_TEST_PATHS:-tests/kernels tests/test_gpu_engine.py \
+               tests/test_fp8.py tests/test_gpu_stalls.py tests/test_fusions.py tests/test_fused_linears.py \
+               tests/test_snapshot.py tests/models/test_file_reader.py} 2>&1 \
                | tee "$D/gpu_tests.log" | tail -40 ;;
     kernels) timeout 300 python3 benchmarks/kernel_timings.py --out "$D" ${KERNELS_ARGS:-} 2>&1 | tee "$D/kernels.log" | tail -40 ;;
     decode)  timeout 300 python3 benchmarks/decode_step.py --out "$D" 2>&1 | tee "$D/decode.log" | tail -20 ;;
