@@ -132,7 +132,8 @@ def paged_attention_cpu(
         num_seqs = group.slots.shape[0] // group.width
         # [seqs, heads, query_len, d]: a token per decode, or the tokens of one chunk
         grouped = query.index_select(0, group.rows).view(num_seqs, group.query_len, num_heads, head_dim)
-        result = _attend(grouped.transpose(1, 2), key_cache, value_cache, group, scale, softcap)
+        gathered = plan.gather_buffers(group.slots.shape[0], key_cache)
+        result = _attend(grouped.transpose(1, 2), key_cache, value_cache, group, scale, softcap, gathered)
         out.index_copy_(0, group.rows, result.transpose(1, 2).reshape(-1, num_heads, head_dim).to(out.dtype))
     return out
 
@@ -192,6 +193,7 @@ class CpuAttentionPlan:
         self.members = members  # the sequences of each group
         self.query_lens = query_lens
         self._groups: dict[tuple[int, int | None], list[_Group]] = {}
+        self._gathered: dict[tuple[int, int, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_tensors(
@@ -219,6 +221,26 @@ class CpuAttentionPlan:
                 for seqs in self.members
             ]
         return groups
+
+    def gather_buffers(self, num_slots: int, key_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two tensors ``[num_slots, kv_heads, head_dim]`` of the cache's dtype that a group's keys
+        and values are gathered into, shared by every group and layer of the step that gathers as
+        many slots (each group's attention is done with them before the next gathers).
+
+        Fresh ones per gather can cost ten times the copy (1 thread, 16 decodes: section F of
+        benchmarks/results/cpu_generate-2026-12-06.md): the gather grows with the context every
+        step, glibc serves a request at or above its mmap threshold (raised only to the largest
+        block freed so far) with a new mapping, and its pages fault in again."""
+        kv_heads, head_dim = key_cache.shape[2:]
+        key = (num_slots, kv_heads, head_dim, key_cache.dtype)
+        buffers = self._gathered.get(key)
+        if buffers is None:
+            shape = (num_slots, kv_heads, head_dim)
+            buffers = self._gathered[key] = (
+                key_cache.new_empty(shape),
+                key_cache.new_empty(shape),
+            )
+        return buffers
 
 
 def _group(
@@ -260,14 +282,19 @@ def _attend(
     group: _Group,
     scale: float,
     softcap: float | None,
+    gathered: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
     """Attention of ``query`` ``[seqs, heads, query_len, d]`` over the keys and values of
-    ``group``'s slots where its mask allows; float32 ``[seqs, heads, query_len, d]``."""
+    ``group``'s slots where its mask allows; float32 ``[seqs, heads, query_len, d]``. The keys and
+    values are gathered into ``gathered`` (`CpuAttentionPlan.gather_buffers`), which the result
+    does not alias."""
     num_seqs, num_heads, _, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
     shape = (num_seqs, group.width, num_kv_heads, head_dim)
-    keys = key_cache.view(-1, num_kv_heads, head_dim).index_select(0, group.slots).view(shape)
-    values = value_cache.view(-1, num_kv_heads, head_dim).index_select(0, group.slots).view(shape)
+    key_rows, value_rows = gathered
+    keys = torch.index_select(key_cache.view(-1, num_kv_heads, head_dim), 0, group.slots, out=key_rows)
+    values = torch.index_select(value_cache.view(-1, num_kv_heads, head_dim), 0, group.slots, out=value_rows)
+    keys, values = keys.view(shape), values.view(shape)
     keys = keys.transpose(1, 2).float()  # [seqs, kv_heads, width, d]
     values = values.transpose(1, 2).float()
     query = query.float()

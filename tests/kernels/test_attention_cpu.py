@@ -129,6 +129,46 @@ def test_a_plan_serves_every_layer_of_its_step(seed) -> None:
     assert len(plan.groups(16, None)) == 4  # decodes {90, 65}, {40}, {12}; the chunk
 
 
+def test_layers_of_a_step_share_the_gather_buffers(seed) -> None:
+    """The keys and values of every layer of a step are gathered into the same two tensors per
+    slot count (a fresh allocation per layer can cost more than the copy): each layer, with its
+    own cache, still gives the reference's output, and the tensors are made once per step."""
+    specs = [(1, 40), (1, 33), (1, 12), (5, 30)]
+    shape = (9, 3, 64, 16)
+    first = poisoned_batch(specs, shape, torch.float32)
+    # one step: the same lengths and block tables, each layer its own query and cache
+    layers = [first] + [
+        {
+            **first,
+            "query": first["query"] * -scale,
+            "key_cache": first["key_cache"] * scale,
+            "value_cache": first["value_cache"] + scale,
+        }
+        for scale in (0.5, 2.0)
+    ]
+    plan = CpuAttentionPlan(
+        first["query_start"].tolist(), first["context_lens"].tolist(), first["block_tables"].tolist()
+    )
+    made = []
+    gather_buffers = plan.gather_buffers
+
+    def recording(num_slots: int, key_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        buffers = gather_buffers(num_slots, key_cache)
+        made.append(tuple(buffer.data_ptr() for buffer in buffers))
+        return buffers
+
+    plan.gather_buffers = recording
+    outputs = [paged_attention_cpu(**layer, scale=0.125, plan=plan) for layer in layers]
+    for layer, output in zip(layers, outputs, strict=True):
+        expected = paged_attention_reference(**layer, scale=0.125)
+        tolerance = TOLERANCE[torch.float32]
+        torch.testing.assert_close(output, expected, atol=tolerance, rtol=tolerance)
+    groups = plan.groups(16, None)
+    assert len(made) == len(layers) * len(groups)
+    # groups: decodes {40, 33} (80 slots), {12} (12), the chunk (30); a pair of tensors each
+    assert len(set(made)) == len({group.slots.shape[0] for group in groups})
+
+
 def test_the_runner_plans_once_a_step(toy_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
     """Through the engine on the CPU, each step with tokens makes one plan, where it flattens the
     step, and each group's tensors are made once, however many layers attend."""
