@@ -79,13 +79,25 @@ def bits(x: torch.Tensor) -> torch.Tensor:
     return x.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[x.element_size()])
 
 
+def bit_difference(actual: torch.Tensor, expected: torch.Tensor) -> str:
+    """How far apart two tensors are: how many elements differ, and by how many units in the last
+    place at most (the distance between their bit patterns), so a failure says rounding from error."""
+    differ = bits(actual) != bits(expected)
+    if not differ.any():
+        return "equal"
+    ulps = (bits(actual).long() - bits(expected).long()).abs()[differ]
+    return (f"{int(differ.sum())} of {actual.numel()} elements differ, by up to {int(ulps.max())} ulps "
+            f"(max |difference| {(actual.float() - expected.float()).abs().nan_to_num(0.0).max():.3g})")
+
+
 def assert_same_as_unfused(backend: str, fused: dict, unfused: dict) -> None:
     key_before = fused["key"].clone()
     result = run_fused(backend, fused)
     run_unfused(backend, unfused)
     assert result is fused["query"]
     for name in ("query", "value", "key_cache", "value_cache"):
-        assert torch.equal(bits(fused[name]), bits(unfused[name])), name
+        difference = bit_difference(fused[name], unfused[name])
+        assert difference == "equal", f"{name}: {difference}"
     assert torch.equal(fused["key"], key_before), "key itself is not rotated"
 
 
