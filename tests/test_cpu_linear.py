@@ -1,6 +1,7 @@
-"""Linear products on the CPU in float32: `linear` at a few rows (`cpu_few_rows`) and the LM head's
-`vocab_projection` at decode batch sizes give F.linear's outputs to float32 rounding, with and
-without a bias; the tied head keeps one weight."""
+"""Linear products on the CPU in float32: `linear` at a few rows (`cpu_few_rows`), the LM head's
+`vocab_projection` at decode batch sizes and the gated MLP's gate and up as two products
+(`cpu_split_fused`) give F.linear's outputs to float32 rounding, with and without a bias; the tied
+head keeps one weight."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from fastgen.layers.embedding import LMHead, VocabParallelEmbedding, vocab_projection
-from fastgen.layers.linear import cpu_few_rows, linear
+from fastgen.layers.linear import cpu_few_rows, cpu_split_fused, linear
+from fastgen.layers.mlp import GatedMLP
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
@@ -51,3 +53,27 @@ def test_tied_head_reads_the_embedding_table() -> None:
     logits = head(hidden)
     assert logits.shape == (3, 500)
     assert logits.argmax(dim=-1).tolist() == [3, 7, 11]  # each row is closest to itself
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5, 16, 32, 33])
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gated_mlp_at_decode_rows_equals_the_fused_product(rows, act, with_bias) -> None:
+    """At 5 to 32 rows on the CPU the gated MLP reads gate and up as two products (`cpu_split_fused`);
+    at every row count it gives what one product of the fused weight gives, to float32 rounding."""
+    torch.manual_seed(rows)
+    mlp = GatedMLP(64, 96, act=act, bias=with_bias)
+    for param in mlp.parameters():
+        param.data.normal_()
+    hidden = torch.randn(rows, 64)
+    assert cpu_split_fused(hidden, mlp.gate_up_proj.weight) == (5 <= rows <= 32)
+    gate, up = mlp.gate_up_proj.forward_parts(hidden)
+    fused = torch.nn.functional.linear(hidden, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias)
+    torch.testing.assert_close(torch.cat([gate, up], dim=-1), fused, atol=1e-4, rtol=1e-5)
+    fused_gate, fused_up = fused.chunk(2, dim=-1)
+    if act == "silu":
+        activated = torch.nn.functional.silu(fused_gate)
+    else:
+        activated = torch.nn.functional.gelu(fused_gate, approximate="tanh")
+    expected = torch.nn.functional.linear(activated * fused_up, mlp.down_proj.weight, mlp.down_proj.bias)
+    torch.testing.assert_close(mlp(hidden), expected, atol=1e-3, rtol=1e-4)

@@ -81,6 +81,20 @@ def cpu_few_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def cpu_split_fused(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a fused weight (gate and up) is better read as its parts, one product each: float32
+    on the CPU at 5 to 32 rows (decodes of a larger batch). MKL's GEMM takes 4-10% less for the two
+    halves of the gate/up weight there than for the whole, the same at 1 and 64 rows and above
+    (benchmarks/results/cpu_generate-2026-12-06.md, section F); at 2 to 4 rows `cpu_few_rows`
+    serves the whole weight faster."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.dim() == 2
+        and 5 <= x.shape[0] <= 32
+    )
+
+
 def loaded_shape(loaded: Any) -> tuple[int, ...]:
     return tuple(loaded.get_shape()) if hasattr(loaded, "get_shape") else tuple(loaded.shape)
 
@@ -124,6 +138,15 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.weight_scale)
+
+    def forward_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The fused outputs (``output_sizes``) as separate tensors, one product per part of the
+        weight (row views, no copy); equal to splitting `forward`'s output to float32 rounding."""
+        if self.weight_scale is not None:  # FP8: one product, its output split
+            return list(self.forward(x).split(self.local_sizes, dim=-1))
+        weights = self.weight.split(self.local_sizes)
+        biases = [None] * len(weights) if self.bias is None else self.bias.split(self.local_sizes)
+        return [linear(x, weight, bias) for weight, bias in zip(weights, biases, strict=True)]
 
 
 class ReplicatedLinear(ColumnParallelLinear):

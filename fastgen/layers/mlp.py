@@ -7,7 +7,7 @@ from torch import nn
 
 from fastgen import kernels
 
-from .linear import ColumnParallelLinear, RMSNormInput, RowParallelLinear, small_batch
+from .linear import ColumnParallelLinear, RMSNormInput, RowParallelLinear, cpu_split_fused, small_batch
 from .parallel import SINGLE, TensorParallel
 
 # activation name -> the GELU approximation the kernel takes
@@ -67,6 +67,11 @@ class GatedMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, tp=tp)
 
     def forward(self, x: torch.Tensor | RMSNormInput) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and cpu_split_fused(x, self.gate_up_proj.weight):
+            # two products, and the activation reads them without splitting a fused output
+            gate, up = self.gate_up_proj.forward_parts(x)
+            activated = nn.functional.silu(gate) if self.gelu is None else kernels.gelu(gate, self.gelu)
+            return self.down_proj(activated * up)
         gate_up = self.gate_up_proj(x)
         if self.gelu is None:
             if small_batch(gate_up) and kernels.fusion_enabled("gated_down"):
