@@ -15,16 +15,6 @@ import triton.language as tl
 from ._dispatch import use_triton
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    half = rotary_dim // 2
-    x1 = x[..., :half].float()
-    x2 = x[..., half:rotary_dim].float()
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-    if rotary_dim == x.shape[-1]:
-        return rotated
-    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
-
-
 def apply_rotary_reference(
     positions: torch.Tensor,
     query: torch.Tensor,
@@ -32,14 +22,44 @@ def apply_rotary_reference(
     cos_sin_cache: torch.Tensor,
     rotary_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate ``query`` ``[T, heads, head_dim]`` and ``key`` ``[T, kv_heads, head_dim]`` in place."""
+    """Rotate ``query`` ``[T, heads, head_dim]`` and ``key`` ``[T, kv_heads, head_dim]`` in place.
+
+    Where the keys' heads follow the queries' in memory with the same strides (slices of a fused
+    QKV projection), both rotate as one tensor: on the CPU, where this path serves, a layer's
+    rotary is a dozen small ops, and doing them once instead of twice takes about half its time at
+    1 to 16 tokens. The same products either way, so the same bits."""
     cos_sin = cos_sin_cache[positions.long()].float()  # [T, rotary_dim]
     half = rotary_dim // 2
     cos = cos_sin[:, None, :half]
     sin = cos_sin[:, None, half:]
-    query.copy_(_rotate(query, cos, sin, rotary_dim))
-    key.copy_(_rotate(key, cos, sin, rotary_dim))
+    heads = _heads_together(query, key)
+    for x in (query, key) if heads is None else (heads,):
+        first, second = x[..., :half], x[..., half:rotary_dim]
+        first32, second32 = first.float(), second.float()
+        rotated_first = first32 * cos - second32 * sin
+        rotated_second = second32 * cos + first32 * sin
+        first.copy_(rotated_first)  # rounds to x's dtype as .to() would
+        second.copy_(rotated_second)
     return query, key
+
+
+def _heads_together(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    """``[T, heads + kv_heads, head_dim]``, a view of the queries' and keys' heads, where the keys'
+    heads continue the queries' in memory (the same strides, the first key head one head stride
+    after the last query head); else None."""
+    tokens, heads, head_dim = query.shape
+    if query.dtype != key.dtype or query.device != key.device or key.shape[::2] != (tokens, head_dim):
+        return None
+    if tokens == 0 or heads == 1 or query.untyped_storage().data_ptr() != key.untyped_storage().data_ptr():
+        return None
+    # a stride along a dimension of size 1 is arbitrary (a view of one token may report another)
+    if query.stride(2) != key.stride(2) or (tokens > 1 and query.stride(0) != key.stride(0)):
+        return None
+    if key.shape[1] > 1 and key.stride(1) != query.stride(1):
+        return None
+    if key.storage_offset() != query.storage_offset() + heads * query.stride(1):
+        return None
+    return query.as_strided((tokens, heads + key.shape[1], head_dim), query.stride())
 
 
 @triton.jit

@@ -104,6 +104,43 @@ def test_rotary(num_heads, num_kv_heads, head_dim, rotary_dim, dtype, device, se
     assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim :], value_before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim", "rotary_dim"), [
+    (9, 3, 64, 64),  # SmolLM2-135M
+    (5, 5, 80, 32),  # partial rotary
+])
+@pytest.mark.parametrize("num_tokens", [1, 16])
+def test_rotary_reference_of_fused_qkv_views(num_heads, num_kv_heads, head_dim, rotary_dim, dtype,
+                                             num_tokens, seed) -> None:
+    """On the CPU, query and key as slices of one QKV output rotate as one tensor: the same bits as
+    rotating them apart (copies), the rotation of the formula to rounding, values untouched."""
+    max_positions = 300
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim).to(dtype)
+    query = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
+    key = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(
+        num_tokens, num_kv_heads, head_dim)
+    assert rotary._heads_together(query, key) is not None
+    assert rotary._heads_together(query.clone(), key.clone()) is None
+    angles = torch.rand(max_positions, rotary_dim // 2) * 6.3
+    cos_sin_cache = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    positions = torch.randint(0, max_positions, (num_tokens,))
+    apart_query, apart_key = query.clone(), key.clone()
+    rotary.apply_rotary_reference(positions, apart_query, apart_key, cos_sin_cache, rotary_dim)
+    value_before = qkv[:, (num_heads + num_kv_heads) * head_dim :].clone()
+    unrotated = qkv[:, : (num_heads + num_kv_heads) * head_dim].clone().view(num_tokens, -1, head_dim)
+    rotary.apply_rotary_reference(positions, query, key, cos_sin_cache, rotary_dim)
+    assert torch.equal(query, apart_query) and torch.equal(key, apart_key)
+    assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim :], value_before)
+    half = rotary_dim // 2
+    cos, sin = cos_sin_cache[positions, None, :half], cos_sin_cache[positions, None, half:]
+    x1, x2 = unrotated[..., :half].float(), unrotated[..., half:rotary_dim].float()
+    rest = unrotated[..., rotary_dim:].float()
+    expected = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    rotated = torch.cat([query, key], dim=1).float()
+    torch.testing.assert_close(rotated, expected, atol=tolerance, rtol=tolerance)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_silu_and_mul(dtype, device, seed) -> None:
     x = torch.randn(3, 5, 2 * 700, dtype=dtype, device=device) * 3
