@@ -28,6 +28,14 @@ def write_kv_cache_reference(
 ) -> None:
     """Scatter ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` into the caches."""
     num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+    on_cpu = slot_mapping.device.type == "cpu" and key_cache.dtype != FP8  # no index_copy_ for float8
+    if on_cpu and (slot_mapping.numel() == 0 or int(slot_mapping.min()) >= 0):
+        # no padding (the CPU runs no CUDA graphs): one copy per cache, without the masks' five
+        # small ops (the min is cheap on the host, and would sync on a device)
+        slots = slot_mapping.long()
+        key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, _to_cache(key, key_cache))
+        value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, _to_cache(value, value_cache))
+        return
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
     key_cache.view(-1, num_kv_heads, head_dim)[slots] = _to_cache(key[valid], key_cache)

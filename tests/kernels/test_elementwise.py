@@ -177,6 +177,27 @@ def test_write_kv_cache(num_kv_heads, head_dim, block_size, dtype, device, seed)
     assert torch.equal(value_cache.nan_to_num(123.0), expected_value.nan_to_num(123.0))
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn], ids=str)
+def test_write_kv_cache_without_padding_on_the_cpu(cache_dtype, seed) -> None:
+    """On the CPU, slots without padding are written by one copy per cache: the same as the masked
+    write (of the same slots with a padding token among them), int32 or int64 slots alike."""
+    num_tokens, num_kv_heads, head_dim, block_size = 11, 3, 64, 16
+    kv = torch.randn(num_tokens + 1, 2 * num_kv_heads * head_dim) * 100
+    key = kv[:, : num_kv_heads * head_dim].view(-1, num_kv_heads, head_dim)
+    value = kv[:, num_kv_heads * head_dim :].view(-1, num_kv_heads, head_dim)
+    empty = torch.zeros(4, block_size, num_kv_heads, head_dim, dtype=cache_dtype)
+    slots = torch.randperm(4 * block_size)[:num_tokens]
+    padded = torch.cat([slots[:5], torch.tensor([-1]), slots[5:]])
+    expected = empty.clone(), empty.clone()
+    cache.write_kv_cache_reference(torch.cat([key[:5], key[11:], key[5:11]]),
+                                   torch.cat([value[:5], value[11:], value[5:11]]), *expected, padded)
+    for slot_mapping in (slots, slots.to(torch.int32)):
+        written = empty.clone(), empty.clone()
+        cache.write_kv_cache_reference(key[:num_tokens], value[:num_tokens], *written, slot_mapping)
+        for got, want in zip(written, expected, strict=True):
+            assert torch.equal(got.float().nan_to_num(1.0), want.float().nan_to_num(1.0))
+
+
 def test_write_kv_cache_to_fp8(device, seed) -> None:
     """A float8 e4m3 cache: values rounded to nearest, beyond +-448 saturated (not NaN)."""
     num_tokens, num_kv_heads, head_dim, block_size = 9, 2, 64, 16
