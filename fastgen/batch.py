@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastgen.kernels.attention import CpuAttentionPlan
+from fastgen.kernels.attention import CpuAttentionPlan, CpuAttentionWorkspace
 from fastgen.layers.attention import ForwardBatch
 from fastgen.plan import SequenceChunk
 
@@ -70,8 +70,11 @@ class HostBatch:
         width = width or max(len(t) for t in self.block_tables)
         return [t + [0] * (width - len(t)) if len(t) < width else t[:width] for t in self.block_tables]
 
-    def to_device(self, device: torch.device) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
-        """(token ids, batch, sample indices) as tensors on ``device``."""
+    def to_device(
+        self, device: torch.device, cpu_workspace: CpuAttentionWorkspace | None = None
+    ) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
+        """(token ids, batch, sample indices) as tensors on ``device``; on the CPU, the step's
+        attention plan gathers into ``cpu_workspace`` (the runner's, kept from step to step)."""
 
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
@@ -89,5 +92,7 @@ class HostBatch:
         )
         if batch.positions.device.type == "cpu":
             # from the lists at hand: the CPU attention needs them on the host, once per step
-            batch.cpu_attention_plan = CpuAttentionPlan(self.query_start, self.context_lens, block_tables)
+            batch.cpu_attention_plan = CpuAttentionPlan(
+                self.query_start, self.context_lens, block_tables, workspace=cpu_workspace
+            )
         return tensor(self.token_ids, torch.int64), batch, tensor(self.sample_indices, torch.int64)

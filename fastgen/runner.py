@@ -25,6 +25,7 @@ from fastgen.batch import HostBatch
 from fastgen.config import EngineConfig
 from fastgen.cuda_graphs import DecodeGraphs
 from fastgen.kernel_warmup import warm_up_attention, warm_up_steps
+from fastgen.kernels.attention import CpuAttentionWorkspace
 from fastgen.kernels.variants import CompileWatch
 from fastgen.layers.attention import PagedAttention
 from fastgen.layers.parallel import SINGLE, TensorParallel
@@ -130,6 +131,8 @@ class ModelRunner:
         self.device = resolve_device(config, tp.rank)
         self.dtype = resolve_dtype(config, self.device)
         self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
+        # the CPU attention's gather tensors, kept from step to step (their pages fault in once)
+        self.cpu_attention_workspace = CpuAttentionWorkspace()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         elif self.device.type == "cpu":
@@ -298,7 +301,7 @@ class ModelRunner:
         if self.graphs is not None and not scored and self.graphs.fits(host):
             logits = self.graphs.run(host)
         else:
-            token_ids, batch, sample_indices = host.to_device(self.device)
+            token_ids, batch, sample_indices = host.to_device(self.device, self.cpu_attention_workspace)
             if self.mixed_graphs is not None and self.mixed_graphs.fits(host.num_tokens):
                 hidden = self.mixed_graphs.run(token_ids, batch)
             else:

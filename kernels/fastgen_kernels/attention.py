@@ -130,26 +130,37 @@ def paged_attention_cpu(
     num_heads, head_dim = query.shape[1:]
     for group in plan.groups(key_cache.shape[1], sliding_window):
         num_seqs = group.slots.shape[0] // group.width
-        # [seqs, heads, query_len, d]: a token per decode, or the tokens of one chunk
-        grouped = query.index_select(0, group.rows).view(num_seqs, group.query_len, num_heads, head_dim)
+        # [seqs, query_len, heads, d]: a token per decode, or the tokens of one chunk
+        if group.span is None:
+            grouped = query.index_select(0, group.rows)
+        else:
+            grouped = query[group.span[0] : group.span[1]]
+        grouped = grouped.view(num_seqs, group.query_len, num_heads, head_dim)
         gathered = plan.gather_buffers(group.slots.shape[0], key_cache)
         result = _attend(grouped.transpose(1, 2), key_cache, value_cache, group, scale, softcap, gathered)
-        out.index_copy_(0, group.rows, result.transpose(1, 2).reshape(-1, num_heads, head_dim).to(out.dtype))
+        result = result.transpose(1, 2).reshape(-1, num_heads, head_dim)
+        if group.span is None:
+            out.index_copy_(0, group.rows, result.to(out.dtype))
+        else:
+            out[group.span[0] : group.span[1]].copy_(result)
     return out
 
 
 class _Group(NamedTuple):
     """Sequences that attend as one padded batch, with all their query tokens: ``rows`` (int64) in
     the step's tokens, sequence by sequence; ``query_len`` tokens each; ``slots`` (int64
-    ``[seqs * width]``) the cache slots each reads, ``width`` of them per sequence; ``mask`` (bool
-    ``[seqs, 1, query_len, width]``) where each query may look, or None where it may look
-    everywhere."""
+    ``[seqs * width]``) the cache slots each reads, ``width`` of them per sequence; ``mask``
+    (float32 ``[seqs, 1, query_len, width]``) 0 where each query may look and -inf elsewhere (what
+    torch's fused attention would make of a bool mask at every call), or None where it may look
+    everywhere; ``span``: ``(begin, end)`` when ``rows`` is that range, which a slice then reads
+    and writes without an index op."""
 
     rows: torch.Tensor
     query_len: int
     width: int
     slots: torch.Tensor
     mask: torch.Tensor | None
+    span: tuple[int, int] | None
 
 
 class CpuAttentionPlan:
@@ -163,10 +174,12 @@ class CpuAttentionPlan:
     Decodes are grouped by context length, longest first, a group taking sequences while the
     longest context is at most twice theirs: padding then at most doubles the keys gathered, where
     one batch could gather a thousand times too many (a long context among many short ones). Every
-    other sequence is a group of its own.
+    other sequence is a group of its own. Within a group the sequences keep the step's order, so
+    that the usual step (decodes first, all in one group) reads and writes its rows as one slice.
 
     ``block_tables``: one list per sequence, all of one width (past a sequence's last block the
-    entries are never read)."""
+    entries are never read). ``workspace``: where the keys and values are gathered, kept by the
+    caller from step to step (the runner's); without one, the plan has its own."""
 
     def __init__(
         self,
@@ -174,6 +187,7 @@ class CpuAttentionPlan:
         context_lens: list[int],
         block_tables: list[list[int]],
         device: torch.device | str = "cpu",
+        workspace: CpuAttentionWorkspace | None = None,
     ):
         self.query_start = query_start
         self.context_lens = context_lens
@@ -189,11 +203,12 @@ class CpuAttentionPlan:
                 members[-1].append(seq)
             else:
                 members.append([seq])
+        members = [sorted(seqs) for seqs in members]
         members += [[seq] for seq, length in enumerate(query_lens) if length > 1]
         self.members = members  # the sequences of each group
         self.query_lens = query_lens
+        self.workspace = workspace if workspace is not None else CpuAttentionWorkspace()
         self._groups: dict[tuple[int, int | None], list[_Group]] = {}
-        self._gathered: dict[tuple[int, int, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_tensors(
@@ -224,23 +239,38 @@ class CpuAttentionPlan:
 
     def gather_buffers(self, num_slots: int, key_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Two tensors ``[num_slots, kv_heads, head_dim]`` of the cache's dtype that a group's keys
-        and values are gathered into, shared by every group and layer of the step that gathers as
-        many slots (each group's attention is done with them before the next gathers).
+        and values are gathered into (`CpuAttentionWorkspace.gather_buffers`)."""
+        return self.workspace.gather_buffers(num_slots, key_cache)
 
-        Fresh ones per gather can cost ten times the copy (1 thread, 16 decodes: section F of
-        benchmarks/results/cpu_generate-2026-12-06.md): the gather grows with the context every
-        step, glibc serves a request at or above its mmap threshold (raised only to the largest
-        block freed so far) with a new mapping, and its pages fault in again."""
+
+class CpuAttentionWorkspace:
+    """The tensors `paged_attention_cpu` gathers keys and values into, kept from step to step.
+
+    Every group and layer of a step, and every later step, gathers into the same two tensors per
+    (kv heads, head dim, dtype, device): each group's attention is done with them before the next
+    gathers, and the result does not alias them. Fresh tensors per gather cost up to ten times the
+    copy: the gather grows with the context every step, glibc serves a request at or above its mmap
+    threshold with a new mapping, and its pages fault in again. The capacity grows to at least twice
+    the last one, so a growing context reallocates in a few steps of many; it never shrinks, so the
+    workspace holds twice the largest gather at most (one layer's keys and values for the step's
+    decodes, padded at most to twice their length, or one chunk's context)."""
+
+    def __init__(self) -> None:
+        # (kv heads, head dim, dtype, device) -> the kept keys' and values' tensors
+        self._buffers: dict[tuple[int, int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]]
+        self._buffers = {}
+
+    def gather_buffers(self, num_slots: int, key_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two contiguous tensors ``[num_slots, kv_heads, head_dim]`` of ``key_cache``'s dtype and
+        device, views of the kept ones (valid until the next call)."""
         kv_heads, head_dim = key_cache.shape[2:]
-        key = (num_slots, kv_heads, head_dim, key_cache.dtype)
-        buffers = self._gathered.get(key)
-        if buffers is None:
-            shape = (num_slots, kv_heads, head_dim)
-            buffers = self._gathered[key] = (
-                key_cache.new_empty(shape),
-                key_cache.new_empty(shape),
-            )
-        return buffers
+        key = (kv_heads, head_dim, key_cache.dtype, key_cache.device)
+        buffers = self._buffers.get(key)
+        if buffers is None or buffers[0].shape[0] < num_slots:
+            capacity = num_slots if buffers is None else max(num_slots, 2 * buffers[0].shape[0])
+            shape = (capacity, kv_heads, head_dim)
+            buffers = self._buffers[key] = (key_cache.new_empty(shape), key_cache.new_empty(shape))
+        return buffers[0][:num_slots], buffers[1][:num_slots]
 
 
 def _group(
@@ -258,7 +288,9 @@ def _group(
     Past a shorter context a row reads the sequence's first slot again. Those positions are masked
     out, but they must still hold finite numbers: a stale slot, or one in a table entry past the
     sequence's last block (which the reference never reads), could hold a NaN that no mask hides."""
-    rows = torch.tensor([starts[seq] + i for seq in seqs for i in range(query_len)], device=device)
+    row_list = [starts[seq] + i for seq in seqs for i in range(query_len)]
+    rows = torch.tensor(row_list, device=device)
+    span = (row_list[0], row_list[-1] + 1) if row_list[-1] - row_list[0] == len(row_list) - 1 else None
     width = max(lens[seq] for seq in seqs)
     key_pos = torch.arange(width, device=device)
     group_lens = torch.tensor([lens[seq] for seq in seqs], device=device)[:, None]  # [seqs, 1]
@@ -271,8 +303,16 @@ def _group(
     allowed = key_pos <= query_pos  # [seqs, query_len, width]: causal, and so within the context
     if sliding_window is not None:
         allowed &= key_pos > query_pos - sliding_window
-    mask = None if bool(allowed.all()) else allowed[:, None]  # the same for every head
-    return _Group(rows, query_len, width, slots, mask)
+    mask = None
+    if not bool(allowed.all()):  # the same for every head
+        blocked = ~allowed[:, None]
+        mask = torch.zeros(blocked.shape, device=device).masked_fill_(blocked, float("-inf"))
+    return _Group(rows, query_len, width, slots, mask, span)
+
+
+# From this many decodes in a group, torch's fused attention is faster with the queries of a kv
+# head as its rows than with enable_gqa; with fewer it is slower (1 thread)
+_GQA_ROWS_MIN_SEQS = 8
 
 
 def _attend(
@@ -298,16 +338,23 @@ def _attend(
     keys = keys.transpose(1, 2).float()  # [seqs, kv_heads, width, d]
     values = values.transpose(1, 2).float()
     query = query.float()
+    gqa = num_heads != num_kv_heads
+    if softcap is None and gqa and group.query_len == 1 and num_seqs >= _GQA_ROWS_MIN_SEQS:
+        # one query a sequence: the queries of a kv head are its rows, [seqs, kv_heads, group, d]
+        # (no expansion of the keys and values to every head; the mask, one row, broadcasts)
+        rows = query.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        result = F.scaled_dot_product_attention(rows, keys, values, attn_mask=group.mask, scale=scale)
+        return result.reshape(num_seqs, num_heads, 1, head_dim)
     if softcap is None:
         return F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=group.mask, scale=scale, enable_gqa=num_heads != num_kv_heads
+            query, keys, values, attn_mask=group.mask, scale=scale, enable_gqa=gqa
         )
     group_size = num_heads // num_kv_heads
     keys, values = keys.repeat_interleave(group_size, dim=1), values.repeat_interleave(group_size, dim=1)
     scores = torch.matmul(query, keys.transpose(2, 3)) * scale
     scores = torch.tanh(scores / softcap) * softcap
     if group.mask is not None:
-        scores = scores.masked_fill(~group.mask, float("-inf"))
+        scores = scores + group.mask  # finite scores: the same as filling -inf where masked
     return torch.matmul(torch.softmax(scores, dim=-1), values)
 
 

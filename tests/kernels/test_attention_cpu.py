@@ -10,7 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 from fastgen.kernels import _dispatch, attention
-from fastgen.kernels.attention import CpuAttentionPlan, paged_attention_cpu, paged_attention_reference
+from fastgen.kernels.attention import (
+    CpuAttentionPlan,
+    CpuAttentionWorkspace,
+    paged_attention_cpu,
+    paged_attention_reference,
+)
 
 from .test_attention import make_batch
 
@@ -74,6 +79,9 @@ def test_decodes(shape, seed) -> None:
     """Padded batches: contexts of one token, of a block exactly, and across many blocks."""
     compare([(1, c) for c in (1, 17, 100, 64, 203, 16)], shape)
     compare([(1, 37)], shape)
+    # groups of 8 and more decodes (their queries of a kv head as rows, with GQA): masked, unmasked
+    compare([(1, c) for c in range(40, 60, 2)], shape)
+    compare([(1, 33)] * 8, shape)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -130,9 +138,9 @@ def test_a_plan_serves_every_layer_of_its_step(seed) -> None:
 
 
 def test_layers_of_a_step_share_the_gather_buffers(seed) -> None:
-    """The keys and values of every layer of a step are gathered into the same two tensors per
-    slot count (a fresh allocation per layer can cost more than the copy): each layer, with its
-    own cache, still gives the reference's output, and the tensors are made once per step."""
+    """The keys and values of every layer of a step are gathered into the same two tensors (a
+    fresh allocation per layer can cost more than the copy): each layer, with its own cache, still
+    gives the reference's output, and no layer after the first allocates."""
     specs = [(1, 40), (1, 33), (1, 12), (5, 30)]
     shape = (9, 3, 64, 16)
     first = poisoned_batch(specs, shape, torch.float32)
@@ -154,7 +162,8 @@ def test_layers_of_a_step_share_the_gather_buffers(seed) -> None:
 
     def recording(num_slots: int, key_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         buffers = gather_buffers(num_slots, key_cache)
-        made.append(tuple(buffer.data_ptr() for buffer in buffers))
+        assert all(buffer.shape[0] == num_slots and buffer.is_contiguous() for buffer in buffers)
+        made.append(tuple(buffer.untyped_storage().data_ptr() for buffer in buffers))
         return buffers
 
     plan.gather_buffers = recording
@@ -165,13 +174,63 @@ def test_layers_of_a_step_share_the_gather_buffers(seed) -> None:
         torch.testing.assert_close(output, expected, atol=tolerance, rtol=tolerance)
     groups = plan.groups(16, None)
     assert len(made) == len(layers) * len(groups)
-    # groups: decodes {40, 33} (80 slots), {12} (12), the chunk (30); a pair of tensors each
-    assert len(set(made)) == len({group.slots.shape[0] for group in groups})
+    # groups: decodes {40, 33} (80 slots, the most), {12}, the chunk (30): one pair for all
+    assert len(set(made)) == 1
+
+
+def test_the_workspace_serves_later_steps(seed) -> None:
+    """A workspace kept from step to step: each step gives the reference's output while the
+    contexts grow past its capacity, when the batch shrinks (its tensors then hold more than a
+    step gathers, stale past the step's slots), and for a chunk longer than everything before;
+    the capacity grows geometrically, so a growing context reallocates in few of its steps."""
+    shape = (9, 3, 64, 16)
+    workspace = CpuAttentionWorkspace()
+    steps = [[(1, 20 + step + 3 * seq) for seq in range(4)] for step in range(40)]
+    steps += [[(1, 61), (1, 50)], [(1, 62)], [(1, 63), (30, 500)], [(1, 2), (1, 3)]]
+    capacities = []
+    for specs in steps:
+        batch = poisoned_batch(specs, shape, torch.float32)
+        host = (batch["query_start"].tolist(), batch["context_lens"].tolist(), batch["block_tables"].tolist())
+        plan = CpuAttentionPlan(*host, workspace=workspace)
+        output = paged_attention_cpu(**batch, scale=0.125, plan=plan)
+        expected = paged_attention_reference(**batch, scale=0.125)
+        tolerance = TOLERANCE[torch.float32]
+        torch.testing.assert_close(output, expected, atol=tolerance, rtol=tolerance)
+        key_cache = batch["key_cache"]
+        capacities.append(plan.gather_buffers(1, key_cache)[0].untyped_storage().nbytes() // (3 * 64 * 4))
+    # 4 decodes from 4 x 29 to 4 x 68 slots: 116, then 232 (doubled), then 464; the chunk's 500: 928
+    assert sorted(set(capacities)) == [116, 232, 464, 928]
+    assert capacities[40:] == [464, 464, 928, 928]  # the batch shrinks: kept; then the chunk
+    # another head count or dtype has its own tensors
+    other = torch.empty(1, 16, 2, 64)
+    assert workspace.gather_buffers(8, other)[0].shape == (8, 2, 64)
+    assert workspace.gather_buffers(8, key_cache)[0].shape == (8, 3, 64)
+    half = workspace.gather_buffers(8, key_cache.half())[0]
+    assert half.dtype == torch.float16
+
+
+def test_decode_rows_in_step_order(seed) -> None:
+    """Decodes are grouped by length but keep the step's order within a group: decodes that lead
+    the step in one group read and write their rows as one span; a group whose rows are not one
+    range (a chunk between its decodes) has none, and both give the reference's output."""
+    specs = [(1, 30), (1, 50), (1, 40), (7, 20), (1, 45)]
+    compare(specs, (9, 3, 64, 16))
+    batch = poisoned_batch(specs, (9, 3, 64, 16), torch.float32)
+    groups = CpuAttentionPlan.from_tensors(batch["query_start"], batch["context_lens"], batch["block_tables"])
+    first, chunk = groups.groups(16, None)
+    assert first.rows.tolist() == [0, 1, 2, 10] and first.span is None
+    assert chunk.span == (3, 10)
+    leading = [(1, 30), (1, 50), (1, 40), (7, 20)]
+    compare(leading, (9, 3, 64, 16))
+    batch = poisoned_batch(leading, (9, 3, 64, 16), torch.float32)
+    plan = CpuAttentionPlan.from_tensors(batch["query_start"], batch["context_lens"], batch["block_tables"])
+    assert plan.groups(16, None)[0].span == (0, 3)
 
 
 def test_the_runner_plans_once_a_step(toy_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
     """Through the engine on the CPU, each step with tokens makes one plan, where it flattens the
-    step, and each group's tensors are made once, however many layers attend."""
+    step, and each group's tensors are made once, however many layers attend; every step gathers
+    into the runner's workspace."""
     from fastgen.runner import ModelRunner
     from tests.helpers import engine_greedy
 
@@ -200,6 +259,7 @@ def test_the_runner_plans_once_a_step(toy_checkpoint, monkeypatch: pytest.Monkey
     engine_greedy(path, prompts, 6, device="cpu", executor="inprocess", token_budget=8)
     assert len(plans) == sum(1 for chunks in steps if chunks) > 6
     assert len(groups_made) == sum(len(plan.members) for plan in plans)
+    assert len({id(plan.workspace) for plan in plans}) == 1  # the runner's, kept from step to step
 
 
 def test_prefill_only(seed) -> None:
