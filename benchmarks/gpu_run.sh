@@ -6,7 +6,8 @@
 # and without asynchronous scheduling), prefix (a closed loop with and without a shared prompt prefix),
 # fusions (issue 13: the decode step with each fused kernel turned off in turn;
 # FUSIONS_ARGS, e.g. "--shape llama3-8b"), fp8 (batch-1 decode and the offline run with FP8 weights), kvfp8 (the same with an FP8 KV cache,
-# with bf16 and with FP8 weights, and the latter at a 2048-token budget), families (batch-1 decode and
+# with bf16 and with FP8 weights, and the latter at a 2048-token budget), ab (batch-1 decode and the offline
+# run of the Llama-2-7B shape in this tree and then in AB_BASE_TREE, an older commit's tree; AB_ARGS, AB_LIMIT_S), families (batch-1 decode and
 # the offline 256 x (1200, 128) run of the smallest real shape of Falcon, OPT and Qwen v1; FAMILY_SHAPES,
 # FAMILY_TIMEOUT_S per shape), snapload (issue 18: start-up from the HF checkpoint vs its snapshot, cold and
 # warm page cache, bf16 and FP8, Llama-2-7B shape with 8 of its 32 layers; SNAPLOAD_ARGS="--num-layers 32"
@@ -144,6 +145,23 @@ for phase in "$@"; do
                   --time-limit-s "$(( ${FAMILY_TIMEOUT_S:-90} - 20 ))" --max-run-s 40 --out "$D" 2>&1 \
                   | tee -a "$D/families.log" | grep -E "^\| (batch-1 decode|offline|kernels)|Roofline|HBM"
               done ;;
+    ab) # the same serving run in this tree and in AB_BASE_TREE (an older commit's `git archive`, e.g.
+        # .snap/old), one after the other on this machine: a before/after on whichever card came
+        base="${AB_BASE_TREE:?ab needs AB_BASE_TREE}"; D="$(cd "$D" && pwd)"  # the base side runs from $base
+        kernels=../kernels; if [ -d "$base/kernels/fastgen_kernels" ]; then kernels=../kernels/fastgen_kernels; fi
+        if [ ! -e "$base/fastgen/kernels" ]; then ln -s "$kernels" "$base/fastgen/kernels"; fi  # pyproject's mapping
+        args="--model-shape llama2-7b --workloads 1200-128 --clients= --offline-requests 512 --skip-peer"
+        args="$args --time-limit-s ${AB_LIMIT_S:-95} --max-run-s 60 ${AB_ARGS:-}"
+        for side in after before; do
+          echo "--- $side"; mkdir -p "$D/$side"
+          if [ "$side" = after ]; then
+            timeout "$(( ${AB_LIMIT_S:-95} + 30 ))" python3 benchmarks/serving.py $args --out "$D/$side" > "$D/$side.log" 2>&1
+          else
+            (cd "$base" && FASTGEN_COMMIT="$(cat COMMIT 2>/dev/null)" PYTHONPATH="$PWD:$PYTHONPATH" timeout "$(( ${AB_LIMIT_S:-95} + 30 ))" \
+              python3 benchmarks/serving.py $args --out "$D/$side" > "$D/$side.log" 2>&1)
+          fi
+          grep -E "^\| |engine:|ceilings" "$D/$side.log" | head -14
+        done ;;
     *) echo "unknown phase $phase" ;;
   esac
   if [ -n "${PACK:-}" ]; then
