@@ -136,7 +136,7 @@ def paged_attention_cpu(
         else:
             grouped = query[group.span[0] : group.span[1]]
         grouped = grouped.view(num_seqs, group.query_len, num_heads, head_dim)
-        gathered = plan.gather_buffers(group.slots.shape[0], key_cache)
+        gathered = plan.workspace.gather_buffers(group.slots.shape[0], key_cache)
         result = _attend(grouped.transpose(1, 2), key_cache, value_cache, group, scale, softcap, gathered)
         result = result.transpose(1, 2).reshape(-1, num_heads, head_dim)
         if group.span is None:
@@ -237,11 +237,6 @@ class CpuAttentionPlan:
             ]
         return groups
 
-    def gather_buffers(self, num_slots: int, key_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two tensors ``[num_slots, kv_heads, head_dim]`` of the cache's dtype that a group's keys
-        and values are gathered into (`CpuAttentionWorkspace.gather_buffers`)."""
-        return self.workspace.gather_buffers(num_slots, key_cache)
-
 
 class CpuAttentionWorkspace:
     """The tensors `paged_attention_cpu` gathers keys and values into, kept from step to step.
@@ -326,7 +321,7 @@ def _attend(
 ) -> torch.Tensor:
     """Attention of ``query`` ``[seqs, heads, query_len, d]`` over the keys and values of
     ``group``'s slots where its mask allows; float32 ``[seqs, heads, query_len, d]``. The keys and
-    values are gathered into ``gathered`` (`CpuAttentionPlan.gather_buffers`), which the result
+    values are gathered into ``gathered`` (`CpuAttentionWorkspace.gather_buffers`), which the result
     does not alias."""
     num_seqs, num_heads, _, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]

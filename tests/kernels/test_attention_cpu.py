@@ -158,7 +158,7 @@ def test_layers_of_a_step_share_the_gather_buffers(seed) -> None:
         first["query_start"].tolist(), first["context_lens"].tolist(), first["block_tables"].tolist()
     )
     made = []
-    gather_buffers = plan.gather_buffers
+    gather_buffers = plan.workspace.gather_buffers
 
     def recording(num_slots: int, key_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         buffers = gather_buffers(num_slots, key_cache)
@@ -166,7 +166,7 @@ def test_layers_of_a_step_share_the_gather_buffers(seed) -> None:
         made.append(tuple(buffer.untyped_storage().data_ptr() for buffer in buffers))
         return buffers
 
-    plan.gather_buffers = recording
+    plan.workspace.gather_buffers = recording
     outputs = [paged_attention_cpu(**layer, scale=0.125, plan=plan) for layer in layers]
     for layer, output in zip(layers, outputs, strict=True):
         expected = paged_attention_reference(**layer, scale=0.125)
@@ -197,7 +197,8 @@ def test_the_workspace_serves_later_steps(seed) -> None:
         tolerance = TOLERANCE[torch.float32]
         torch.testing.assert_close(output, expected, atol=tolerance, rtol=tolerance)
         key_cache = batch["key_cache"]
-        capacities.append(plan.gather_buffers(1, key_cache)[0].untyped_storage().nbytes() // (3 * 64 * 4))
+        kept = workspace.gather_buffers(1, key_cache)[0]
+        capacities.append(kept.untyped_storage().nbytes() // (3 * 64 * 4))
     # 4 decodes from 4 x 29 to 4 x 68 slots: 116, then 232 (doubled), then 464; the chunk's 500: 928
     assert sorted(set(capacities)) == [116, 232, 464, 928]
     assert capacities[40:] == [464, 464, 928, 928]  # the batch shrinks: kept; then the chunk
