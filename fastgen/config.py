@@ -76,6 +76,11 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     when set, else one less than the cores this process may use (the engine's own thread needs one),
     split between ranks and between a deployment's replicas; at least 1. Ignored on GPUs. Torch's
     count is per process: threads of the host application that start later get it too."""
+    freeze_gc: bool = True
+    """Once started, move every Python object alive (the model's, the libraries', the host's) out
+    of the cyclic garbage collector's scans (`gc.freeze`) until the engine stops, so a full
+    collection while serving does not pause every running request for the time it takes to scan
+    them; worker processes freeze theirs for good. Objects allocated later are collected as usual."""
     worker_start_timeout_s: float = 300.0
     """How long the worker processes (``zmq`` executor) may take to load the model and report ready."""
     step_timeout_s: float | None = 600.0

@@ -26,6 +26,7 @@ from .config import EngineConfig
 from .core import CoreOutputs, EngineCore, StepProfile
 from .errors import EngineDeadError, InvalidRequestError
 from .executor import Executor, create_executor
+from .heap import hold_frozen_heap, release_frozen_heap
 from .inputs import InputProcessor, Prompt
 from .models import check_supported
 from .models.checkpoint import load_tokenizer, resolve_model
@@ -73,6 +74,9 @@ class AsyncEngine:
         self._wakeup = asyncio.Event()
         self._dead: BaseException | None = None
         self._stopping = False
+        self._holds_frozen_heap = config.freeze_gc
+        if self._holds_frozen_heap:
+            hold_frozen_heap()  # the loaded engine's objects, out of the collector's full scans
         self._loop_task = asyncio.get_running_loop().create_task(self._step_loop(), name="fastgen-step-loop")
 
     @classmethod
@@ -137,7 +141,11 @@ class AsyncEngine:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._loop_task
         self.outputs.abort_all()
-        await self.executor.shutdown()
+        try:
+            await self.executor.shutdown()
+        finally:
+            if self._holds_frozen_heap:
+                release_frozen_heap()
 
     @property
     def is_healthy(self) -> bool:

@@ -29,6 +29,7 @@ from fastgen.executor.wire import (
     WorkerSpec,
     WorkerStartFailed,
 )
+from fastgen.heap import freeze_process_heap
 from fastgen.plan import PENDING_TOKEN, StepPlan, StepResult
 from fastgen.supervisor import watch_parent
 
@@ -138,6 +139,8 @@ def run_worker(spec: WorkerSpec, rank: int) -> int:
             logger.exception("rank %d failed to start", rank)
             replies.send(codec.encode(WorkerStartFailed(rank, traceback.format_exc())))
             return 1
+        if spec.config.freeze_gc:
+            freeze_process_heap()
         replies.send(codec.encode(WorkerReady(rank, os.getpid(), runner.num_kv_blocks)))
         serve(runner, plans, replies, rank)
         close = getattr(runner, "close", None)

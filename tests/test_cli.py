@@ -32,6 +32,7 @@ FLAG_VALUES = {
     "kv_cache_dtype": ("--kv-cache-dtype", "fp8", "fp8"),
     "seed": ("--seed", "7", 7),
     "cpu_threads": ("--cpu-threads", "3", 3),
+    "freeze_gc": ("--no-freeze-gc", None, False),
     "worker_start_timeout_s": ("--worker-start-timeout-s", "12.5", 12.5),
     "step_timeout_s": ("--step-timeout-s", "none", None),
 }

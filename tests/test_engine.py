@@ -500,3 +500,22 @@ def test_max_model_len_is_capped_to_the_kv_cache(llama_path):
     for error, size in zip(errors, (64, 200)):
         assert error.field == "prompt" and f"{size} tokens" in str(error) and "64" in str(error)
     assert len(after) == 64 - 3 and after_reason == "length"
+
+
+@pytest.mark.parametrize("freeze_gc", [True, False])
+def test_a_running_engine_holds_the_heap_frozen_and_its_stop_lifts_it(llama_path, freeze_gc):
+    import gc
+
+    async def body() -> tuple[int, int]:
+        engine = await start(llama_path, freeze_gc=freeze_gc)
+        try:
+            await collect(engine, [1, 2, 3], SamplingParams(max_new_tokens=2))
+            running = gc.get_freeze_count()
+        finally:
+            await engine.stop()
+        return running, gc.get_freeze_count()
+
+    gc.unfreeze()
+    running, stopped = run(body())
+    assert (running > 10_000) if freeze_gc else (running == 0)
+    assert stopped == 0

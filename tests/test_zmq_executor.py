@@ -398,3 +398,18 @@ def test_hung_worker_fails_requests_after_step_timeout_and_engine_stops_cleanly(
     assert waited < 1.0 + SLACK_S and not healthy
     assert still_running(pids) == []  # shutdown returned once they were gone
     assert worker_children() == []
+
+
+@pytest.mark.parametrize("freeze_gc", [True, False])
+def test_workers_freeze_their_heap_once_ready_unless_turned_off(freeze_gc):
+    async def body():
+        factory = "tests.worker_runners:FreezeReportingRunner"
+        executor = await start_executor(tp=1, factory=factory, freeze_gc=freeze_gc)
+        try:
+            return await executor.execute(first_step(0, 7, [5]))
+        finally:
+            await executor.shutdown()
+
+    (frozen,) = run(body()).sampled_token_ids
+    # a started worker holds at least its modules' objects; without the freeze it holds none frozen
+    assert (frozen > 1000) if freeze_gc else (frozen == 0)

@@ -97,3 +97,14 @@ class PoisonedRunner:
             if chunk.seq_id in self.poisoned and (not chunk.sample if self.in_prompt else chunk.sample):
                 raise RuntimeError(f"sequence {chunk.seq_id} asks for what the runner cannot do")
         return result
+
+
+class FreezeReportingRunner(EchoRunner):
+    """Samples how many objects this worker process has frozen out of the garbage collector."""
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        import gc
+
+        result = super().execute(plan)
+        result.sampled_token_ids = [gc.get_freeze_count()] * len(result.sampled_token_ids)
+        return result
