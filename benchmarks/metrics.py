@@ -17,7 +17,9 @@ wall time of the run.
 
 from __future__ import annotations
 
+import gc
 import itertools
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,3 +204,41 @@ def step_stats(
         "stall": slow > 0,
         "slowest": [{"index": int(i), "ms": round(float(ms[i]), 3), "tokens": int(tokens[i])} for i in order],
     }
+
+
+class GcPauses:
+    """Pauses of Python's cyclic garbage collector in this process (``gc.callbacks``), for a run
+    to report beside its step times: a full collection of a large heap holds the GIL for tens of
+    milliseconds, a slow step no kernel explains. Collections on any thread are counted."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []  # (generation, seconds), in order
+        self._started: float | None = None
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.pauses.append((info["generation"], time.perf_counter() - self._started))
+            self._started = None
+
+    def mark(self) -> int:
+        """A position to summarize from."""
+        return len(self.pauses)
+
+    def summary(self, since: int = 0) -> dict[str, Any]:
+        """Collections since ``since``: how many, how many full (generation 2), the longest pause
+        and the full ones' total, in ms."""
+        pauses = self.pauses[since:]
+        full = [seconds for generation, seconds in pauses if generation == 2]
+        return {
+            "collections": len(pauses),
+            "full_collections": len(full),
+            "max_pause_ms": max((seconds for _, seconds in pauses), default=0.0) * 1000.0,
+            "full_pause_ms_sum": sum(full) * 1000.0,
+        }
+
+    def close(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)

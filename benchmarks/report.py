@@ -228,8 +228,8 @@ def _step_checks(data: dict[str, Any]) -> list[str]:
         "## Stalls and kernel compiles (every measured run)",
         "",
         "| run | token budget | steps | median step ms | max step ms | max / median | tokens in max step "
-        "| steps > 3x median | TTFT p99 s | kernels compiled |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| steps > 3x median | TTFT p99 s | kernels compiled | full GCs | longest GC pause ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         flag = " **STALL**" if row["stall"] else ""
@@ -239,7 +239,8 @@ def _step_checks(data: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {row['run']} | {row['token_budget']} | {row['steps']} | {_f(row['median_ms'], 2)} | "
             f"{_f(row['max_ms'], 1)} | {_f(row['max_over_median'], 1)}x{flag} | {row['max_step_tokens']} | "
-            f"{row['slow_steps']} | {_f(row['ttft_p99_s'], 3)} | {compiled} |"
+            f"{row['slow_steps']} | {_f(row['ttft_p99_s'], 3)} | {compiled} | "
+            f"{row.get('gc_full_collections', '-')} | {_f(row.get('gc_max_pause_ms'), 1)} |"
         )
     verdict = data.get("kernel_compiles") or compile_verdict(data)
     lines += ["", f"Kernel compiles: **{verdict['status']}**: {verdict['line']}"]

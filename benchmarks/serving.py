@@ -50,7 +50,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from metrics import RequestRecord, step_stats, summarize_run
+from metrics import GcPauses, RequestRecord, step_stats, summarize_run
 from report import compile_verdict, markdown_report, summary_table
 from tqdm import tqdm
 from workloads import (
@@ -108,6 +108,7 @@ class Driver:
         self.engine = engine
         self.step_seconds: list[float] = []
         self.step_tokens: list[int] = []
+        self.gc_pauses = GcPauses()
         listeners = getattr(engine, "step_listeners", None)
         if listeners is not None:
             listeners.append(self._on_step)
@@ -192,7 +193,7 @@ class Driver:
     async def run(self, name: str, requests: Sequence[BenchRequest], clients: int, deadline: float) -> dict:
         """One measured run: per-request records, aggregates and the engine's own counters."""
         before = self.engine.stats()
-        first_step = len(self.step_seconds)
+        first_step, first_gc = len(self.step_seconds), self.gc_pauses.mark()
         records, wall_s, truncated = await self.closed_loop(requests, clients, deadline)
         after = self.engine.stats()
         summaries = [r.summary() for r in records]
@@ -218,6 +219,9 @@ class Driver:
                 # Triton kernel variants compiled while this run was measured (None: the engine
                 # does not say): any is a failure of the benchmark (see `compile_verdict`)
                 "kernel_compiles": None if None in compiles else compiles[1] - compiles[0],
+                # the garbage collector's pauses in this process (the engine's, and its runner's
+                # when in-process) during the run
+                "gc": self.gc_pauses.summary(first_gc),
             },
             "requests": summaries,
         }
@@ -353,6 +357,7 @@ def engine_config(args: argparse.Namespace, token_budget: int) -> Any:
         "kv_cache_dtype": args.kv_cache_dtype,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "seed": SEED,
+        "freeze_gc": not args.no_freeze_gc,
     }
     if args.num_kv_blocks is not None:
         options["num_kv_blocks"] = args.num_kv_blocks
@@ -518,6 +523,7 @@ async def with_engine(
         report.save()
         await work(engine, driver, vocab)
     finally:
+        driver.gc_pauses.close()
         await engine.stop()
         engine = driver = None
         report.free_gpu_bytes_before_start = release_gpu_memory()
@@ -641,13 +647,16 @@ class Report:
             "stall": steps["stall"],
             "ttft_p99_s": ttft["p99"],
             "kernel_compiles": compiles,
+            "gc_full_collections": run["engine_stats"].get("gc", {}).get("full_collections"),
+            "gc_max_pause_ms": run["engine_stats"].get("gc", {}).get("max_pause_ms"),
         }
         self.data["step_checks"].append(row)
         if steps["stall"]:
             tqdm.write(
                 f"STALL in {run['name']}: max step {steps['max']:.1f} ms = {steps['max_over_median']:.1f}x "
                 f"the median {steps['median']:.2f} ms ({steps['slow_steps']} steps over "
-                f"{steps['stall_factor']:g}x; the slowest had {steps['max_step_tokens']} tokens)"
+                f"{steps['stall_factor']:g}x; the slowest had {steps['max_step_tokens']} tokens; "
+                f"longest garbage-collector pause {_ms((row['gc_max_pause_ms'] or 0.0) / 1000.0)} ms)"
             )
         if compiles:
             tqdm.write(f"FAIL: {compiles} Triton kernel variants compiled during {run['name']}")
@@ -763,6 +772,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--no-async-scheduling", action="store_true", help="plan each step after the last")
+    parser.add_argument(
+        "--no-freeze-gc", action="store_true", help="leave the start-up heap in the garbage collector's scans"
+    )
     parser.add_argument("--quantization", default=None, choices=["fp8"], help="FP8 (e4m3) linear weights")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8: e4m3 KV")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)

@@ -18,6 +18,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 from metrics import (  # noqa: E402
+    GcPauses,
     RequestRecord,
     ema,
     gaps,
@@ -140,6 +141,26 @@ def test_request_summary_and_run_aggregates():
     assert run["ttft_s"]["p50"] == pytest.approx(0.75)
     assert run["token_latency_s"]["p50"] == pytest.approx(0.125)  # gaps 0.1, 0.1, 0.15, 0.15
     assert run["merged_delta_request_fraction"] == pytest.approx(0.5)
+
+
+def test_gc_pauses_count_the_collections_of_a_run_and_stop_when_closed():
+    import gc
+
+    pauses = GcPauses()
+    try:
+        gc.collect(0)
+        since = pauses.mark()
+        gc.collect()
+        gc.collect(1)
+        summary = pauses.summary(since)
+        assert summary["collections"] >= 2 and summary["full_collections"] == 1
+        assert summary["max_pause_ms"] > 0.0 and summary["full_pause_ms_sum"] > 0.0
+        recorded = pauses.summary()["collections"]
+        assert recorded >= 3
+    finally:
+        pauses.close()
+    gc.collect()
+    assert pauses.summary()["collections"] == recorded and pauses._on_gc not in gc.callbacks
 
 
 def test_step_stats_flag_a_step_over_three_medians():
@@ -343,6 +364,7 @@ def test_serving_benchmark_smoke(tmp_path):
         assert row["max_over_median"] == pytest.approx(row["max_ms"] / row["median_ms"])
         assert row["stall"] == (row["slow_steps"] > 0) and row["ttft_p99_s"] > 0
         assert row["kernel_compiles"] in (0, None)  # no Triton on a CPU (None: the engine does not count)
+        assert row["gc_full_collections"] >= 0 and row["gc_max_pause_ms"] >= 0.0
     verdict = data["kernel_compiles"]
     assert verdict["status"] in ("PASS", "UNKNOWN") and verdict["runs_with_compiles"] == []
     markdown = json_path.with_suffix(".md").read_text()
