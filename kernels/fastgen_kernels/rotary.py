@@ -75,8 +75,9 @@ def _cos_sin(positions_ptr, token, cos_sin_ptr, stride_cos_sin, HALF: tl.constex
 
 @triton.jit
 def _rotate_pair(x1, x2, cos, sin):
-    """Both rotated halves in float32. Every rotary kernel goes through this one expression, so a
-    fused kernel rounds (and contracts into FMAs) exactly as the unfused one does."""
+    """Both rotated halves in float32. Every rotary kernel goes through this one expression and is
+    launched without FMA contraction (``enable_fp_fusion=False``: each product rounded, as torch's
+    separate operations round them), so fused and unfused kernels give the same bits on any GPU."""
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
@@ -138,6 +139,7 @@ def apply_rotary_triton(
         query.shape[1], key.shape[1], query.stride(0), query.stride(1), key.stride(0), key.stride(1),
         cos_sin_cache.stride(0),
         HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4,
+        enable_fp_fusion=False,  # no FMA contraction: the same bits in every rotary kernel and torch
     )
     return query, key
 

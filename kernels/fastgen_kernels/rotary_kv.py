@@ -142,6 +142,7 @@ def rotary_and_write_kv_cache_triton(
         BLOCK_H_Q=max(1, min(triton.next_power_of_2(num_heads), 4096 // block_half)),
         BLOCK_H_KV=max(1, min(triton.next_power_of_2(num_kv_heads), 4096 // block_d)),
         TO_FP8=key_cache.dtype == FP8, num_warps=4,
+        enable_fp_fusion=False,  # no FMA contraction: the same bits in every rotary kernel and torch
     )
     return query
 

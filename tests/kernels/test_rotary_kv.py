@@ -171,3 +171,19 @@ def test_gpu_bfloat16_matches_unfused_kernels(num_heads, num_kv_heads, head_dim,
                      torch.device("cuda"), num_blocks=200, cache_dtype=cache_dtype, scale=60.0,
                      padding=() if num_tokens == 1 else (1, -2))
     assert_same_as_unfused("triton", step, copy_step(step))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn], ids=["bf16-cache", "fp8-cache"])
+def test_gpu_triton_kernels_match_the_torch_reference(cache_dtype, seed) -> None:
+    """Without FMA contraction the kernels round each product as torch's separate operations do:
+    fused and unfused Triton kernels give the reference's bits on the GPU too (Llama-3-8B shape)."""
+    step = make_step(37, 32, 8, 128, 128, torch.bfloat16, torch.device("cuda"), num_blocks=200,
+                     cache_dtype=cache_dtype, scale=60.0)
+    for backend_run in (run_fused, lambda backend, step: run_unfused(backend, step)):
+        triton_step, reference_step = copy_step(step), copy_step(step)
+        backend_run("triton", triton_step)
+        backend_run("reference", reference_step)
+        for name in ("query", "value", "key_cache", "value_cache"):
+            difference = bit_difference(triton_step[name], reference_step[name])
+            assert difference == "equal", f"{name}: {difference}"
