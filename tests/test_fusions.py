@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fastgen.kernels import _dispatch
 
 from fastgen import EngineConfig, kernels
 from fastgen.layers.attention import PagedAttention
@@ -109,15 +110,34 @@ def test_cpu_forced_rotary_kv_changes_no_logit(toy_checkpoint, case, monkeypatch
         assert torch.equal(got, want), f"step {step}: max difference {(got - want).abs().max()}"
 
 
-def test_fuses_rotary_only_with_triton_kernels_and_the_fusion_on(fusions_off):
-    on_cuda = SimpleNamespace(is_cuda=True)  # all fuses_rotary asks of the query
-    assert not PagedAttention.fuses_rotary(torch.zeros(1))  # CPU tensors take the references
+def test_fuses_rotary_only_with_triton_kernels_and_the_fusion_on(fusions_off, monkeypatch):
+    def on_cuda(rows: int) -> SimpleNamespace:
+        return SimpleNamespace(is_cuda=True, shape=(rows, 4, 64))  # all fuses_rotary asks of the query
+
+    assert not PagedAttention.fuses_rotary(torch.zeros(1, 4, 64))  # CPU tensors take the references
     fusions_off("")
-    assert PagedAttention.fuses_rotary(on_cuda)
+    assert PagedAttention.fuses_rotary(on_cuda(1)) and PagedAttention.fuses_rotary(on_cuda(8))
     fusions_off("silu_down, rotary_kv")
-    assert not PagedAttention.fuses_rotary(on_cuda)
+    assert not PagedAttention.fuses_rotary(on_cuda(1))
     fusions_off("all")
-    assert not PagedAttention.fuses_rotary(on_cuda)
+    assert not PagedAttention.fuses_rotary(on_cuda(1))
+    # unset: the measured default, one-row steps only
+    monkeypatch.delenv("FASTGEN_FUSIONS_OFF")
+    _dispatch._fusions_off.cache_clear()
+    assert PagedAttention.fuses_rotary(on_cuda(1)) and not PagedAttention.fuses_rotary(on_cuda(2))
+
+
+def test_every_fusion_serves_one_row_steps_by_default(monkeypatch):
+    monkeypatch.delenv("FASTGEN_FUSIONS_OFF", raising=False)
+    _dispatch._fusions_off.cache_clear()
+    try:
+        for name in ("rotary_kv", "gated_down", "norm_linear"):
+            assert kernels.fusion_enabled(name, 1) and not kernels.fusion_enabled(name, 2)
+        monkeypatch.setenv("FASTGEN_FUSIONS_OFF", "norm_linear")
+        _dispatch._fusions_off.cache_clear()
+        assert kernels.fusion_enabled("gated_down", 8) and not kernels.fusion_enabled("norm_linear", 1)
+    finally:
+        _dispatch._fusions_off.cache_clear()
 
 
 # ---- GPU ----

@@ -76,9 +76,11 @@ class PagedAttention(nn.Module):
     @staticmethod
     def fuses_rotary(q: torch.Tensor) -> bool:
         """Whether the rotary is better left to :meth:`attend`: with the Triton kernels (on CUDA),
-        unless ``FASTGEN_FUSIONS_OFF`` names ``rotary_kv``. On the CPU the separate references
-        stay, as they were."""
-        return q.is_cuda and not kernels.reference_forced() and kernels.fusion_enabled("rotary_kv")
+        where the ``rotary_kv`` fusion serves a step of ``q``'s rows (see ``fusion_enabled``). On
+        the CPU the separate references stay, as they were."""
+        if not q.is_cuda or kernels.reference_forced():
+            return False
+        return kernels.fusion_enabled("rotary_kv", q.shape[0])
 
     def attend(
         self,

@@ -74,7 +74,7 @@ class GatedMLP(nn.Module):
             return self.down_proj(activated * up)
         gate_up = self.gate_up_proj(x)
         if self.gelu is None:
-            if small_batch(gate_up) and kernels.fusion_enabled("gated_down"):
+            if small_batch(gate_up) and kernels.fusion_enabled("gated_down", gate_up.shape[0]):
                 return self.down_proj.forward_silu_and_mul(gate_up)  # no [M, I] activation written
             return self.down_proj(kernels.silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)

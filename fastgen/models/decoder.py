@@ -153,7 +153,9 @@ class DecoderLayer(nn.Module):
             hidden, _ = self.post_attention_layernorm(self.feed_forward(hidden), hidden)
             return hidden, None
         into_linears = (
-            self.norms_into_linears and small_batch(hidden) and kernels.fusion_enabled("norm_linear")
+            self.norms_into_linears
+            and small_batch(hidden)
+            and kernels.fusion_enabled("norm_linear", hidden.shape[0])
         )
         if into_linears:
             normed, residual = self.input_layernorm.into_linear(hidden, residual)

@@ -3,9 +3,10 @@ batched CPU path besides, see ``attention.paged_attention``).
 
 ``FASTGEN_KERNELS=reference`` forces the reference everywhere (debugging on a GPU).
 ``FASTGEN_FUSIONS_OFF`` turns fused kernels off by name (a comma list, or ``all``; empty: none off)
-so that a benchmark can measure each fusion against the separate kernels it replaces. Unset, it
-means ``all``: the fused kernels stay off by default until their GPU tests pass
-(benchmarks/NOTES-kernels.md, "Fusions").
+so that a benchmark can measure each fusion against the separate kernels it replaces; set, the
+fusions it leaves on serve every batch their kernels take. Unset, the measured default: every
+fusion for one-row steps only (batch-1 decode, where they were faster together; at eight rows the
+GEMV prologues were slower: benchmarks/NOTES-kernels.md, "Fusions").
 """
 
 from __future__ import annotations
@@ -31,13 +32,21 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and not _forced_reference()
 
 
+DEFAULT_FUSED_ROWS = 1  # rows up to which the fusions serve when FASTGEN_FUSIONS_OFF is unset
+
+
 @functools.cache
-def _fusions_off() -> frozenset[str]:
-    names = os.environ.get("FASTGEN_FUSIONS_OFF", "all").lower().replace(" ", "")
-    return frozenset(name for name in names.split(",") if name)
+def _fusions_off() -> frozenset[str] | None:
+    names = os.environ.get("FASTGEN_FUSIONS_OFF")
+    if names is None:
+        return None
+    return frozenset(name for name in names.lower().replace(" ", "").split(",") if name)
 
 
-def fusion_enabled(name: str) -> bool:
-    """False when ``FASTGEN_FUSIONS_OFF`` names the fusion ``name`` (or says ``all``)."""
+def fusion_enabled(name: str, rows: int) -> bool:
+    """Whether the fusion ``name`` serves a step of ``rows`` rows (tokens): unless
+    ``FASTGEN_FUSIONS_OFF`` names it (or says ``all``); when unset, at up to `DEFAULT_FUSED_ROWS`."""
     off = _fusions_off()
+    if off is None:
+        return rows <= DEFAULT_FUSED_ROWS
     return name not in off and "all" not in off
