@@ -312,6 +312,8 @@ class ModelRunner:
         pending = self._sample(logits, sampled_states)
         if on_launched is not None:
             on_launched()
+        # every launch is issued (a compile happens at launch): counted while the device works
+        compiles = self._count_compiles(plan.step_id)
         tokens, logprobs = pending.to_host()
         for state, token in zip(sampled_states, tokens):
             state.num_generated += 1
@@ -325,7 +327,7 @@ class ModelRunner:
             finished - prepared,
             logprobs,
             prompt_logprobs,
-            self._count_compiles(plan.step_id),
+            compiles,
         )
 
     def _count_compiles(self, step_id: int) -> int:
