@@ -634,7 +634,7 @@ class Report:
     def check_run(self, run: dict[str, Any]) -> dict[str, Any]:
         """The run's stall and compile row (`step_checks`); says so at once when one is found."""
         steps, ttft = run["engine_stats"]["step_ms"], run["summary"]["ttft_s"]
-        compiles = run["engine_stats"]["kernel_compiles"]
+        compiles, gc_pauses = run["engine_stats"]["kernel_compiles"], run["engine_stats"]["gc"]
         row = {
             "run": run["name"],
             "token_budget": self.data["engines"][-1]["token_budget"] if self.data["engines"] else None,
@@ -647,8 +647,8 @@ class Report:
             "stall": steps["stall"],
             "ttft_p99_s": ttft["p99"],
             "kernel_compiles": compiles,
-            "gc_full_collections": run["engine_stats"].get("gc", {}).get("full_collections"),
-            "gc_max_pause_ms": run["engine_stats"].get("gc", {}).get("max_pause_ms"),
+            "gc_full_collections": gc_pauses["full_collections"],
+            "gc_max_pause_ms": gc_pauses["max_pause_ms"],
         }
         self.data["step_checks"].append(row)
         if steps["stall"]:
@@ -656,7 +656,7 @@ class Report:
                 f"STALL in {run['name']}: max step {steps['max']:.1f} ms = {steps['max_over_median']:.1f}x "
                 f"the median {steps['median']:.2f} ms ({steps['slow_steps']} steps over "
                 f"{steps['stall_factor']:g}x; the slowest had {steps['max_step_tokens']} tokens; "
-                f"longest garbage-collector pause {_ms((row['gc_max_pause_ms'] or 0.0) / 1000.0)} ms)"
+                f"longest garbage-collector pause {gc_pauses['max_pause_ms']:.1f} ms)"
             )
         if compiles:
             tqdm.write(f"FAIL: {compiles} Triton kernel variants compiled during {run['name']}")

@@ -74,8 +74,7 @@ class AsyncEngine:
         self._wakeup = asyncio.Event()
         self._dead: BaseException | None = None
         self._stopping = False
-        self._holds_frozen_heap = config.freeze_gc
-        if self._holds_frozen_heap:
+        if config.freeze_gc:
             hold_frozen_heap()  # the loaded engine's objects, out of the collector's full scans
         self._loop_task = asyncio.get_running_loop().create_task(self._step_loop(), name="fastgen-step-loop")
 
@@ -144,7 +143,7 @@ class AsyncEngine:
         try:
             await self.executor.shutdown()
         finally:
-            if self._holds_frozen_heap:
+            if self.config.freeze_gc:
                 release_frozen_heap()
 
     @property

@@ -21,10 +21,8 @@ _holders = 0
 def hold_frozen_heap() -> int:
     """Collect, then freeze every object alive; returns how many objects are frozen."""
     global _holders
-    gc.collect()
-    gc.freeze()
     _holders += 1
-    return gc.get_freeze_count()
+    return _collect_and_freeze()
 
 
 def release_frozen_heap() -> None:
@@ -40,6 +38,10 @@ def release_frozen_heap() -> None:
 def freeze_process_heap() -> int:
     """Collect and freeze for the rest of the process (a worker process, which serves until it
     exits); returns how many objects are frozen."""
-    gc.collect()
+    return _collect_and_freeze()
+
+
+def _collect_and_freeze() -> int:
+    gc.collect()  # garbage frozen now would be kept until the freeze is lifted
     gc.freeze()
     return gc.get_freeze_count()
