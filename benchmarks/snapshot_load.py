@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import ctypes
 import datetime
 import json
@@ -43,6 +44,7 @@ import logging
 import mmap
 import os
 import platform
+import pstats
 import shlex
 import statistics
 import subprocess
@@ -57,6 +59,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 READ_BLOCK_BYTES = 32 << 20
 GOAL_RATIO = 1.3
+PROFILE_LINES = 25  # the calls of most cumulative time a profiled build reports
 
 
 # -- the page cache and the disk ---------------------------------------------------------------------
@@ -265,8 +268,11 @@ def ensure_snapshot(source: str, directory: Path, options: dict[str, Any]) -> fl
 # -- the child: one engine start ------------------------------------------------------------------
 
 
-async def start_once(model: str, options: dict[str, Any], spawned_at: float) -> dict[str, Any]:
-    """Start an engine on ``model``, ask for one token; seconds since ``spawned_at`` at each stage."""
+async def start_once(
+    model: str, options: dict[str, Any], spawned_at: float, profile: bool = False
+) -> dict[str, Any]:
+    """Start an engine on ``model``, ask for one token; seconds since ``spawned_at`` at each stage.
+    ``profile``: also where the model's build spent its time (cProfile, by cumulative time)."""
 
     def since() -> float:
         return time.time() - spawned_at
@@ -283,10 +289,16 @@ async def start_once(model: str, options: dict[str, Any], spawned_at: float) -> 
     def timed_build(*args: Any, **kwargs: Any) -> Any:  # the in-process executor builds here
         result["weights_start_s"] = since()
         started = time.perf_counter()
+        profiler = cProfile.Profile() if profile else None
+        if profiler:
+            profiler.enable()
         built = build_model(*args, **kwargs)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         result["weights_s"] = time.perf_counter() - started
+        if profiler:
+            profiler.disable()
+            result["profile"] = profile_lines(profiler)
         result["weights_done_s"] = since()
         return built
 
@@ -310,8 +322,19 @@ async def start_once(model: str, options: dict[str, Any], spawned_at: float) -> 
     return result
 
 
+def profile_lines(profiler: cProfile.Profile, count: int = PROFILE_LINES) -> list[str]:
+    """The ``count`` calls of most cumulative time: seconds, calls and where."""
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda item: item[1][3], reverse=True)  # type: ignore[attr-defined]
+    lines = []
+    for (file, line, function), (_, calls, _, cumulative, _) in rows[:count]:
+        where = function if file == "~" else f"{Path(file).name}:{line} {function}"
+        lines.append(f"{cumulative:8.3f} s {calls:7d} x {where}")
+    return lines
+
+
 def child_main(args: argparse.Namespace) -> None:
-    result = asyncio.run(start_once(args.child, json.loads(args.options), args.spawned_at))
+    result = asyncio.run(start_once(args.child, json.loads(args.options), args.spawned_at, args.profile))
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -321,7 +344,7 @@ def child_main(args: argparse.Namespace) -> None:
 class Child:
     """One engine start in a fresh process (`finish` waits for its stages, or an error)."""
 
-    def __init__(self, model: str, options: dict[str, Any], env: dict[str, str]):
+    def __init__(self, model: str, options: dict[str, Any], env: dict[str, str], *, profile: bool = False):
         handle, self.result_path = tempfile.mkstemp(suffix=".json", prefix="fastgen-snapshot-load-")
         os.close(handle)
         self.spawned_at = time.time()
@@ -329,6 +352,8 @@ class Child:
             sys.executable, str(Path(__file__).resolve()), "--child", model, "--options", json.dumps(options),
             "--result", self.result_path, "--spawned-at", repr(self.spawned_at),
         ]  # fmt: skip
+        if profile:
+            command.append("--profile")
         self.process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
         )
@@ -468,6 +493,11 @@ def markdown(data: dict[str, Any]) -> str:
     ]
     if reads:
         lines += ["", "The snapshot reads' own log (first run of each):", "", *reads]
+    for row in data["rows"]:
+        profile = next((run["profile"] for run in row.get("samples", []) if run.get("profile")), None)
+        if profile:
+            lines += ["", f"Where the weights window went, {row['run']} (cProfile, cumulative):", "", "```"]
+            lines += [*profile, "```"]
     return "\n".join(lines)
 
 
@@ -492,11 +522,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--time-limit-s", type=float, default=3000.0, help="skip the runs left after this")
     parser.add_argument("--run-timeout-s", type=float, default=300.0)
+    parser.add_argument(
+        "--only", default=None, help='run only the cases whose label holds this, e.g. "snapshot cold"'
+    )
+    parser.add_argument("--profile-build", action="store_true", help="profile each start's model build")
     parser.add_argument("--out", type=Path, default=RESULTS, help="a .md path, or a directory")
     parser.add_argument("--append", action="store_true", help="add a section to an existing --out file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--spawned-at", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -574,7 +609,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             options = dict(snapshots[quantization]["options"], **engine_extra)
             for label, model in (("source", source), ("snapshot", snapshots[quantization]["path"])):
                 for cache in ("cold", "warm"):
-                    plan.append((f"{quantization} {label} {cache}", model, options, cache))
+                    case = f"{quantization} {label} {cache}"
+                    if args.only is None or args.only in case:
+                        plan.append((case, model, options, cache))
     runs: dict[str, list[dict[str, Any]]] = {}
     residents: list[float] = []
     for label, model, options, cache in tqdm(plan, desc="engine starts", unit="start"):
@@ -590,7 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             buffered_read_s(files)
             resident = resident_fraction(files)
-        run = Child(model, options, env).finish(args.run_timeout_s)
+        run = Child(model, options, env, profile=args.profile_build).finish(args.run_timeout_s)
         run["resident_before"] = resident
         runs.setdefault(label, []).append(run)
         shown = {k: round(v, 2) for k, v in run.items() if k.endswith("_s") and isinstance(v, float)}

@@ -37,12 +37,13 @@ def test_conversion_at_load_is_named(tmp_path):
 
 @pytest.mark.slow
 def test_snapshot_load_benchmark_smoke(tmp_path):
-    """The tiny shape quantized to FP8, one run of each case: a table, the ceiling, the goal check."""
+    """The tiny shape quantized to FP8, one run of each case: a table, the ceiling, the goal check,
+    each build's profile."""
     out = tmp_path / "result.md"
     command = [
         sys.executable, str(BENCHMARKS / "snapshot_load.py"), "--model-shape", "tiny",
         "--quantization", "fp8", "--dtype", "bfloat16", "--repeats", "1", "--num-kv-blocks", "128",
-        "--work-dir", str(tmp_path / "work"), "--out", str(out),
+        "--work-dir", str(tmp_path / "work"), "--out", str(out), "--profile-build",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
@@ -56,3 +57,5 @@ def test_snapshot_load_benchmark_smoke(tmp_path):
     assert data["ceiling"]["warm_bytes_per_s"] > 0 and len(data["goal"]) == 2
     report = out.read_text()
     assert "| fp8 snapshot cold |" in report and "Goal check:" in report and "read and verified" in report
+    # the profiled build names the snapshot's own steps
+    assert "Where the weights window went, fp8 snapshot cold" in report and "build_skeleton" in report

@@ -315,6 +315,39 @@ def test_the_tokenizer_loads_while_the_weights_do(toy_checkpoint, monkeypatch):
     assert len(shut_down) == 1
 
 
+def test_the_weights_are_read_while_the_modules_are_built(toy_checkpoint, tmp_path, monkeypatch):
+    """A snapshot's file is read beside the modules' build (a build that waits for the read to begin
+    would time out if they ran one after the other); a build that fails stops the load."""
+    import threading
+
+    import fastgen.models.loader as loader_module
+    import fastgen.models.safetensors_io as io_module
+
+    read_started = threading.Event()
+    load_tensors, build_skeleton_ = io_module.load_tensors, loader_module.build_skeleton
+
+    def reading(*args, **kwargs):
+        read_started.set()
+        return load_tensors(*args, **kwargs)
+
+    def build_after_the_read_began(*args, **kwargs):
+        assert read_started.wait(30), "the weights were not read beside the modules' build"
+        return build_skeleton_(*args, **kwargs)
+
+    source = toy_checkpoint("llama")
+    path = snapshot_of(source, tmp_path / "snap")
+    monkeypatch.setattr(io_module, "load_tensors", reading)
+    monkeypatch.setattr(loader_module, "build_skeleton", build_after_the_read_began)
+    assert_same_weights(built(source), built(path))
+
+    def failing_build(*args, **kwargs):
+        raise MemoryError("no room for the modules")
+
+    monkeypatch.setattr(loader_module, "build_skeleton", failing_build)
+    with pytest.raises(MemoryError, match="no room"):
+        built(path)
+
+
 def test_truncated_or_missing_files_are_refused_at_once(llama_snapshot, tmp_path):
     copy = a_copy(llama_snapshot, tmp_path)
     rank = copy / "rank-0-of-2.safetensors"
