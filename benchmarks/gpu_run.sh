@@ -11,7 +11,8 @@
 # the offline 256 x (1200, 128) run of the smallest real shape of Falcon, OPT and Qwen v1; FAMILY_SHAPES,
 # FAMILY_TIMEOUT_S per shape), snapload (issue 18: start-up from the HF checkpoint vs its snapshot, cold and
 # warm page cache, bf16 and FP8, Llama-2-7B shape with 8 of its 32 layers; SNAPLOAD_ARGS="--num-layers 32"
-# for all of them, about 2.5x longer)
+# for all of them, about 2.5x longer), readsweep (after snapload: its snapshot file read to the GPU by each
+# reader variant, READ_VARIANTS)
 # Results and logs land in $OUT (or benchmarks/results when OUT is unset). The serving phase takes
 # SERVING_LIMIT_S / SERVING_TIMEOUT_S (the kernels phase takes KERNELS_ARGS, e.g. "--only moe")
 # and extra arguments in SERVING_ARGS, e.g. to finish a sweep:
@@ -138,6 +139,10 @@ for phase in "$@"; do
               timeout "${SNAPLOAD_TIMEOUT_S:-200}" python3 benchmarks/snapshot_load.py --model-shape llama2-7b \
                 --quantization none,fp8 --quick --work-dir /tmp/fastgen-snapload --time-limit-s 170 \
                 --out "$D/snapshot_load-gpu.md" ${SNAPLOAD_ARGS:-} 2>&1 | tee "$D/snapload.log" | grep -v "it/s]" | tail -45 ;;
+    readsweep) # after snapload (its bf16 snapshot): the weight file read to the GPU by each reader variant
+               timeout "${READSWEEP_TIMEOUT_S:-150}" python3 benchmarks/snapshot_read_ab.py --device cuda --rounds 2 \
+                 --variants "${READ_VARIANTS:-host,staged,staged:8,staged:16}" /tmp/fastgen-snapload/*-snapshot-auto-none \
+                 2>&1 | tee "$D/readsweep.log" | tail -12 ;;
     families) for shape in ${FAMILY_SHAPES:-opt-125m qwen-1.8b falcon-7b}; do  # issue 16: one figure per family
                 echo "--- $shape"
                 timeout "${FAMILY_TIMEOUT_S:-90}" python3 benchmarks/serving.py --model-shape "$shape" \

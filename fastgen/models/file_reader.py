@@ -3,13 +3,14 @@
 A cold read through the page cache (page faults on a mapping, or ``read`` with the kernel's
 readahead) gets a fraction of what the disk gives, and copies everything once more through the
 cache. `read_verified` reads each ``chunk_bytes`` piece of the file (the pieces its `FileDigest`
-hashes) with ``O_DIRECT`` straight into memory the data stays in: one page-aligned host buffer
-that the tensors are views of, copied to a GPU in one go when the tensors go there; or, with
-``staged=True``, pinned staging buffers copied to the device while the next pieces are read (not
-the default until its GPU test passes on a GPU). A piece already in the page cache (``mincore``
-says so) is copied from there instead, which is faster than the disk; a file wholly in the cache
-is mapped, not copied. Where the file system refuses ``O_DIRECT``, or the pieces are not aligned
-to its blocks, pieces are read through the page cache.
+hashes) with ``O_DIRECT`` straight into memory the data stays in. For the CPU that is one
+page-aligned host buffer the tensors are views of. For a GPU (``staged``, its default) pieces
+land in pinned staging buffers, each copied to the device while the next pieces are read: no
+host memory the size of the file, and no whole-file copy after the last read. A piece already in
+the page cache (``mincore`` says so) is copied from there instead, which is faster than the disk;
+a file wholly in the cache is mapped, not copied, when read to host memory. Where the file system
+refuses ``O_DIRECT``, or the pieces are not aligned to its blocks, pieces are read through the
+page cache.
 
 Reading and hashing are separate stages: a few I/O threads keep reads in flight, in file order,
 and hand each piece to a pool of hashing threads (SHA-256 is CPU-bound, about 1 GB/s a core), so
@@ -42,8 +43,6 @@ ALIGN_BYTES = 4096
 # reads in flight: one O_DIRECT read of a piece is already split into many device requests; a few
 # more keep the queue full while a thread is between reads
 IO_THREADS = 4
-# pinned buffers a GPU read cycles through: the reads in flight plus the pieces being hashed
-STAGING_BUFFERS = 8
 
 
 @dataclass
@@ -70,21 +69,24 @@ def read_verified(
     *,
     data_start: int,
     hash_threads: int | None = None,
+    io_threads: int | None = None,
     direct: bool = True,
-    staged: bool = False,
+    staged: bool | None = None,
 ) -> tuple[torch.Tensor, ReadStats]:
     """Bytes ``data_start`` to the end of the file at ``path`` as one uint8 tensor on ``device``,
     once every piece of the file matches ``expected`` (`DamagedFileError` otherwise).
 
-    ``direct=False`` reads through the page cache only. ``staged`` reads through staging buffers
-    and copies them to ``device``; otherwise the file is read into host memory (the returned
-    tensor's own on the CPU), then copied to ``device`` whole."""
+    ``direct=False`` reads through the page cache only. ``staged`` (default: on a GPU) reads
+    through staging buffers and copies them to ``device``; otherwise the file is read into host
+    memory (the returned tensor's own on the CPU), then copied to ``device`` whole. ``io_threads``
+    reads (default `IO_THREADS`) are kept in flight."""
     size = expected.size
     chunk = expected.chunk_bytes
     pieces = [(start, min(start + chunk, size)) for start in range(0, size, chunk)]
     if len(pieces) != len(expected.chunks):
         raise DamagedFileError(f"{path}: {len(pieces)} pieces where {len(expected.chunks)} were hashed")
-    staged = bool(staged)
+    staged = device.type == "cuda" if staged is None else staged
+    io_threads = io_threads or IO_THREADS
     hash_threads = hash_threads or max(1, min(16, len(os.sched_getaffinity(0))))
     refused = "" if direct else "O_DIRECT not asked for"
     if direct and chunk % ALIGN_BYTES:  # a piece's aligned reads would overlap its neighbours'
@@ -94,13 +96,15 @@ def read_verified(
         resident = _resident_pages(source.buffered, size)
         sink: _Sink
         if staged:
-            buffers = min(len(pieces), STAGING_BUFFERS)
+            # staging buffers to cycle through: one for each read in flight, as many for the pieces
+            # being hashed and copied meanwhile
+            buffers = min(len(pieces), 2 * io_threads)
             sink = _StagedSink(device, size - data_start, data_start, _round_up(chunk), buffers)
         elif _is_resident(resident, 0, size):
             sink = _MappedSink(source.buffered, size, data_start)  # no copy of what the cache holds
         else:
             sink = _HostSink(size, data_start)
-        stats = _run_pipeline(path, expected, pieces, source, sink, resident, hash_threads)
+        stats = _run_pipeline(path, expected, pieces, source, sink, resident, hash_threads, io_threads)
         stats.direct_refused = source.refused
         data = sink.result()
         return (data if staged or device.type == "cpu" else data.to(device)), stats
@@ -376,8 +380,9 @@ def _run_pipeline(
     sink: _Sink,
     resident: bytes | None,
     hash_threads: int,
+    io_threads: int,
 ) -> ReadStats:
-    """Read ``pieces`` in file order on `IO_THREADS` threads into ``sink``, hashing each on
+    """Read ``pieces`` in file order on ``io_threads`` threads into ``sink``, hashing each on
     ``hash_threads`` others; raise for the first piece (in file order) that does not match."""
     failed = threading.Event()
 
@@ -408,9 +413,10 @@ def _run_pipeline(
 
     stats = ReadStats()
     # the hashing pool outlives the readers, which hand it work (exits run in reverse order)
-    with ThreadPoolExecutor(hash_threads, thread_name_prefix="fastgen-hash") as hash_pool, ThreadPoolExecutor(
-        min(IO_THREADS, len(pieces)), thread_name_prefix="fastgen-read"
-    ) as io_pool:
+    with (
+        ThreadPoolExecutor(hash_threads, thread_name_prefix="fastgen-hash") as hash_pool,
+        ThreadPoolExecutor(min(io_threads, len(pieces)), thread_name_prefix="fastgen-read") as io_pool,
+    ):
         reads = [io_pool.submit(read_piece, start, end) for start, end in pieces]
         try:
             for (start, end), read, digest in zip(pieces, reads, expected.chunks):

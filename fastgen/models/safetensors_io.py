@@ -210,15 +210,17 @@ def load_tensors(
     device: torch.device,
     *,
     workers: int | None = None,
+    io_threads: int | None = None,
     direct: bool = True,
-    staged: bool = False,
+    staged: bool | None = None,
 ) -> LoadedTensors:
     """The tensors of the safetensors file at ``path`` on ``device``, each a view of one buffer
     that holds the file's data, once every piece of the file is checked against ``expected``
     (`fastgen.models.file_reader.read_verified`: O_DIRECT unless ``direct=False`` or refused,
-    pieces already in the page cache copied from it, ``workers`` hashing threads). The buffer is
-    host memory, read into directly, and copied whole to another ``device``; with ``staged``,
-    pieces go through staging buffers to the device instead."""
+    pieces already in the page cache copied from it, ``workers`` hashing threads, ``io_threads``
+    reads in flight). The buffer is
+    host memory, read into directly, and copied whole to another ``device``; staged (by default
+    on a GPU), pieces go through staging buffers to the device instead."""
     from .file_reader import read_verified
 
     size = _check_size(path, expected)
@@ -232,8 +234,9 @@ def load_tensors(
         head_size = 8 + header_size
         entries = _parse_header(path, _read_exactly(file, header_size), size - head_size)
     data, stats = read_verified(
-        path, expected, device, data_start=head_size, hash_threads=workers, direct=direct, staged=staged
-    )
+        path, expected, device, data_start=head_size, hash_threads=workers, io_threads=io_threads,
+        direct=direct, staged=staged,
+    )  # fmt: skip
     return LoadedTensors({entry.name: _view(data, entry) for entry in entries}, stats)
 
 
