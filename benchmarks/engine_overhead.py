@@ -5,8 +5,10 @@ blocks for ``--device-ms`` in a GIL-free sleep, as a CUDA runner blocks in its d
 N streams generate through a real `AsyncEngine` (scheduler, detokenizer, output delivery) with
 the in-process executor: synchronous scheduling with and without waiting for the launch in
 `submit` (see `fastgen/executor/inprocess.py`), and asynchronous scheduling (the next step is
-queued on the runner before the current one ends). Overhead = step period - (preparation + device
-time).
+queued on the runner before the current one ends), with a runner that runs one step at a time
+(`execute`) and with one that launches a step apart from collecting its result (`launch` and
+`collect`, as `ModelRunner` does: a simulated device queue starts each step when the one before
+ends). Overhead = step period - (preparation + device time).
 
     python benchmarks/engine_overhead.py [--device-ms 5] [--clients 1 16 64]
 """
@@ -32,9 +34,13 @@ from fastgen.models.config import ModelConfig
 from fastgen.plan import StepPlan, StepResult
 from fastgen.toy import make_toy_checkpoint
 
+# (submit waits for the launch, asynchronous scheduling, the runner launches apart from collecting)
+SETTINGS = ((False, False, False), (True, False, False), (True, True, False), (True, True, True))
+
 
 class SimulatedRunner:
-    """`ModelRunner`'s contract without a model: prepare the batch, launch, block for the device."""
+    """`ModelRunner`'s contract without a model: prepare the batch, launch, block for the device
+    (``execute``: one step at a time, the runner before the launch/collect split)."""
 
     num_kv_blocks = 16384
 
@@ -42,15 +48,19 @@ class SimulatedRunner:
         self.device_s = device_s
         self.block_tables: dict[int, list[int]] = {}
 
-    def execute(self, plan: StepPlan, on_launched=None) -> StepResult:
+    def prepare(self, plan: StepPlan) -> HostBatch:
         for seq_id in plan.released:
             self.block_tables.pop(seq_id, None)
-        started = time.perf_counter()
         host = HostBatch()
         for chunk in plan.chunks:
             table = self.block_tables.setdefault(chunk.seq_id, [])
             table.extend(chunk.new_blocks)
             host.add(chunk, table, 16)
+        return host
+
+    def execute(self, plan: StepPlan, on_launched=None) -> StepResult:
+        started = time.perf_counter()
+        host = self.prepare(plan)
         prepared = time.perf_counter()
         if on_launched is not None:
             on_launched()
@@ -60,10 +70,42 @@ class SimulatedRunner:
         return StepResult(plan.step_id, tokens, prepared - started, time.perf_counter() - prepared)
 
 
+class QueueingRunner(SimulatedRunner):
+    """`ModelRunner.launch` / `collect` with a simulated device queue: a launched step starts on
+    the device when the one before it ends, and `collect` blocks until it is done."""
+
+    def __init__(self, device_s: float):
+        super().__init__(device_s)
+        self.device_free_at = 0.0
+
+    def launch(self, plan: StepPlan, on_launched=None) -> tuple[StepResult, float]:
+        started = time.perf_counter()
+        host = self.prepare(plan)
+        prepared = time.perf_counter()
+        done_at = prepared
+        if plan.chunks:
+            done_at = self.device_free_at = max(prepared, self.device_free_at) + self.device_s
+        if on_launched is not None:
+            on_launched()
+        tokens = [7] * len(host.sample_indices)
+        return StepResult(plan.step_id, tokens, prepared - started, done_at - prepared), done_at
+
+    def collect(self, launched: tuple[StepResult, float]) -> StepResult:
+        result, done_at = launched
+        time.sleep(max(0.0, done_at - time.perf_counter()))  # GIL-free, as a CUDA event wait
+        return result
+
+
 async def measure(
-    model_dir: str, device_s: float, clients: int, wait_for_launch: bool, async_scheduling: bool, tokens: int
+    model_dir: str,
+    device_s: float,
+    clients: int,
+    wait_for_launch: bool,
+    async_scheduling: bool,
+    queueing: bool,
+    tokens: int,
 ) -> dict:
-    runner = SimulatedRunner(device_s)
+    runner = (QueueingRunner if queueing else SimulatedRunner)(device_s)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     executor = InProcessExecutor(runner, pool, wait_for_launch=wait_for_launch)
     model_config = ModelConfig.from_pretrained(model_dir)
@@ -85,7 +127,7 @@ async def measure(
     period_ms = wall / profile["steps"] * 1e3
     busy_ms = profile["runner_prepare_ms"] + device_s * 1e3
     return dict(clients=clients, wait_for_launch=wait_for_launch, async_scheduling=async_scheduling,
-                period_ms=period_ms,
+                queueing=queueing, period_ms=period_ms,
                 overhead_us=(period_ms - busy_ms) * 1e3, **profile)
 
 
@@ -100,8 +142,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         make_toy_checkpoint(tmp)
         for clients in args.clients:
-            for wait, ahead in ((False, False), (True, False), (True, True)):
-                coroutine = measure(tmp, args.device_ms / 1e3, clients, wait, ahead, args.tokens)
+            for wait, ahead, queueing in SETTINGS:
+                coroutine = measure(tmp, args.device_ms / 1e3, clients, wait, ahead, queueing, args.tokens)
                 with asyncio.Runner(loop_factory=new_event_loop) as runner:
                     rows.append(runner.run(coroutine))
     text = (
@@ -109,12 +151,13 @@ def main() -> None:
         f"- command: `python benchmarks/engine_overhead.py {' '.join(sys.argv[1:])}`\n"
         f"- machine: {platform.processor() or platform.machine()}, python {platform.python_version()}; "
         f"date {datetime.date.today()}\n\n"
-        "| streams | submit waits for launch | async scheduling | step period ms | overhead us | "
-        "runner prepare ms | engine between steps ms | engine overlapped ms |\n"
-        "|---|---|---|---|---|---|---|---|\n"
+        "| streams | submit waits for launch | async scheduling | launch apart from collect | "
+        "step period ms | overhead us | runner prepare ms | engine between steps ms | "
+        "engine overlapped ms |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
     )
     for r in rows:
-        text += (f"| {r['clients']} | {r['wait_for_launch']} | {r['async_scheduling']} | "
+        text += (f"| {r['clients']} | {r['wait_for_launch']} | {r['async_scheduling']} | {r['queueing']} | "
                  f"{r['period_ms']:.3f} | "
                  f"{r['overhead_us']:.0f} | {r['runner_prepare_ms']:.3f} | "
                  f"{r['engine_between_steps_ms']:.3f} | {r['engine_overlapped_ms']:.3f} |\n")

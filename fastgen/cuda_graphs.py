@@ -106,8 +106,12 @@ class DecodeGraphs:
     def fits(self, host: HostBatch) -> bool:
         return host.is_decode_only and host.num_seqs <= self.max_batch
 
-    def run(self, host: HostBatch) -> torch.Tensor:
-        """Logits ``[num_seqs, vocab]`` of a decode-only step."""
+    def run(
+        self, host: HostBatch, before_replay: Callable[[torch.Tensor], None] | None = None
+    ) -> torch.Tensor:
+        """Logits ``[num_seqs, vocab]`` of a decode-only step; ``before_replay`` may change the
+        token ids in place once they are on the device (the runner's feed of tokens sampled on
+        the device)."""
         count = host.num_seqs
         size = next(s for s in self.sizes if s >= count)
         pad = size - count
@@ -128,5 +132,7 @@ class DecodeGraphs:
         self.slots[:size].copy_(device_staged[2])
         self.context_lens[:size].copy_(device_staged[3])
         self.block_tables[:count, :width].copy_(tables, non_blocking=True)
+        if before_replay is not None:
+            before_replay(self.token_ids[:count])
         self.graphs[size].replay()
         return self.logits[size][:count]

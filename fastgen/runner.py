@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,6 +105,39 @@ class _SequenceState:
     last_sampled: int = 0  # what a `PENDING_TOKEN` of the next step stands for
 
 
+@dataclass
+class LaunchedStep:
+    """A step whose device work is queued (`ModelRunner.launch`), until `ModelRunner.collect`."""
+
+    step_id: int
+    began_s: float
+    samples: _PendingSample | None = None  # None: the step sampled nothing
+    prompt_samples: _PendingSample | None = None
+    sampled_states: list[_SequenceState] = field(default_factory=list)
+    prepared_s: float = 0.0
+    compiles: int = 0
+    tokens: torch.Tensor | None = None  # the sampled ids on the device, row by row
+    rows: dict[int, int] = field(default_factory=dict)  # seq_id -> its row in ``tokens``
+    collected: threading.Event = field(default_factory=threading.Event)
+
+
+class _TokenFeed:
+    """Puts the previous step's sampled ids, still on the device, into this step's token ids:
+    ``feed`` pairs (token index, row of ``source``)."""
+
+    def __init__(self, feed: list[tuple[int, int]], source: torch.Tensor | None):
+        assert source is not None  # rows come from a step that sampled
+        self.feed, self.source = feed, source
+
+    def __call__(self, token_ids: torch.Tensor) -> None:
+        count = len(self.feed)
+        if all(index == row == i for i, (index, row) in enumerate(self.feed)):
+            token_ids[:count].copy_(self.source[:count])  # decodes in the same order: one copy
+            return
+        pairs = torch.tensor(self.feed, dtype=torch.int64).to(token_ids.device, non_blocking=True)
+        token_ids.index_copy_(0, pairs[:, 0], self.source.index_select(0, pairs[:, 1]))
+
+
 def _plain_greedy(state: _SequenceState) -> bool:
     options = state.sampling
     return options.temperature == 0.0 and (
@@ -164,6 +198,8 @@ class ModelRunner:
         self.num_kv_blocks, _ = tp.min_max_over_ranks(self._plan_kv_blocks())
         self._allocate_kv_cache(self.num_kv_blocks)
         self.sequences: dict[int, _SequenceState] = {}
+        self._previous = LaunchedStep(-1, 0.0)  # the step launched last
+        self._previous.collected.set()
         self.penalties = PenaltyTable(min(config.max_seqs, config.token_budget), self.device)
         self._engine_random = random.Random(config.seed)
         self.graphs: DecodeGraphs | None = None
@@ -264,11 +300,18 @@ class ModelRunner:
 
     # -- one step --------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan, on_launched: Callable[[], None] | None = None) -> StepResult:
-        """Run one step. ``on_launched`` is called once the step's device work is all queued, just
-        before this thread blocks for the sampled ids (the in-process executor lets the engine
-        continue from there, so its host work does not hold the GIL while this thread launches)."""
+        """Run one step: `launch` it, then `collect` its result."""
+        return self.collect(self.launch(plan, on_launched))
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, on_launched: Callable[[], None] | None = None) -> LaunchedStep:
+        """Queue one step's device work and the copy of its sampled ids to the host; `collect`
+        waits for them. The next step may be launched before this one is collected: a token this
+        step samples and the next one reads (``PENDING_TOKEN``) goes from this step's output to
+        the next one's input on the device. ``on_launched`` is called once the device work is
+        queued (the in-process executor lets the engine continue from there, so its host work
+        does not hold the GIL while this thread launches)."""
         for seq_id in plan.released:
             released = self.sequences.pop(seq_id, None)
             if released is not None and released.penalties is not None:
@@ -278,16 +321,22 @@ class ModelRunner:
             if start.sampling.adjusts_logits:
                 state.penalties = self.penalties.track(start.sampling)
             self.sequences[start.seq_id] = state
+        previous, launched = self._previous, LaunchedStep(plan.step_id, time.perf_counter())
         if not plan.chunks:
-            return StepResult(plan.step_id, [])
-        started = time.perf_counter()
+            return launched
         host = HostBatch()
+        feed: list[tuple[int, int]] = []  # (token index, row of the previous step's samples)
         sampled_states: list[_SequenceState] = []
         for chunk in plan.chunks:
             state = self.sequences[chunk.seq_id]
             if chunk.token_ids[0] == PENDING_TOKEN:
                 # the token sampled in the step before (if that step failed, the sequence was
                 # failed too and this step's output for it is dropped)
+                row = previous.rows.get(chunk.seq_id) if state.penalties is None else None
+                if row is not None:
+                    feed.append((host.num_tokens, row))
+                else:  # penalties count the token itself: its step must be back first
+                    previous.collected.wait()
                 chunk = msgspec.structs.replace(chunk, token_ids=[state.last_sampled])
             state.block_table.extend(chunk.new_blocks)
             host.add(chunk, state.block_table, self.block_size)
@@ -296,12 +345,15 @@ class ModelRunner:
             if chunk.sample:
                 sampled_states.append(state)
         prepared = time.perf_counter()
+        fed = _TokenFeed(feed, previous.tokens) if feed else None
         scored = [(offset, chunk) for offset, chunk in _chunk_offsets(plan.chunks) if chunk.prompt_targets]
         prompt_pending = None
         if self.graphs is not None and not scored and self.graphs.fits(host):
-            logits = self.graphs.run(host)
+            logits = self.graphs.run(host, before_replay=fed)
         else:
             token_ids, batch, sample_indices = host.to_device(self.device, self.cpu_attention_workspace)
+            if fed is not None:
+                fed(token_ids)
             if self.mixed_graphs is not None and self.mixed_graphs.fits(host.num_tokens):
                 hidden = self.mixed_graphs.run(token_ids, batch)
             else:
@@ -310,25 +362,44 @@ class ModelRunner:
                 prompt_pending = self._score_prompts(hidden, scored)
             logits = self.model.compute_logits(hidden[sample_indices])
         pending = self._sample(logits, sampled_states)
+        for state in sampled_states:  # after sampling, which draws by the count so far
+            state.num_generated += 1
+        launched.samples = pending.copy_to_host()
+        launched.prompt_samples = None if prompt_pending is None else prompt_pending.copy_to_host()
+        launched.sampled_states, launched.prepared_s = sampled_states, prepared
+        if pending.tokens is not None:
+            launched.tokens = pending.tokens
+            sampling = [chunk.seq_id for chunk in plan.chunks if chunk.sample]
+            launched.rows = {seq_id: row for row, seq_id in enumerate(sampling)}
+        self._previous = launched
         if on_launched is not None:
             on_launched()
         # every launch is issued (a compile happens at launch): counted while the device works
-        compiles = self._count_compiles(plan.step_id)
-        tokens, logprobs = pending.to_host()
-        for state, token in zip(sampled_states, tokens):
-            state.num_generated += 1
-            state.last_sampled = token
-        prompt_logprobs = None if prompt_pending is None else prompt_pending.to_host()[1]
-        finished = time.perf_counter()
-        return StepResult(
-            plan.step_id,
-            tokens,
-            prepared - started,
-            finished - prepared,
-            logprobs,
-            prompt_logprobs,
-            compiles,
-        )
+        launched.compiles = self._count_compiles(plan.step_id)
+        return launched
+
+    def collect(self, launched: LaunchedStep) -> StepResult:
+        """Wait for a launched step's sampled ids (and log-probabilities) and return its result.
+        Steps are collected in the order they were launched."""
+        try:
+            if launched.samples is None:
+                return StepResult(launched.step_id, [])
+            tokens, logprobs = launched.samples.to_host()
+            for state, token in zip(launched.sampled_states, tokens):
+                state.last_sampled = token
+            prompt = launched.prompt_samples
+            prompt_logprobs = None if prompt is None else prompt.to_host()[1]
+            return StepResult(
+                launched.step_id,
+                tokens,
+                launched.prepared_s - launched.began_s,
+                time.perf_counter() - launched.prepared_s,
+                logprobs,
+                prompt_logprobs,
+                launched.compiles,
+            )
+        finally:
+            launched.collected.set()
 
     def _count_compiles(self, step_id: int) -> int:
         """Kernel variants this step compiled (each stalled it), logged with their names."""
@@ -391,7 +462,8 @@ class ModelRunner:
         if self.penalties.num_tracked:
             penalized = [row for row, state in enumerate(states) if state.penalties is not None]
         if greedy and not asking and not penalized:
-            return _PendingSample(logits.argmax(dim=-1))
+            tokens = logits.argmax(dim=-1)
+            return _PendingSample(tokens, tokens=tokens)
         raw = index = None
         if asking:  # before sampling may change the logits
             if len(asking) < len(states):
@@ -403,7 +475,7 @@ class ModelRunner:
             logits = self.penalties.apply(logits, penalized, trackers, generated)
         tokens = logits.argmax(dim=-1) if greedy else self._sample_tokens(logits, states)
         if raw is None:
-            return _PendingSample(tokens)
+            return _PendingSample(tokens, tokens=tokens)
         picked = tokens if index is None else tokens[index]
         wanted = [states[row].sampling.logprobs for row in asking]
         return _pack_logprobs(tokens, raw, picked, asking, wanted)
@@ -448,15 +520,35 @@ def _drop_below_min_p(logits: torch.Tensor, states: list[_SequenceState]) -> Non
 
 
 class _PendingSample:
-    """Sampled ids (and logprobs) queued on the device; `to_host` waits for them."""
+    """Sampled ids (and logprobs) queued on the device: `copy_to_host` queues their copy to the
+    host, `to_host` waits for it. ``tokens``: the sampled ids themselves, on the device."""
 
-    def __init__(self, values: torch.Tensor | None, unpack: Callable[[list], tuple] | None = None):
+    def __init__(
+        self,
+        values: torch.Tensor | None,
+        unpack: Callable[[list], tuple] | None = None,
+        tokens: torch.Tensor | None = None,
+    ):
         self.values = values
         self.unpack = unpack
+        self.tokens = tokens
+        self.copied: torch.cuda.Event | None = None
+
+    def copy_to_host(self) -> _PendingSample:
+        values = self.values
+        if values is not None and values.is_cuda:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+            self.values = host
+        return self
 
     def to_host(self) -> tuple[list[int], list[SampleLogprobs | None] | None]:
         if self.values is None:
             return [], None
+        if self.copied is not None:
+            self.copied.synchronize()  # without the GIL
         values = self.values.tolist()
         return self.unpack(values) if self.unpack is not None else (values, None)
 
@@ -497,4 +589,4 @@ def _pack_logprobs(
             result[row] = SampleLogprobs(chosen[i], top_ids, packed[values_at : values_at + count])
         return sampled, result
 
-    return _PendingSample(torch.cat(parts), unpack)
+    return _PendingSample(torch.cat(parts), unpack, tokens=tokens)

@@ -3,8 +3,9 @@
 The engine's `ZmqExecutor` starts one per rank. A worker joins the ``torch.distributed`` group
 (NCCL on GPU, gloo on CPU), builds its `ModelRunner` shard, agrees on the KV-cache size with the
 other ranks, reports ready, then runs every plan it receives and answers it. A step that raises
-is answered with the error and the worker keeps serving. It exits on the empty frame, or by
-itself when the engine process goes away.
+is answered with the error and the worker keeps serving. Plans are launched as they come and
+answered as their results come in (`StepCollector`), so a step queues behind the one running.
+It exits on the empty frame, or by itself when the engine process goes away.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 
 import zmq
 
+from fastgen.executor.collector import Deliver, StepCollector, launch_step
 from fastgen.executor.wire import (
     SHUTDOWN,
     PlanCodec,
@@ -106,20 +108,31 @@ def load_factory(path: str) -> Any:
 
 
 def serve(runner: Runner, plans: zmq.Socket, replies: zmq.Socket, rank: int) -> None:
-    """Answer plans until the shutdown frame."""
+    """Answer plans until the shutdown frame: this thread launches each step as its plan comes,
+    a collector thread sends each step's reply once its result is in (see `StepCollector`)."""
     plan_codec, reply_codec = PlanCodec(), ReplyCodec()
-    while True:
-        frame = plans.recv()
-        if frame == SHUTDOWN:
-            return
-        plan = plan_codec.decode(frame)
-        try:
-            result = runner.execute(plan)
-        except Exception as exc:  # answered, and logged by the engine; the worker keeps serving
-            reply = StepFailed(rank, plan.step_id, f"{exc!r}\n{traceback.format_exc()}")
-        else:
-            reply = StepDone(rank, plan.step_id, result if rank == 0 else None)
-        replies.send(reply_codec.encode(reply))
+    collector = StepCollector(f"fastgen-worker-{rank}-collector")
+
+    def replier(step_id: int) -> Deliver:
+        def deliver(result: StepResult | None, error: BaseException | None) -> None:
+            if error is not None:  # answered, and logged by the engine; the worker keeps serving
+                trace = "".join(traceback.format_exception(error))
+                reply: Any = StepFailed(rank, step_id, f"{error!r}\n{trace}")
+            else:
+                reply = StepDone(rank, step_id, result if rank == 0 else None)
+            replies.send(reply_codec.encode(reply))
+
+        return deliver
+
+    try:
+        while True:
+            frame = plans.recv()
+            if frame == SHUTDOWN:
+                return
+            plan = plan_codec.decode(frame)
+            collector.put(launch_step(runner, plan), replier(plan.step_id))
+    finally:
+        collector.close()  # every launched step answered before the sockets close
 
 
 def run_worker(spec: WorkerSpec, rank: int) -> int:

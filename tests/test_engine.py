@@ -303,15 +303,15 @@ def test_failed_step_fails_its_requests_and_engine_keeps_serving(llama_path):
     async def main():
         async with await start(llama_path, token_budget=64) as engine:
             runner = engine.executor.runner
-            original = runner.execute
+            original = runner.launch
             poisoned = 333
 
-            def failing(plan):
+            def failing(plan, on_launched=None):
                 if any(poisoned in chunk.token_ids for chunk in plan.chunks):
                     raise RuntimeError("injected failure")
-                return original(plan)
+                return original(plan, on_launched)
 
-            runner.execute = failing
+            runner.launch = failing
             with pytest.raises(StepError, match="injected failure"):
                 await collect(engine, [poisoned, 4, 5], SamplingParams(max_new_tokens=5))
             after = await collect(engine, [4, 5, 6], SamplingParams(max_new_tokens=5, ignore_eos=True))

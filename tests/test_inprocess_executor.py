@@ -120,14 +120,14 @@ def test_engine_outputs_do_not_depend_on_waiting_for_the_launch(llama_path, wait
         config = EngineConfig(dtype="float32", token_budget=32)
         async with await AsyncEngine.start(llama_path, config) as engine:
             engine.executor.wait_for_launch = wait
-            runner, execute = engine.executor.runner, engine.executor.runner.execute
+            runner, launch = engine.executor.runner, engine.executor.runner.launch
             callbacks = []
 
             def counting(plan, on_launched=None):
                 callbacks.append(on_launched is not None)
-                return execute(plan, on_launched=on_launched)
+                return launch(plan, on_launched)
 
-            runner.execute = counting
+            runner.launch = counting
             params = SamplingParams(max_new_tokens=12, ignore_eos=True)
             results = await asyncio.gather(*(collect(engine, prompt, params) for prompt in prompts))
             return [ids for ids, _, _ in results], callbacks

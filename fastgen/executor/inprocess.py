@@ -7,8 +7,10 @@ N+1, and the device would wait for Python. So on a device that runs asynchronous
 `submit` blocks until the runner has queued the step's device work (a fraction of a millisecond
 for a graph replay, a few for a piecewise mixed step); the engine's host work then runs while the
 device does. Measured with a simulated 5 ms device step, 64 streams: `benchmarks/engine_overhead.py`.
-A step submitted while another one runs (asynchronous scheduling) is queued without waiting: the
-runner starts it as soon as the one before returns its tokens.
+
+A step submitted while another one runs (asynchronous scheduling) is launched at once, behind it
+on the device: the runner thread launches, and a collector thread (`StepCollector`) waits for each
+step's sampled ids in turn, so the device starts step N+1 as soon as it ends step N.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import concurrent.futures
 import threading
 
 from fastgen.config import EngineConfig
+from fastgen.executor.collector import StepCollector, launch_step
 from fastgen.models.config import ModelConfig
 from fastgen.plan import StepPlan, StepResult
 
@@ -38,6 +41,7 @@ class InProcessExecutor:
             wait_for_launch = getattr(runner, "device", None) is not None and runner.device.type == "cuda"
         self.wait_for_launch = wait_for_launch
         self._outstanding = 0  # steps submitted and not finished
+        self._collector = StepCollector("fastgen-collector")
 
     @classmethod
     async def create(
@@ -62,25 +66,30 @@ class InProcessExecutor:
 
     def submit(self, plan: StepPlan) -> asyncio.Future[StepResult]:
         loop = asyncio.get_running_loop()
+        future: asyncio.Future[StepResult] = loop.create_future()
         wait = self.wait_for_launch and self._outstanding == 0
         self._outstanding += 1
-        if wait:
-            launched = threading.Event()
-            future = loop.run_in_executor(self._pool, self._execute, plan, launched)
-            launched.wait(self.LAUNCH_WAIT_S)
-        else:
-            future = loop.run_in_executor(self._pool, self.runner.execute, plan)
         future.add_done_callback(self._finished)
+
+        def deliver(result: StepResult | None, error: BaseException | None) -> None:
+            loop.call_soon_threadsafe(_settle, future, result, error)
+
+        launched = threading.Event() if wait else None
+        self._pool.submit(self._launch, plan, deliver, launched)
+        if launched is not None:
+            launched.wait(self.LAUNCH_WAIT_S)
         return future
 
     def _finished(self, _: asyncio.Future) -> None:
         self._outstanding -= 1
 
-    def _execute(self, plan: StepPlan, launched: threading.Event) -> StepResult:
+    def _launch(self, plan: StepPlan, deliver, launched: threading.Event | None) -> None:
         try:
-            return self.runner.execute(plan, on_launched=launched.set)
+            finish = launch_step(self.runner, plan, None if launched is None else launched.set)
         finally:
-            launched.set()
+            if launched is not None:
+                launched.set()
+        self._collector.put(finish, deliver)
 
     async def execute(self, plan: StepPlan) -> StepResult:
         return await self.submit(plan)
@@ -89,5 +98,15 @@ class InProcessExecutor:
         if self._closed:
             return
         self._closed = True
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)  # the launches queued, then
+        self._collector.close()  # their results
         self.runner = None
+
+
+def _settle(future: asyncio.Future, result: StepResult | None, error: BaseException | None) -> None:
+    if future.done():  # cancelled: the engine stopped reading
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -238,7 +238,7 @@ def test_the_runner_plans_once_a_step(toy_checkpoint, monkeypatch: pytest.Monkey
     plans: list[CpuAttentionPlan] = []
     groups_made = []
     steps = []
-    make_plan, make_group, execute = CpuAttentionPlan.__init__, attention._group, ModelRunner.execute
+    make_plan, make_group, launch = CpuAttentionPlan.__init__, attention._group, ModelRunner.launch
 
     def planning(self, *args, **kwargs) -> None:
         plans.append(self)
@@ -248,13 +248,13 @@ def test_the_runner_plans_once_a_step(toy_checkpoint, monkeypatch: pytest.Monkey
         groups_made.append(args[0])
         return make_group(*args, **kwargs)
 
-    def executing(self, plan, *args, **kwargs):
+    def launching(self, plan, *args, **kwargs):
         steps.append(len(plan.chunks))
-        return execute(self, plan, *args, **kwargs)
+        return launch(self, plan, *args, **kwargs)
 
     monkeypatch.setattr(CpuAttentionPlan, "__init__", planning)
     monkeypatch.setattr(attention, "_group", grouping)
-    monkeypatch.setattr(ModelRunner, "execute", executing)
+    monkeypatch.setattr(ModelRunner, "launch", launching)
     path = toy_checkpoint("llama", num_hidden_layers=3)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]
     engine_greedy(path, prompts, 6, device="cpu", executor="inprocess", token_budget=8)
