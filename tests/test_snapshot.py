@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
@@ -121,6 +123,25 @@ def test_modules_are_built_without_parameter_memory(toy_checkpoint):
     assert (
         not rotary.cos_sin_cache.is_meta and rotary.cos_sin_cache.abs().sum() > 0
     )  # computed, on the device
+
+
+def test_building_the_modules_imports_no_symbolic_shapes(toy_checkpoint):
+    """The skeleton's placeholders are plain ``empty`` on the meta device: a ``_like`` op there runs
+    torch's Python meta kernels, whose first use imports torch's symbolic-shapes machinery (seconds
+    of a GPU engine's start, in a fresh process)."""
+    code = (
+        "import sys, torch\n"
+        "from fastgen.layers.parallel import TensorParallel\n"
+        "from fastgen.models.config import ModelConfig\n"
+        "from fastgen.models.loader import build_skeleton\n"
+        f"config = ModelConfig.from_pretrained({toy_checkpoint('llama')!r})\n"
+        "build_skeleton(config, dtype=torch.float32, device=torch.device('cpu'), tp=TensorParallel(),"
+        " max_model_len=64)\n"
+        "print('torch.fx.experimental.symbolic_shapes' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
 
 
 # -- engines ---------------------------------------------------------------------------------------

@@ -90,12 +90,17 @@ class _ParametersOnMeta(TorchFunctionMode):
     meta device, without memory or initialization; tensors they compute (rotary tables) are made
     on the device as usual."""
 
-    _PLACEHOLDERS = frozenset(
-        {torch.empty, torch.zeros, torch.ones, torch.empty_like, torch.zeros_like, torch.ones_like}
-    )
+    _PLACEHOLDERS = frozenset({torch.empty, torch.zeros, torch.ones})
+    _LIKE = frozenset({torch.empty_like, torch.zeros_like, torch.ones_like})
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func in self._LIKE:
+            # as a plain ``empty``: a ``_like`` op on a meta tensor runs torch's Python meta
+            # kernels, whose first use imports the symbolic-shapes machinery (seconds)
+            like = args[0]
+            dtype = kwargs.get("dtype") or like.dtype
+            return torch.empty(like.shape, dtype=dtype, device="meta")
         if func in self._PLACEHOLDERS:
             kwargs["device"] = "meta"
         return func(*args, **kwargs)
