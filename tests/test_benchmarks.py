@@ -562,6 +562,21 @@ def test_soak_benchmark_smoke(tmp_path, llama_path):
     assert data["command"].endswith(" ".join(argv)) and data["config"]["oversubscription"] > 1
 
 
+def test_engine_overhead_benchmark_smoke():
+    """Every setting runs through a real engine, the runner that launches apart from collecting
+    (a simulated device queue) included: one table row each."""
+    command = [sys.executable, str(BENCHMARKS / "engine_overhead.py"), "--device-ms", "1", "--clients", "2"]
+    command += ["--tokens", "8"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 2 |")]
+    import engine_overhead
+
+    settings = [tuple(cell.strip() for cell in row.split("|")[2:5]) for row in rows]
+    assert settings == [tuple(str(flag) for flag in setting) for setting in engine_overhead.SETTINGS]
+    assert len(settings) == 4 and ("True", "True", "True") in settings
+
+
 def test_versions_name_the_commit_given_for_a_tree_without_its_git(monkeypatch):
     from serving import _versions
 
