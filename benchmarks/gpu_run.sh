@@ -39,13 +39,15 @@
 # A tree copied without its .git (the GPU machine's .git may be stale): put the commit in a COMMIT file,
 #   rm -rf .snap && mkdir .snap && git archive HEAD | tar -x -C .snap && git rev-parse --short HEAD > .snap/COMMIT \
 #     && rm -rf .snap/benchmarks/results/*   # 17 MB the run does not read: the working tree's limit is 64 MiB
-# and run from .snap (carry .whl and .snap); the results then name that commit.
+# and run from .snap (carry .whl and .snap; the wheels are found at the root); the results then name
+# that commit. The ab phase's base tree is a `git archive` of the older commit in .snap/old.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 if [ -f COMMIT ]; then export FASTGEN_COMMIT="$(cat COMMIT)"; fi
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+WHEELS=.whl; if [ ! -d "$WHEELS" ] && [ -d ../.whl ]; then WHEELS=../.whl; fi  # run from .snap: the root's
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$WHEELS"/*.whl \
   && export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH || exit 1
 # fastgen itself, offline, with the image's setuptools (pyproject maps kernels/fastgen_kernels to fastgen.kernels)
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
