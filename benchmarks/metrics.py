@@ -184,13 +184,15 @@ def step_stats(
     """Step times of one run in ms: median, mean, p99, max and max / median; how many steps took
     more than ``factor`` x the median (any is a stall); the ``slowest`` steps with their index in
     the run and their token count (a long step of many prompt tokens is not the same finding as a
-    long step of a few decodes). ``tokens[i]`` belongs to ``seconds[i]``."""
+    long step of a few decodes); and each step against the median of the steps of its size, the
+    largest such ratio and how many exceed ``factor``. ``tokens[i]`` belongs to ``seconds[i]``."""
     if len(tokens) != len(seconds):
         raise ValueError(f"{len(seconds)} step times but {len(tokens)} token counts")
     ms = np.asarray(seconds, dtype=np.float64) * 1000.0
     median = float(np.median(ms)) if ms.size else None
     order = np.argsort(ms)[::-1][:slowest]
     slow = int((ms > factor * median).sum()) if median is not None else 0
+    by_size = _over_size_medians(ms, np.asarray(tokens, dtype=np.int64))
     return {
         "count": int(ms.size),
         "median": median,
@@ -203,7 +205,25 @@ def step_stats(
         "slow_steps": slow,
         "stall": slow > 0,
         "slowest": [{"index": int(i), "ms": round(float(ms[i]), 3), "tokens": int(tokens[i])} for i in order],
+        # against the steps of its size only: a step of many prompt tokens beside decode-only ones
+        "max_over_size_median": float(by_size.max()) if by_size.size else None,
+        "size_slow_steps": int((by_size > factor).sum()),
     }
+
+
+SIZE_CLASS_MIN_STEPS = 5  # steps a token-count class needs for its median to judge its members
+
+
+def _over_size_medians(ms: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Each step's time over the median of the steps of its size class (token counts within a
+    power of two: 1, 2-3, 4-7, ...), for the classes of at least `SIZE_CLASS_MIN_STEPS` steps."""
+    classes = np.where(tokens > 0, np.floor(np.log2(np.maximum(tokens, 1))), -1).astype(np.int64)
+    ratios = []
+    for size_class in np.unique(classes):
+        members = ms[classes == size_class]
+        if members.size >= SIZE_CLASS_MIN_STEPS:
+            ratios.append(members / np.median(members))
+    return np.concatenate(ratios) if ratios else np.zeros(0)
 
 
 class GcPauses:

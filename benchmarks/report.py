@@ -50,6 +50,10 @@ def _f(value: float | None, digits: int = 1, scale: float = 1.0) -> str:
     return "-" if value is None else f"{value * scale:.{digits}f}"
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}x"
+
+
 def _slash(values: dict[str, float | None], keys: tuple[str, ...], digits: int, scale: float = 1.0) -> str:
     return " / ".join(_f(values[key], digits, scale) for key in keys)
 
@@ -228,8 +232,9 @@ def _step_checks(data: dict[str, Any]) -> list[str]:
         "## Stalls and kernel compiles (every measured run)",
         "",
         "| run | token budget | steps | median step ms | max step ms | max / median | tokens in max step "
-        "| steps > 3x median | TTFT p99 s | kernels compiled | full GCs | longest GC pause ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| steps > 3x median | max / median of its size | TTFT p99 s | kernels compiled | full GCs "
+        "| longest GC pause ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         flag = " **STALL**" if row["stall"] else ""
@@ -239,7 +244,8 @@ def _step_checks(data: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {row['run']} | {row['token_budget']} | {row['steps']} | {_f(row['median_ms'], 2)} | "
             f"{_f(row['max_ms'], 1)} | {_f(row['max_over_median'], 1)}x{flag} | {row['max_step_tokens']} | "
-            f"{row['slow_steps']} | {_f(row['ttft_p99_s'], 3)} | {compiled} | "
+            f"{row['slow_steps']} | {_ratio(row.get('max_over_size_median'))} | {_f(row['ttft_p99_s'], 3)} | "
+            f"{compiled} | "
             f"{row.get('gc_full_collections', '-')} | {_f(row.get('gc_max_pause_ms'), 1)} |"
         )
     verdict = data.get("kernel_compiles") or compile_verdict(data)

@@ -645,6 +645,7 @@ class Report:
             "max_step_tokens": steps["max_step_tokens"],
             "slow_steps": steps["slow_steps"],
             "stall": steps["stall"],
+            "max_over_size_median": steps.get("max_over_size_median"),
             "ttft_p99_s": ttft["p99"],
             "kernel_compiles": compiles,
             "gc_full_collections": gc_pauses["full_collections"],

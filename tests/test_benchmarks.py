@@ -175,6 +175,21 @@ def test_step_stats_flag_a_step_over_three_medians():
     assert not step_stats([0.010] * 20 + [0.029], list(range(21)))["stall"]
     empty = step_stats([], [])
     assert empty["count"] == 0 and empty["median"] is None and not empty["stall"]
+    assert empty["max_over_size_median"] is None and empty["size_slow_steps"] == 0
+
+
+def test_step_stats_judge_a_step_against_the_steps_of_its_size():
+    """Prompt-chunk steps of ~700 tokens at 25 ms beside one-token decodes at 7 ms are 3.6x the run's
+    median but their own size's usual; a 700-token step at 80 ms is slow for its size too."""
+    seconds = [0.007] * 30 + [0.025] * 6
+    tokens = [16] * 30 + [686, 700, 768, 512, 600, 650]
+    stats = step_stats(seconds, tokens)
+    assert stats["stall"] and stats["max_over_median"] == pytest.approx(25 / 7)
+    assert stats["max_over_size_median"] == pytest.approx(1.0) and stats["size_slow_steps"] == 0
+    slow = step_stats([*seconds, 0.080], [*tokens, 700])
+    assert slow["max_over_size_median"] == pytest.approx(3.2) and slow["size_slow_steps"] == 1
+    few = step_stats([0.007] * 30 + [0.025] * 4, [16] * 30 + [700] * 4)  # too few to judge
+    assert few["max_over_size_median"] == pytest.approx(1.0)
     with pytest.raises(ValueError):
         step_stats([0.1], [])
 
