@@ -371,11 +371,11 @@ class ModelRunner:
             launched.tokens = pending.tokens
             sampling = [chunk.seq_id for chunk in plan.chunks if chunk.sample]
             launched.rows = {seq_id: row for row, seq_id in enumerate(sampling)}
-        self._previous = launched
         if on_launched is not None:
             on_launched()
         # every launch is issued (a compile happens at launch): counted while the device works
         launched.compiles = self._count_compiles(plan.step_id)
+        self._previous = launched  # last: a launch that raised is never collected, nor waited for
         return launched
 
     def collect(self, launched: LaunchedStep) -> StepResult:
