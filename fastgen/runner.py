@@ -335,7 +335,7 @@ class ModelRunner:
                 row = previous.rows.get(chunk.seq_id) if state.penalties is None else None
                 if row is not None:
                     feed.append((host.num_tokens, row))
-                else:  # penalties count the token itself: its step must be back first
+                else:  # the token is needed on the host (penalties count it): once its step is back
                     previous.collected.wait()
                 chunk = msgspec.structs.replace(chunk, token_ids=[state.last_sampled])
             state.block_table.extend(chunk.new_blocks)

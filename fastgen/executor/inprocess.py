@@ -20,7 +20,7 @@ import concurrent.futures
 import threading
 
 from fastgen.config import EngineConfig
-from fastgen.executor.collector import StepCollector, launch_step
+from fastgen.executor.collector import Deliver, StepCollector, launch_step
 from fastgen.models.config import ModelConfig
 from fastgen.plan import StepPlan, StepResult
 
@@ -83,7 +83,7 @@ class InProcessExecutor:
     def _finished(self, _: asyncio.Future) -> None:
         self._outstanding -= 1
 
-    def _launch(self, plan: StepPlan, deliver, launched: threading.Event | None) -> None:
+    def _launch(self, plan: StepPlan, deliver: Deliver, launched: threading.Event | None) -> None:
         try:
             finish = launch_step(self.runner, plan, None if launched is None else launched.set)
         finally:

@@ -218,9 +218,9 @@ def load_tensors(
     that holds the file's data, once every piece of the file is checked against ``expected``
     (`fastgen.models.file_reader.read_verified`: O_DIRECT unless ``direct=False`` or refused,
     pieces already in the page cache copied from it, ``workers`` hashing threads, ``io_threads``
-    reads in flight). The buffer is
-    host memory, read into directly, and copied whole to another ``device``; staged (by default
-    on a GPU), pieces go through staging buffers to the device instead."""
+    reads in flight). The buffer is host memory, read into directly, and copied whole to another
+    ``device``; staged (by default on a GPU), pieces go through staging buffers to the device
+    instead."""
     from .file_reader import read_verified
 
     size = _check_size(path, expected)

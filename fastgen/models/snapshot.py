@@ -319,11 +319,7 @@ def load_snapshot_model(
     with ThreadPoolExecutor(1, thread_name_prefix="fastgen-snapshot-read") as reader:
         reading = reader.submit(read)
         started = time.perf_counter()
-        try:
-            model = build_skeleton(config, dtype=dtype, device=device, tp=tp, max_model_len=max_model_len)
-        except BaseException:
-            reading.cancel()
-            raise
+        model = build_skeleton(config, dtype=dtype, device=device, tp=tp, max_model_len=max_model_len)
         built = time.perf_counter() - started
         tensors, how, read_s = reading.result()
     assign_tensors(model, tensors, device=device, quantized=quantization == "fp8", where=str(file))
