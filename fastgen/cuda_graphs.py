@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from itertools import chain
 
 import torch
 from torch import nn
 
-from fastgen.batch import HostBatch
+from fastgen.batch import HostBatch, upload_int_lists
 from fastgen.layers.attention import ForwardBatch
 
 logger = logging.getLogger(__name__)
@@ -116,22 +117,16 @@ class DecodeGraphs:
         size = next(s for s in self.sizes if s >= count)
         pad = size - count
         width = max(len(t) for t in host.block_tables)
-        staged = torch.tensor(
-            [
-                host.token_ids + [0] * pad,
-                host.positions + [0] * pad,
-                host.slots + [-1] * pad,
-                host.context_lens + [1] * pad,
-            ],
-            dtype=torch.int64,
-        ).pin_memory()
-        tables = torch.tensor(host.padded_block_tables(width), dtype=torch.int32).pin_memory()
-        device_staged = staged.to(self.device, non_blocking=True)
-        self.token_ids[:size].copy_(device_staged[0])
-        self.positions[:size].copy_(device_staged[1])
-        self.slots[:size].copy_(device_staged[2])
-        self.context_lens[:size].copy_(device_staged[3])
-        self.block_tables[:count, :width].copy_(tables, non_blocking=True)
+        (token_ids, positions, slots), (context_lens, tables) = upload_int_lists(
+            self.device,
+            [host.token_ids + [0] * pad, host.positions + [0] * pad, host.slots + [-1] * pad],
+            [host.context_lens + [1] * pad, list(chain.from_iterable(host.padded_block_tables(width)))],
+        )
+        self.token_ids[:size].copy_(token_ids)
+        self.positions[:size].copy_(positions)
+        self.slots[:size].copy_(slots)
+        self.context_lens[:size].copy_(context_lens)
+        self.block_tables[:count, :width].copy_(tables.view(count, width))
         if before_replay is not None:
             before_replay(self.token_ids[:count])
         self.graphs[size].replay()
