@@ -79,7 +79,7 @@ for phase in "$@"; do
     fusions) timeout "${FUSIONS_TIMEOUT_S:-300}" python3 benchmarks/decode_step.py --graphs on \
                --fusions-off "",gated_down,norm_linear,rotary_kv,all --out "$D" ${FUSIONS_ARGS:-} 2>&1 \
                | tee "$D/fusions.log" | tail -24 ;;
-    profile) timeout 400 python3 -m benchmarks.step_profile --out "$D/step_profile.json" 2>&1 | tee "$D/step_profile.log" | tail -80 ;;
+    profile) timeout "${PROFILE_TIMEOUT_S:-400}" python3 -m benchmarks.step_profile --out "$D/step_profile.json" ${PROFILE_ARGS:-} 2>&1 | tee "$D/step_profile.log" | tail -80 ;;
     overhead) timeout 300 python3 -m benchmarks.host_overhead 2>&1 | tee "$D/overhead.log" | tail -70 ;;
     enginetests) timeout 300 python3 -m pytest -m gpu -q tests/test_gpu_engine.py 2>&1 | tee "$D/engine_tests.log" | tail -25 ;;
     serving) timeout "${SERVING_TIMEOUT_S:-560}" python3 benchmarks/serving.py --model-shape llama2-7b \

@@ -1,14 +1,16 @@
 """Where a step's GPU time goes, kernel by kernel, next to the step's wall time. GPU only.
 
-Steps of a Llama-2-7B-shaped model with dummy weights:
+Steps of a model shape (``--shape``, Llama-2-7B by default) with dummy weights:
 - a batch-1 decode replayed from its CUDA graph (the batch-1 benchmark's step);
 - an offline-like mixed step: ``--decodes`` running decodes at context 1300 plus one prompt chunk
   that fills the token budget (the steady state of the offline 1200/128 run);
 - prefill-only steps of 768 and 2048 tokens (GEMM efficiency against the measured matmul rate).
-Then the attention of the mixed step alone: one launch for the whole ragged batch against two
-launches (the decodes, then the chunk).
+The mixed step is also timed launched ahead as the engine runs it (step N+1 queued before N's
+sampled ids are collected): against its kernel time, that says how long the device waits on the
+host a step. Then the attention of the mixed step alone: one launch for the whole ragged batch
+against two launches (the decodes, then the chunk).
 
-    python -m benchmarks.step_profile [--decodes 80] [--budget 768]
+    python -m benchmarks.step_profile [--shape llama3-8b] [--decodes 80] [--budget 768]
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import collections
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.decode_step import GREEDY, copy_bandwidth_bytes_per_s, write_config
+from benchmarks.decode_step import GREEDY, SHAPES, copy_bandwidth_bytes_per_s, write_config
 from fastgen import kernels
 from fastgen.config import EngineConfig
 from fastgen.models.config import ModelConfig
@@ -119,6 +122,27 @@ def run_plan(runner: ModelRunner, plan_for_step):
     return step
 
 
+def pipelined_step_s(runner: ModelRunner, plan_for_step, steps: int = 20) -> float:
+    """Mean seconds a step when each step is launched before the one before it is collected."""
+    counter = [0]
+
+    def plan() -> StepPlan:
+        counter[0] += 1
+        return plan_for_step(counter[0])
+
+    for _ in range(3):
+        runner.execute(plan())
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    previous = runner.launch(plan())
+    for _ in range(steps - 1):
+        launched = runner.launch(plan())
+        runner.collect(previous)
+        previous = launched
+    runner.collect(previous)
+    return (time.perf_counter() - began) / steps
+
+
 def profile_runner(runner: ModelRunner, args, matmul_flops_per_s: float, results: dict) -> None:
     params = sum(p.numel() for p in runner.model.parameters())
     embed = runner.model.model.embed_tokens.weight.numel()
@@ -155,6 +179,10 @@ def profile_runner(runner: ModelRunner, args, matmul_flops_per_s: float, results
                             **kernel_breakdown(step))
     show(f"mixed: {decodes} decodes at 1300 + chunk {chunk_len} at 600", wall, results["mixed"],
          f"(decode KV reads {kv_bytes / 1e9:.1f} GB)")
+    pipelined = pipelined_step_s(runner, mixed)
+    results["mixed"]["pipelined_ms"] = pipelined * 1e3
+    idle = pipelined * 1e3 - results["mixed"]["kernel_us"] / 1e3
+    print(f"  launched ahead: {pipelined * 1e3:.2f} ms a step; the device waits {idle:.2f} ms a step")
     runner.execute(StepPlan(1 << 20, list(range(decodes + 1)), [], []))
 
     # (c) prefill-only steps
@@ -180,10 +208,14 @@ def profile_runner(runner: ModelRunner, args, matmul_flops_per_s: float, results
 def attention_split(args, bandwidth: float, results: dict) -> None:
     """The mixed step's attention: one ragged launch vs. a decode launch plus a chunk launch."""
     device, dtype = torch.device("cuda"), torch.bfloat16
-    decodes, chunk_len, heads, head_dim, block = args.decodes, args.budget - args.decodes, 32, 128, 16
+    shape = SHAPES[args.shape]
+    heads = shape["num_attention_heads"]
+    kv_heads = shape.get("num_key_value_heads", heads)
+    head_dim = shape["hidden_size"] // heads
+    decodes, chunk_len, block = args.decodes, args.budget - args.decodes, 16
     per_seq = 84
     num_blocks = (decodes + 1) * per_seq
-    key_cache = torch.randn(num_blocks, block, heads, head_dim, device=device, dtype=dtype)
+    key_cache = torch.randn(num_blocks, block, kv_heads, head_dim, device=device, dtype=dtype)
     value_cache = torch.randn_like(key_cache)
     tables = torch.randperm(num_blocks, device=device, dtype=torch.int32).view(decodes + 1, per_seq)
     context = torch.tensor([1300] * decodes + [600 + chunk_len], dtype=torch.int32, device=device)
@@ -212,7 +244,7 @@ def attention_split(args, bandwidth: float, results: dict) -> None:
     t_mixed = cuda_time(mixed)
     t_decode = cuda_time(decode_part)
     t_chunk = cuda_time(chunk_part)
-    kv = decodes * 1300 * 2 * heads * head_dim * 2
+    kv = decodes * 1300 * 2 * kv_heads * head_dim * 2
     results["attention_split"] = dict(mixed_us=t_mixed * 1e6, decode_us=t_decode * 1e6,
                                       chunk_us=t_chunk * 1e6, decode_of_copy=kv / t_decode / bandwidth)
     print(f"\n## attention of the mixed step (one layer): one launch {t_mixed * 1e6:.0f} us; "
@@ -222,6 +254,7 @@ def attention_split(args, bandwidth: float, results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
     parser.add_argument("--decodes", type=int, default=80)
     parser.add_argument("--budget", type=int, default=768)
     parser.add_argument("--out", type=Path, default=None)
@@ -230,11 +263,11 @@ def main() -> None:
     flops = matmul_rate()
     name = torch.cuda.get_device_name()
     print(f"{name}: copy {bandwidth / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s")
-    results: dict = {"device": torch.cuda.get_device_name(), "copy_tb_s": bandwidth / 1e12,
+    results: dict = {"device": name, "shape": args.shape, "copy_tb_s": bandwidth / 1e12,
                      "matmul_tflops": flops / 1e12}
     attention_split(args, bandwidth, results)
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_config(Path(tmp), "llama2-7b")
+        path = write_config(Path(tmp), args.shape)
         blocks = (args.decodes + 1) * 84 + 200
         config = EngineConfig(load_format="dummy", num_kv_blocks=blocks, cuda_graphs=True, max_seqs=256,
                               token_budget=2048)
