@@ -50,19 +50,3 @@ def fusion_enabled(name: str, rows: int) -> bool:
     if off is None:
         return rows <= DEFAULT_FUSED_ROWS
     return name not in off and "all" not in off
-
-
-@functools.cache
-def _pdl_capable(device_index: int) -> bool:
-    wanted = os.environ.get("FASTGEN_PDL", "1") != "0"
-    return wanted and torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
-def pdl_launch(tensor: torch.Tensor) -> dict[str, bool]:
-    """Launch arguments for a kernel that starts with :func:`fastgen_kernels.pdl.wait_for_previous`:
-    on Hopper and later, programmatic dependent launch (the kernel is scheduled while the one
-    before it finishes, instead of after: the launch gap and the previous kernel's tail overlap);
-    elsewhere (the interpreter included) an ordinary launch. ``FASTGEN_PDL=0`` turns it off."""
-    if tensor.is_cuda and _pdl_capable(tensor.device.index if tensor.device.index is not None else 0):
-        return {"USE_PDL": True, "launch_pdl": True}
-    return {"USE_PDL": False}

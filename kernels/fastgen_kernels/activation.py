@@ -11,8 +11,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import pdl_launch, use_triton
-from .pdl import wait_for_previous
+from ._dispatch import use_triton
 
 
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
@@ -37,10 +36,7 @@ def _silu_mul(gate, up, out_dtype: tl.constexpr):
 
 
 @triton.jit
-def _silu_and_mul_kernel(
-    x_ptr, out_ptr, width, stride_x_row, stride_out_row, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
-):
-    wait_for_previous(USE_PDL)
+def _silu_and_mul_kernel(x_ptr, out_ptr, width, stride_x_row, stride_out_row, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
@@ -74,9 +70,7 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(triton.next_power_of_2(width), 2048)
     grid = (rows.shape[0], triton.cdiv(width, block))
-    _silu_and_mul_kernel[grid](
-        rows, out, width, rows.stride(0), width, BLOCK=block, num_warps=4, **pdl_launch(rows)
-    )
+    _silu_and_mul_kernel[grid](rows, out, width, rows.stride(0), width, BLOCK=block, num_warps=4)
     return out
 
 

@@ -41,9 +41,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import pdl_launch
-from .pdl import wait_for_previous
-
 NO_WINDOW = 1 << 30  # sliding window "none": larger than any position
 MAX_SPLITS = 64
 
@@ -201,10 +198,8 @@ def _paged_attention_kernel(
     TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_M_DECODE: tl.constexpr, BLOCK_N_DECODE: tl.constexpr,
     HAS_PREFILL: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     """Grid ``(slots, num_kv_heads, num_splits)``; see the module docstring."""
-    wait_for_previous(USE_PDL)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     # the launch's tokens start at query_start[0] (> 0 when it serves a suffix of the batch)
@@ -269,13 +264,12 @@ def _paged_attention_kernel(
 def _merge_splits_kernel(
     partial_out_ptr, partial_lse_ptr, out_ptr, query_start_ptr, num_seqs, num_splits,
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Combine the splits of one (token, head) of the launch's tokens ``[query_start[0],
     query_start[num_seqs])``; partial row ``r`` is token ``query_start[0] + r``. Rows past the
     launch's last token (padding, or an upper bound on its tokens) were never written: they exit.
     """
-    wait_for_previous(USE_PDL)
     first_token = tl.load(query_start_ptr).to(tl.int64)
     end_token = tl.load(query_start_ptr + num_seqs).to(tl.int64)
     row = tl.program_id(0).to(tl.int64)
@@ -489,12 +483,12 @@ def _launch(
         HAS_PREFILL=has_prefill, SPLIT=split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", SOFTCAP=float(softcap or 0.0),
         num_warps=config["num_warps_prefill" if has_prefill else "num_warps_decode"],
-        num_stages=config["num_stages"], **pdl_launch(query),
+        num_stages=config["num_stages"],
     )
     if split:
         _merge_splits_kernel[(num_tokens, num_heads)](
             partial_out, partial_lse, out, query_start, num_seqs, num_splits,
             *partial_out.stride()[:3], *partial_lse.stride()[:2], out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=4, **pdl_launch(query),
+            num_warps=4,
         )

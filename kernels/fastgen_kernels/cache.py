@@ -11,8 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import pdl_launch, use_triton
-from .pdl import wait_for_previous
+from ._dispatch import use_triton
 from .quant import FP8, _saturate_to_e4m3, saturate_to_fp8
 
 
@@ -58,10 +57,9 @@ def _write_kv_cache_kernel(
     num_kv_heads, head_dim,
     stride_k_token, stride_k_head, stride_v_token, stride_v_head,
     stride_kc_slot, stride_kc_head, stride_vc_slot, stride_vc_head,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TO_FP8: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TO_FP8: tl.constexpr,
 ):
     """One token per program: copy its keys and values (all KV heads) into its slot."""
-    wait_for_previous(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
@@ -114,7 +112,6 @@ def write_kv_cache_triton(
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         key_cache.stride(1), key_cache.stride(2), value_cache.stride(1), value_cache.stride(2),
         BLOCK_H=block_h, BLOCK_D=block_d, TO_FP8=key_cache.dtype == FP8, num_warps=4,
-        **pdl_launch(key),
     )
 
 

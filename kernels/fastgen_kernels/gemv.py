@@ -53,10 +53,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import pdl_launch, use_triton
+from ._dispatch import use_triton
 from .activation import _silu_mul
 from .norm import _add_residual, _rms_rstd, _rms_scale
-from .pdl import wait_for_previous
 from .quant import FP8
 
 MAX_ROWS = 8  # largest M served; the caller keeps cuBLAS beyond
@@ -136,11 +135,9 @@ def _gemv_kernel(
     SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROW_BLOCK: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of weight over K range pid_k.
     ``PROLOGUE`` names what the activations are made of (see :func:`_load_activations`)."""
-    wait_for_previous(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -234,10 +231,9 @@ def _gemv_kernel(
 @triton.jit
 def _split_k_sum_kernel(
     partial_ptr, bias_ptr, out_ptr, M, N, stride_om,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Second pass of the two-launch split-K: out[row] = sum of SPLIT_K partial rows (+ bias)."""
-    wait_for_previous(USE_PDL)
     row = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -437,13 +433,13 @@ def linear_small_batch_with_config(
         ROW_BLOCK=triton.next_power_of_2(k) if prologue.kind == "rms_norm" else 1,
         EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", NUM_STAGES=config.num_stages,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(rows),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split_k > 1 and not atomic:
         block = min(1024, triton.next_power_of_2(n))
         _split_k_sum_kernel[(triton.cdiv(n, block), m)](
             workspace, weight if bias is None else bias, out_rows, m, n, out_rows.stride(0),
-            SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4, **pdl_launch(rows),
+            SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
         )
     return out
 

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import pdl_launch, use_triton
-from .pdl import wait_for_previous
+from ._dispatch import use_triton
 
 
 def rms_norm_reference(
@@ -85,10 +84,8 @@ def _norm_kernel(
     x_ptr, residual_ptr, residual_out_ptr, weight_ptr, bias_ptr, out_ptr,
     width, eps, stride_x, stride_residual, stride_residual_out, stride_out,
     RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     """One row per program: optional residual add, then RMSNorm or LayerNorm in float32."""
-    wait_for_previous(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < width
@@ -145,7 +142,7 @@ def _norm_triton(
             out.view(-1, width), width, eps, rows.stride(0), residual_rows.stride(0),
             residual_out_rows.stride(0), width,
             RMS=rms, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-            BLOCK=block, num_warps=num_warps, **pdl_launch(rows),
+            BLOCK=block, num_warps=num_warps,
         )
     return out if residual_out is None else (out, residual_out)
 

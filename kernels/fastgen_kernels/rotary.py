@@ -12,8 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import pdl_launch, use_triton
-from .pdl import wait_for_previous
+from ._dispatch import use_triton
 
 
 def apply_rotary_reference(
@@ -105,10 +104,9 @@ def _rotary_kernel(
     positions_ptr, query_ptr, key_ptr, cos_sin_ptr,
     num_heads, num_kv_heads, stride_q_token, stride_q_head, stride_k_token, stride_k_head,
     stride_cos_sin,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     """One token per program: its queries and keys, all heads."""
-    wait_for_previous(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(positions_ptr, token, cos_sin_ptr, stride_cos_sin, HALF, BLOCK_HALF)
     _rotate_heads(query_ptr, token, num_heads, stride_q_token, stride_q_head, cos, sin,
@@ -140,7 +138,7 @@ def apply_rotary_triton(
         positions, query, key, cos_sin_cache,
         query.shape[1], key.shape[1], query.stride(0), query.stride(1), key.stride(0), key.stride(1),
         cos_sin_cache.stride(0),
-        HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4, **pdl_launch(query),
+        HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4,
         enable_fp_fusion=False,  # no FMA contraction: the same bits in every rotary kernel and torch
     )
     return query, key
