@@ -2,8 +2,8 @@
 
 Each decode reads its whole context of keys and values once, so a decode-only launch is bound by
 memory: the figure is the KV bytes read per second against the device's measured copy bandwidth.
-For each shape (sequences x context, heads / KV heads) every combination of key tile
-(``BLOCK_N_DECODE``), warps, pipeline stages and split-KV count is timed (the launch config is
+For each shape (sequences x context, heads / KV heads) each listed key tile (``BLOCK_N_DECODE``),
+warps and pipeline stages is timed at every split-KV count (the launch config is
 swapped in as ``attention_triton.launch_config``, the split count passed as ``num_splits``), next to
 what the engine's rule picks today.
 
@@ -31,9 +31,9 @@ SHAPES = (  # (label, sequences, context, heads, kv heads)
     ("llama3-8b b128", 128, 1300, 32, 8),
     ("llama3-8b b256", 256, 1300, 32, 8),
 )
-BLOCK_NS = (32, 64, 128)
-WARPS = (4, 8)
-STAGES = (2, 3, 4)
+# (key tile, warps, stages): the rule's, and those with fewer registers (more programs resident an
+# SM: 114 registers at two stages, 96 with 32-key tiles; ptxas sm_90, Triton 3.6) or larger tiles
+CONFIGS = ((64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 4, 2), (32, 4, 4), (64, 8, 3), (128, 8, 3), (128, 4, 2))
 SPLITS = (1, 2, 3, 4, 6)
 HEAD_DIM, BLOCK_SIZE = 128, 16
 
@@ -81,7 +81,7 @@ def sweep(bandwidth: float) -> list[dict]:
             rule_s = time_s(lambda args=args: attention_triton.paged_attention_triton(**args))
             rule_splits = attention_triton.choose_num_splits(seqs * kv_heads, context, torch.device("cuda"))
             results = []
-            for block_n, warps, stages, splits in itertools.product(BLOCK_NS, WARPS, STAGES, SPLITS):
+            for (block_n, warps, stages), splits in itertools.product(CONFIGS, SPLITS):
                 config = dict(base, BLOCK_N_DECODE=block_n, num_warps_decode=warps, num_stages=stages)
                 attention_triton.launch_config = lambda *_, config=config, **__: config
                 seconds = time_s(partial(attention_triton.paged_attention_triton, **args, num_splits=splits))
