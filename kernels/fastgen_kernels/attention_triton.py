@@ -308,9 +308,12 @@ def launch_config(
     A launch with prompt chunks compiles both branches into one kernel, so the decode branch
     inherits the chunk branch's registers and warps. Steps that are mostly decodes (a Dynamic
     SplitFuse step with hundreds of running sequences) therefore use 64-row chunk tiles and 4 warps,
-    which leaves three decode programs per multiprocessor; prefill-heavy steps use 128 x 128 tiles
+    which leaves four decode programs per multiprocessor; prefill-heavy steps use 128 x 128 tiles
     with 8 warps. A one-byte (FP8) cache takes 128-key decode tiles, the same bytes a tile as
-    bf16's 64. The measurements behind both choices: benchmarks/NOTES-runner.md.
+    bf16's 64. A decode-only launch of a 16-bit cache pipelines two key tiles, not three: the
+    registers that frees puts a fourth program on each multiprocessor, which reads the cache
+    faster than the deeper pipeline does. The measurements behind these choices:
+    benchmarks/NOTES-runner.md.
     """
     big_head = head_dim > 128
     half = dtype.itemsize == 2  # float32 tiles take twice the shared memory: keep them smaller
@@ -324,25 +327,25 @@ def launch_config(
         "num_warps_prefill": 8 if block_m == 128 and head_dim > 64 else 4,
         "num_warps_decode": 4,
         "num_stages": 2 if big_head else 3,
+        "num_stages_decode": 2 if big_head or cache_bytes == 2 else 3,  # decode-only launches
     }
 
 
-DECODE_PROGRAMS_PER_SM = 3  # 154 registers x 4 warps (ptxas, sm_90): three fit on a multiprocessor
+DECODE_PROGRAMS_PER_SM = 4  # 114 registers x 4 warps at two stages (ptxas, sm_90, Triton 3.6): four fit
 
 
 def choose_num_splits(num_programs: int, max_context_len: int, device: torch.device) -> int:
     """Splits per sequence so that a batch of few long sequences still fills the GPU.
 
-    Measured (run 2 in benchmarks/NOTES-kernels.md): what hurts is a last, partly filled
-    round of programs. Batches that fit in one round of resident programs split up to one full
-    round; batches of one to 2.5 rounds split in two; larger ones don't split. A split keeps at
-    least 256 keys.
+    Only launches of at most a quarter of a round of resident programs split, up to one full
+    round; a split keeps at least 256 keys. Larger launches read the cache faster unsplit, their
+    partly filled last round included, than with the merge's extra pass (measured per shape in
+    benchmarks/NOTES-kernels.md, "Decode attention launch parameters").
     """
     resident = DECODE_PROGRAMS_PER_SM * _multiprocessor_count(device)
-    if max_context_len <= 512 or 2 * num_programs >= 5 * resident:
+    if max_context_len <= 512 or 4 * num_programs > resident:
         return 1
-    wanted = resident // num_programs if num_programs <= resident else 2
-    return max(1, min(wanted, triton.cdiv(max_context_len, 256), MAX_SPLITS))
+    return max(1, min(resident // num_programs, triton.cdiv(max_context_len, 256), MAX_SPLITS))
 
 
 def _empty_partials(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -483,7 +486,7 @@ def _launch(
         HAS_PREFILL=has_prefill, SPLIT=split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", SOFTCAP=float(softcap or 0.0),
         num_warps=config["num_warps_prefill" if has_prefill else "num_warps_decode"],
-        num_stages=config["num_stages"],
+        num_stages=config["num_stages" if has_prefill else "num_stages_decode"],
     )
     if split:
         _merge_splits_kernel[(num_tokens, num_heads)](

@@ -126,7 +126,7 @@ def small_tile_config(
     return {
         "BLOCK_M": max(16, triton_next_pow2(group)), "BLOCK_N": 16,
         "BLOCK_M_DECODE": max(16, triton_next_pow2(group)), "BLOCK_N_DECODE": 16,
-        "num_warps_prefill": 4, "num_warps_decode": 4, "num_stages": 2,
+        "num_warps_prefill": 4, "num_warps_decode": 4, "num_stages": 2, "num_stages_decode": 2,
     }
 
 
@@ -254,11 +254,22 @@ def test_empty_sequences_and_trailing_tokens(device, seed) -> None:
 
 
 def test_split_choice() -> None:
-    """Few long sequences split; many sequences or short contexts don't."""
-    cpu = torch.device("cpu")
-    assert attention_triton.choose_num_splits(2, 32768, cpu) > 1
+    """Few long sequences split, up to a round of resident programs; a launch of more than a
+    quarter round, or of short contexts, doesn't."""
+    cpu = torch.device("cpu")  # the interpreter's 8 multiprocessors: 32 resident programs
+    resident = attention_triton.DECODE_PROGRAMS_PER_SM * 8
+    assert attention_triton.choose_num_splits(2, 32768, cpu) == resident // 2
+    assert attention_triton.choose_num_splits(resident // 4, 32768, cpu) == 4
+    assert attention_triton.choose_num_splits(resident // 4 + 1, 32768, cpu) == 1
+    assert attention_triton.choose_num_splits(2, 600, cpu) == 3  # at least 256 keys a split
     assert attention_triton.choose_num_splits(10_000, 32768, cpu) == 1
     assert attention_triton.choose_num_splits(2, 200, cpu) == 1
+
+
+def test_decode_launches_pipeline_two_tiles_of_a_16_bit_cache() -> None:
+    config = attention_triton.launch_config(128, 4, torch.bfloat16, prefill_heavy=False)
+    assert config["num_stages_decode"] == 2 and config["num_stages"] == 3
+    assert attention_triton.launch_config(128, 4, torch.bfloat16, cache_bytes=1)["num_stages_decode"] == 3
 
 
 def test_dispatcher_on_cpu_matches_reference(seed) -> None:
