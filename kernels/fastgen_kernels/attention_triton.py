@@ -332,20 +332,37 @@ def launch_config(
 
 
 DECODE_PROGRAMS_PER_SM = 4  # 114 registers x 4 warps at two stages (ptxas, sm_90, Triton 3.6): four fit
+# the round (programs per multiprocessor) that the split rule for launches with prompt chunks was
+# measured with (benchmarks/NOTES-kernels.md, run 2)
+CHUNK_LAUNCH_ROUND_PER_SM = 3
 
 
-def choose_num_splits(num_programs: int, max_context_len: int, device: torch.device) -> int:
-    """Splits per sequence so that a batch of few long sequences still fills the GPU.
+def choose_num_splits(
+    num_programs: int, max_context_len: int, device: torch.device, decode_only: bool = True
+) -> int:
+    """Splits per sequence so that a batch of few long sequences still fills the GPU; a split
+    keeps at least 256 keys.
 
-    Only launches of at most a quarter of a round of resident programs split, up to one full
-    round; a split keeps at least 256 keys. Larger launches read the cache faster unsplit, their
-    partly filled last round included, than with the merge's extra pass (measured per shape in
-    benchmarks/NOTES-kernels.md, "Decode attention launch parameters").
+    Decode-only launches split only when they are at most a quarter of a round of resident
+    programs, up to one full round: larger ones read the cache faster unsplit, their partly
+    filled last round included, than with the merge's extra pass (measured per shape in
+    benchmarks/NOTES-kernels.md, "Decode attention launch parameters"). Launches with prompt
+    chunks: what hurts is a last, partly filled round (run 2 there); those that fit in one round
+    split up to a full one, those of one to 2.5 rounds split in two, larger ones don't split.
     """
-    resident = DECODE_PROGRAMS_PER_SM * _multiprocessor_count(device)
-    if max_context_len <= 512 or 4 * num_programs > resident:
+    if max_context_len <= 512:
         return 1
-    return max(1, min(resident // num_programs, triton.cdiv(max_context_len, 256), MAX_SPLITS))
+    if decode_only:
+        resident = DECODE_PROGRAMS_PER_SM * _multiprocessor_count(device)
+        if 4 * num_programs > resident:
+            return 1
+        wanted = resident // num_programs
+    else:
+        resident = CHUNK_LAUNCH_ROUND_PER_SM * _multiprocessor_count(device)
+        if 2 * num_programs >= 5 * resident:
+            return 1
+        wanted = resident // num_programs if num_programs <= resident else 2
+    return max(1, min(wanted, triton.cdiv(max_context_len, 256), MAX_SPLITS))
 
 
 def _empty_partials(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -459,7 +476,8 @@ def _launch(
     tokens_per_tile = config["BLOCK_M"] // group
     num_slots = num_tokens // tokens_per_tile + num_seqs if has_prefill else num_seqs
     if num_splits is None:
-        num_splits = choose_num_splits(num_slots * num_kv_heads, max_context_len, query.device)
+        num_splits = choose_num_splits(num_slots * num_kv_heads, max_context_len, query.device,
+                                       decode_only=not has_prefill)
     num_splits = max(1, min(int(num_splits), MAX_SPLITS))
     split = num_splits > 1
     if split:  # rows relative to query_start[0]

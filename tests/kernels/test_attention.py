@@ -254,8 +254,8 @@ def test_empty_sequences_and_trailing_tokens(device, seed) -> None:
 
 
 def test_split_choice() -> None:
-    """Few long sequences split, up to a round of resident programs; a launch of more than a
-    quarter round, or of short contexts, doesn't."""
+    """Decode-only launches: few long sequences split, up to a round of resident programs; a
+    launch of more than a quarter round, or of short contexts, doesn't."""
     cpu = torch.device("cpu")  # the interpreter's 8 multiprocessors: 32 resident programs
     resident = attention_triton.DECODE_PROGRAMS_PER_SM * 8
     assert attention_triton.choose_num_splits(2, 32768, cpu) == resident // 2
@@ -264,6 +264,16 @@ def test_split_choice() -> None:
     assert attention_triton.choose_num_splits(2, 600, cpu) == 3  # at least 256 keys a split
     assert attention_triton.choose_num_splits(10_000, 32768, cpu) == 1
     assert attention_triton.choose_num_splits(2, 200, cpu) == 1
+
+
+def test_split_choice_with_prompt_chunks() -> None:
+    """Launches with prompt chunks fill up to one round, split in two from one to 2.5 rounds."""
+    cpu = torch.device("cpu")
+    round_ = attention_triton.CHUNK_LAUNCH_ROUND_PER_SM * 8
+    assert attention_triton.choose_num_splits(2, 32768, cpu, decode_only=False) == round_ // 2
+    assert attention_triton.choose_num_splits(round_ + 1, 32768, cpu, decode_only=False) == 2
+    assert attention_triton.choose_num_splits(5 * round_ // 2, 32768, cpu, decode_only=False) == 1
+    assert attention_triton.choose_num_splits(2, 200, cpu, decode_only=False) == 1
 
 
 def test_decode_launches_pipeline_two_tiles_of_a_16_bit_cache() -> None:
