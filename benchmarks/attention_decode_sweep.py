@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import time
 from functools import partial
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from fastgen.kernels import attention_triton
 
 from benchmarks.decode_step import copy_bandwidth_bytes_per_s
+from benchmarks.step_profile import cuda_time
 
 SHAPES = (  # (label, sequences, context, heads, kv heads)
     ("llama3-8b b32", 32, 1300, 32, 8),
@@ -36,20 +36,6 @@ SHAPES = (  # (label, sequences, context, heads, kv heads)
 CONFIGS = ((64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 4, 2), (32, 4, 4), (64, 8, 3), (128, 8, 3), (128, 4, 2))
 SPLITS = (1, 2, 3, 4, 6)
 HEAD_DIM, BLOCK_SIZE = 128, 16
-
-
-def time_s(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def decode_batch(seqs: int, context: int, heads: int, kv_heads: int) -> tuple[dict, float]:
@@ -78,20 +64,21 @@ def sweep(bandwidth: float) -> list[dict]:
             args, kv_bytes = decode_batch(seqs, context, heads, kv_heads)
             base = default_config(HEAD_DIM, heads // kv_heads, torch.bfloat16, prefill_heavy=False)
             attention_triton.launch_config = default_config
-            rule_s = time_s(lambda args=args: attention_triton.paged_attention_triton(**args))
+            rule_s = cuda_time(lambda args=args: attention_triton.paged_attention_triton(**args))
             rule_splits = attention_triton.choose_num_splits(seqs * kv_heads, context, torch.device("cuda"))
             results = []
             for (block_n, warps, stages), splits in itertools.product(CONFIGS, SPLITS):
-                config = dict(base, BLOCK_N_DECODE=block_n, num_warps_decode=warps, num_stages=stages)
+                config = dict(base, BLOCK_N_DECODE=block_n, num_warps_decode=warps, num_stages_decode=stages)
                 attention_triton.launch_config = lambda *_, config=config, **__: config
-                seconds = time_s(partial(attention_triton.paged_attention_triton, **args, num_splits=splits))
+                launch = partial(attention_triton.paged_attention_triton, **args, num_splits=splits)
+                seconds = cuda_time(launch)
                 results.append((seconds, block_n, warps, stages, splits))
             results.sort()
             best = results[0]
             row = dict(
                 shape=label, kv_gb=kv_bytes / 1e9, rule_us=rule_s * 1e6,
                 rule_of_copy=kv_bytes / rule_s / bandwidth,
-                rule=f"n{base['BLOCK_N_DECODE']} w{base['num_warps_decode']} s{base['num_stages']} "
+                rule=f"n{base['BLOCK_N_DECODE']} w{base['num_warps_decode']} s{base['num_stages_decode']} "
                      f"split {rule_splits}",
                 best_us=best[0] * 1e6, best_of_copy=kv_bytes / best[0] / bandwidth,
                 top=[dict(us=t * 1e6, of_copy=kv_bytes / t / bandwidth, block_n=n, warps=w, stages=st,
