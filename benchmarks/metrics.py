@@ -179,20 +179,34 @@ def summarize_run(
 
 
 def step_stats(
-    seconds: Sequence[float], tokens: Sequence[int], factor: float = STALL_FACTOR, slowest: int = 5
+    seconds: Sequence[float],
+    tokens: Sequence[int],
+    factor: float = STALL_FACTOR,
+    slowest: int = 5,
+    device_seconds: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Step times of one run in ms: median, mean, p99, max and max / median; how many steps took
     more than ``factor`` x the median (any is a stall); the ``slowest`` steps with their index in
     the run and their token count (a long step of many prompt tokens is not the same finding as a
     long step of a few decodes); and each step against the median of the steps of its size, the
-    largest such ratio and how many exceed ``factor``. ``tokens[i]`` belongs to ``seconds[i]``."""
+    largest such ratio and how many exceed ``factor``. ``tokens[i]`` belongs to ``seconds[i]``.
+    ``device_seconds[i]``, when the runner measured it (> 0), is step i's own span on the device:
+    the slowest steps carry it, so a step slow on the device tells itself from one whose result
+    reached the engine late (a busy event loop)."""
     if len(tokens) != len(seconds):
         raise ValueError(f"{len(seconds)} step times but {len(tokens)} token counts")
+    if device_seconds is not None and len(device_seconds) != len(seconds):
+        raise ValueError(f"{len(seconds)} step times but {len(device_seconds)} device times")
     ms = np.asarray(seconds, dtype=np.float64) * 1000.0
     median = float(np.median(ms)) if ms.size else None
     order = np.argsort(ms)[::-1][:slowest]
     slow = int((ms > factor * median).sum()) if median is not None else 0
     by_size = _over_size_medians(ms, np.asarray(tokens, dtype=np.int64))
+
+    def device_ms(index: int) -> float | None:
+        measured = device_seconds is not None and device_seconds[index] > 0
+        return round(float(device_seconds[index]) * 1000.0, 3) if measured else None
+
     return {
         "count": int(ms.size),
         "median": median,
@@ -204,7 +218,12 @@ def step_stats(
         "stall_factor": factor,
         "slow_steps": slow,
         "stall": slow > 0,
-        "slowest": [{"index": int(i), "ms": round(float(ms[i]), 3), "tokens": int(tokens[i])} for i in order],
+        "slowest": [
+            {"index": int(i), "ms": round(float(ms[i]), 3), "tokens": int(tokens[i]),
+             "device_ms": device_ms(int(i))}
+            for i in order
+        ],
+        "max_step_device_ms": device_ms(int(order[0])) if ms.size else None,
         # against the steps of its size only: a step of many prompt tokens beside decode-only ones
         "max_over_size_median": float(by_size.max()) if by_size.size else None,
         "size_slow_steps": int((by_size > factor).sum()),

@@ -232,9 +232,9 @@ def _step_checks(data: dict[str, Any]) -> list[str]:
         "## Stalls and kernel compiles (every measured run)",
         "",
         "| run | token budget | steps | median step ms | max step ms | max / median | tokens in max step "
-        "| steps > 3x median | max / median of its size | TTFT p99 s | kernels compiled | full GCs "
-        "| longest GC pause ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| device ms of the max step | steps > 3x median | max / median of its size | TTFT p99 s "
+        "| kernels compiled | full GCs | longest GC pause ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         flag = " **STALL**" if row["stall"] else ""
@@ -244,6 +244,7 @@ def _step_checks(data: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {row['run']} | {row['token_budget']} | {row['steps']} | {_f(row['median_ms'], 2)} | "
             f"{_f(row['max_ms'], 1)} | {_f(row['max_over_median'], 1)}x{flag} | {row['max_step_tokens']} | "
+            f"{_f(row.get('max_step_device_ms'), 1)} | "
             f"{row['slow_steps']} | {_ratio(row.get('max_over_size_median'))} | {_f(row['ttft_p99_s'], 3)} | "
             f"{compiled} | "
             f"{row.get('gc_full_collections', '-')} | {_f(row.get('gc_max_pause_ms'), 1)} |"

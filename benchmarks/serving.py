@@ -108,14 +108,16 @@ class Driver:
         self.engine = engine
         self.step_seconds: list[float] = []
         self.step_tokens: list[int] = []
+        self.step_device_seconds: list[float] = []  # 0.0 where the runner does not measure it
         self.gc_pauses = GcPauses()
         listeners = getattr(engine, "step_listeners", None)
         if listeners is not None:
             listeners.append(self._on_step)
 
-    def _on_step(self, step: Any, seconds: float) -> None:
+    def _on_step(self, step: Any, result: Any, seconds: float) -> None:
         self.step_seconds.append(seconds)
         self.step_tokens.append(getattr(getattr(step, "plan", None), "num_tokens", 0))
+        self.step_device_seconds.append(getattr(result, "device_s", 0.0))
 
     async def one_request(
         self, request: BenchRequest, params: Any, start: float, record: RequestRecord
@@ -214,7 +216,7 @@ class Driver:
                 "generated_tokens": after.generated_tokens - before.generated_tokens,
                 "step_time_s_sum": busy_s,
                 "busy_fraction": busy_s / wall_s if wall_s > 0 else None,
-                "step_ms": step_stats(steps, tokens),
+                "step_ms": step_stats(steps, tokens, device_seconds=self.step_device_seconds[first_step:]),
                 "tokens_per_step": sum(tokens) / len(tokens) if tokens else None,
                 # Triton kernel variants compiled while this run was measured (None: the engine
                 # does not say): any is a failure of the benchmark (see `compile_verdict`)
@@ -646,6 +648,7 @@ class Report:
             "slow_steps": steps["slow_steps"],
             "stall": steps["stall"],
             "max_over_size_median": steps.get("max_over_size_median"),
+            "max_step_device_ms": steps.get("max_step_device_ms"),
             "ttft_p99_s": ttft["p99"],
             "kernel_compiles": compiles,
             "gc_full_collections": gc_pauses["full_collections"],
@@ -656,8 +659,9 @@ class Report:
             tqdm.write(
                 f"STALL in {run['name']}: max step {steps['max']:.1f} ms = {steps['max_over_median']:.1f}x "
                 f"the median {steps['median']:.2f} ms ({steps['slow_steps']} steps over "
-                f"{steps['stall_factor']:g}x; the slowest had {steps['max_step_tokens']} tokens; "
-                f"longest garbage-collector pause {gc_pauses['max_pause_ms']:.1f} ms)"
+                f"{steps['stall_factor']:g}x; the slowest had {steps['max_step_tokens']} tokens and "
+                f"{'unmeasured' if steps['max_step_device_ms'] is None else steps['max_step_device_ms']} ms "
+                f"on the device; longest garbage-collector pause {gc_pauses['max_pause_ms']:.1f} ms)"
             )
         if compiles:
             tqdm.write(f"FAIL: {compiles} Triton kernel variants compiled during {run['name']}")

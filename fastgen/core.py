@@ -120,9 +120,9 @@ class EngineCore:
         self.generated_tokens = 0
         self.prompt_tokens = 0
         self.kernel_compiles = 0
-        # callables(step, seconds) for metrics; seconds run from when the step could start (its submission,
-        # or the return of the step it was queued behind) to its result
-        self.step_listeners: list[Callable[[ScheduledStep, float], None]] = []
+        # callables(step, result, seconds) for metrics; seconds run from when the step could start (its
+        # submission, or the return of the step it was queued behind) to its result's arrival here
+        self.step_listeners: list[Callable[[ScheduledStep, StepResult, float], None]] = []
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -217,7 +217,7 @@ class EngineCore:
         self.generated_tokens += len(outputs.sampled)
         self.kernel_compiles += result.kernel_compiles
         for listener in self.step_listeners:
-            listener(step, outputs.received_s - max(submitted_s, self._last_received_s))
+            listener(step, result, outputs.received_s - max(submitted_s, self._last_received_s))
         self._last_received_s = outputs.received_s
         self.launch()
         outputs.launched_s = time.perf_counter()

@@ -33,6 +33,7 @@ from .models.checkpoint import load_tokenizer, resolve_model
 from .models.config import ModelConfig
 from .output_processor import OutputProcessor, RequestState
 from .outputs import EngineStats, RequestOutput
+from .plan import StepResult
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import FinishReason
@@ -275,8 +276,8 @@ class AsyncEngine:
         return self.core.scheduler
 
     @property
-    def step_listeners(self) -> list[Callable[[ScheduledStep, float], None]]:
-        """Callables ``(step, seconds)`` told of each step's result (see `EngineCore`)."""
+    def step_listeners(self) -> list[Callable[[ScheduledStep, StepResult, float], None]]:
+        """Callables ``(step, result, seconds)`` told of each step's result (see `EngineCore`)."""
         return self.core.step_listeners
 
 

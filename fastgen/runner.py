@@ -119,6 +119,23 @@ class LaunchedStep:
     tokens: torch.Tensor | None = None  # the sampled ids on the device, row by row
     rows: dict[int, int] = field(default_factory=dict)  # seq_id -> its row in ``tokens``
     collected: threading.Event = field(default_factory=threading.Event)
+    device_timer: _DeviceTimer | None = None
+
+
+class _DeviceTimer:
+    """The span of one step's device work on its stream, between two timing events."""
+
+    def __init__(self) -> None:
+        self.begin = torch.cuda.Event(enable_timing=True)
+        self.end = torch.cuda.Event(enable_timing=True)
+        self.begin.record()
+
+    def stop(self) -> None:
+        self.end.record()
+
+    def seconds(self) -> float:
+        self.end.synchronize()
+        return self.begin.elapsed_time(self.end) / 1e3
 
 
 class _TokenFeed:
@@ -345,6 +362,7 @@ class ModelRunner:
             if chunk.sample:
                 sampled_states.append(state)
         prepared = time.perf_counter()
+        timer = _DeviceTimer() if self.device.type == "cuda" else None
         fed = _TokenFeed(feed, previous.tokens) if feed else None
         scored = [(offset, chunk) for offset, chunk in _chunk_offsets(plan.chunks) if chunk.prompt_targets]
         prompt_pending = None
@@ -366,6 +384,9 @@ class ModelRunner:
             state.num_generated += 1
         launched.samples = pending.copy_to_host()
         launched.prompt_samples = None if prompt_pending is None else prompt_pending.copy_to_host()
+        if timer is not None:
+            timer.stop()
+        launched.device_timer = timer
         launched.sampled_states, launched.prepared_s = sampled_states, prepared
         if pending.tokens is not None:
             launched.tokens = pending.tokens
@@ -397,6 +418,7 @@ class ModelRunner:
                 logprobs,
                 prompt_logprobs,
                 launched.compiles,
+                0.0 if launched.device_timer is None else launched.device_timer.seconds(),
             )
         finally:
             launched.collected.set()

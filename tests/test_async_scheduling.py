@@ -201,7 +201,7 @@ def test_two_steps_are_in_flight_while_decoding(llama_path):
 
             executor.submit = counting_submit
             step_seconds: list[float] = []
-            engine.step_listeners.append(lambda step, seconds: step_seconds.append(seconds))
+            engine.step_listeners.append(lambda step, result, seconds: step_seconds.append(seconds))
             params = SamplingParams(max_new_tokens=20, ignore_eos=True)
             began = time.perf_counter()
             outs = [out async for out in engine.generate(PROMPTS[0], params)]

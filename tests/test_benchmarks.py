@@ -171,7 +171,8 @@ def test_step_stats_flag_a_step_over_three_medians():
     assert stats["max"] == pytest.approx(31.0) and stats["max_over_median"] == pytest.approx(3.1)
     assert stats["slow_steps"] == 1 and stats["stall"] and stats["max_step_tokens"] == 21
     assert [step["index"] for step in stats["slowest"][:2]] == [21, 20] and len(stats["slowest"]) == 5
-    assert stats["slowest"][0] == {"index": 21, "ms": 31.0, "tokens": 21}
+    assert stats["slowest"][0] == {"index": 21, "ms": 31.0, "tokens": 21, "device_ms": None}
+    assert stats["max_step_device_ms"] is None
     assert not step_stats([0.010] * 20 + [0.029], list(range(21)))["stall"]
     empty = step_stats([], [])
     assert empty["count"] == 0 and empty["median"] is None and not empty["stall"]
@@ -192,6 +193,19 @@ def test_step_stats_judge_a_step_against_the_steps_of_its_size():
     assert few["max_over_size_median"] == pytest.approx(1.0)
     with pytest.raises(ValueError):
         step_stats([0.1], [])
+
+
+def test_step_stats_carry_the_slowest_steps_device_time():
+    """A step 8x its peers on the wall clock but 10 ms on the device waited for the host."""
+    seconds, device = [0.010] * 20 + [0.080], [0.0095] * 20 + [0.010]
+    stats = step_stats(seconds, [700] * 21, device_seconds=device)
+    assert stats["max_step_device_ms"] == pytest.approx(10.0)
+    assert stats["slowest"][0]["device_ms"] == pytest.approx(10.0)
+    assert stats["slowest"][1]["device_ms"] == pytest.approx(9.5)
+    unmeasured = step_stats(seconds, [700] * 21, device_seconds=[0.0] * 21)  # the CPU runner
+    assert unmeasured["max_step_device_ms"] is None
+    with pytest.raises(ValueError):
+        step_stats([0.1], [1], device_seconds=[])
 
 
 def test_compile_verdict_fails_on_a_compile_in_a_measured_run():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 import torch
@@ -240,3 +241,28 @@ def test_piecewise_mixed_graphs_equal_eager_steps(toy_checkpoint, case):
         captured[graphs] = logits
     for with_graphs, eager in zip(captured[True], captured[False], strict=True):
         torch.testing.assert_close(with_graphs, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_a_step_reports_its_own_device_span(toy_checkpoint):
+    """`StepResult.device_s`: positive and within the step's wall time; two steps launched back to
+    back each measure their own span (together within the pair's wall time)."""
+    family, overrides = CASES["llama-mha"]
+    path = toy_checkpoint(family, **overrides)
+    runner = ModelRunner(
+        path,
+        EngineConfig(dtype="float32", device="cuda", num_kv_blocks=64, token_budget=256),
+        ModelConfig.from_pretrained(path),
+        1024,
+    )
+    prompt = SequenceChunk(0, list(range(3, 203)), 0, list(range(16)), True)
+    began = time.perf_counter()
+    first = runner.execute(StepPlan(0, [], [SequenceStart(0, GREEDY, 0)], [prompt]))
+    wall = time.perf_counter() - began
+    assert 0 < first.device_s <= wall
+    began = time.perf_counter()
+    ahead = runner.launch(StepPlan(1, [], [], [SequenceChunk(0, [5], 200, [], True)]))
+    behind = runner.launch(StepPlan(2, [], [], [SequenceChunk(0, [6], 201, [], True)]))
+    results = [runner.collect(ahead), runner.collect(behind)]
+    wall = time.perf_counter() - began
+    assert all(result.device_s > 0 for result in results)
+    assert sum(result.device_s for result in results) <= wall
