@@ -117,7 +117,7 @@ class Driver:
     def _on_step(self, step: Any, result: Any, seconds: float) -> None:
         self.step_seconds.append(seconds)
         self.step_tokens.append(getattr(getattr(step, "plan", None), "num_tokens", 0))
-        self.step_device_seconds.append(getattr(result, "device_s", 0.0))
+        self.step_device_seconds.append(getattr(result, "device_us", 0) / 1e6)
 
     async def one_request(
         self, request: BenchRequest, params: Any, start: float, record: RequestRecord

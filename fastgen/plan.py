@@ -98,6 +98,6 @@ class StepResult(msgspec.Struct, array_like=True):
     # per chunk with prompt targets (in chunk order): one entry per target
     prompt_logprobs: list[list[SampleLogprobs]] | None = None
     kernel_compiles: int = 0  # Triton kernel variants compiled during this step (each one stalls it)
-    # the step's own span on the device (timing events around its device work; 0.0: not measured,
-    # as on the CPU): against the step's wall time, says whether a slow step was slow on the device
-    device_s: float = 0.0
+    # the step's own span on the device in microseconds (timing events around its device work; 0: not
+    # measured, as on the CPU): against the step's wall time, says whether a slow step was slow there
+    device_us: int = 0

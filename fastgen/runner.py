@@ -133,9 +133,9 @@ class _DeviceTimer:
     def stop(self) -> None:
         self.end.record()
 
-    def seconds(self) -> float:
+    def microseconds(self) -> int:
         self.end.synchronize()
-        return self.begin.elapsed_time(self.end) / 1e3
+        return round(self.begin.elapsed_time(self.end) * 1e3)
 
 
 class _TokenFeed:
@@ -418,7 +418,7 @@ class ModelRunner:
                 logprobs,
                 prompt_logprobs,
                 launched.compiles,
-                0.0 if launched.device_timer is None else launched.device_timer.seconds(),
+                0 if launched.device_timer is None else launched.device_timer.microseconds(),
             )
         finally:
             launched.collected.set()

@@ -134,9 +134,10 @@ def test_step_result_wire_stays_compact():
     rows = [None, SampleLogprobs(-0.5, [12, 4], [-0.5, -1.25]), None]
     result = StepResult(9, [11, 12, 13], logprobs=rows)
     assert codec.decode(codec.encode(StepDone(0, 9, result))).result == result
-    # a step in which nobody asks and nothing compiles pays one byte for each of the three fields
+    # a step in which nobody asks, nothing compiles and the device is not timed pays one byte for
+    # each of the four fields
     plain = msgspec.msgpack.encode(StepResult(9, [11, 12, 13]))
-    assert len(plain) == len(msgspec.msgpack.encode([9, [11, 12, 13], 0.0, 0.0])) + 3
+    assert len(plain) == len(msgspec.msgpack.encode([9, [11, 12, 13], 0.0, 0.0])) + 4
     timed = StepResult(9, [11], prepare_s=0.5, forward_s=0.25)
     assert codec.decode(codec.encode(StepDone(0, 9, timed))).result == timed
 
