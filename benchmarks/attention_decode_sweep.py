@@ -7,7 +7,7 @@ warps and pipeline stages is timed at every split-KV count (the launch config is
 swapped in as ``attention_triton.launch_config``, the split count passed as ``num_splits``), next to
 what the engine's rule picks today.
 
-    python benchmarks/attention_decode_sweep.py [--out benchmarks/results]
+    python -m benchmarks.attention_decode_sweep [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def sweep(bandwidth: float) -> list[dict]:
             args, kv_bytes = decode_batch(seqs, context, heads, kv_heads)
             base = default_config(HEAD_DIM, heads // kv_heads, torch.bfloat16, prefill_heavy=False)
             attention_triton.launch_config = default_config
-            rule_s = cuda_time(lambda args=args: attention_triton.paged_attention_triton(**args))
+            rule_s = cuda_time(partial(attention_triton.paged_attention_triton, **args))
             rule_splits = attention_triton.choose_num_splits(seqs * kv_heads, context, torch.device("cuda"))
             results = []
             for (block_n, warps, stages), splits in itertools.product(CONFIGS, SPLITS):
@@ -96,7 +96,7 @@ def report(rows: list[dict], bandwidth: float, seconds: float) -> str:
     lines = [
         "# Decode attention: launch parameters vs copy bandwidth",
         "",
-        f"- command: `python benchmarks/attention_decode_sweep.py`; device: {torch.cuda.get_device_name()}; "
+        f"- command: `python -m benchmarks.attention_decode_sweep`; device: {torch.cuda.get_device_name()}; "
         f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {seconds:.0f} s",
         f"- ceiling: copy {bandwidth / 1e12:.2f} TB/s (read + write, measured in this run); bf16 cache, "
         f"head dim {HEAD_DIM}, block {BLOCK_SIZE}; medians of 20 launches",
