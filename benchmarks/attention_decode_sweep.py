@@ -104,7 +104,8 @@ def report(rows: list[dict], bandwidth: float, seconds: float, cache: str) -> st
     lines = [
         "# Decode attention: launch parameters vs copy bandwidth",
         "",
-        f"- command: `python -m benchmarks.attention_decode_sweep --cache-dtype {cache}`; device: {torch.cuda.get_device_name()}; "
+        f"- command: `python -m benchmarks.attention_decode_sweep --cache-dtype {cache}`; "
+        f"device: {torch.cuda.get_device_name()}; "
         f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {seconds:.0f} s",
         f"- ceiling: copy {bandwidth / 1e12:.2f} TB/s (read + write, measured in this run); {cache} cache, "
         f"head dim {HEAD_DIM}, block {BLOCK_SIZE}; medians of 20 launches",

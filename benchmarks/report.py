@@ -294,6 +294,15 @@ def compile_verdict(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _sla_met(summary: dict[str, Any]) -> str:
+    """The fraction of a run's completed requests that met the SLA at each generation rate."""
+    done = summary["requests_completed"]
+    passed = summary.get("sla_passed")
+    if not done or not passed:
+        return "-"
+    return " / ".join(f"{passed[g] / done:.0%}" for g in ("2", "4", "6"))
+
+
 def _workload(data: dict[str, Any], workload: str) -> list[str]:
     runs = sorted(_runs(data, workload), key=lambda r: r["clients"])
     if not runs:
@@ -305,9 +314,9 @@ def _workload(data: dict[str, Any], workload: str) -> list[str]:
         f"mean generated {first['mean_new_tokens']})",
         "",
         "| clients | requests | wall s | req/s | out tok/s | TTFT p50 / p90 / p99 s | "
-        "token p50 / p90 / p95 / p99 ms | effective req/s g=2 / 4 / 6 | busy | step ms median / max "
-        "| merged | client |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "token p50 / p90 / p95 / p99 ms | effective req/s g=2 / 4 / 6 | SLA met g=2 / 4 / 6 | busy "
+        "| step ms median / max | merged | client |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         s, e = run["summary"], run["engine_stats"]
@@ -318,7 +327,7 @@ def _workload(data: dict[str, Any], workload: str) -> list[str]:
             f"{s['wall_s']:.1f} | {s['requests_per_s']:.2f} | {s['output_tokens_per_s']:.0f} | "
             f"{_slash(ttft, ('p50', 'p90', 'p99'), 3)} | "
             f"{_slash(itl, ('p50', 'p90', 'p95', 'p99'), 1, 1e3)} | "
-            f"{_slash(eff, ('2', '4', '6'), 2)} | {_f(e['busy_fraction'], 0, 100)}% | "
+            f"{_slash(eff, ('2', '4', '6'), 2)} | {_sla_met(s)} | {_f(e['busy_fraction'], 0, 100)}% | "
             f"{_f(e['step_ms']['median'], 2)} / {_f(e['step_ms'].get('max'), 1)} | "
             f"{_f(s['merged_delta_request_fraction'], 0, 100)}% | "
             f"{_f(s['client_overhead_fraction'], 1, 100)}% |"

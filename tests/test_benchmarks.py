@@ -405,6 +405,9 @@ def test_serving_benchmark_smoke(tmp_path):
     assert runs["prefix 48+8-4 distinct/c2"]["prefix_cache_hit_tokens"] == 0
     assert runs["prefix 48+8-4 shared/c2"]["prefix_cache_hit_tokens"] >= 36 * 48
     assert runs["1200-128/c2"]["requests_planned"] == 4 * 2 + 32
+    c2 = runs["1200-128/c2"]["summary"]
+    met = " / ".join(f"{c2['sla_passed'][g] / c2['requests_completed']:.0%}" for g in ("2", "4", "6"))
+    assert "SLA met g=2 / 4 / 6" in markdown and f"| {met} |" in markdown
     for run in runs.values():
         summary = run["summary"]
         assert not run["truncated"] and summary["requests_completed"] == run["requests_planned"]
