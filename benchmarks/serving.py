@@ -192,8 +192,19 @@ class Driver:
                 return
             await asyncio.sleep(0.01)
 
+    async def settle(self, timeout_s: float = 10.0) -> None:
+        """Wait until the engine holds no request and no step is in flight. A step launched ahead
+        for requests that then finished is received after its run ended, stretched by whatever the
+        benchmark did in between (summaries, the next run's requests): it belongs to no run."""
+        await self.drain(timeout_s)
+        core = getattr(self.engine, "core", None)
+        until = time.perf_counter() + timeout_s
+        while getattr(core, "next_result", None) is not None and time.perf_counter() < until:
+            await asyncio.sleep(0.001)
+
     async def run(self, name: str, requests: Sequence[BenchRequest], clients: int, deadline: float) -> dict:
         """One measured run: per-request records, aggregates and the engine's own counters."""
+        await self.settle()
         before = self.engine.stats()
         first_step, first_gc = len(self.step_seconds), self.gc_pauses.mark()
         records, wall_s, truncated = await self.closed_loop(requests, clients, deadline)

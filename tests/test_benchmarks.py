@@ -436,6 +436,34 @@ def test_serving_benchmark_smoke(tmp_path):
     assert static["decode_tokens_per_s"] > 0
 
 
+def test_a_run_starts_after_the_last_runs_steps_are_in():
+    """`Driver.settle` (called first by `Driver.run`) returns only once no request is held and no
+    step is in flight: a step launched ahead for requests that finished is reported before the
+    next run marks its first step, so no run counts it."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from serving import Driver
+
+    async def main():
+        held = {"running": 1}
+        engine = SimpleNamespace(
+            core=SimpleNamespace(next_result=asyncio.get_running_loop().create_future()),
+            stats=lambda: SimpleNamespace(num_running=held["running"], num_waiting=0),
+            step_listeners=[],
+        )
+        settle = asyncio.create_task(Driver(engine).settle())
+        await asyncio.sleep(0.05)
+        assert not settle.done()  # a request is still held
+        held["running"] = 0
+        await asyncio.sleep(0.05)
+        assert not settle.done()  # a step is still in flight
+        engine.core.next_result = None
+        await asyncio.wait_for(settle, 1.0)
+
+    asyncio.run(main())
+
+
 def test_startup_benchmark_smoke(tmp_path):
     """Two fresh engine processes on the tiny shape sharing one (new) Triton cache directory."""
     cache = tmp_path / "triton-cache"
