@@ -66,9 +66,10 @@ def _launch(
     context = max(query_len, _CONTEXT_BLOCKS * block_size)
     blocks_per_seq = -(-context // block_size)
     num_tokens = num_seqs * query_len
-    # the query is a view of a fused QKV projection, as in the model (same strides)
+    # the query is a view of a fused QKV projection, as in the model (same strides); zeros, not
+    # random values: the engine draws nothing from its host's generators
     width = (layer.num_heads + 2 * layer.num_kv_heads) * layer.head_dim
-    fused = torch.randn(num_tokens, width, device=device).to(dtype)
+    fused = torch.zeros(num_tokens, width, device=device, dtype=dtype)
     query = fused[:, : layer.num_heads * layer.head_dim].view(num_tokens, layer.num_heads, layer.head_dim)
     query_start = torch.arange(0, num_tokens + 1, query_len, dtype=torch.int32, device=device)
     context_lens = torch.full((num_seqs,), context, dtype=torch.int32, device=device)

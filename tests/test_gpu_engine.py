@@ -266,3 +266,23 @@ def test_a_step_reports_its_own_device_span(toy_checkpoint):
     wall = time.perf_counter() - began
     assert all(result.device_us > 0 for result in results)
     assert sum(result.device_us for result in results) <= wall * 1e6
+
+
+def test_runners_leave_the_processs_cuda_generator_as_they_found_it(toy_checkpoint):
+    """An embedded engine shares the process's default CUDA generator with its host: building
+    runners with and without CUDA graphs and running steps on them draws nothing from it, and
+    leaves it usable (a graph capture left open keeps it in capture mode, and every later
+    ``torch.randn(device="cuda")`` then raises). Several runners in a row, as the fused-linear
+    tests build them in one process, where that was seen."""
+    from tests.test_fusions import mixed_plans, step_logits
+
+    family, overrides = CASES["llama-gqa-llama3-rope"]
+    path = toy_checkpoint(family, **overrides)
+    torch.cuda.manual_seed(1234)
+    state = torch.cuda.get_rng_state()
+    for cuda_graphs in (True, True, False):
+        step_logits(path, mixed_plans(), dtype="bfloat16", device="cuda", cuda_graphs=cuda_graphs,
+                    token_budget=64, max_seqs=16)  # fmt: skip
+        assert torch.equal(torch.cuda.get_rng_state(), state)
+        torch.randn(4, device="cuda")  # raises while the generator is left in capture mode
+        torch.cuda.set_rng_state(state)
