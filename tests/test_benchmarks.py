@@ -659,3 +659,20 @@ def test_decode_step_fusion_settings_parse():
     table = decode_step.fusion_table(rows)
     assert "| (none) | 1 | 5.000 | 4.500 | 90.0% | 200 | +0.0% |" in table
     assert "| all | 1 | 6.000 | 4.500 | 75.0% | 167 | +20.0% |" in table
+
+
+def test_attention_launch_sweep_sets_only_the_launch_configs_keys_and_counts_causal_flops():
+    from fastgen.kernels.attention_triton import launch_config
+
+    from benchmarks.attention_launch_sweep import LAUNCHES, Shape
+
+    config = launch_config(128, 4, torch.bfloat16)
+    for launch in LAUNCHES.values():
+        assert set(launch.keys) <= set(config)
+        for configs in launch.configs.values():
+            assert configs and all(len(values) == len(launch.keys) for values in configs)
+    # two sequences of 5 new tokens at context 9: the i-th new token sees 9 - 5 + i + 1 keys
+    shape = Shape("x", seqs=2, query_len=5, context=9, heads=2, kv_heads=1)
+    keys_seen = sum(9 - 5 + i + 1 for i in range(5))
+    assert shape.flops == 4 * 2 * 2 * 128 * keys_seen
+    assert shape.kv_elements == 2 * 9 * 1 * 128 * 2
