@@ -10,8 +10,9 @@ tiles and split-KV choice):
   context). Figures: attention TFLOP/s (causal, the keys each query sees) and the KV read rate.
   Swept: query tile (``BLOCK_M``), key tile (``BLOCK_N``), warps and stages of the prefill branch.
 
-Each config is timed at every split-KV count (the launch config is swapped in as
-``attention_triton.launch_config``, the split count passed as ``num_splits``).
+With ``--cache-dtype fp8`` each config also runs with ``fp8_f16_dot`` (keys and values widened to
+float16 for the dots instead of bfloat16). Each config is timed at every split-KV count (the launch
+config is swapped in as ``attention_triton.launch_config``, the split count passed as ``num_splits``).
 
     python -m benchmarks.attention_launch_sweep [--launch chunk] [--cache-dtype fp8] [--out DIR]
 """
@@ -66,17 +67,22 @@ class Launch:
     splits: tuple[int, ...]
 
 
+_DECODE_16 = ((64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 4, 2), (32, 4, 4), (64, 8, 3), (128, 8, 3),
+              (128, 4, 2))
+_DECODE_8 = ((128, 4, 3), (128, 4, 2), (64, 4, 3), (64, 4, 2), (128, 8, 3), (256, 8, 2), (256, 4, 2))
+_CHUNK = ((128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3),
+          (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 4, 3), (64, 32, 4, 3))
 LAUNCHES = {
     "decode": Launch(
         shapes=tuple(Shape(f"llama3-8b b{n}", n, 1, 1300) for n in (32, 64, 128, 256)),
-        keys=("BLOCK_N_DECODE", "num_warps_decode", "num_stages_decode"),
+        keys=("BLOCK_N_DECODE", "num_warps_decode", "num_stages_decode", "fp8_f16_dot"),
         configs={
             # the rule's and those with fewer registers (more programs resident an SM: 114
             # registers at two stages, 96 with 32-key tiles; ptxas sm_90, Triton 3.6) or larger tiles
-            2: ((64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 4, 2), (32, 4, 4), (64, 8, 3), (128, 8, 3),
-                (128, 4, 2)),
-            # a one-byte cache: the rule's 128-key tiles (the bytes of bf16's 64) and its neighbours
-            1: ((128, 4, 3), (128, 4, 2), (64, 4, 3), (64, 4, 2), (128, 8, 3), (256, 8, 2), (256, 4, 2)),
+            2: tuple((*c, False) for c in _DECODE_16),
+            # a one-byte cache: the rule's 128-key tiles (the bytes of bf16's 64) and its neighbours,
+            # each widened to bfloat16 (the rule) and to float16
+            1: tuple((*c, f16) for f16 in (False, True) for c in _DECODE_8),
         },
         splits=(1, 2, 3, 4, 6),
     ),
@@ -87,11 +93,11 @@ LAUNCHES = {
             Shape("llama3-8b 2 prompts of 384", 2, 384, 384),
             Shape("llama2-7b chunk 704 after 600", 1, 704, 1304, kv_heads=32),
         ),
-        keys=("BLOCK_M", "BLOCK_N", "num_warps_prefill", "num_stages"),
-        configs={  # the rule's (128 x 128, 8 warps, 3 stages: 255 registers, one program an SM) and smaller
-            size: ((128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3),
-                   (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 4, 3), (64, 32, 4, 3))
-            for size in (1, 2)
+        keys=("BLOCK_M", "BLOCK_N", "num_warps_prefill", "num_stages", "fp8_f16_dot"),
+        # the rule's (128 x 128, 8 warps, 3 stages: 255 registers, one program an SM) and smaller
+        configs={
+            2: tuple((*c, False) for c in _CHUNK),
+            1: tuple((*c, f16) for f16 in (False, True) for c in _CHUNK),
         },
         splits=(1, 2, 3, 4),
     ),
@@ -131,7 +137,10 @@ def rule_splits(shape: Shape, config: dict) -> int:
 def describe(keys: tuple[str, ...], values: tuple[int, ...], splits: int) -> str:
     short = {"BLOCK_N_DECODE": "n", "BLOCK_M": "m", "BLOCK_N": "n", "num_warps_decode": "w",
              "num_warps_prefill": "w", "num_stages_decode": "s", "num_stages": "s"}  # fmt: skip
-    return " ".join(f"{short[k]}{v}" for k, v in zip(keys, values, strict=True)) + f" split {splits}"
+    words = [f"{short[k]}{v}" for k, v in zip(keys, values, strict=True) if k in short]
+    if dict(zip(keys, values, strict=True)).get("fp8_f16_dot"):
+        words.append("f16-dots")
+    return " ".join(words) + f" split {splits}"
 
 
 def _figures(seconds: float, kv_bytes: float, flops: float, bandwidth: float) -> dict:

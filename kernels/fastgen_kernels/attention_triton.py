@@ -113,7 +113,7 @@ def _attend_query_tile(
     stride_vb, stride_vt, stride_vh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
     GROUP: tl.constexpr, TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, F16_DOT: tl.constexpr,
 ):
     """Attention of ``TOKENS`` query tokens x ``GROUP`` heads of one sequence (or one split of it).
 
@@ -130,6 +130,8 @@ def _attend_query_tile(
     q_mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(query_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=q_mask, other=0.0)
+    if F16_DOT:  # keys and values then widen to float16 (exact for e4m3), and P goes to float16
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
     first_pos = context_len - q_len + local_tile * TOKENS
     last_pos = tl.minimum(first_pos + TOKENS - 1, context_len - 1)
@@ -198,6 +200,7 @@ def _paged_attention_kernel(
     TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_M_DECODE: tl.constexpr, BLOCK_N_DECODE: tl.constexpr,
     HAS_PREFILL: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    F16_DOT: tl.constexpr,
 ):
     """Grid ``(slots, num_kv_heads, num_splits)``; see the module docstring."""
     kv_head = tl.program_id(1)
@@ -235,7 +238,7 @@ def _paged_attention_kernel(
                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                 stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
                 GROUP, TOKENS, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_SIZE, SPLIT, DOT_PRECISION,
-                SOFTCAP,
+                SOFTCAP, F16_DOT,
             )
         else:
             _attend_query_tile(
@@ -245,7 +248,7 @@ def _paged_attention_kernel(
                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                 stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
                 GROUP, 1, BLOCK_M_DECODE, BLOCK_N_DECODE, HEAD_DIM, BLOCK_D, BLOCK_SIZE, SPLIT,
-                DOT_PRECISION, SOFTCAP,
+                DOT_PRECISION, SOFTCAP, F16_DOT,
             )
     else:
         _attend_query_tile(
@@ -255,7 +258,7 @@ def _paged_attention_kernel(
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
             stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
             GROUP, 1, BLOCK_M_DECODE, BLOCK_N_DECODE, HEAD_DIM, BLOCK_D, BLOCK_SIZE, SPLIT,
-            DOT_PRECISION, SOFTCAP,
+            DOT_PRECISION, SOFTCAP, F16_DOT,
         )
 
 
@@ -328,6 +331,10 @@ def launch_config(
         "num_warps_decode": 4,
         "num_stages": 2 if big_head else 3,
         "num_stages_decode": 2 if big_head or cache_bytes == 2 else 3,  # decode-only launches
+        # a one-byte cache under bfloat16 queries: widen keys and values to float16 (one conversion
+        # instruction a pair on sm_90, bfloat16 takes three) and take the dots in float16; off until
+        # measured against the bfloat16 widening (benchmarks/NOTES-kernels.md, "FP8 KV cache")
+        "fp8_f16_dot": False,
     }
 
 
@@ -503,6 +510,7 @@ def _launch(
         BLOCK_M_DECODE=config["BLOCK_M_DECODE"], BLOCK_N_DECODE=config["BLOCK_N_DECODE"],
         HAS_PREFILL=has_prefill, SPLIT=split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", SOFTCAP=float(softcap or 0.0),
+        F16_DOT=config["fp8_f16_dot"] and key_cache.element_size() == 1 and query.dtype == torch.bfloat16,
         num_warps=config["num_warps_prefill" if has_prefill else "num_warps_decode"],
         num_stages=config["num_stages" if has_prefill else "num_stages_decode"],
     )

@@ -127,6 +127,7 @@ def small_tile_config(
         "BLOCK_M": max(16, triton_next_pow2(group)), "BLOCK_N": 16,
         "BLOCK_M_DECODE": max(16, triton_next_pow2(group)), "BLOCK_N_DECODE": 16,
         "num_warps_prefill": 4, "num_warps_decode": 4, "num_stages": 2, "num_stages_decode": 2,
+        "fp8_f16_dot": False,
     }
 
 
@@ -230,6 +231,20 @@ def test_fp8_cache(shape, dtype, small_tiles, device, seed) -> None:
           cache_dtype=torch.float8_e4m3fn)
 
 
+def test_fp8_cache_under_bfloat16_queries_with_float16_dots(monkeypatch, device, seed) -> None:
+    """``fp8_f16_dot``: bfloat16 queries over a float8 cache take their dots in float16 (keys and
+    values widened to it, the query clamped into its range); a mixed batch and split decodes. The
+    interpreter runs it on the CPU: its dots are then float16, which it computes correctly."""
+    def f16_dots(*args, **kwargs) -> dict:
+        return dict(small_tile_config(*args, **kwargs), fp8_f16_dot=True)
+
+    monkeypatch.setattr(attention_triton, "launch_config", f16_dots)
+    fp8 = torch.float8_e4m3fn
+    check([(1, 40), (1, 7), (9, 30), (1, 65)], 4, 2, 64, 16, torch.bfloat16, device, num_decodes=2,
+          cache_dtype=fp8)
+    check([(1, 70), (1, 33)], 4, 1, 64, 16, torch.bfloat16, device, num_splits=3, cache_dtype=fp8)
+
+
 def test_fp8_cache_default_tiles(device, seed) -> None:
     """The decode tiles a one-byte cache gets by default (128 keys)."""
     assert attention_triton.launch_config(64, 1, torch.float32, cache_bytes=1)["BLOCK_N_DECODE"] == 128
@@ -315,8 +330,12 @@ def test_gpu_real_shapes(model, block_size, seed) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("f16_dots", [False, True], ids=["bf16-dots", "f16-dots"])
 @pytest.mark.parametrize("model", ["llama2-7b", "llama3-8b"])
-def test_gpu_fp8_cache(model, seed) -> None:
+def test_gpu_fp8_cache(model, f16_dots, monkeypatch, seed) -> None:
+    default = attention_triton.launch_config
+    monkeypatch.setattr(attention_triton, "launch_config",
+                        lambda *args, **kwargs: dict(default(*args, **kwargs), fp8_f16_dot=f16_dots))
     num_heads, num_kv_heads, head_dim = MODELS[model]
     cuda, fp8 = torch.device("cuda"), torch.float8_e4m3fn
     decode = [(1, int(c)) for c in torch.randint(1, 4096, (32,))]
