@@ -68,12 +68,14 @@ for phase in "$@"; do
   D="$OUT"  # where the phase writes; with PACK=1 a folder packed into $OUT/$phase.tgz after it
   if [ -n "${PACK:-}" ]; then D="$OUT/_work/$phase"; mkdir -p "$D"; fi
   case "$phase" in
-    tests)   # GPU_TEST_WORKERS pytest-xdist processes share the GPU: Triton compiles on many cores at once
-             timeout "${TESTS_TIMEOUT_S:-420}" python3 -m pytest -m gpu -q -p no:cacheprovider -n "${GPU_TEST_WORKERS:-8}" \
-               --durations=12 --tb="${GPU_TEST_TB:-short}" ${GPU_TEST_PATHS:-tests/kernels tests/test_gpu_engine.py \
+    tests)   # GPU_TEST_WORKERS pytest-xdist processes share the GPU: Triton compiles on many cores at once.
+             # -v names every finished test in the log; SIGINT at the limit still prints the summary
+             timeout -s INT "${TESTS_TIMEOUT_S:-420}" python3 -m pytest -m gpu -v -p no:cacheprovider \
+               -n "${GPU_TEST_WORKERS:-8}" -o faulthandler_timeout=240 --durations=12 --tb="${GPU_TEST_TB:-short}" \
+               ${GPU_TEST_PATHS:-tests/kernels tests/test_gpu_engine.py \
                tests/test_fp8.py tests/test_gpu_stalls.py tests/test_fusions.py tests/test_fused_linears.py \
                tests/test_snapshot.py tests/models/test_file_reader.py tests/test_batch.py} 2>&1 \
-               | tee "$D/gpu_tests.log" | tail -40 ;;
+               | tee "$D/gpu_tests.log" | grep -vE "PASSED|^tests/.*::| warner|PytestBenchmarkWarning" | tail -40 ;;
     kernels) timeout 300 python3 benchmarks/kernel_timings.py --out "$D" ${KERNELS_ARGS:-} 2>&1 | tee "$D/kernels.log" | tail -40 ;;
     decode)  timeout 300 python3 benchmarks/decode_step.py --out "$D" 2>&1 | tee "$D/decode.log" | tail -20 ;;
     fusions) timeout "${FUSIONS_TIMEOUT_S:-300}" python3 benchmarks/decode_step.py --graphs on \
