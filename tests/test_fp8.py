@@ -55,7 +55,10 @@ def test_unknown_quantization_is_refused():
 
 @pytest.fixture(scope="module")
 def trained_path(toy_checkpoint):
-    return toy_checkpoint("llama", train_steps=200, seed=3)
+    # on the GPU machine the training runs there: on its CPU, under parallel test workers, it took
+    # ~100 s of the GPU session
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return toy_checkpoint("llama", train_steps=200, seed=3, train_device=device)
 
 
 def test_fp8_engine_predicts_like_the_float32_engine(trained_path):
