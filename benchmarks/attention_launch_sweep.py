@@ -13,6 +13,11 @@ tiles and split-KV choice):
 With ``--cache-dtype fp8`` each config also runs with ``fp8_f16_dot`` (keys and values widened to
 float16 for the dots instead of bfloat16). Each config is timed at every split-KV count (the launch
 config is swapped in as ``attention_triton.launch_config``, the split count passed as ``num_splits``).
+Times are device times: the sum of the launch's kernel durations (the attention and, when split,
+its merge), from the torch profiler over 10 calls. Events around a call would also count the host's
+launch latency while the device idles (tens of microseconds a launch, more with a merge), which
+the engine hides by launching a step ahead: session 11's sweep, timed so, overstated what no split
+saves.
 
     python -m benchmarks.attention_launch_sweep [--launch chunk] [--cache-dtype fp8] [--out DIR]
 """
@@ -31,7 +36,7 @@ import torch
 from fastgen.kernels import attention_triton
 
 from benchmarks.decode_step import copy_bandwidth_bytes_per_s
-from benchmarks.step_profile import cuda_time
+from benchmarks.step_profile import kernel_breakdown
 
 HEAD_DIM, BLOCK_SIZE = 128, 16
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
@@ -143,6 +148,11 @@ def describe(keys: tuple[str, ...], values: tuple[int, ...], splits: int) -> str
     return " ".join(words) + f" split {splits}"
 
 
+def device_seconds(fn) -> float:
+    """Seconds of kernel time a call of ``fn`` takes on the device (profiler, 10 calls)."""
+    return kernel_breakdown(fn, repeats=10)["kernel_us"] / 1e6
+
+
 def _figures(seconds: float, kv_bytes: float, flops: float, bandwidth: float) -> dict:
     return dict(us=seconds * 1e6, of_copy=kv_bytes / seconds / bandwidth, tflops=flops / seconds / 1e12)
 
@@ -157,13 +167,13 @@ def sweep(launch: Launch, cache_dtype: torch.dtype, bandwidth: float) -> list[di
             base = default_config(HEAD_DIM, shape.heads // shape.kv_heads, torch.bfloat16,
                                   prefill_heavy=shape.query_len > 1, cache_bytes=cache_dtype.itemsize)
             attention_triton.launch_config = default_config
-            rule_s = cuda_time(partial(attention_triton.paged_attention_triton, **args))
+            rule_s = device_seconds(partial(attention_triton.paged_attention_triton, **args))
             timed = []
             for values, splits in itertools.product(launch.configs[cache_dtype.itemsize], launch.splits):
                 config = dict(base, **dict(zip(launch.keys, values, strict=True)))
                 attention_triton.launch_config = lambda *_, config=config, **__: config
                 launch_once = partial(attention_triton.paged_attention_triton, **args, num_splits=splits)
-                timed.append((cuda_time(launch_once), describe(launch.keys, values, splits)))
+                timed.append((device_seconds(launch_once), describe(launch.keys, values, splits)))
             timed.sort()
             figures = partial(_figures, kv_bytes=kv_bytes, flops=shape.flops, bandwidth=bandwidth)
             rule = describe(launch.keys, tuple(base[k] for k in launch.keys), rule_splits(shape, base))
@@ -184,7 +194,8 @@ def report(rows: list[dict], launch: str, cache: str, bandwidth: float, seconds:
         f"device: {torch.cuda.get_device_name()}; "
         f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {seconds:.0f} s",
         f"- ceiling: copy {bandwidth / 1e12:.2f} TB/s (read + write, measured in this run); {cache} cache, "
-        f"head dim {HEAD_DIM}, block {BLOCK_SIZE}; medians of 20 launches; TFLOP/s counts causal attention",
+        f"head dim {HEAD_DIM}, block {BLOCK_SIZE}; device time (kernel durations, profiler) of 10 launches; "
+        "TFLOP/s counts causal attention",
         "",
         "| shape | KV GB | rule | rule us | of copy | TFLOP/s | best us | of copy | TFLOP/s | best |",
         "|---|---|---|---|---|---|---|---|---|---|",
