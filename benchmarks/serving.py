@@ -91,7 +91,11 @@ class Budget:
         return time.perf_counter() + span
 
     def allows(self, what: str, estimate_s: float | None = None, minimum_s: float = 3.0) -> bool:
+        """Whether a part estimated to take ``estimate_s`` may start; a run is cut at ``max_run_s``,
+        so it needs no more than that."""
         left = self.remaining_s()
+        if estimate_s is not None and self.max_run_s is not None:
+            estimate_s = min(estimate_s, self.max_run_s)
         if left < minimum_s:
             self.skipped.append(f"{what}: not started, the time limit was spent")
             return False

@@ -321,10 +321,15 @@ def test_budget_skips_and_says_why():
     budget = Budget(limit_s=OUTPUT_RESERVE_S + 100, max_run_s=30)
     assert budget.allows("a run")
     assert budget.deadline() - time.perf_counter() == pytest.approx(30, abs=1)
-    assert not budget.allows("a long run", estimate_s=500)
+    assert budget.allows("a long run, cut at 30 s", estimate_s=500)
+    uncut = Budget(limit_s=OUTPUT_RESERVE_S + 100, max_run_s=None)
+    assert not uncut.allows("a long run", estimate_s=500)
+    short = Budget(limit_s=OUTPUT_RESERVE_S + 20, max_run_s=30)
+    assert not short.allows("a run cut at 30 s", estimate_s=500)
     spent = Budget(limit_s=OUTPUT_RESERVE_S + 1, max_run_s=None)
     assert not spent.allows("late run")
-    assert [s.split(":")[0] for s in budget.skipped + spent.skipped] == ["a long run", "late run"]
+    skipped = budget.skipped + uncut.skipped + short.skipped + spent.skipped
+    assert [s.split(":")[0] for s in skipped] == ["a long run", "a run cut at 30 s", "late run"]
 
 
 def _benchmark_env() -> dict[str, str]:
