@@ -129,13 +129,11 @@ def attention_args(shape: Shape, cache_dtype: torch.dtype) -> dict:
 
 def rule_splits(shape: Shape, config: dict) -> int:
     """The split count `attention_triton._launch` chooses for this shape."""
-    if shape.query_len == 1:
-        slots = shape.seqs
-    else:
-        per_tile = config["BLOCK_M"] // (shape.heads // shape.kv_heads)
-        slots = shape.seqs * shape.query_len // per_tile + shape.seqs
+    has_prefill = shape.query_len > 1
+    per_tile = config["BLOCK_M"] // (shape.heads // shape.kv_heads)
+    slots = attention_triton.launch_slots(shape.seqs * shape.query_len, shape.seqs, per_tile, has_prefill)
     return attention_triton.choose_num_splits(
-        slots * shape.kv_heads, shape.context, torch.device("cuda"), decode_only=shape.query_len == 1
+        slots * shape.kv_heads, shape.context, torch.device("cuda"), decode_only=not has_prefill
     )
 
 

@@ -344,6 +344,12 @@ DECODE_PROGRAMS_PER_SM = 4  # 114 registers x 4 warps at two stages (ptxas, sm_9
 CHUNK_LAUNCH_ROUND_PER_SM = 3
 
 
+def launch_slots(num_tokens: int, num_seqs: int, tokens_per_tile: int, has_prefill: bool) -> int:
+    """Programs a launch runs per KV head and split: one per sequence for decodes; with prompt
+    chunks, an upper bound on the query tiles (each sequence's last tile may be partial)."""
+    return num_tokens // tokens_per_tile + num_seqs if has_prefill else num_seqs
+
+
 def choose_num_splits(
     num_programs: int, max_context_len: int, device: torch.device, decode_only: bool = True
 ) -> int:
@@ -481,7 +487,7 @@ def _launch(
                            cache_bytes=key_cache.element_size())
     has_prefill = max_query_len > 1
     tokens_per_tile = config["BLOCK_M"] // group
-    num_slots = num_tokens // tokens_per_tile + num_seqs if has_prefill else num_seqs
+    num_slots = launch_slots(num_tokens, num_seqs, tokens_per_tile, has_prefill)
     if num_splits is None:
         num_splits = choose_num_splits(num_slots * num_kv_heads, max_context_len, query.device,
                                        decode_only=not has_prefill)
