@@ -313,10 +313,10 @@ def launch_config(
     SplitFuse step with hundreds of running sequences) therefore use 64-row chunk tiles and 4 warps,
     which leaves four decode programs per multiprocessor; prefill-heavy steps use 128 x 128 tiles
     with 8 warps. A one-byte (FP8) cache takes 128-key decode tiles, the same bytes a tile as
-    bf16's 64. A decode-only launch of a 16-bit cache pipelines two key tiles, not three: the
-    registers that frees puts a fourth program on each multiprocessor, which reads the cache
-    faster than the deeper pipeline does. The measurements behind these choices:
-    benchmarks/NOTES-runner.md.
+    bf16's 64. A decode-only launch pipelines two key tiles, not three: the registers that frees
+    puts a fourth program on each multiprocessor, which reads the cache faster than the deeper
+    pipeline does. The measurements behind these choices: benchmarks/NOTES-runner.md and
+    NOTES-kernels.md.
     """
     big_head = head_dim > 128
     half = dtype.itemsize == 2  # float32 tiles take twice the shared memory: keep them smaller
@@ -330,18 +330,24 @@ def launch_config(
         "num_warps_prefill": 8 if block_m == 128 and head_dim > 64 else 4,
         "num_warps_decode": 4,
         "num_stages": 2 if big_head else 3,
-        "num_stages_decode": 2 if big_head or cache_bytes == 2 else 3,  # decode-only launches
+        "num_stages_decode": 2,  # decode-only launches
         # a one-byte cache under bfloat16 queries: widen keys and values to float16 (one conversion
-        # instruction a pair on sm_90, bfloat16 takes three) and take the dots in float16; off until
-        # measured against the bfloat16 widening (benchmarks/NOTES-kernels.md, "FP8 KV cache")
-        "fp8_f16_dot": False,
+        # instruction a pair on sm_90, bfloat16 takes three) and take the dots in float16
+        # (benchmarks/NOTES-kernels.md, "FP8 KV cache")
+        "fp8_f16_dot": True,
     }
 
 
 DECODE_PROGRAMS_PER_SM = 4  # 114 registers x 4 warps at two stages (ptxas, sm_90, Triton 3.6): four fit
-# the round (programs per multiprocessor) that the split rule for launches with prompt chunks was
-# measured with (benchmarks/NOTES-kernels.md, run 2)
-CHUNK_LAUNCH_ROUND_PER_SM = 3
+
+
+def programs_per_sm(config: dict[str, int], has_prefill: bool) -> int:
+    """Programs of a launch resident on a multiprocessor: decode-only launches four; with prompt
+    chunks, 128 x 128 tiles with 8 warps take 255 registers a thread (ptxas, sm_90, Triton 3.6), so
+    one, and 64-row tiles with 4 warps three."""
+    if not has_prefill:
+        return DECODE_PROGRAMS_PER_SM
+    return 1 if config["num_warps_prefill"] == 8 else 3
 
 
 def launch_slots(num_tokens: int, num_seqs: int, tokens_per_tile: int, has_prefill: bool) -> int:
@@ -351,30 +357,27 @@ def launch_slots(num_tokens: int, num_seqs: int, tokens_per_tile: int, has_prefi
 
 
 def choose_num_splits(
-    num_programs: int, max_context_len: int, device: torch.device, decode_only: bool = True
+    num_programs: int,
+    max_context_len: int,
+    device: torch.device,
+    decode_only: bool = True,
+    programs_per_sm: int = DECODE_PROGRAMS_PER_SM,
 ) -> int:
-    """Splits per sequence so that a batch of few long sequences still fills the GPU; a split
-    keeps at least 256 keys.
+    """Splits per sequence so that a launch of few programs still fills the GPU: at most one round
+    of resident programs (``programs_per_sm`` on each multiprocessor); a split keeps at least 256
+    keys.
 
-    Decode-only launches split only when they are at most a quarter of a round of resident
-    programs, up to one full round: larger ones read the cache faster unsplit, their partly
-    filled last round included, than with the merge's extra pass (measured per shape in
-    benchmarks/NOTES-kernels.md, "Decode attention launch parameters"). Launches with prompt
-    chunks: what hurts is a last, partly filled round (run 2 there); those that fit in one round
-    split up to a full one, those of one to 2.5 rounds split in two, larger ones don't split.
+    A launch that fills a round or more does not split: its partly filled last round costs less
+    than the merge's extra pass and the split programs' repeated query loads (measured per launch
+    and shape in benchmarks/NOTES-kernels.md, "Attention launch sweeps"). Decode-only launches,
+    light and bound by memory, split only when they are at most a quarter of a round.
     """
     if max_context_len <= 512:
         return 1
-    if decode_only:
-        resident = DECODE_PROGRAMS_PER_SM * _multiprocessor_count(device)
-        if 4 * num_programs > resident:
-            return 1
-        wanted = resident // num_programs
-    else:
-        resident = CHUNK_LAUNCH_ROUND_PER_SM * _multiprocessor_count(device)
-        if 2 * num_programs >= 5 * resident:
-            return 1
-        wanted = resident // num_programs if num_programs <= resident else 2
+    resident = programs_per_sm * _multiprocessor_count(device)
+    if decode_only and 4 * num_programs > resident:
+        return 1
+    wanted = resident // num_programs
     return max(1, min(wanted, triton.cdiv(max_context_len, 256), MAX_SPLITS))
 
 
@@ -489,8 +492,10 @@ def _launch(
     tokens_per_tile = config["BLOCK_M"] // group
     num_slots = launch_slots(num_tokens, num_seqs, tokens_per_tile, has_prefill)
     if num_splits is None:
-        num_splits = choose_num_splits(num_slots * num_kv_heads, max_context_len, query.device,
-                                       decode_only=not has_prefill)
+        num_splits = choose_num_splits(
+            num_slots * num_kv_heads, max_context_len, query.device, decode_only=not has_prefill,
+            programs_per_sm=programs_per_sm(config, has_prefill),
+        )
     num_splits = max(1, min(int(num_splits), MAX_SPLITS))
     split = num_splits > 1
     if split:  # rows relative to query_start[0]

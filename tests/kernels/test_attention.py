@@ -282,19 +282,32 @@ def test_split_choice() -> None:
 
 
 def test_split_choice_with_prompt_chunks() -> None:
-    """Launches with prompt chunks fill up to one round, split in two from one to 2.5 rounds."""
+    """Launches with prompt chunks split only to fill up to one round of resident programs: a
+    launch of more than half a round does not split."""
     cpu = torch.device("cpu")
-    round_ = attention_triton.CHUNK_LAUNCH_ROUND_PER_SM * 8
-    assert attention_triton.choose_num_splits(2, 32768, cpu, decode_only=False) == round_ // 2
-    assert attention_triton.choose_num_splits(round_ + 1, 32768, cpu, decode_only=False) == 2
-    assert attention_triton.choose_num_splits(5 * round_ // 2, 32768, cpu, decode_only=False) == 1
-    assert attention_triton.choose_num_splits(2, 200, cpu, decode_only=False) == 1
+    wide = attention_triton.launch_config(128, 4, torch.bfloat16, prefill_heavy=True)
+    narrow = attention_triton.launch_config(128, 4, torch.bfloat16, prefill_heavy=False)
+    assert attention_triton.programs_per_sm(wide, has_prefill=True) == 1
+    assert attention_triton.programs_per_sm(narrow, has_prefill=True) == 3
+    assert attention_triton.programs_per_sm(wide, has_prefill=False) == attention_triton.DECODE_PROGRAMS_PER_SM
+
+    def choose(programs: int, context: int, per_sm: int) -> int:
+        return attention_triton.choose_num_splits(programs, context, cpu, decode_only=False,
+                                                  programs_per_sm=per_sm)
+
+    for per_sm in (1, 3):
+        round_ = per_sm * 8  # the interpreter's 8 multiprocessors
+        assert choose(2, 32768, per_sm) == round_ // 2
+        assert choose(round_ // 2, 32768, per_sm) == 2
+        assert choose(round_ // 2 + 1, 32768, per_sm) == 1
+        assert choose(round_ + 1, 32768, per_sm) == 1
+        assert choose(2, 200, per_sm) == 1
 
 
-def test_decode_launches_pipeline_two_tiles_of_a_16_bit_cache() -> None:
+def test_decode_launches_pipeline_two_tiles() -> None:
     config = attention_triton.launch_config(128, 4, torch.bfloat16, prefill_heavy=False)
     assert config["num_stages_decode"] == 2 and config["num_stages"] == 3
-    assert attention_triton.launch_config(128, 4, torch.bfloat16, cache_bytes=1)["num_stages_decode"] == 3
+    assert attention_triton.launch_config(128, 4, torch.bfloat16, cache_bytes=1)["num_stages_decode"] == 2
 
 
 def test_dispatcher_on_cpu_matches_reference(seed) -> None:

@@ -36,9 +36,9 @@ def launches(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
                       "max_query_len": kwargs["max_query_len"]})
         return launch(*args, **kwargs)
 
-    def spy_choose(num_programs, max_context_len, device, decode_only=True):
+    def spy_choose(num_programs, max_context_len, device, **kwargs):
         calls[-1]["split_programs"] = num_programs
-        return choose(num_programs, max_context_len, device, decode_only)
+        return choose(num_programs, max_context_len, device, **kwargs)
 
     monkeypatch.setattr(attention_triton, "_launch", spy_launch)
     monkeypatch.setattr(attention_triton, "choose_num_splits", spy_choose)
