@@ -94,15 +94,20 @@ def _launch(
 
 def warm_up_steps(execute: Callable[[StepPlan], object], block_size: int) -> None:
     """One prompt step and one decode step of a greedy and a sampled sequence (with
-    log-probabilities) through ``execute``, the runner's real path: the LM head, sampling and the
-    decode graphs' kernels all run once. Sequences 0 and 1 use blocks 0 and 1 and are released
-    at the end; the KV they leave is overwritten before any later sequence reads it."""
+    log-probabilities), then a decode step of the greedy one alone, through ``execute``, the
+    runner's real path: the LM head, the sampler, the greedy argmax and the decode graphs' kernels
+    all run once. Sequences 0 and 1 use the first blocks of the cache and are released at the end;
+    the KV they leave is overwritten before any later sequence reads it."""
     greedy = SamplingOptions(0.0, 0, 1.0, None, 0, [])
     sampled = SamplingOptions(0.8, 20, 0.9, 1, 0, [], logprobs=2)
     starts = [SequenceStart(0, greedy, 0), SequenceStart(1, sampled, 0)]
-    prompt_len = max(2, min(8, block_size - 1))
-    prompt = [SequenceChunk(seq_id, [1] * prompt_len, 0, [seq_id], sample=True) for seq_id in (0, 1)]
+    prompt_len = max(2, min(8, block_size - 2))
+    per_seq = -(-(prompt_len + 2) // block_size)
+    blocks = [list(range(seq_id * per_seq, (seq_id + 1) * per_seq)) for seq_id in (0, 1)]
+    prompt = [SequenceChunk(seq_id, [1] * prompt_len, 0, blocks[seq_id], sample=True) for seq_id in (0, 1)]
     execute(StepPlan(0, [], starts, prompt))
     decode = [SequenceChunk(seq_id, [PENDING_TOKEN], prompt_len, [], sample=True) for seq_id in (0, 1)]
     execute(StepPlan(1, [], [], decode))
-    execute(StepPlan(2, [0, 1], [], []))
+    # the greedy sequence alone: a batch of plain greedy rows takes the argmax kernel, not the sampler
+    execute(StepPlan(2, [], [], [SequenceChunk(0, [PENDING_TOKEN], prompt_len + 1, [], sample=True)]))
+    execute(StepPlan(3, [0, 1], [], []))

@@ -484,7 +484,7 @@ class ModelRunner:
         if self.penalties.num_tracked:
             penalized = [row for row, state in enumerate(states) if state.penalties is not None]
         if greedy and not asking and not penalized:
-            tokens = logits.argmax(dim=-1)
+            tokens = kernels.greedy_argmax(logits)
             return _PendingSample(tokens, tokens=tokens)
         raw = index = None
         if asking:  # before sampling may change the logits

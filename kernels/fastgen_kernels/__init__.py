@@ -4,6 +4,7 @@ on CPU (``FASTGEN_KERNELS=reference`` forces the reference)."""
 
 from ._dispatch import fusion_enabled, reference_forced
 from .activation import gelu, silu_and_mul
+from .argmax import greedy_argmax
 from .attention import paged_attention
 from .cache import write_kv_cache
 from .fused_linear import rms_norm_linear, silu_and_mul_linear
@@ -20,6 +21,7 @@ __all__ = [
     "fused_moe",
     "fusion_enabled",
     "gelu",
+    "greedy_argmax",
     "layer_norm",
     "linear_small_batch",
     "paged_attention",

@@ -289,7 +289,8 @@ def test_split_choice_with_prompt_chunks() -> None:
     narrow = attention_triton.launch_config(128, 4, torch.bfloat16, prefill_heavy=False)
     assert attention_triton.programs_per_sm(wide, has_prefill=True) == 1
     assert attention_triton.programs_per_sm(narrow, has_prefill=True) == 3
-    assert attention_triton.programs_per_sm(wide, has_prefill=False) == attention_triton.DECODE_PROGRAMS_PER_SM
+    decode_per_sm = attention_triton.DECODE_PROGRAMS_PER_SM
+    assert attention_triton.programs_per_sm(wide, has_prefill=False) == decode_per_sm
 
     def choose(programs: int, context: int, per_sm: int) -> int:
         return attention_triton.choose_num_splits(programs, context, cpu, decode_only=False,
