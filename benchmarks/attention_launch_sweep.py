@@ -52,6 +52,7 @@ class Shape:
     context: int
     heads: int = 32
     kv_heads: int = 8
+    splits: tuple[int, ...] = ()  # split counts to time; empty: the launch's
 
     @property
     def kv_elements(self) -> int:
@@ -79,7 +80,13 @@ _CHUNK = ((128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), 
           (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 4, 3), (64, 32, 4, 3))
 LAUNCHES = {
     "decode": Launch(
-        shapes=tuple(Shape(f"llama3-8b b{n}", n, 1, 1300) for n in (32, 64, 128, 256)),
+        shapes=(
+            # batch 1 as its decode graph runs it: the graph is captured at the longest context, so
+            # its launch splits as for that (up to 32 ways) whatever the context is
+            Shape("llama3-8b b1 at 384", 1, 1, 384, splits=(1, 2, 4, 8, 16, 32)),
+            Shape("llama3-8b b1 at 4096", 1, 1, 4096, splits=(1, 4, 8, 16, 32)),
+            *(Shape(f"llama3-8b b{n}", n, 1, 1300) for n in (32, 64, 128, 256)),
+        ),
         keys=("BLOCK_N_DECODE", "num_warps_decode", "num_stages_decode", "fp8_f16_dot"),
         configs={
             # the rule's and those with fewer registers (more programs resident an SM: 114
@@ -168,7 +175,8 @@ def sweep(launch: Launch, cache_dtype: torch.dtype, bandwidth: float) -> list[di
             attention_triton.launch_config = default_config
             rule_s = device_seconds(partial(attention_triton.paged_attention_triton, **args))
             timed = []
-            for values, splits in itertools.product(launch.configs[cache_dtype.itemsize], launch.splits):
+            split_counts = shape.splits or launch.splits
+            for values, splits in itertools.product(launch.configs[cache_dtype.itemsize], split_counts):
                 config = dict(base, **dict(zip(launch.keys, values, strict=True)))
                 attention_triton.launch_config = lambda *_, config=config, **__: config
                 launch_once = partial(attention_triton.paged_attention_triton, **args, num_splits=splits)
