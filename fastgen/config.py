@@ -13,6 +13,12 @@ _QUANTIZATIONS = (None, "fp8")
 _KV_CACHE_DTYPES = ("auto", "fp8")
 
 
+# `pipeline()`'s token budget unless it is given: a batch call waits for all of its outputs, so
+# the gap between two tokens of a request costs it nothing, and fuller steps finish the batch
+# sooner (README, "Latency or throughput"). The serving APIs keep `EngineConfig.token_budget`.
+OFFLINE_TOKEN_BUDGET = 2048
+
+
 class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """How an engine runs. Every field has a default that works; each field's documentation is the
     string below it, which is also its help in the ``fastgen`` command (see `field_docs`)."""

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import EngineConfig
+from .config import OFFLINE_TOKEN_BUDGET, EngineConfig
 from .engine import AsyncEngine
 from .errors import EngineDeadError, InvalidRequestError
 from .loops import BackgroundLoop
@@ -84,13 +84,15 @@ def pipeline(
     """Load a model for synchronous, non-persistent generation (MII's ``mii.pipeline``).
 
     ``model_name_or_path`` is passed to `AsyncEngine.start` (``None``: its default model).
-    ``config`` holds `EngineConfig` fields (``tensor_parallel``, ``token_budget``, ...).
+    ``config`` holds `EngineConfig` fields (``tensor_parallel``, ``token_budget``, ...); the token
+    budget defaults to `OFFLINE_TOKEN_BUDGET` (2048), a throughput setting: a pipeline call returns
+    when its whole batch is done.
     ``device_map`` names the GPUs of the pipeline's one replica, as MII's does (a GPU id, a list
     of ``tensor_parallel`` ids, ``[[ids]]``, ``{"localhost": [[ids]]}``; see
     `fastgen.serving.device_map`).
     """
     model = None if model_name_or_path is None else str(model_name_or_path)
-    engine_config = EngineConfig.from_options(**config)
+    engine_config = EngineConfig.from_options(**{"token_budget": OFFLINE_TOKEN_BUDGET, **config})
     try:
         lists = replica_device_ids(device_map, tensor_parallel=engine_config.tensor_parallel, replica_num=1)
     except ValueError as exc:

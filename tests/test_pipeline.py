@@ -1,7 +1,8 @@
 import pytest
 
 import fastgen
-from fastgen import InvalidRequestError, SamplingParams
+from fastgen import EngineConfig, InvalidRequestError, SamplingParams
+from fastgen.config import OFFLINE_TOKEN_BUDGET
 from tests.helpers import generate_together
 
 PROMPTS = ["DeepSpeed is", "Seattle is a city by the water and"]
@@ -76,6 +77,16 @@ def test_bad_prompts(pipe):
     with pytest.raises(InvalidRequestError, match="prompt"):
         pipe(["fine", ""])
     assert pipe("still serving", max_new_tokens=2, ignore_eos=True)[0].generated_length == 2
+
+
+def test_a_pipeline_takes_the_offline_token_budget_unless_given(pipe, llama_path):
+    assert pipe.engine.config.token_budget == 32  # given
+    default = fastgen.pipeline(llama_path, dtype="float32")
+    try:
+        assert default.engine.config.token_budget == OFFLINE_TOKEN_BUDGET > EngineConfig().token_budget
+        assert default("Hi", max_new_tokens=3, ignore_eos=True)[0].generated_length == 3
+    finally:
+        default.destroy()
 
 
 def test_unknown_engine_option():
