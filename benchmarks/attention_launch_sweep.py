@@ -183,7 +183,9 @@ def sweep(launch: Launch, cache_dtype: torch.dtype, bandwidth: float) -> list[di
                 timed.append((device_seconds(launch_once), describe(launch.keys, values, splits)))
             timed.sort()
             figures = partial(_figures, kv_bytes=kv_bytes, flops=shape.flops, bandwidth=bandwidth)
-            rule = describe(launch.keys, tuple(base[k] for k in launch.keys), rule_splits(shape, base))
+            # the float16 dots apply to a one-byte cache only: a bf16 rule does not show them
+            shown = dict(base, fp8_f16_dot=base["fp8_f16_dot"] and cache_dtype.itemsize == 1)
+            rule = describe(launch.keys, tuple(shown[k] for k in launch.keys), rule_splits(shape, base))
             row = dict(shape=shape.label, kv_gb=kv_bytes / 1e9, rule=rule, rule_figures=figures(rule_s),
                        top=[dict(config=name, **figures(t)) for t, name in timed[:8]])
             rows.append(row)

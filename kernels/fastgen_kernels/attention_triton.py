@@ -364,21 +364,26 @@ def choose_num_splits(
     programs_per_sm: int = DECODE_PROGRAMS_PER_SM,
 ) -> int:
     """Splits per sequence so that a launch of few programs still fills the GPU: at most one round
-    of resident programs (``programs_per_sm`` on each multiprocessor); a split keeps at least 256
-    keys.
+    of resident programs (``programs_per_sm`` on each multiprocessor).
 
     A launch that fills a round or more does not split: its partly filled last round costs less
     than the merge's extra pass and the split programs' repeated query loads (measured per launch
     and shape in benchmarks/NOTES-kernels.md, "Attention launch sweeps"). Decode-only launches,
-    light and bound by memory, split only when they are at most a quarter of a round.
+    light and bound by memory, split only when they are at most a quarter of a round, down to one
+    64-key tile a split (one sequence at 384 tokens: 12.5 us unsplit, 5.8 us in 16 splits); with
+    prompt chunks a split keeps at least 256 keys, and contexts up to 512 do not split.
     """
-    if max_context_len <= 512:
+    if decode_only:
+        keys_per_split = 64
+    elif max_context_len <= 512:
         return 1
+    else:
+        keys_per_split = 256
     resident = programs_per_sm * _multiprocessor_count(device)
     if decode_only and 4 * num_programs > resident:
         return 1
     wanted = resident // num_programs
-    return max(1, min(wanted, triton.cdiv(max_context_len, 256), MAX_SPLITS))
+    return max(1, min(wanted, triton.cdiv(max_context_len, keys_per_split), MAX_SPLITS))
 
 
 def _empty_partials(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:

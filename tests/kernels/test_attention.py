@@ -269,16 +269,17 @@ def test_empty_sequences_and_trailing_tokens(device, seed) -> None:
 
 
 def test_split_choice() -> None:
-    """Decode-only launches: few long sequences split, up to a round of resident programs; a
-    launch of more than a quarter round, or of short contexts, doesn't."""
+    """Decode-only launches: few sequences split, up to a round of resident programs and down to
+    one 64-key tile a split; a launch of more than a quarter round doesn't."""
     cpu = torch.device("cpu")  # the interpreter's 8 multiprocessors: 32 resident programs
     resident = attention_triton.DECODE_PROGRAMS_PER_SM * 8
     assert attention_triton.choose_num_splits(2, 32768, cpu) == resident // 2
     assert attention_triton.choose_num_splits(resident // 4, 32768, cpu) == 4
     assert attention_triton.choose_num_splits(resident // 4 + 1, 32768, cpu) == 1
-    assert attention_triton.choose_num_splits(2, 600, cpu) == 3  # at least 256 keys a split
+    assert attention_triton.choose_num_splits(2, 600, cpu) == 10  # at least 64 keys a split
+    assert attention_triton.choose_num_splits(2, 200, cpu) == 4
+    assert attention_triton.choose_num_splits(2, 64, cpu) == 1
     assert attention_triton.choose_num_splits(10_000, 32768, cpu) == 1
-    assert attention_triton.choose_num_splits(2, 200, cpu) == 1
 
 
 def test_split_choice_with_prompt_chunks() -> None:
