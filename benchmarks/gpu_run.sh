@@ -2,7 +2,7 @@
 # One GPU-machine session: install offline, run the GPU tests, then the named benchmarks.
 # Usage (from the project root, on the GPU machine, with .whl carried):
 #   bash benchmarks/gpu_run.sh tests decode
-# phases: tests (needs the pytest-xdist and execnet wheels in .whl; GPU_TEST_PATHS picks files, GPU_TEST_TB the traceback style), enginetests, kernels, decode, sweep (attention launch parameters), profile, overhead, serving, async (batch-1 decode with
+# phases: tests (needs the pytest-xdist and execnet wheels in .whl; GPU_TEST_PATHS picks files, GPU_TEST_TB the traceback style), enginetests, kernels, decode, gemv, sweep (attention launch parameters), profile, overhead, serving, async (batch-1 decode with
 # and without asynchronous scheduling), prefix (a closed loop with and without a shared prompt prefix),
 # fusions (issue 13: the decode step with each fused kernel turned off in turn;
 # FUSIONS_ARGS, e.g. "--shape llama3-8b"), fp8 (batch-1 decode and the offline run with FP8 weights), kvfp8 (the same with an FP8 KV cache,
@@ -78,6 +78,9 @@ for phase in "$@"; do
                | tee "$D/gpu_tests.log" | grep -vE "PASSED|^tests/.*::| warner|PytestBenchmarkWarning" | tail -40 ;;
     kernels) timeout 300 python3 benchmarks/kernel_timings.py --out "$D" ${KERNELS_ARGS:-} 2>&1 | tee "$D/kernels.log" | tail -40 ;;
     decode)  timeout 300 python3 benchmarks/decode_step.py --out "$D" 2>&1 | tee "$D/decode.log" | tail -20 ;;
+    gemv)    # the decode matmuls, Triton against cuBLAS; GEMV_ARGS, e.g. "--variants --rows 1"
+             timeout "${GEMV_TIMEOUT_S:-360}" python3 benchmarks/gemv.py --out "$D" ${GEMV_ARGS:-} 2>&1 \
+               | tee "$D/gemv.log" | tail -40 ;;
     fusions) timeout "${FUSIONS_TIMEOUT_S:-300}" python3 benchmarks/decode_step.py --graphs on \
                --fusions-off "",gated_down,norm_linear,rotary_kv,all --out "$D" ${FUSIONS_ARGS:-} 2>&1 \
                | tee "$D/fusions.log" | tail -24 ;;
