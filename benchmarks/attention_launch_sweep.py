@@ -7,7 +7,8 @@ tiles and split-KV choice):
   the launch is bound by memory: the figure is the KV bytes read per second against the device's
   measured copy bandwidth. Swept: key tile (``BLOCK_N_DECODE``), warps, pipeline stages.
 - ``chunk``: the prompt-chunk launch of a mixed step (one or two chunks after their cached
-  context). Figures: attention TFLOP/s (causal, the keys each query sees) and the KV read rate.
+  context; the chunks of the default 768-token budget and of 2048). Figures: attention TFLOP/s
+  (causal, the keys each query sees) and the KV read rate.
   Swept: query tile (``BLOCK_M``), key tile (``BLOCK_N``), warps and stages of the prefill branch.
 
 With ``--cache-dtype fp8`` each config also runs with ``fp8_f16_dot`` (keys and values widened to
@@ -104,6 +105,9 @@ LAUNCHES = {
             Shape("llama3-8b chunk 512 after 1536", 1, 512, 2048),
             Shape("llama3-8b 2 prompts of 384", 2, 384, 384),
             Shape("llama2-7b chunk 704 after 600", 1, 704, 1304, kv_heads=32),
+            # what a 2048-token budget (pipelines, offline) launches
+            Shape("llama3-8b prompt of 2048", 1, 2048, 2048),
+            Shape("llama3-8b chunk 1024 after 1024", 1, 1024, 2048),
         ),
         keys=("BLOCK_M", "BLOCK_N", "num_warps_prefill", "num_stages", "fp8_f16_dot"),
         # the rule's (128 x 128, 8 warps, 3 stages: 255 registers, one program an SM) and smaller
