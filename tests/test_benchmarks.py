@@ -681,3 +681,30 @@ def test_attention_launch_sweep_sets_only_the_launch_configs_keys_and_counts_cau
     keys_seen = sum(9 - 5 + i + 1 for i in range(5))
     assert shape.flops == 4 * 2 * 2 * 128 * keys_seen
     assert shape.kv_elements == 2 * 9 * 1 * 128 * 2
+
+
+def test_sm90_compile_reports_an_h100_compile_of_the_attention_launches():
+    """The CPU compile for sm_90 (a subprocess: the test session runs Triton's interpreter, which
+    replaces the kernels): the chunk launch's prompt dots are Hopper wgmma, the decode branch's
+    mma.sync, and the resources are read from the cubin."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.sm90_compile import parse_config
+
+    assert parse_config("m128n64w8s3") == {"m": 128, "n": 64, "w": 8, "s": 3}
+    assert parse_config("n128w4s2") == {"n": 128, "w": 4, "s": 2}
+    with pytest.raises(ValueError, match="expected"):
+        parse_config("m128n64")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sm90_compile", "--configs", "m64n64w4s2", "--json"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout)["configs"]["m64n64w4s2"]
+    assert figures["wgmma"] > 0 and figures["mma_sync"] > 0
+    assert 32 < figures["registers"] <= 255 and figures["shared_bytes"] > 0
+    assert figures["sass"]["HGMMA"] == figures["wgmma"]
