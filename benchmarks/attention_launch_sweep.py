@@ -143,9 +143,8 @@ def rule_splits(shape: Shape, config: dict) -> int:
     has_prefill = shape.query_len > 1
     per_tile = config["BLOCK_M"] // (shape.heads // shape.kv_heads)
     slots = attention_triton.launch_slots(shape.seqs * shape.query_len, shape.seqs, per_tile, has_prefill)
-    return attention_triton.choose_num_splits(
-        slots * shape.kv_heads, shape.context, torch.device("cuda"), decode_only=not has_prefill,
-        programs_per_sm=attention_triton.programs_per_sm(config, has_prefill),
+    return attention_triton.launch_num_splits(
+        config, slots * shape.kv_heads, shape.context, torch.device("cuda"), has_prefill
     )
 
 

@@ -386,6 +386,14 @@ def choose_num_splits(
     return max(1, min(wanted, triton.cdiv(max_context_len, keys_per_split), MAX_SPLITS))
 
 
+def launch_num_splits(
+    config: dict[str, int], num_programs: int, max_context_len: int, device: torch.device, has_prefill: bool
+) -> int:
+    """`choose_num_splits` for a launch of ``config`` with ``num_programs`` programs a split."""
+    return choose_num_splits(num_programs, max_context_len, device, decode_only=not has_prefill,
+                             programs_per_sm=programs_per_sm(config, has_prefill))
+
+
 def _empty_partials(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """fp32 split-KV scratch; left unfilled (every entry the merge reads is written first).
     Tests monkeypatch this to hand out NaN-filled buffers."""
@@ -497,10 +505,8 @@ def _launch(
     tokens_per_tile = config["BLOCK_M"] // group
     num_slots = launch_slots(num_tokens, num_seqs, tokens_per_tile, has_prefill)
     if num_splits is None:
-        num_splits = choose_num_splits(
-            num_slots * num_kv_heads, max_context_len, query.device, decode_only=not has_prefill,
-            programs_per_sm=programs_per_sm(config, has_prefill),
-        )
+        num_splits = launch_num_splits(config, num_slots * num_kv_heads, max_context_len, query.device,
+                                       has_prefill)
     num_splits = max(1, min(int(num_splits), MAX_SPLITS))
     split = num_splits > 1
     if split:  # rows relative to query_start[0]
