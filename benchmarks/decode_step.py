@@ -9,6 +9,9 @@ process per setting (``FASTGEN_FUSIONS_OFF`` is read once a process), CUDA-graph
 "" (every fusion on); ``+`` joins names within a setting:
 
     python benchmarks/decode_step.py --fusions-off "",gated_down,norm_linear,rotary_kv,all
+
+``--pdl 1,0`` does the same for programmatic dependent launch (``FASTGEN_PDL``, see
+``fastgen/kernels/pdl.py``); the first setting of either option is the table's baseline.
 """
 
 from __future__ import annotations
@@ -109,6 +112,9 @@ def time_steps(runner: ModelRunner, batch: int, context: int, steps: int) -> flo
     return statistics.median(times[3:])
 
 
+SETTING_OPTIONS = {"fusions_off": "FASTGEN_FUSIONS_OFF", "pdl": "FASTGEN_PDL"}  # option -> variable
+
+
 def parse_settings(text: str) -> list[str]:
     """``--fusions-off`` settings: comma-separated, each a ``+``-joined list of fusion names, ""
     or ``all``; returned as values of ``FASTGEN_FUSIONS_OFF`` (names joined by commas)."""
@@ -130,10 +136,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fusions-off", type=parse_settings, default=None, metavar="SETTINGS",
         help='compare FASTGEN_FUSIONS_OFF settings, e.g. "",gated_down,norm_linear,rotary_kv,all',
     )  # fmt: skip
+    parser.add_argument(
+        "--pdl", type=parse_settings, default=None, metavar="SETTINGS",
+        help="compare FASTGEN_PDL settings, e.g. 1,0 (programmatic dependent launch on, off)",
+    )  # fmt: skip
     parser.add_argument("--rows-to", type=Path, help=argparse.SUPPRESS)  # a setting's process: rows as JSON
     args = parser.parse_args(argv)
+    compared = [option for option in SETTING_OPTIONS if getattr(args, option) is not None]
+    if len(compared) > 1:
+        parser.error("compare one kind of setting a run: --fusions-off or --pdl")
+    args.compared = compared[0] if compared else None
     if args.batches is None:
-        args.batches = [1, 8] if args.fusions_off is not None else [1, 8, 32, 64, 128]
+        args.batches = [1, 8] if args.compared else [1, 8, 32, 64, 128]
     return args
 
 
@@ -185,45 +199,48 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], float]:
     return rows, bandwidth
 
 
-def measure_fusions(args: argparse.Namespace, argv: list[str]) -> tuple[list[dict], float]:
-    """Rows of every ``--fusions-off`` setting, each measured by a fresh process of this script
-    (CUDA graphs on); each row names its setting (``fusions_off``)."""
+def measure_settings(args: argparse.Namespace, argv: list[str]) -> tuple[list[dict], float]:
+    """Rows of every setting of the compared option (``--fusions-off`` or ``--pdl``), each
+    measured by a fresh process of this script (CUDA graphs on); each row names its setting."""
+    variable = SETTING_OPTIONS[args.compared]
+    dropped = (*("--" + option.replace("_", "-") for option in SETTING_OPTIONS), "--graphs", "--out")
     rows, bandwidths = [], []
     child_argv = []
     skip = False
-    for arg in argv:  # the same options less --fusions-off, --graphs and --out
+    for arg in argv:  # the same options less the compared ones, --graphs and --out
         if skip:
             skip = False
-        elif arg in ("--fusions-off", "--graphs", "--out"):
+        elif arg in dropped:
             skip = True
-        elif not arg.startswith(("--fusions-off=", "--graphs=", "--out=")):
+        elif not arg.startswith(tuple(option + "=" for option in dropped)):
             child_argv.append(arg)
     with tempfile.TemporaryDirectory() as tmp:
-        for index, setting in enumerate(args.fusions_off):
+        for index, setting in enumerate(getattr(args, args.compared)):
             rows_path = Path(tmp) / f"rows-{index}.json"
             # the batches chosen here (a repeated option's last value wins): the child's default differs
             batches = ["--batches", *map(str, args.batches)]
             command = [sys.executable, __file__, *child_argv, *batches, "--graphs", "on"]
             command += ["--rows-to", str(rows_path)]
-            print(f"FASTGEN_FUSIONS_OFF={setting!r}: {' '.join(command)}", flush=True)
-            subprocess.run(command, env={**os.environ, "FASTGEN_FUSIONS_OFF": setting}, check=True)
+            print(f"{variable}={setting!r}: {' '.join(command)}", flush=True)
+            subprocess.run(command, env={**os.environ, variable: setting}, check=True)
             measured = json.loads(rows_path.read_text())
             bandwidths.append(measured["copy_bandwidth"])
-            rows += [dict(row, fusions_off=setting) for row in measured["rows"]]
+            rows += [dict(row, setting=setting) for row in measured["rows"]]
     return rows, statistics.median(bandwidths)
 
 
-def fusion_table(rows: list[dict]) -> str:
-    """Markdown rows of a --fusions-off run: each setting's step time against every fusion on."""
-    fused = {row["batch"]: row["step_ms"] for row in rows if row["fusions_off"] == ""}
+def settings_table(rows: list[dict], variable: str) -> str:
+    """Markdown rows of a comparison: each setting's step time against the first setting's."""
+    first = rows[0]["setting"]
+    baseline = {row["batch"]: row["step_ms"] for row in rows if row["setting"] == first}
     text = (
-        "| fusions off | batch | step ms | HBM floor ms | floor/step | tokens/s | vs all fusions on |\n"
+        f"| {variable} | batch | step ms | HBM floor ms | floor/step | tokens/s | vs {first or '(empty)'} |\n"
         "|---|---|---|---|---|---|---|\n"
     )
     for r in sorted(rows, key=lambda row: row["batch"]):
-        versus = f"{r['step_ms'] / fused[r['batch']] - 1:+.1%}" if r["batch"] in fused else "-"
+        versus = f"{r['step_ms'] / baseline[r['batch']] - 1:+.1%}" if r["batch"] in baseline else "-"
         text += (
-            f"| {r['fusions_off'] or '(none)'} | {r['batch']} | {r['step_ms']:.3f} | {r['floor_ms']:.3f} | "
+            f"| {r['setting'] or '(empty)'} | {r['batch']} | {r['step_ms']:.3f} | {r['floor_ms']:.3f} | "
             f"{r['of_floor']:.1%} | {r['tokens_per_s']:.0f} | {versus} |\n"
         )
     return text
@@ -236,8 +253,8 @@ def main(argv: list[str] | None = None) -> None:
         rows, bandwidth = measure(args)
         args.rows_to.write_text(json.dumps(dict(rows=rows, copy_bandwidth=bandwidth)))
         return
-    if args.fusions_off is not None:
-        rows, bandwidth = measure_fusions(args, argv)
+    if args.compared:
+        rows, bandwidth = measure_settings(args, argv)
     else:
         rows, bandwidth = measure(args)
     device = torch.cuda.get_device_name()
@@ -249,8 +266,9 @@ def main(argv: list[str] | None = None) -> None:
         f"- command: `{command}`\n- device: {device}\n"
         f"- date: {stamp:%Y-%m-%d %H:%M} UTC\n- copy bandwidth (read+write): {bandwidth / 1e12:.2f} TB/s\n\n"
     )
-    if args.fusions_off is not None:
-        text += "CUDA graphs on; each setting measured in its own process.\n\n" + fusion_table(rows)
+    if args.compared:
+        text += "CUDA graphs on; each setting measured in its own process.\n\n"
+        text += settings_table(rows, SETTING_OPTIONS[args.compared])
     else:
         text += (
             "| cuda graphs | batch | step ms | HBM floor ms | floor/step | tokens/s |\n"
@@ -263,8 +281,8 @@ def main(argv: list[str] | None = None) -> None:
             )
     print(text)
     args.out.mkdir(exist_ok=True, parents=True)
-    name = f"decode_step-{device.replace(' ', '_')}{'-fp8' if args.quantization else ''}"
-    name += f"{'-fusions' if args.fusions_off is not None else ''}-{stamp:%Y%m%d}"
+    name = f"decode_step-{device.replace(' ', '_')}-{args.shape}{'-fp8' if args.quantization else ''}"
+    name += f"{'-' + args.compared.replace('_', '-') if args.compared else ''}-{stamp:%Y%m%d-%H%M}"
     (args.out / f"{name}.md").write_text(text)
     (args.out / f"{name}.json").write_text(
         json.dumps(

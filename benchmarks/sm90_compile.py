@@ -57,7 +57,7 @@ def constexprs(launch: str, config: dict[str, int], fp8: bool, f16_dots: bool, g
         GROUP=group, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, TOKENS=block_m // group if chunk else 1,
         BLOCK_M=block_m, BLOCK_N=config["n"] if chunk else 64, BLOCK_M_DECODE=max(16, group),
         BLOCK_N_DECODE=64 if chunk else config["n"], HAS_PREFILL=chunk, SPLIT=False,
-        DOT_PRECISION="tf32", SOFTCAP=0.0, F16_DOT=fp8 and f16_dots,
+        DOT_PRECISION="tf32", SOFTCAP=0.0, F16_DOT=fp8 and f16_dots, USE_PDL=False,
     )
 
 

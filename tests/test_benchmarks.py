@@ -651,18 +651,24 @@ def test_versions_name_the_commit_given_for_a_tree_without_its_git(monkeypatch):
     assert _versions()["fastgen_commit"] != "0123abc"  # this checkout's own HEAD (or None without git)
 
 
-def test_decode_step_fusion_settings_parse():
-    """benchmarks/decode_step.py --fusions-off (the run itself needs a GPU): settings, the default
-    batches, the table against every fusion on."""
+def test_decode_step_setting_comparisons_parse():
+    """benchmarks/decode_step.py --fusions-off / --pdl (the run itself needs a GPU): settings, the
+    default batches, one kind of setting a run, the table against the first setting."""
     import decode_step
 
     args = decode_step.parse_args(["--fusions-off", ",gated_down,norm_linear+rotary_kv,all"])
     assert args.fusions_off == ["", "gated_down", "norm_linear,rotary_kv", "all"]
-    assert args.batches == [1, 8] and decode_step.parse_args([]).batches == [1, 8, 32, 64, 128]
-    rows = [dict(fusions_off=setting, batch=1, step_ms=step_ms, floor_ms=4.5, of_floor=4.5 / step_ms,
+    assert args.compared == "fusions_off" and args.batches == [1, 8]
+    assert decode_step.parse_args([]).batches == [1, 8, 32, 64, 128]
+    args = decode_step.parse_args(["--pdl", "1,0", "--batches", "1"])
+    assert (args.compared, args.pdl, args.batches) == ("pdl", ["1", "0"], [1])
+    with pytest.raises(SystemExit):
+        decode_step.parse_args(["--pdl", "1,0", "--fusions-off", "all"])
+    rows = [dict(setting=setting, batch=1, step_ms=step_ms, floor_ms=4.5, of_floor=4.5 / step_ms,
                  tokens_per_s=1e3 / step_ms) for setting, step_ms in [("", 5.0), ("all", 6.0)]]  # fmt: skip
-    table = decode_step.fusion_table(rows)
-    assert "| (none) | 1 | 5.000 | 4.500 | 90.0% | 200 | +0.0% |" in table
+    table = decode_step.settings_table(rows, "FASTGEN_FUSIONS_OFF")
+    assert "| FASTGEN_FUSIONS_OFF | batch |" in table and "| vs (empty) |" in table
+    assert "| (empty) | 1 | 5.000 | 4.500 | 90.0% | 200 | +0.0% |" in table
     assert "| all | 1 | 6.000 | 4.500 | 75.0% | 167 | +20.0% |" in table
 
 

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import use_triton
+from .pdl import pdl_enabled, release_dependents, wait_for_previous
 
 
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +37,11 @@ def _silu_mul(gate, up, out_dtype: tl.constexpr):
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, width, stride_x_row, stride_out_row, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(
+    x_ptr, out_ptr, width, stride_x_row, stride_out_row, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
+):
+    release_dependents(USE_PDL)
+    wait_for_previous(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
@@ -70,7 +75,9 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(triton.next_power_of_2(width), 2048)
     grid = (rows.shape[0], triton.cdiv(width, block))
-    _silu_and_mul_kernel[grid](rows, out, width, rows.stride(0), width, BLOCK=block, num_warps=4)
+    use_pdl = pdl_enabled(x.device)
+    _silu_and_mul_kernel[grid](rows, out, width, rows.stride(0), width, BLOCK=block, USE_PDL=use_pdl,
+                               num_warps=4, launch_pdl=use_pdl)
     return out
 
 

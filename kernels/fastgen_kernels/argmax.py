@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import use_triton
+from .pdl import pdl_enabled, release_dependents, wait_for_previous
 
 CHUNK = 4096  # tokens a first-stage program reduces: 32 programs a row of Llama 3's vocabulary
 
@@ -26,8 +27,11 @@ def argmax_reference(logits: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _chunk_max_kernel(
-    logits_ptr, values_ptr, indices_ptr, vocab, stride_row, num_chunks, CHUNK: tl.constexpr
+    logits_ptr, values_ptr, indices_ptr, vocab, stride_row, num_chunks, CHUNK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    release_dependents(USE_PDL)
+    wait_for_previous(USE_PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     offsets = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -40,7 +44,11 @@ def _chunk_max_kernel(
 
 
 @triton.jit
-def _pick_chunk_kernel(values_ptr, indices_ptr, out_ptr, num_chunks, BLOCK_CHUNKS: tl.constexpr):
+def _pick_chunk_kernel(
+    values_ptr, indices_ptr, out_ptr, num_chunks, BLOCK_CHUNKS: tl.constexpr, USE_PDL: tl.constexpr
+):
+    release_dependents(USE_PDL)
+    wait_for_previous(USE_PDL)
     row = tl.program_id(0)
     chunks = tl.arange(0, BLOCK_CHUNKS)
     values = tl.load(values_ptr + row * num_chunks + chunks, mask=chunks < num_chunks, other=float("-inf"))
@@ -65,10 +73,13 @@ def argmax_triton(logits: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows == 0:
         return out
+    use_pdl = pdl_enabled(logits.device)
     _chunk_max_kernel[(rows, num_chunks)](
-        logits, values, indices, vocab, logits.stride(0), num_chunks, CHUNK=CHUNK, num_warps=4
+        logits, values, indices, vocab, logits.stride(0), num_chunks, CHUNK=CHUNK, USE_PDL=use_pdl,
+        num_warps=4, launch_pdl=use_pdl,
     )
     _pick_chunk_kernel[(rows,)](
-        values, indices, out, num_chunks, BLOCK_CHUNKS=triton.next_power_of_2(num_chunks), num_warps=1
+        values, indices, out, num_chunks, BLOCK_CHUNKS=triton.next_power_of_2(num_chunks), USE_PDL=use_pdl,
+        num_warps=1, launch_pdl=use_pdl,
     )
     return out

@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_enabled, release_dependents, wait_for_previous
+
 NO_WINDOW = 1 << 30  # sliding window "none": larger than any position
 MAX_SPLITS = 64
 
@@ -200,9 +202,11 @@ def _paged_attention_kernel(
     TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_M_DECODE: tl.constexpr, BLOCK_N_DECODE: tl.constexpr,
     HAS_PREFILL: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-    F16_DOT: tl.constexpr,
+    F16_DOT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Grid ``(slots, num_kv_heads, num_splits)``; see the module docstring."""
+    release_dependents(USE_PDL)
+    wait_for_previous(USE_PDL)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     # the launch's tokens start at query_start[0] (> 0 when it serves a suffix of the batch)
@@ -267,12 +271,14 @@ def _paged_attention_kernel(
 def _merge_splits_kernel(
     partial_out_ptr, partial_lse_ptr, out_ptr, query_start_ptr, num_seqs, num_splits,
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Combine the splits of one (token, head) of the launch's tokens ``[query_start[0],
     query_start[num_seqs])``; partial row ``r`` is token ``query_start[0] + r``. Rows past the
     launch's last token (padding, or an upper bound on its tokens) were never written: they exit.
     """
+    release_dependents(USE_PDL)
+    wait_for_previous(USE_PDL)
     first_token = tl.load(query_start_ptr).to(tl.int64)
     end_token = tl.load(query_start_ptr + num_seqs).to(tl.int64)
     row = tl.program_id(0).to(tl.int64)
@@ -517,6 +523,7 @@ def _launch(
     block_d = max(16, triton.next_power_of_2(head_dim))
     window = NO_WINDOW if sliding_window is None else int(sliding_window)
     grid = (num_slots, num_kv_heads, num_splits)
+    use_pdl = pdl_enabled(query.device)
     _paged_attention_kernel[grid](
         query, key_cache, value_cache, out, partial_out, partial_lse,
         query_start, context_lens, block_tables,
@@ -533,13 +540,14 @@ def _launch(
         HAS_PREFILL=has_prefill, SPLIT=split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", SOFTCAP=float(softcap or 0.0),
         F16_DOT=config["fp8_f16_dot"] and key_cache.element_size() == 1 and query.dtype == torch.bfloat16,
+        USE_PDL=use_pdl,
         num_warps=config["num_warps_prefill" if has_prefill else "num_warps_decode"],
-        num_stages=config["num_stages" if has_prefill else "num_stages_decode"],
+        num_stages=config["num_stages" if has_prefill else "num_stages_decode"], launch_pdl=use_pdl,
     )
     if split:
         _merge_splits_kernel[(num_tokens, num_heads)](
             partial_out, partial_lse, out, query_start, num_seqs, num_splits,
             *partial_out.stride()[:3], *partial_lse.stride()[:2], out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=4,
+            USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl,
         )

@@ -56,6 +56,7 @@ import triton.language as tl
 from ._dispatch import use_triton
 from .activation import _silu_mul
 from .norm import _add_residual, _rms_rstd, _rms_scale
+from .pdl import pdl_enabled, prefetch_to_l2, release_dependents, wait_for_previous
 from .quant import FP8
 
 MAX_ROWS = 8  # largest M served; the caller keeps cuBLAS beyond
@@ -135,9 +136,12 @@ def _gemv_kernel(
     SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROW_BLOCK: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH_ROW_BYTES: tl.constexpr,
 ):
     """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of weight over K range pid_k.
-    ``PROLOGUE`` names what the activations are made of (see :func:`_load_activations`)."""
+    ``PROLOGUE`` names what the activations are made of (see :func:`_load_activations`).
+    With ``USE_PDL`` the program first asks the L2 for the first ``PREFETCH_ROW_BYTES`` of each of
+    its weight rows, then waits for the previous kernel (``pdl.py``)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -148,6 +152,14 @@ def _gemv_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     w_rows = offs_n.to(tl.int64) * stride_wn
+    if PREFETCH_ROW_BYTES > 0:  # weights only: no kernel of the step writes them
+        row_bytes = tl.minimum((k_end - k_start) * w_ptr.dtype.element_ty.primitive_bitwidth // 8,
+                               PREFETCH_ROW_BYTES)
+        if row_bytes > 0:
+            rows = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn  # masked rows repeat the last
+            prefetch_to_l2((w_ptr + rows + k_start).to(tl.int64), row_bytes)
+    release_dependents(USE_PDL)
+    wait_for_previous(USE_PDL)
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if PROLOGUE == "rms_norm":
         rstd = _rms_rows(x_ptr, residual_ptr, residual_out_ptr, M, K, eps, stride_xm, stride_rm, stride_rom,
@@ -256,6 +268,8 @@ class GemvConfig:
     atomic_reduce: bool = True  # split-K: float32 atomics, one launch (else per-split partials, two)
     num_warps: int = 4
     num_stages: int = 4
+    # launched with PDL: bytes of its weights a program asks the L2 for before it waits (0: none)
+    prefetch_bytes: int = 32768
 
 
 def path_tile(block_m: int, use_dot: bool, weight_bytes: int = 2) -> tuple[int, int]:
@@ -379,6 +393,17 @@ def _output_rows(x: torch.Tensor, n: int, out: torch.Tensor | None) -> tuple[tor
     return out, rows
 
 
+def _prefetch_row_bytes(weight: torch.Tensor, config: GemvConfig) -> int:
+    """Bytes of each weight row a program prefetches to the L2 before its PDL wait: the config's
+    budget over the tile's rows, in whole 16-byte units; 0 where the bulk prefetch's 16-byte
+    alignment of rows and split starts does not hold."""
+    k = weight.shape[1]
+    row_stride_bytes = weight.stride(0) * weight.element_size()
+    if k % config.block_k or row_stride_bytes % 16 or weight.data_ptr() % 16:
+        return 0
+    return config.prefetch_bytes // config.block_n // 16 * 16
+
+
 def linear_small_batch_with_config(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -420,6 +445,7 @@ def linear_small_batch_with_config(
             workspace, counters = found
     residual = prologue.residual if prologue.residual is not None else rows  # placeholders when unused
     residual_out = prologue.residual_out if prologue.residual_out is not None else rows
+    use_pdl = pdl_enabled(x.device)
     grid = (triton.cdiv(n, config.block_n), split_k)
     _gemv_kernel[grid](
         rows, weight, weight if weight_scale is None else weight_scale, weight if bias is None else bias,
@@ -433,7 +459,8 @@ def linear_small_batch_with_config(
         ROW_BLOCK=triton.next_power_of_2(k) if prologue.kind == "rms_norm" else 1,
         EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", NUM_STAGES=config.num_stages,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        USE_PDL=use_pdl, PREFETCH_ROW_BYTES=_prefetch_row_bytes(weight, config) if use_pdl else 0,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=use_pdl,
     )
     if split_k > 1 and not atomic:
         block = min(1024, triton.next_power_of_2(n))

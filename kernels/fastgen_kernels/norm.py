@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import use_triton
+from .pdl import pdl_enabled, release_dependents, wait_for_previous
 
 
 def rms_norm_reference(
@@ -84,8 +85,11 @@ def _norm_kernel(
     x_ptr, residual_ptr, residual_out_ptr, weight_ptr, bias_ptr, out_ptr,
     width, eps, stride_x, stride_residual, stride_residual_out, stride_out,
     RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One row per program: optional residual add, then RMSNorm or LayerNorm in float32."""
+    release_dependents(USE_PDL)
+    wait_for_previous(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < width
@@ -137,12 +141,13 @@ def _norm_triton(
     if rows.shape[0] > 0:
         block = triton.next_power_of_2(width)
         num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+        use_pdl = pdl_enabled(x.device)
         _norm_kernel[(rows.shape[0],)](
             rows, residual_rows, residual_out_rows, weight, weight if bias is None else bias,
             out.view(-1, width), width, eps, rows.stride(0), residual_rows.stride(0),
             residual_out_rows.stride(0), width,
             RMS=rms, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-            BLOCK=block, num_warps=num_warps,
+            BLOCK=block, USE_PDL=use_pdl, num_warps=num_warps, launch_pdl=use_pdl,
         )
     return out if residual_out is None else (out, residual_out)
 

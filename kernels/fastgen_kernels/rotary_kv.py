@@ -18,6 +18,7 @@ import triton.language as tl
 
 from ._dispatch import use_triton
 from .cache import _cast_for_cache, check_write_layout, write_kv_cache_reference
+from .pdl import pdl_enabled, release_dependents, wait_for_previous
 from .quant import FP8
 from .rotary import _cos_sin, _rotate_heads, _rotate_pair, apply_rotary_reference
 
@@ -86,10 +87,12 @@ def _rotary_kv_kernel(
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
     stride_kc_slot, stride_kc_head, stride_vc_slot, stride_vc_head, stride_cos_sin,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_H_Q: tl.constexpr, BLOCK_H_KV: tl.constexpr, TO_FP8: tl.constexpr,
+    BLOCK_H_Q: tl.constexpr, BLOCK_H_KV: tl.constexpr, TO_FP8: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Two programs per token, side by side: ``(token, 0)`` rotates its queries in place,
     ``(token, 1)`` writes its rotated keys and its values into its slot."""
+    release_dependents(USE_PDL)
+    wait_for_previous(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(positions_ptr, token, cos_sin_ptr, stride_cos_sin, HALF, BLOCK_HALF)
     if tl.program_id(1) == 0:
@@ -132,6 +135,7 @@ def rotary_and_write_kv_cache_triton(
     block_d = triton.next_power_of_2(head_dim)
     block_pass = triton.next_power_of_2(head_dim - rotary_dim) if rotary_dim < head_dim else 0
     num_heads = query.shape[1]
+    use_pdl = pdl_enabled(query.device)
     _rotary_kv_kernel[(num_tokens, 2)](
         positions, query, key, value, key_cache, value_cache, slot_mapping, cos_sin_cache,
         num_heads, num_kv_heads, head_dim,
@@ -141,7 +145,7 @@ def rotary_and_write_kv_cache_triton(
         HALF=half, BLOCK_HALF=block_half, BLOCK_PASS=block_pass, BLOCK_D=block_d,
         BLOCK_H_Q=max(1, min(triton.next_power_of_2(num_heads), 4096 // block_half)),
         BLOCK_H_KV=max(1, min(triton.next_power_of_2(num_kv_heads), 4096 // block_d)),
-        TO_FP8=key_cache.dtype == FP8, num_warps=4,
+        TO_FP8=key_cache.dtype == FP8, USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl,
         enable_fp_fusion=False,  # no FMA contraction: the same bits in every rotary kernel and torch
     )
     return query
