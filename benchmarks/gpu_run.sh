@@ -2,7 +2,7 @@
 # One GPU-machine session: install offline, run the GPU tests, then the named benchmarks.
 # Usage (from the project root, on the GPU machine, with .whl carried):
 #   bash benchmarks/gpu_run.sh tests decode
-# phases: tests (needs the pytest-xdist and execnet wheels in .whl; GPU_TEST_PATHS picks files, GPU_TEST_TB the traceback style), enginetests, kernels, decode, gemv, sweep (attention launch parameters), profile, overhead, serving, async (batch-1 decode with
+# phases: pdl (decode step with and without programmatic dependent launch), tests (needs the pytest-xdist and execnet wheels in .whl; GPU_TEST_PATHS picks files, GPU_TEST_TB the traceback style), enginetests, kernels, decode, gemv, sweep (attention launch parameters), profile, overhead, serving, async (batch-1 decode with
 # and without asynchronous scheduling), prefix (a closed loop with and without a shared prompt prefix),
 # fusions (issue 13: the decode step with each fused kernel turned off in turn;
 # FUSIONS_ARGS, e.g. "--shape llama3-8b"), fp8 (batch-1 decode and the offline run with FP8 weights), kvfp8 (the same with an FP8 KV cache,
@@ -84,6 +84,11 @@ for phase in "$@"; do
     fusions) timeout "${FUSIONS_TIMEOUT_S:-300}" python3 benchmarks/decode_step.py --graphs on \
                --fusions-off "",gated_down,norm_linear,rotary_kv,all --out "$D" ${FUSIONS_ARGS:-} 2>&1 \
                | tee "$D/fusions.log" | tail -24 ;;
+    pdl)     # the decode step with programmatic dependent launch on and off (FASTGEN_PDL), both shapes; PDL_ARGS
+             for shape in ${PDL_SHAPES:-llama2-7b llama3-8b}; do
+               timeout "${PDL_TIMEOUT_S:-170}" python3 benchmarks/decode_step.py --shape "$shape" --pdl 1,0 \
+                 --batches 1 8 --context 384 --out "$D" ${PDL_ARGS:-} 2>&1 | tee -a "$D/pdl.log" | grep -E "^\|"
+             done ;;
     sweep)   # attention launch parameters per shape; SWEEP_ARGS, e.g. "--launch chunk" or "--cache-dtype fp8"
              timeout "${SWEEP_TIMEOUT_S:-200}" python3 -m benchmarks.attention_launch_sweep --out "$D" ${SWEEP_ARGS:-} 2>&1 \
                | tee "$D/sweep.log" | tail -30 ;;
