@@ -136,7 +136,7 @@ def _gemv_kernel(
     SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROW_BLOCK: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
-    USE_PDL: tl.constexpr, PREFETCH_ROW_BYTES: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH_ROW_BYTES: tl.constexpr, PREFETCH_PIECES: tl.constexpr,
 ):
     """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of weight over K range pid_k.
     ``PROLOGUE`` names what the activations are made of (see :func:`_load_activations`).
@@ -156,8 +156,12 @@ def _gemv_kernel(
         row_bytes = tl.minimum((k_end - k_start) * w_ptr.dtype.element_ty.primitive_bitwidth // 8,
                                PREFETCH_ROW_BYTES)
         if row_bytes > 0:
+            # each row in PREFETCH_PIECES requests: a [BLOCK_N, PIECES] tile has a lane of its own
+            # per request (a [BLOCK_N] one would repeat each row's request on several lanes)
+            piece_bytes = row_bytes // PREFETCH_PIECES
             rows = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn  # masked rows repeat the last
-            prefetch_to_l2((w_ptr + rows + k_start).to(tl.int64), row_bytes)
+            pieces = tl.arange(0, PREFETCH_PIECES).to(tl.int64) * piece_bytes
+            prefetch_to_l2((w_ptr + rows + k_start).to(tl.int64)[:, None] + pieces[None, :], piece_bytes)
     release_dependents(USE_PDL)
     wait_for_previous(USE_PDL)
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -393,15 +397,20 @@ def _output_rows(x: torch.Tensor, n: int, out: torch.Tensor | None) -> tuple[tor
     return out, rows
 
 
+PREFETCH_PIECES = 8  # bulk L2 requests a weight row's prefetch is cut into
+
+
 def _prefetch_row_bytes(weight: torch.Tensor, config: GemvConfig) -> int:
     """Bytes of each weight row a program prefetches to the L2 before its PDL wait: the config's
-    budget over the tile's rows, in whole 16-byte units; 0 where the bulk prefetch's 16-byte
-    alignment of rows and split starts does not hold."""
+    budget over the tile's rows, cut into `PREFETCH_PIECES` requests of whole 16-byte units; 0
+    where the bulk prefetch's 16-byte alignment of rows and split starts does not hold. (A split's
+    K range is whole ``block_k`` tiles, whose bytes are a multiple of 16 x `PREFETCH_PIECES`.)"""
     k = weight.shape[1]
     row_stride_bytes = weight.stride(0) * weight.element_size()
     if k % config.block_k or row_stride_bytes % 16 or weight.data_ptr() % 16:
         return 0
-    return config.prefetch_bytes // config.block_n // 16 * 16
+    unit = 16 * PREFETCH_PIECES
+    return config.prefetch_bytes // config.block_n // unit * unit
 
 
 def linear_small_batch_with_config(
@@ -460,6 +469,7 @@ def linear_small_batch_with_config(
         EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", NUM_STAGES=config.num_stages,
         USE_PDL=use_pdl, PREFETCH_ROW_BYTES=_prefetch_row_bytes(weight, config) if use_pdl else 0,
+        PREFETCH_PIECES=PREFETCH_PIECES,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=use_pdl,
     )
     if split_k > 1 and not atomic:
