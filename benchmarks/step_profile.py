@@ -143,6 +143,9 @@ def pipelined_step_s(runner: ModelRunner, plan_for_step, steps: int = 20) -> flo
     return (time.perf_counter() - began) / steps
 
 
+CHUNK_PREFIX = 600  # tokens of its prompt the mixed step's chunk follows
+
+
 def profile_runner(runner: ModelRunner, args, matmul_flops_per_s: float, results: dict) -> None:
     params = sum(p.numel() for p in runner.model.parameters())
     embed = runner.model.model.embed_tokens.weight.numel()
@@ -163,13 +166,14 @@ def profile_runner(runner: ModelRunner, args, matmul_flops_per_s: float, results
     starts = [SequenceStart(i, GREEDY, 1) for i in range(decodes + 1)]
     first = [SequenceChunk(i, [7], 1299, list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)), True)
              for i in range(decodes)]
-    prompt_blocks = list(range(decodes * blocks_per_seq, (decodes + 1) * blocks_per_seq))
+    chunk_blocks = -(-(CHUNK_PREFIX + chunk_len) // runner.block_size)  # the chunk's sequence may outgrow 84
+    prompt_blocks = list(range(decodes * blocks_per_seq, decodes * blocks_per_seq + chunk_blocks))
     first.append(SequenceChunk(decodes, [5], 0, prompt_blocks, False))
     runner.execute(StepPlan(0, [], starts, first))
 
     def mixed(n: int) -> StepPlan:
         chunks = [SequenceChunk(i, [7], 1300 + n % 20, [], True) for i in range(decodes)]
-        chunks.append(SequenceChunk(decodes, [5] * chunk_len, 600, [], False))
+        chunks.append(SequenceChunk(decodes, [5] * chunk_len, CHUNK_PREFIX, [], False))
         return StepPlan(n, [], [], chunks)
 
     step = run_plan(runner, mixed)
@@ -177,7 +181,7 @@ def profile_runner(runner: ModelRunner, args, matmul_flops_per_s: float, results
     kv_bytes = decodes * 1300 * runner.kv_bytes_per_block / runner.block_size
     results["mixed"] = dict(wall_ms=wall * 1e3, decodes=decodes, chunk=chunk_len, kv_read_gb=kv_bytes / 1e9,
                             **kernel_breakdown(step))
-    show(f"mixed: {decodes} decodes at 1300 + chunk {chunk_len} at 600", wall, results["mixed"],
+    show(f"mixed: {decodes} decodes at 1300 + chunk {chunk_len} at {CHUNK_PREFIX}", wall, results["mixed"],
          f"(decode KV reads {kv_bytes / 1e9:.1f} GB)")
     pipelined = pipelined_step_s(runner, mixed)
     results["mixed"]["pipelined_ms"] = pipelined * 1e3
@@ -214,12 +218,12 @@ def attention_split(args, bandwidth: float, results: dict) -> None:
     kv_heads = shape.get("num_key_value_heads", heads)
     head_dim = shape["hidden_size"] // heads
     decodes, chunk_len, block = args.decodes, args.budget - args.decodes, 16
-    per_seq = 84
+    per_seq = max(84, -(-(CHUNK_PREFIX + chunk_len) // block))  # every row as long as the chunk's
     num_blocks = (decodes + 1) * per_seq
     key_cache = torch.randn(num_blocks, block, kv_heads, head_dim, device=device, dtype=dtype)
     value_cache = torch.randn_like(key_cache)
     tables = torch.randperm(num_blocks, device=device, dtype=torch.int32).view(decodes + 1, per_seq)
-    context = torch.tensor([1300] * decodes + [600 + chunk_len], dtype=torch.int32, device=device)
+    context = torch.tensor([1300] * decodes + [CHUNK_PREFIX + chunk_len], dtype=torch.int32, device=device)
     lengths = [1] * decodes + [chunk_len]
     offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
     query_start = torch.tensor(offsets, dtype=torch.int32, device=device)
@@ -228,7 +232,7 @@ def attention_split(args, bandwidth: float, results: dict) -> None:
 
     def mixed() -> None:
         kernels.paged_attention(query, key_cache, value_cache, query_start, context, tables,
-                                max_query_len=chunk_len, max_context_len=600 + chunk_len, **common)
+                                max_query_len=chunk_len, max_context_len=CHUNK_PREFIX + chunk_len, **common)
 
     decode_start = query_start[: decodes + 1].clone()
     chunk_start = (query_start[decodes:] - decodes).contiguous()
@@ -239,8 +243,8 @@ def attention_split(args, bandwidth: float, results: dict) -> None:
 
     def chunk_part() -> None:
         kernels.paged_attention(query[decodes:], key_cache, value_cache, chunk_start, context[decodes:],
-                                tables[decodes:], max_query_len=chunk_len, max_context_len=600 + chunk_len,
-                                **common)
+                                tables[decodes:], max_query_len=chunk_len,
+                                max_context_len=CHUNK_PREFIX + chunk_len, **common)
 
     # kernel time: events around a call would add the host's launch latency, which the engine hides
     t_mixed, t_decode, t_chunk = (kernel_breakdown(fn, repeats=10)["kernel_us"] / 1e6
@@ -269,7 +273,7 @@ def main() -> None:
     attention_split(args, bandwidth, results)
     with tempfile.TemporaryDirectory() as tmp:
         path = write_config(Path(tmp), args.shape)
-        blocks = (args.decodes + 1) * 84 + 200
+        blocks = (args.decodes + 1) * 84 + -(-(CHUNK_PREFIX + args.budget) // 16) + 200
         config = EngineConfig(load_format="dummy", num_kv_blocks=blocks, cuda_graphs=True, max_seqs=256,
                               token_budget=2048)
         runner = ModelRunner(None, config, ModelConfig.from_pretrained(path), 4096)
