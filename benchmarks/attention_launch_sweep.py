@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -87,6 +88,10 @@ LAUNCHES = {
             Shape("llama3-8b b1 at 384", 1, 1, 384, splits=(1, 2, 4, 8, 16, 32)),
             Shape("llama3-8b b1 at 4096", 1, 1, 4096, splits=(1, 4, 8, 16, 32)),
             *(Shape(f"llama3-8b b{n}", n, 1, 1300) for n in (32, 64, 128, 256)),
+            # programs a little past a round of resident ones (4 an SM on 132 SMs): the last round
+            # runs nearly empty unless the keys are split
+            *(Shape(f"llama3-8b b{n}", n, 1, 1300) for n in (75, 200)),
+            *(Shape(f"llama2-7b b{n}", n, 1, 1300, kv_heads=32) for n in (20, 50)),
         ),
         keys=("BLOCK_N_DECODE", "num_warps_decode", "num_stages_decode", "fp8_f16_dot"),
         configs={
@@ -166,11 +171,19 @@ def _figures(seconds: float, kv_bytes: float, flops: float, bandwidth: float) ->
     return dict(us=seconds * 1e6, of_copy=kv_bytes / seconds / bandwidth, tflops=flops / seconds / 1e12)
 
 
-def sweep(launch: Launch, cache_dtype: torch.dtype, bandwidth: float) -> list[dict]:
+def sweep(
+    launch: Launch,
+    cache_dtype: torch.dtype,
+    bandwidth: float,
+    shape_filter: str = "",
+    rule_config_only: bool = False,
+) -> list[dict]:
+    """Device time of each config x split count per shape (only shapes whose label contains
+    ``shape_filter``; only the rule's config with ``rule_config_only``)."""
     default_config = attention_triton.launch_config
     rows = []
     try:
-        for shape in launch.shapes:
+        for shape in (shape for shape in launch.shapes if shape_filter in shape.label):
             args = attention_args(shape, cache_dtype)
             kv_bytes = shape.kv_elements * cache_dtype.itemsize
             base = default_config(HEAD_DIM, shape.heads // shape.kv_heads, torch.bfloat16,
@@ -179,7 +192,10 @@ def sweep(launch: Launch, cache_dtype: torch.dtype, bandwidth: float) -> list[di
             rule_s = device_seconds(partial(attention_triton.paged_attention_triton, **args))
             timed = []
             split_counts = shape.splits or launch.splits
-            for values, splits in itertools.product(launch.configs[cache_dtype.itemsize], split_counts):
+            configs = launch.configs[cache_dtype.itemsize]
+            if rule_config_only:
+                configs = (tuple(base[key] for key in launch.keys),)
+            for values, splits in itertools.product(configs, split_counts):
                 config = dict(base, **dict(zip(launch.keys, values, strict=True)))
                 attention_triton.launch_config = lambda *_, config=config, **__: config
                 launch_once = partial(attention_triton.paged_attention_triton, **args, num_splits=splits)
@@ -198,11 +214,11 @@ def sweep(launch: Launch, cache_dtype: torch.dtype, bandwidth: float) -> list[di
     return rows
 
 
-def report(rows: list[dict], launch: str, cache: str, bandwidth: float, seconds: float) -> str:
+def report(rows: list[dict], launch: str, cache: str, bandwidth: float, seconds: float, command: str) -> str:
     lines = [
         f"# Paged attention, {launch} launch: parameters per shape",
         "",
-        f"- command: `python -m benchmarks.attention_launch_sweep --launch {launch} --cache-dtype {cache}`; "
+        f"- command: `{command}`; "
         f"device: {torch.cuda.get_device_name()}; "
         f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {seconds:.0f} s",
         f"- ceiling: copy {bandwidth / 1e12:.2f} TB/s (read + write, measured in this run); {cache} cache, "
@@ -232,11 +248,15 @@ def main() -> None:
     parser.add_argument("--launch", choices=sorted(LAUNCHES), default="decode")
     parser.add_argument("--cache-dtype", choices=sorted(CACHE_DTYPES), default="bf16")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--shapes", default="", help="only the shapes whose label contains this")
+    parser.add_argument("--rule-config-only", action="store_true", help="time only the rule's config")
     args = parser.parse_args()
     began = time.perf_counter()
     bandwidth = copy_bandwidth_bytes_per_s()
-    rows = sweep(LAUNCHES[args.launch], CACHE_DTYPES[args.cache_dtype], bandwidth)
-    text = report(rows, args.launch, args.cache_dtype, bandwidth, time.perf_counter() - began)
+    rows = sweep(LAUNCHES[args.launch], CACHE_DTYPES[args.cache_dtype], bandwidth, args.shapes,
+                 args.rule_config_only)
+    command = "python -m benchmarks.attention_launch_sweep " + " ".join(sys.argv[1:])
+    text = report(rows, args.launch, args.cache_dtype, bandwidth, time.perf_counter() - began, command)
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name().replace(" ", "_")
     stem = f"attention_{args.launch}_sweep-{args.cache_dtype}-{device}-{time.strftime('%Y%m%d-%H%M')}"
