@@ -18,9 +18,11 @@ Times are device times: the sum of the launch's kernel durations (the attention 
 its merge), from the torch profiler over 10 calls. Events around a call would also count the host's
 launch latency while the device idles (tens of microseconds a launch, more with a merge), which
 the engine hides by launching a step ahead: session 11's sweep, timed so, overstated what no split
-saves.
+saves. Run it without ``FASTGEN_PDL=1``: a kernel launched with PDL starts while the one before
+it runs and waits there, so kernel durations overlap and their sum overstates the launch.
 
     python -m benchmarks.attention_launch_sweep [--launch chunk] [--cache-dtype fp8] [--out DIR]
+        [--shapes LABEL_PART] [--rule-config-only]
 """
 
 from __future__ import annotations

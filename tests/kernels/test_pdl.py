@@ -21,11 +21,11 @@ def pdl_setting(monkeypatch):
             monkeypatch.delenv("FASTGEN_PDL", raising=False)
         else:
             monkeypatch.setenv("FASTGEN_PDL", value)
-        pdl._turned_off.cache_clear()
+        pdl._turned_on.cache_clear()
 
     yield apply
     monkeypatch.undo()
-    pdl._turned_off.cache_clear()
+    pdl._turned_on.cache_clear()
 
 
 def test_off_on_the_cpu_whatever_the_setting(pdl_setting) -> None:
@@ -34,16 +34,16 @@ def test_off_on_the_cpu_whatever_the_setting(pdl_setting) -> None:
         assert not pdl.pdl_enabled(torch.device("cpu"))
 
 
-@pytest.mark.parametrize("value", ["0", "false", "OFF", " no "])
-def test_fastgen_pdl_turns_it_off(pdl_setting, value) -> None:
+@pytest.mark.parametrize("value", ["1", "true", "ON", " yes "])
+def test_fastgen_pdl_turns_it_on(pdl_setting, value) -> None:
     pdl_setting(value)
-    assert pdl._turned_off()
+    assert pdl._turned_on()
 
 
-@pytest.mark.parametrize("value", [None, "1", "on"])
-def test_on_unless_turned_off(pdl_setting, value) -> None:
+@pytest.mark.parametrize("value", [None, "", "0", "off"])
+def test_off_unless_turned_on(pdl_setting, value) -> None:
     pdl_setting(value)
-    assert not pdl._turned_off()
+    assert not pdl._turned_on()
 
 
 def _layer_weights(hidden: int, inner: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -69,11 +69,14 @@ def _decode_chain(x: torch.Tensor, layers: list[dict], head: torch.Tensor) -> to
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("pdl_on", ["1", "0"], ids=["pdl", "no-pdl"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_dependent_chain_in_a_graph_equals_the_eager_run(dtype, seed) -> None:
+def test_gpu_dependent_chain_in_a_graph_equals_the_eager_run(dtype, pdl_on, pdl_setting, seed) -> None:
     """Captured in a CUDA graph (how decode runs) and replayed on new inputs, the chain returns the
-    eager run's bits; on sm_90 its kernels launch with PDL."""
+    eager run's bits, its kernels launched with PDL (sm_90 and newer) and without."""
+    pdl_setting(pdl_on)
     cuda = torch.device("cuda")
+    assert pdl.pdl_enabled(cuda) == (pdl_on == "1" and torch.cuda.get_device_capability() >= (9, 0))
     hidden, inner, vocab = 1024, 2816, 32000
     layers = [_layer_weights(hidden, inner, dtype, cuda) for _ in range(6)]
     head = (torch.randn(vocab, hidden, device=cuda) * hidden**-0.5).to(dtype)
@@ -91,8 +94,9 @@ def test_gpu_dependent_chain_in_a_graph_equals_the_eager_run(dtype, seed) -> Non
 
 
 @pytest.mark.gpu
-def test_gpu_prefetch_budgets_leave_the_product_unchanged(seed) -> None:
+def test_gpu_prefetch_budgets_leave_the_product_unchanged(pdl_setting, seed) -> None:
     """Prefetching none, part or all of a program's weights before the PDL wait changes no bit."""
+    pdl_setting("1")
     cuda = torch.device("cuda")
     x = torch.randn(1, 4096, device=cuda, dtype=torch.bfloat16)
     weight = torch.randn(4096, 4096, device=cuda, dtype=torch.bfloat16)
