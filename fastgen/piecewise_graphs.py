@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -81,6 +82,29 @@ class StaticBuffers:
         return self._buffers[key][: like.shape[0]]
 
 
+def fused_qkv_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """The contiguous ``[tokens, q + k + v features]`` rows whose consecutive column ranges q, k
+    and v are (a fused QKV projection split into heads), else None. Read from storage offsets and
+    strides: views made under ``torch.inference_mode`` (graph capture runs in it) record no base."""
+    parts = (q, k, v)
+    tokens = q.shape[0]
+    if tokens == 0 or any(x.shape[0] != tokens or x.dtype != q.dtype or x.device != q.device for x in parts):
+        return None
+    if len({x.untyped_storage().data_ptr() for x in parts}) != 1:
+        return None
+    widths = [math.prod(x.shape[1:]) for x in parts]
+    for x in parts:  # each token's features dense, in order
+        if x[0].stride() != torch.empty(x.shape[1:], device="meta").stride():
+            return None
+    row = sum(widths)
+    if tokens > 1 and any(x.stride(0) != row for x in parts):
+        return None
+    if (k.storage_offset() != q.storage_offset() + widths[0]
+            or v.storage_offset() != k.storage_offset() + widths[1]):  # fmt: skip
+        return None
+    return q.as_strided((tokens, row), (row, 1))
+
+
 class SegmentRecorder:
     """Splits a forward pass at its attention calls while capturing it (see module docstring).
 
@@ -110,13 +134,13 @@ class SegmentRecorder:
     def _to_static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
         """Copies of q/k/v in the static buffers: one contiguous copy when they are views of one
         fused QKV projection (the usual case), else one copy each."""
-        base = q._base
-        if base is not None and k._base is base and v._base is base and base.is_contiguous():
-            static_base = self.buffers.get("qkv", base)
-            static_base.copy_(base)
-            shift = static_base.storage_offset() - base.storage_offset()
+        rows = fused_qkv_rows(q, k, v)
+        if rows is not None:
+            static_rows = self.buffers.get("qkv", rows)
+            static_rows.copy_(rows)
+            shift = static_rows.storage_offset() - rows.storage_offset()
             return [
-                static_base.as_strided(x.shape, x.stride(), x.storage_offset() + shift) for x in (q, k, v)
+                static_rows.as_strided(x.shape, x.stride(), x.storage_offset() + shift) for x in (q, k, v)
             ]
         static = [self.buffers.get(role, x) for role, x in (("q", q), ("k", k), ("v", v))]
         for buffer, x in zip(static, (q, k, v), strict=True):

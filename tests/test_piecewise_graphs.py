@@ -17,6 +17,7 @@ from fastgen.piecewise_graphs import (
     SegmentRecorder,
     StaticBuffers,
     attention_recorded_by,
+    fused_qkv_rows,
     token_buckets,
 )
 
@@ -31,19 +32,42 @@ def test_token_buckets_cover_every_count_up_to_the_budget(budget):
     assert len(sizes) <= 8 + budget // 128
 
 
-def test_static_copies_keep_the_fused_qkv_layout():
+def _split_qkv(tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q/k/v as a model makes them: head views of one fused projection's output."""
+    qkv = torch.randn(tokens, 4 * 8 + 2 * 2 * 8)
+    q, k, v = qkv.split([32, 16, 16], dim=-1)
+    return q.view(-1, 4, 8), k.view(-1, 2, 8), v.view(-1, 2, 8)
+
+
+@pytest.mark.parametrize("inference_mode", [False, True])
+def test_static_copies_keep_the_fused_qkv_layout(inference_mode):
+    """One buffer and one copy for the fused projection, also under inference mode (graph capture
+    runs in it), where views record no base."""
     buffers = StaticBuffers(32, torch.device("cpu"))
     recorder = SegmentRecorder(None, buffers, capture=False)
-    qkv = torch.randn(10, 4 * 8 + 2 * 2 * 8)
-    q, k, v = qkv.split([32, 16, 16], dim=-1)
-    q, k, v = q.view(-1, 4, 8), k.view(-1, 2, 8), v.view(-1, 2, 8)
-    static = recorder._to_static(q, k, v)
-    for copy, original in zip(static, (q, k, v), strict=True):
-        assert torch.equal(copy, original) and copy.stride() == original.stride()
-        assert copy.untyped_storage().data_ptr() != original.untyped_storage().data_ptr()
-    # a second bucket reuses the same memory
-    again = recorder._to_static(*(x[:5] for x in (q, k, v)))
-    assert again[0].data_ptr() == static[0].data_ptr()
+    with torch.inference_mode(inference_mode):
+        q, k, v = _split_qkv(10)
+        static = recorder._to_static(q, k, v)
+        for copy, original in zip(static, (q, k, v), strict=True):
+            assert torch.equal(copy, original) and copy.stride() == original.stride()
+            assert copy.untyped_storage().data_ptr() != original.untyped_storage().data_ptr()
+        assert len({x.untyped_storage().data_ptr() for x in static}) == 1
+        assert list(buffers._buffers) == [("qkv", (64,), torch.float32)]
+        # a second bucket reuses the same memory
+        again = recorder._to_static(*(x[:5] for x in (q, k, v)))
+        assert again[0].data_ptr() == static[0].data_ptr()
+
+
+def test_fused_rows_only_for_adjacent_dense_parts():
+    q, k, v = _split_qkv(6)
+    rows = fused_qkv_rows(q, k, v)
+    assert rows is not None and rows.shape == (6, 64) and rows.data_ptr() == q.data_ptr()
+    assert fused_qkv_rows(q, v, k) is None  # out of order
+    assert fused_qkv_rows(q, k, v.clone()) is None  # another tensor
+    qkv = torch.randn(6, 80)  # a gap after the values
+    gapped = [part.view(6, -1, 8) for part in qkv[:, :64].split([32, 16, 16], dim=-1)]
+    assert fused_qkv_rows(*gapped) is None
+    assert fused_qkv_rows(*(x[:0] for x in (q, k, v))) is None
 
 
 def test_separate_tensors_get_one_buffer_each():
