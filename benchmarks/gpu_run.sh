@@ -69,6 +69,8 @@ for phase in "$@"; do
   if [ -n "${PACK:-}" ]; then D="$OUT/_work/$phase"; mkdir -p "$D"; fi
   case "$phase" in
     tests)   # GPU_TEST_WORKERS pytest-xdist processes share the GPU: Triton compiles on many cores at once.
+             # In GPU_TEST_PATHS name tests/kernels files before top-level ones: listed after them, they
+             # errored at setup with "fixture 'seed' not found" (pytest-xdist, session 14)
              # -v names every finished test in the log; SIGINT at the limit still prints the summary
              timeout -s INT "${TESTS_TIMEOUT_S:-420}" python3 -m pytest -m gpu -v -p no:cacheprovider \
                -n "${GPU_TEST_WORKERS:-8}" -o faulthandler_timeout=240 --durations=12 --tb="${GPU_TEST_TB:-short}" \
