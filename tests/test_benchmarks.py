@@ -714,3 +714,24 @@ def test_sm90_compile_reports_an_h100_compile_of_the_attention_launches():
     assert figures["wgmma"] > 0 and figures["mma_sync"] > 0
     assert 32 < figures["registers"] <= 255 and figures["shared_bytes"] > 0
     assert figures["sass"]["HGMMA"] == figures["wgmma"]
+
+
+def test_step_shapes_simulates_the_scheduler_to_the_end_and_models_decode_rounds():
+    """benchmarks/step_shapes.py: every prompt token is prefilled once and every request decodes
+    its tokens but the first (sampled by its last prompt chunk); no step exceeds the budget."""
+    from benchmarks import step_shapes
+
+    prompts, new_tokens = [30, 70, 5, 120, 64, 9], [4, 1, 12, 3, 8, 2]
+    shapes = step_shapes.simulate(prompts, new_tokens, token_budget=64, max_seqs=4, kv_tokens=4096)
+    assert sum(s.prompt_tokens for s in shapes) == sum(prompts)
+    assert sum(s.decodes for s in shapes) == sum(n - 1 for n in new_tokens)
+    assert all(0 < s.decodes + s.prompt_tokens <= 64 and s.decodes <= 4 for s in shapes)
+    assert any(s.decodes and s.prompt_tokens for s in shapes)  # Dynamic SplitFuse mixes them
+    # 528 resident programs (132 SMs x 4): 66 decodes x 8 heads fill one round exactly; 75 run
+    # 1.14 rounds, the last at 0.55 of a round's rate; 16 decodes (a quarter round) split to fill
+    assert step_shapes.decode_rounds(66, 8, 132) == 1.0
+    assert step_shapes.modelled_efficiency(step_shapes.decode_rounds(66, 8, 132)) == 1.0
+    assert abs(step_shapes.modelled_efficiency(600 / 528) - (600 / 528) / 1.55) < 1e-9
+    assert step_shapes.decode_rounds(16, 8, 132) == 128 * 4 / 528
+    report = step_shapes.report(shapes, kv_heads=8, sms=132)
+    assert f"- steps: {len(shapes)} (" in report and "| decodes a step |" in report
