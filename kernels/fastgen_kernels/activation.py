@@ -11,8 +11,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import pdl
 from ._dispatch import use_triton
-from .pdl import pdl_enabled, release_dependents, wait_for_previous
+from .pdl import pdl_enabled
 
 
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
@@ -40,8 +41,7 @@ def _silu_mul(gate, up, out_dtype: tl.constexpr):
 def _silu_and_mul_kernel(
     x_ptr, out_ptr, width, stride_x_row, stride_out_row, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
 ):
-    release_dependents(USE_PDL)
-    wait_for_previous(USE_PDL)
+    pdl.enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width

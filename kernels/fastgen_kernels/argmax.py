@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from ._dispatch import use_triton
-from .pdl import pdl_enabled, release_dependents, wait_for_previous
+from .pdl import pdl_enabled
 
 CHUNK = 4096  # tokens a first-stage program reduces: 32 programs a row of Llama 3's vocabulary
 
@@ -30,8 +31,7 @@ def _chunk_max_kernel(
     logits_ptr, values_ptr, indices_ptr, vocab, stride_row, num_chunks, CHUNK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    release_dependents(USE_PDL)
-    wait_for_previous(USE_PDL)
+    pdl.enter(USE_PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     offsets = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -47,8 +47,7 @@ def _chunk_max_kernel(
 def _pick_chunk_kernel(
     values_ptr, indices_ptr, out_ptr, num_chunks, BLOCK_CHUNKS: tl.constexpr, USE_PDL: tl.constexpr
 ):
-    release_dependents(USE_PDL)
-    wait_for_previous(USE_PDL)
+    pdl.enter(USE_PDL)
     row = tl.program_id(0)
     chunks = tl.arange(0, BLOCK_CHUNKS)
     values = tl.load(values_ptr + row * num_chunks + chunks, mask=chunks < num_chunks, other=float("-inf"))

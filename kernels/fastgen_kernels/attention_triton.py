@@ -41,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import pdl_enabled, release_dependents, wait_for_previous
+from . import pdl
+from .pdl import pdl_enabled
 
 NO_WINDOW = 1 << 30  # sliding window "none": larger than any position
 MAX_SPLITS = 64
@@ -205,8 +206,7 @@ def _paged_attention_kernel(
     F16_DOT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Grid ``(slots, num_kv_heads, num_splits)``; see the module docstring."""
-    release_dependents(USE_PDL)
-    wait_for_previous(USE_PDL)
+    pdl.enter(USE_PDL)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     # the launch's tokens start at query_start[0] (> 0 when it serves a suffix of the batch)
@@ -277,8 +277,7 @@ def _merge_splits_kernel(
     query_start[num_seqs])``; partial row ``r`` is token ``query_start[0] + r``. Rows past the
     launch's last token (padding, or an upper bound on its tokens) were never written: they exit.
     """
-    release_dependents(USE_PDL)
-    wait_for_previous(USE_PDL)
+    pdl.enter(USE_PDL)
     first_token = tl.load(query_start_ptr).to(tl.int64)
     end_token = tl.load(query_start_ptr + num_seqs).to(tl.int64)
     row = tl.program_id(0).to(tl.int64)

@@ -53,10 +53,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import pdl
 from ._dispatch import use_triton
 from .activation import _silu_mul
 from .norm import _add_residual, _rms_rstd, _rms_scale
-from .pdl import pdl_enabled, prefetch_to_l2, release_dependents, wait_for_previous
+from .pdl import pdl_enabled, prefetch_to_l2
 from .quant import FP8
 
 MAX_ROWS = 8  # largest M served; the caller keeps cuBLAS beyond
@@ -162,8 +163,7 @@ def _gemv_kernel(
             rows = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn  # masked rows repeat the last
             pieces = tl.arange(0, PREFETCH_PIECES).to(tl.int64) * piece_bytes
             prefetch_to_l2((w_ptr + rows + k_start).to(tl.int64)[:, None] + pieces[None, :], piece_bytes)
-    release_dependents(USE_PDL)
-    wait_for_previous(USE_PDL)
+    pdl.enter(USE_PDL)
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if PROLOGUE == "rms_norm":
         rstd = _rms_rows(x_ptr, residual_ptr, residual_out_ptr, M, K, eps, stride_xm, stride_rm, stride_rom,

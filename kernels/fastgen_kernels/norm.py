@@ -24,8 +24,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import pdl
 from ._dispatch import use_triton
-from .pdl import pdl_enabled, release_dependents, wait_for_previous
+from .pdl import pdl_enabled
 
 
 def rms_norm_reference(
@@ -88,8 +89,7 @@ def _norm_kernel(
     USE_PDL: tl.constexpr,
 ):
     """One row per program: optional residual add, then RMSNorm or LayerNorm in float32."""
-    release_dependents(USE_PDL)
-    wait_for_previous(USE_PDL)
+    pdl.enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < width

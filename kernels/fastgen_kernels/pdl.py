@@ -70,6 +70,14 @@ def release_dependents(ENABLED: tl.constexpr):
 
 
 @triton.jit
+def enter(ENABLED: tl.constexpr):
+    """A PDL-launched kernel's start (no-op unless ``ENABLED``): release the next kernel, then wait
+    for the previous one. Every program calls it before touching what another kernel writes."""
+    release_dependents(ENABLED)
+    wait_for_previous(ENABLED)
+
+
+@triton.jit
 def prefetch_to_l2(addresses, num_bytes):
     """Ask the L2 to fetch ``num_bytes`` from each address (int64 tensor; addresses and size
     16-byte aligned): one bulk request a lane, nothing waits for it."""

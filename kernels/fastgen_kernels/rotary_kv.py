@@ -16,9 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from ._dispatch import use_triton
 from .cache import _cast_for_cache, check_write_layout, write_kv_cache_reference
-from .pdl import pdl_enabled, release_dependents, wait_for_previous
+from .pdl import pdl_enabled
 from .quant import FP8
 from .rotary import _cos_sin, _rotate_heads, _rotate_pair, apply_rotary_reference
 
@@ -91,8 +92,7 @@ def _rotary_kv_kernel(
 ):
     """Two programs per token, side by side: ``(token, 0)`` rotates its queries in place,
     ``(token, 1)`` writes its rotated keys and its values into its slot."""
-    release_dependents(USE_PDL)
-    wait_for_previous(USE_PDL)
+    pdl.enter(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(positions_ptr, token, cos_sin_ptr, stride_cos_sin, HALF, BLOCK_HALF)
     if tl.program_id(1) == 0:
