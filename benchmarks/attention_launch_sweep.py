@@ -40,7 +40,7 @@ import torch
 from fastgen.kernels import attention_triton
 
 from benchmarks.decode_step import copy_bandwidth_bytes_per_s
-from benchmarks.step_profile import kernel_breakdown
+from benchmarks.step_profile import kernel_breakdown, warn_if_pdl
 
 HEAD_DIM, BLOCK_SIZE = 128, 16
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
@@ -253,6 +253,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="", help="only the shapes whose label contains this")
     parser.add_argument("--rule-config-only", action="store_true", help="time only the rule's config")
     args = parser.parse_args()
+    warn_if_pdl()
     began = time.perf_counter()
     bandwidth = copy_bandwidth_bytes_per_s()
     rows = sweep(LAUNCHES[args.launch], CACHE_DTYPES[args.cache_dtype], bandwidth, args.shapes,

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from fastgen.kernels.pdl import pdl_enabled
 
 from benchmarks.decode_step import GREEDY, SHAPES, copy_bandwidth_bytes_per_s, write_config
 from fastgen import kernels
@@ -257,7 +258,15 @@ def attention_split(args, bandwidth: float, results: dict) -> None:
           f"+ chunk alone {t_chunk * 1e6:.0f} us = {(t_decode + t_chunk) * 1e6:.0f} us")
 
 
+def warn_if_pdl() -> None:
+    """With PDL on, a kernel starts during the one before it and waits there: its profiled duration
+    includes the wait, so sums of kernel durations overstate (NOTES-kernels)."""
+    if pdl_enabled(torch.device("cuda")):
+        print("warning: FASTGEN_PDL=1: kernel durations include PDL waits, their sums overstate", flush=True)
+
+
 def main() -> None:
+    warn_if_pdl()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
     parser.add_argument("--decodes", type=int, default=80)
