@@ -13,7 +13,6 @@ import triton.language as tl
 
 from . import pdl
 from ._dispatch import use_triton
-from .pdl import pdl_enabled
 
 
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
@@ -75,9 +74,8 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(triton.next_power_of_2(width), 2048)
     grid = (rows.shape[0], triton.cdiv(width, block))
-    use_pdl = pdl_enabled(x.device)
-    _silu_and_mul_kernel[grid](rows, out, width, rows.stride(0), width, BLOCK=block, USE_PDL=use_pdl,
-                               num_warps=4, launch_pdl=use_pdl)
+    _silu_and_mul_kernel[grid](rows, out, width, rows.stride(0), width, BLOCK=block, num_warps=4,
+                               **pdl.launch_options(x.device))
     return out
 
 

@@ -16,7 +16,6 @@ import triton.language as tl
 
 from . import pdl
 from ._dispatch import use_triton
-from .pdl import pdl_enabled
 
 CHUNK = 4096  # tokens a first-stage program reduces: 32 programs a row of Llama 3's vocabulary
 
@@ -72,13 +71,12 @@ def argmax_triton(logits: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows == 0:
         return out
-    use_pdl = pdl_enabled(logits.device)
+    options = pdl.launch_options(logits.device)
     _chunk_max_kernel[(rows, num_chunks)](
-        logits, values, indices, vocab, logits.stride(0), num_chunks, CHUNK=CHUNK, USE_PDL=use_pdl,
-        num_warps=4, launch_pdl=use_pdl,
+        logits, values, indices, vocab, logits.stride(0), num_chunks, CHUNK=CHUNK, num_warps=4, **options
     )
     _pick_chunk_kernel[(rows,)](
-        values, indices, out, num_chunks, BLOCK_CHUNKS=triton.next_power_of_2(num_chunks), USE_PDL=use_pdl,
-        num_warps=1, launch_pdl=use_pdl,
+        values, indices, out, num_chunks, BLOCK_CHUNKS=triton.next_power_of_2(num_chunks), num_warps=1,
+        **options,
     )
     return out

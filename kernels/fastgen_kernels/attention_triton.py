@@ -42,7 +42,6 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .pdl import pdl_enabled
 
 NO_WINDOW = 1 << 30  # sliding window "none": larger than any position
 MAX_SPLITS = 64
@@ -522,7 +521,7 @@ def _launch(
     block_d = max(16, triton.next_power_of_2(head_dim))
     window = NO_WINDOW if sliding_window is None else int(sliding_window)
     grid = (num_slots, num_kv_heads, num_splits)
-    use_pdl = pdl_enabled(query.device)
+    options = pdl.launch_options(query.device)
     _paged_attention_kernel[grid](
         query, key_cache, value_cache, out, partial_out, partial_lse,
         query_start, context_lens, block_tables,
@@ -539,14 +538,13 @@ def _launch(
         HAS_PREFILL=has_prefill, SPLIT=split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", SOFTCAP=float(softcap or 0.0),
         F16_DOT=config["fp8_f16_dot"] and key_cache.element_size() == 1 and query.dtype == torch.bfloat16,
-        USE_PDL=use_pdl,
         num_warps=config["num_warps_prefill" if has_prefill else "num_warps_decode"],
-        num_stages=config["num_stages" if has_prefill else "num_stages_decode"], launch_pdl=use_pdl,
+        num_stages=config["num_stages" if has_prefill else "num_stages_decode"], **options,
     )
     if split:
         _merge_splits_kernel[(num_tokens, num_heads)](
             partial_out, partial_lse, out, query_start, num_seqs, num_splits,
             *partial_out.stride()[:3], *partial_lse.stride()[:2], out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
-            USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl,
+            num_warps=4, **options,
         )

@@ -57,7 +57,7 @@ from . import pdl
 from ._dispatch import use_triton
 from .activation import _silu_mul
 from .norm import _add_residual, _rms_rstd, _rms_scale
-from .pdl import pdl_enabled, prefetch_to_l2
+from .pdl import prefetch_to_l2
 from .quant import FP8
 
 MAX_ROWS = 8  # largest M served; the caller keeps cuBLAS beyond
@@ -454,7 +454,7 @@ def linear_small_batch_with_config(
             workspace, counters = found
     residual = prologue.residual if prologue.residual is not None else rows  # placeholders when unused
     residual_out = prologue.residual_out if prologue.residual_out is not None else rows
-    use_pdl = pdl_enabled(x.device)
+    options = pdl.launch_options(x.device)
     grid = (triton.cdiv(n, config.block_n), split_k)
     _gemv_kernel[grid](
         rows, weight, weight if weight_scale is None else weight_scale, weight if bias is None else bias,
@@ -468,9 +468,9 @@ def linear_small_batch_with_config(
         ROW_BLOCK=triton.next_power_of_2(k) if prologue.kind == "rms_norm" else 1,
         EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", NUM_STAGES=config.num_stages,
-        USE_PDL=use_pdl, PREFETCH_ROW_BYTES=_prefetch_row_bytes(weight, config) if use_pdl else 0,
+        PREFETCH_ROW_BYTES=_prefetch_row_bytes(weight, config) if options["USE_PDL"] else 0,
         PREFETCH_PIECES=PREFETCH_PIECES,
-        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=use_pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, **options,
     )
     if split_k > 1 and not atomic:
         block = min(1024, triton.next_power_of_2(n))

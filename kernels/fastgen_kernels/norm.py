@@ -26,7 +26,6 @@ import triton.language as tl
 
 from . import pdl
 from ._dispatch import use_triton
-from .pdl import pdl_enabled
 
 
 def rms_norm_reference(
@@ -141,13 +140,12 @@ def _norm_triton(
     if rows.shape[0] > 0:
         block = triton.next_power_of_2(width)
         num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
-        use_pdl = pdl_enabled(x.device)
         _norm_kernel[(rows.shape[0],)](
             rows, residual_rows, residual_out_rows, weight, weight if bias is None else bias,
             out.view(-1, width), width, eps, rows.stride(0), residual_rows.stride(0),
             residual_out_rows.stride(0), width,
             RMS=rms, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-            BLOCK=block, USE_PDL=use_pdl, num_warps=num_warps, launch_pdl=use_pdl,
+            BLOCK=block, num_warps=num_warps, **pdl.launch_options(x.device),
         )
     return out if residual_out is None else (out, residual_out)
 

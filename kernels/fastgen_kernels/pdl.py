@@ -52,6 +52,13 @@ def pdl_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and _turned_on() and _device_supports(device)
 
 
+def launch_options(device: torch.device) -> dict[str, bool]:
+    """The launch arguments of a kernel that takes part: its ``USE_PDL`` constexpr and Triton's
+    ``launch_pdl``, which must agree (a kernel launched with PDL that does not wait would race)."""
+    on = pdl_enabled(device)
+    return {"USE_PDL": on, "launch_pdl": on}
+
+
 @triton.jit
 def wait_for_previous(ENABLED: tl.constexpr):
     """Block until the kernel launched before this one has finished and its writes are visible

@@ -19,7 +19,6 @@ import triton.language as tl
 from . import pdl
 from ._dispatch import use_triton
 from .cache import _cast_for_cache, check_write_layout, write_kv_cache_reference
-from .pdl import pdl_enabled
 from .quant import FP8
 from .rotary import _cos_sin, _rotate_heads, _rotate_pair, apply_rotary_reference
 
@@ -135,7 +134,6 @@ def rotary_and_write_kv_cache_triton(
     block_d = triton.next_power_of_2(head_dim)
     block_pass = triton.next_power_of_2(head_dim - rotary_dim) if rotary_dim < head_dim else 0
     num_heads = query.shape[1]
-    use_pdl = pdl_enabled(query.device)
     _rotary_kv_kernel[(num_tokens, 2)](
         positions, query, key, value, key_cache, value_cache, slot_mapping, cos_sin_cache,
         num_heads, num_kv_heads, head_dim,
@@ -145,7 +143,7 @@ def rotary_and_write_kv_cache_triton(
         HALF=half, BLOCK_HALF=block_half, BLOCK_PASS=block_pass, BLOCK_D=block_d,
         BLOCK_H_Q=max(1, min(triton.next_power_of_2(num_heads), 4096 // block_half)),
         BLOCK_H_KV=max(1, min(triton.next_power_of_2(num_kv_heads), 4096 // block_d)),
-        TO_FP8=key_cache.dtype == FP8, USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl,
+        TO_FP8=key_cache.dtype == FP8, num_warps=4, **pdl.launch_options(query.device),
         enable_fp_fusion=False,  # no FMA contraction: the same bits in every rotary kernel and torch
     )
     return query

@@ -32,6 +32,7 @@ def test_off_on_the_cpu_whatever_the_setting(pdl_setting) -> None:
     for value in (None, "1", "0"):
         pdl_setting(value)
         assert not pdl.pdl_enabled(torch.device("cpu"))
+        assert pdl.launch_options(torch.device("cpu")) == {"USE_PDL": False, "launch_pdl": False}
 
 
 @pytest.mark.parametrize("value", ["1", "true", "ON", " yes "])
