@@ -183,6 +183,12 @@ def sweep(
     """Device time of each config x split count per shape (only shapes whose label contains
     ``shape_filter``; only the rule's config with ``rule_config_only``)."""
     default_config = attention_triton.launch_config
+
+    def label(config: dict, splits: int) -> str:
+        # the float16 dots apply to a one-byte cache only: a bf16 config does not show them
+        shown = dict(config, fp8_f16_dot=config["fp8_f16_dot"] and cache_dtype.itemsize == 1)
+        return describe(launch.keys, tuple(shown[k] for k in launch.keys), splits)
+
     rows = []
     try:
         for shape in (shape for shape in launch.shapes if shape_filter in shape.label):
@@ -201,12 +207,10 @@ def sweep(
                 config = dict(base, **dict(zip(launch.keys, values, strict=True)))
                 attention_triton.launch_config = lambda *_, config=config, **__: config
                 launch_once = partial(attention_triton.paged_attention_triton, **args, num_splits=splits)
-                timed.append((device_seconds(launch_once), describe(launch.keys, values, splits)))
+                timed.append((device_seconds(launch_once), label(config, splits)))
             timed.sort()
             figures = partial(_figures, kv_bytes=kv_bytes, flops=shape.flops, bandwidth=bandwidth)
-            # the float16 dots apply to a one-byte cache only: a bf16 rule does not show them
-            shown = dict(base, fp8_f16_dot=base["fp8_f16_dot"] and cache_dtype.itemsize == 1)
-            rule = describe(launch.keys, tuple(shown[k] for k in launch.keys), rule_splits(shape, base))
+            rule = label(base, rule_splits(shape, base))
             row = dict(shape=shape.label, kv_gb=kv_bytes / 1e9, rule=rule, rule_figures=figures(rule_s),
                        top=[dict(config=name, **figures(t)) for t, name in timed[:8]])
             rows.append(row)
