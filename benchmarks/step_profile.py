@@ -8,9 +8,10 @@ Steps of a model shape (``--shape``, Llama-2-7B by default) with dummy weights:
 The mixed step is also timed launched ahead as the engine runs it (step N+1 queued before N's
 sampled ids are collected): against its kernel time, that says how long the device waits on the
 host a step. Then the attention of the mixed step alone: one launch for the whole ragged batch
-against two launches (the decodes, then the chunk).
+against two launches (the decodes, then the chunk), and those two one after the other against
+both at once on two streams.
 
-    python -m benchmarks.step_profile [--shape llama3-8b] [--decodes 80] [--budget 768]
+    python -m benchmarks.step_profile [--shape llama3-8b] [--decodes 80] [--budget 768] [--attention-only]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from fastgen.kernels import attention_triton
 from fastgen.kernels.pdl import pdl_enabled
 
 from benchmarks.decode_step import GREEDY, SHAPES, copy_bandwidth_bytes_per_s, write_config
@@ -256,6 +258,64 @@ def attention_split(args, bandwidth: float, results: dict) -> None:
     print(f"\n## attention of the mixed step (one layer): one launch {t_mixed * 1e6:.0f} us; "
           f"decodes alone {t_decode * 1e6:.0f} us (KV at {kv / t_decode / bandwidth:.0%} of copy) "
           f"+ chunk alone {t_chunk * 1e6:.0f} us = {(t_decode + t_chunk) * 1e6:.0f} us")
+    overlap = concurrent_launches(decode_part, chunk_part)
+    results["attention_split"]["overlap_us"] = overlap
+    print("  the two launches queued back to back (events over 20 pairs, a GPU sleep ahead): "
+          + "; ".join(f"{name} {us:.0f} us" for name, us in overlap.items()))
+
+
+def queued_us(body, iters: int = 20) -> float:
+    """Microseconds a call of ``body`` takes on the device, many calls queued behind a GPU sleep so
+    that the host's launch latency stays out of the events (overlapping kernels: no profiler sum)."""
+    body()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(100_000_000)
+    start.record()
+    for _ in range(iters):
+        body()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
+
+
+def concurrent_launches(decode_part, chunk_part) -> dict[str, float]:
+    """The decode and chunk launches one after the other, and on two streams at once (the chunk on
+    a side stream, at normal and at high priority), with the rule's chunk tiles and with 64-key ones
+    (190 registers, not 255: a decode program fits beside a chunk program on a multiprocessor)."""
+    side = torch.cuda.Stream()
+    urgent = torch.cuda.Stream(priority=-1)
+
+    def serial() -> None:
+        decode_part()
+        chunk_part()
+
+    def on(stream: torch.cuda.Stream):
+        def both() -> None:
+            main = torch.cuda.current_stream()
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                chunk_part()
+            decode_part()
+            main.wait_stream(stream)
+        return both
+
+    rule = attention_triton.launch_config
+
+    def narrow_chunks(*args, **kwargs) -> dict:
+        config = rule(*args, **kwargs)
+        return dict(config, BLOCK_N=64) if kwargs.get("prefill_heavy") else config
+
+    bodies = (("serial", serial), ("2 streams", on(side)), ("2 streams, chunk urgent", on(urgent)))
+    times = {}
+    try:
+        for tiles, config_rule in (("rule", rule), ("n64", narrow_chunks)):
+            attention_triton.launch_config = config_rule
+            for name, body in bodies:
+                times[f"{name}, chunk tiles {tiles}"] = queued_us(body)
+    finally:
+        attention_triton.launch_config = rule
+    return times
 
 
 def warn_if_pdl() -> None:
@@ -272,6 +332,7 @@ def main() -> None:
     parser.add_argument("--decodes", type=int, default=80)
     parser.add_argument("--budget", type=int, default=768)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--attention-only", action="store_true", help="only the mixed step's attention")
     args = parser.parse_args()
     bandwidth = copy_bandwidth_bytes_per_s()
     flops = matmul_rate()
@@ -280,13 +341,14 @@ def main() -> None:
     results: dict = {"device": name, "shape": args.shape, "copy_tb_s": bandwidth / 1e12,
                      "matmul_tflops": flops / 1e12}
     attention_split(args, bandwidth, results)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = write_config(Path(tmp), args.shape)
-        blocks = (args.decodes + 1) * 84 + -(-(CHUNK_PREFIX + args.budget) // 16) + 200
-        config = EngineConfig(load_format="dummy", num_kv_blocks=blocks, cuda_graphs=True, max_seqs=256,
-                              token_budget=2048)
-        runner = ModelRunner(None, config, ModelConfig.from_pretrained(path), 4096)
-        profile_runner(runner, args, flops, results)
+    if not args.attention_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_config(Path(tmp), args.shape)
+            blocks = (args.decodes + 1) * 84 + -(-(CHUNK_PREFIX + args.budget) // 16) + 200
+            config = EngineConfig(load_format="dummy", num_kv_blocks=blocks, cuda_graphs=True, max_seqs=256,
+                                  token_budget=2048)
+            runner = ModelRunner(None, config, ModelConfig.from_pretrained(path), 4096)
+            profile_runner(runner, args, flops, results)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 
