@@ -281,8 +281,9 @@ def queued_us(body, iters: int = 20) -> float:
 
 def concurrent_launches(decode_part, chunk_part) -> dict[str, float]:
     """The decode and chunk launches one after the other, and on two streams at once (the chunk on
-    a side stream, at normal and at high priority), with the rule's chunk tiles and with 64-key ones
-    (190 registers, not 255: a decode program fits beside a chunk program on a multiprocessor)."""
+    a side stream, launched after the decodes or before them, at normal and at high priority), with
+    the rule's chunk tiles and with 64-key ones (190 registers, not 255: a decode program fits
+    beside a chunk program on a multiprocessor)."""
     side = torch.cuda.Stream()
     urgent = torch.cuda.Stream(priority=-1)
 
@@ -290,13 +291,17 @@ def concurrent_launches(decode_part, chunk_part) -> dict[str, float]:
         decode_part()
         chunk_part()
 
-    def on(stream: torch.cuda.Stream):
-        def both() -> None:
+    def on(stream: torch.cuda.Stream, chunk_first: bool = False):
+        def both() -> None:  # as attention_triton's _side_by_side: fork, launch, join
             main = torch.cuda.current_stream()
             stream.wait_stream(main)
-            with torch.cuda.stream(stream):
-                chunk_part()
+            if chunk_first:
+                with torch.cuda.stream(stream):
+                    chunk_part()
             decode_part()
+            if not chunk_first:
+                with torch.cuda.stream(stream):
+                    chunk_part()
             main.wait_stream(stream)
         return both
 
@@ -306,7 +311,8 @@ def concurrent_launches(decode_part, chunk_part) -> dict[str, float]:
         config = rule(*args, **kwargs)
         return dict(config, BLOCK_N=64) if kwargs.get("prefill_heavy") else config
 
-    bodies = (("serial", serial), ("2 streams", on(side)), ("2 streams, chunk urgent", on(urgent)))
+    bodies = (("serial", serial), ("2 streams", on(side)), ("2 streams, chunk first", on(side, True)),
+              ("2 streams, chunk urgent", on(urgent)))
     times = {}
     try:
         for tiles, config_rule in (("rule", rule), ("n64", narrow_chunks)):

@@ -19,7 +19,10 @@ head's group) pairs, so a GQA/MQA group shares every K/V tile it loads and the t
 - Two launches: given ``num_decodes`` (the batch's leading one-token sequences), a mixed step runs
   the decodes as a decode-only launch and the rest as a second launch, so each gets its own
   config (a mixed launch compiles both branches into one kernel: the decode programs would carry
-  the chunk branch's registers and warps).
+  the chunk branch's registers and warps). With ``FASTGEN_ATTENTION_STREAMS=1`` the two run at once
+  on a GPU, the chunks on a side stream: the decodes are bound by memory and the chunks by the
+  tensor cores, and each may fill the other's partly empty last round of programs (not measured
+  end to end yet: off by default).
 - Keys are visited in ``BLOCK_N`` tiles aligned to multiples of ``BLOCK_N``; tiles that every row
   sees whole (inside the causal limit and the sliding window) run without masks, the few at the
   diagonal and at the window's start with them.
@@ -34,8 +37,11 @@ head's group) pairs, so a GQA/MQA group shares every K/V tile it loads and the t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -468,14 +474,44 @@ def paged_attention_triton(
               "max_context_len": max_context_len, "num_splits": num_splits}
     if 0 < num_decodes < num_seqs and max_query_len > 1:
         decodes, rest = slice(None, num_decodes), slice(num_decodes, None)
-        _launch(*tensors, query_start[: num_decodes + 1], context_lens[decodes], block_tables[decodes],
-                num_tokens=num_decodes, max_query_len=1, **shared)
-        _launch(*tensors, query_start[rest], context_lens[rest], block_tables[rest],
-                num_tokens=num_tokens - num_decodes, max_query_len=max_query_len, **shared)
+        with _side_by_side(query.device) as beside:
+            _launch(*tensors, query_start[: num_decodes + 1], context_lens[decodes], block_tables[decodes],
+                    num_tokens=num_decodes, max_query_len=1, **shared)
+            with beside:
+                _launch(*tensors, query_start[rest], context_lens[rest], block_tables[rest],
+                        num_tokens=num_tokens - num_decodes, max_query_len=max_query_len, **shared)
     else:
         _launch(*tensors, query_start, context_lens, block_tables,
                 num_tokens=num_tokens, max_query_len=max_query_len, **shared)
     return out
+
+
+@functools.cache
+def _streams_turned_on() -> bool:
+    return os.environ.get("FASTGEN_ATTENTION_STREAMS", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def _concurrent(device: torch.device) -> bool:
+    return device.type == "cuda" and _streams_turned_on()
+
+
+@contextlib.contextmanager
+def _side_by_side(device: torch.device) -> Iterator[contextlib.AbstractContextManager]:
+    """Two independent launches: the first runs on the current stream, the second inside the
+    yielded context, on a side stream that starts after everything queued before; on leaving, the
+    current stream waits for both. On a CPU, or with concurrent launches off, one after the other."""
+    if not _concurrent(device):
+        yield contextlib.nullcontext()
+        return
+    main, side = torch.cuda.current_stream(device), _side_stream(device)
+    side.wait_stream(main)
+    yield torch.cuda.stream(side)
+    main.wait_stream(side)
 
 
 def _launch(

@@ -167,9 +167,12 @@ def test_dispatcher_passes_num_decodes(seed) -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_two_launches_cuda_graph(seed) -> None:
+@pytest.mark.parametrize("concurrent", [False, True], ids=["one-stream", "two-streams"])
+def test_gpu_two_launches_cuda_graph(concurrent, monkeypatch, seed) -> None:
     """A mixed step with ``num_decodes`` (two launches, both split by the host) captures into a
-    CUDA graph and replays on new contents and context lengths."""
+    CUDA graph and replays on new contents and context lengths, its launches one after the other
+    or at once on two streams."""
+    monkeypatch.setattr(attention_triton, "_concurrent", lambda device: concurrent)
     cuda = torch.device("cuda")
     specs = [(1, 300)] * 6 + [(40, 1000), (20, 500)]
     batch = make_batch(specs, 32, 8, 128, 16, torch.bfloat16, cuda)
