@@ -19,10 +19,10 @@ head's group) pairs, so a GQA/MQA group shares every K/V tile it loads and the t
 - Two launches: given ``num_decodes`` (the batch's leading one-token sequences), a mixed step runs
   the decodes as a decode-only launch and the rest as a second launch, so each gets its own
   config (a mixed launch compiles both branches into one kernel: the decode programs would carry
-  the chunk branch's registers and warps). With ``FASTGEN_ATTENTION_STREAMS=1`` the two run at once
-  on a GPU, the chunks on a side stream: the decodes are bound by memory and the chunks by the
-  tensor cores, and each may fill the other's partly empty last round of programs (not measured
-  end to end yet: off by default).
+  the chunk branch's registers and warps). On a GPU the two run at once, the chunks on a side
+  stream of high priority: the decodes are bound by memory and the chunks by the tensor cores, and
+  each fills the other's partly empty last round of programs (``FASTGEN_ATTENTION_STREAMS=0``: one
+  after the other; measured in benchmarks/NOTES-kernels.md, "Two streams").
 - Keys are visited in ``BLOCK_N`` tiles aligned to multiples of ``BLOCK_N``; tiles that every row
   sees whole (inside the causal limit and the sliding window) run without masks, the few at the
   diagonal and at the window's start with them.
@@ -366,6 +366,28 @@ def launch_slots(num_tokens: int, num_seqs: int, tokens_per_tile: int, has_prefi
     return num_tokens // tokens_per_tile + num_seqs if has_prefill else num_seqs
 
 
+# A decode-only launch of more than a quarter round splits the keys to fill its last round of
+# resident programs (`balanced_splits`): the model's constants, fitted to the decode sweep of
+# benchmarks/NOTES-kernels.md ("Balanced splits"), where its choice is within 1% of the best
+PARTIAL_ROUND_COST = 0.65  # a partly filled last round takes at least this much of a full one
+SPLIT_COST = 0.05  # the merge pass and the repeated query loads of a split launch
+MAX_BALANCED_SPLITS = 4
+KEYS_PER_BALANCED_SPLIT = 256
+
+
+def balanced_splits(num_programs: int, resident: int, max_splits: int) -> int:
+    """The split count, up to ``max_splits``, whose rounds of ``resident`` programs cost least:
+    a split launch runs ``splits`` times the programs on ``1 / splits`` of the keys each, and its
+    last round, partly filled, costs at least `PARTIAL_ROUND_COST` of a full one."""
+
+    def cost(splits: int) -> float:
+        full, rest = divmod(num_programs * splits, resident)
+        rounds = full + (max(PARTIAL_ROUND_COST, rest / resident) if rest else 0.0)
+        return rounds / splits * (1.0 + SPLIT_COST * (splits > 1))
+
+    return min(range(1, max(1, max_splits) + 1), key=lambda splits: (cost(splits), splits))
+
+
 def choose_num_splits(
     num_programs: int,
     max_context_len: int,
@@ -373,25 +395,29 @@ def choose_num_splits(
     decode_only: bool = True,
     programs_per_sm: int = DECODE_PROGRAMS_PER_SM,
 ) -> int:
-    """Splits per sequence so that a launch of few programs still fills the GPU: at most one round
-    of resident programs (``programs_per_sm`` on each multiprocessor).
+    """Splits per sequence so that a launch of few programs still fills the GPU.
 
-    A launch that fills a round or more does not split: its partly filled last round costs less
-    than the merge's extra pass and the split programs' repeated query loads (measured per launch
-    and shape in benchmarks/NOTES-kernels.md, "Attention launch sweeps"). Decode-only launches,
-    light and bound by memory, split only when they are at most a quarter of a round, down to one
-    64-key tile a split (one sequence at 384 tokens: 12.5 us unsplit, 5.8 us in 16 splits); with
-    prompt chunks a split keeps at least 256 keys, and contexts up to 512 do not split.
+    Decode-only launches, light and bound by memory: at most a quarter of a round of resident
+    programs (``programs_per_sm`` on each multiprocessor) split to fill up to one round, down to
+    one 64-key tile a split (one sequence at 384 tokens: 12.5 us unsplit, 5.8 us in 16 splits);
+    larger ones split up to four ways, at least 256 keys a split, where that fills their last
+    round (`balanced_splits`: 75 sequences of GQA 32/8 at 1300 tokens, 600 programs, 1.14 rounds
+    on an H100: 167 us unsplit, 150 us in 4 splits).
+    Launches with prompt chunks split only to fill up to one round, with at least 256 keys a split
+    and none up to 512: a launch that fills a round or more does not split, as its partly filled
+    last round costs less than the merge's extra pass and the split programs' repeated query loads
+    (measured per launch and shape in benchmarks/NOTES-kernels.md, "Attention launch sweeps").
     """
+    resident = programs_per_sm * _multiprocessor_count(device)
     if decode_only:
+        if 4 * num_programs > resident:
+            return balanced_splits(num_programs, resident, min(
+                MAX_BALANCED_SPLITS, max_context_len // KEYS_PER_BALANCED_SPLIT))
         keys_per_split = 64
     elif max_context_len <= 512:
         return 1
     else:
         keys_per_split = 256
-    resident = programs_per_sm * _multiprocessor_count(device)
-    if decode_only and 4 * num_programs > resident:
-        return 1
     wanted = resident // num_programs
     return max(1, min(wanted, triton.cdiv(max_context_len, keys_per_split), MAX_SPLITS))
 
@@ -487,17 +513,18 @@ def paged_attention_triton(
 
 
 @functools.cache
-def _streams_turned_on() -> bool:
-    return os.environ.get("FASTGEN_ATTENTION_STREAMS", "").strip().lower() in ("1", "true", "on", "yes")
+def _streams_turned_off() -> bool:
+    return os.environ.get("FASTGEN_ATTENTION_STREAMS", "").strip().lower() in ("0", "false", "off", "no")
 
 
 @functools.cache
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)
+    # high priority: the chunk programs, one a multiprocessor, are dispatched as soon as one frees
+    return torch.cuda.Stream(device, priority=-1)
 
 
 def _concurrent(device: torch.device) -> bool:
-    return device.type == "cuda" and _streams_turned_on()
+    return device.type == "cuda" and not _streams_turned_off()
 
 
 @contextlib.contextmanager

@@ -270,16 +270,32 @@ def test_empty_sequences_and_trailing_tokens(device, seed) -> None:
 
 def test_split_choice() -> None:
     """Decode-only launches: few sequences split, up to a round of resident programs and down to
-    one 64-key tile a split; a launch of more than a quarter round doesn't."""
+    one 64-key tile a split; past a quarter round, up to four ways with 256 keys a split."""
     cpu = torch.device("cpu")  # the interpreter's 8 multiprocessors: 32 resident programs
     resident = attention_triton.DECODE_PROGRAMS_PER_SM * 8
     assert attention_triton.choose_num_splits(2, 32768, cpu) == resident // 2
     assert attention_triton.choose_num_splits(resident // 4, 32768, cpu) == 4
-    assert attention_triton.choose_num_splits(resident // 4 + 1, 32768, cpu) == 1
     assert attention_triton.choose_num_splits(2, 600, cpu) == 10  # at least 64 keys a split
     assert attention_triton.choose_num_splits(2, 200, cpu) == 4
     assert attention_triton.choose_num_splits(2, 64, cpu) == 1
+    # past a quarter round: 9 programs fill 0.28 of a round, in 3 splits 0.84
+    assert attention_triton.choose_num_splits(resident // 4 + 1, 32768, cpu) == 3
+    assert attention_triton.choose_num_splits(resident // 4 + 1, 600, cpu) == 2  # 256 keys a split
+    assert attention_triton.choose_num_splits(resident // 4 + 1, 500, cpu) == 1
+    assert attention_triton.choose_num_splits(resident, 32768, cpu) == 1  # one full round
     assert attention_triton.choose_num_splits(10_000, 32768, cpu) == 1
+
+
+@pytest.mark.parametrize(
+    ("programs", "splits"),
+    # GQA 32/8 at 1300 tokens, an H100's 528 resident decode programs (sweep of NOTES-kernels,
+    # "Balanced splits"): 32, 64, 128, 256, 75 and 200 sequences; MHA 20 sequences
+    [(256, 2), (512, 1), (1024, 1), (2048, 1), (600, 4), (1600, 4), (640, 4)],
+)
+def test_balanced_splits_on_measured_shapes(programs, splits) -> None:
+    """The split counts the measured-fastest (or within 1% of it) on an H100."""
+    assert attention_triton.balanced_splits(programs, 528, 4) == splits
+    assert attention_triton.balanced_splits(programs, 528, 1) == 1
 
 
 def test_split_choice_with_prompt_chunks() -> None:
