@@ -5,11 +5,12 @@ The engine's chunk launch gathers keys from the paged cache with ``cp.async`` an
 ``wgmma`` at once: the tensor cores idle during each tile's softmax (NOTES-kernels, "Why the prefill
 branch is far from FA3"). A fresh prompt's keys and values are still contiguous in the fused QKV
 projection's output, so its attention can read them with TMA descriptors, the only loads under which
-Triton 3.6 warp-specializes a loop on sm_90 (a CPU compile for sm_90 shows producer/consumer
-partitions, ``setmaxnreg``, at 4 warps). This times such a kernel (causal, GQA, variable-length
-prompts, one program per 128-query tile and head) on fresh prompts against the engine's paged
-launch on the same prompts and torch's ``scaled_dot_product_attention`` (its fastest backend), after
-checking its output against SDPA's.
+Triton 3.6 warp-specializes a loop on sm_90 (a CPU compile for sm_90 of a kernel with one loop
+shows producer/consumer partitions, ``setmaxnreg``, at 4 warps; this kernel's second, masked loop
+makes the warp-specialized configs fail to compile, with or without its early return). This times
+such a kernel (causal, GQA, variable-length prompts, one program per 128-query tile and head) on
+fresh prompts against the engine's paged launch on the same prompts and torch's
+``scaled_dot_product_attention`` (its fastest backend), after checking its output against SDPA's.
 
     python -m benchmarks.tma_prefill_probe [--out benchmarks/results]
 """
@@ -102,12 +103,13 @@ def prefill_tma(qkv: torch.Tensor, seq_starts: torch.Tensor, max_len: int, heads
 
 
 def sdpa_inputs(qkv: torch.Tensor, lengths: list[int], heads: int, kv_heads: int) -> list[tuple]:
-    """Per prompt, [heads, tokens, dim] queries, keys and values (GQA: keys and values repeated)."""
+    """Per prompt, [1, heads, tokens, dim] queries, keys and values (GQA: keys and values repeated;
+    3-D inputs sent SDPA to its math backend)."""
     inputs = []
     for piece in qkv.split(lengths):
         q, k, v = piece.view(-1, heads + 2 * kv_heads, HEAD_DIM).split([heads, kv_heads, kv_heads], dim=1)
         k, v = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))
-        inputs.append(tuple(x.transpose(0, 1).contiguous() for x in (q, k, v)))
+        inputs.append(tuple(x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v)))  # 4-D: flash
     return inputs
 
 
@@ -118,7 +120,7 @@ def sdpa(inputs: list[tuple]) -> list[torch.Tensor]:
 
 def sdpa_rows(outs: list[torch.Tensor]) -> torch.Tensor:
     """SDPA's outputs in the kernel's layout, [tokens, heads * dim]."""
-    return torch.cat([o.transpose(0, 1).reshape(o.shape[1], -1) for o in outs])
+    return torch.cat([o[0].transpose(0, 1).reshape(o.shape[2], -1) for o in outs])
 
 
 def paged(qkv: torch.Tensor, lengths: list[int], heads: int, kv_heads: int) -> tuple:
