@@ -169,16 +169,24 @@ def test_dispatcher_passes_num_decodes(seed) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("concurrent", [False, True], ids=["one-stream", "two-streams"])
 def test_gpu_two_launches_cuda_graph(concurrent, monkeypatch, seed) -> None:
-    """A mixed step with ``num_decodes`` (two launches, both split by the host) captures into a
-    CUDA graph and replays on new contents and context lengths, its launches one after the other
-    or at once on two streams."""
+    """A mixed step with ``num_decodes`` (two launches, both split by the host) runs eagerly,
+    captures into a CUDA graph and replays on new contents and context lengths, its launches one
+    after the other or at once on two streams."""
     monkeypatch.setattr(attention_triton, "_concurrent", lambda device: concurrent)
     cuda = torch.device("cuda")
     specs = [(1, 300)] * 6 + [(40, 1000), (20, 500)]
     batch = make_batch(specs, 32, 8, 128, 16, torch.bfloat16, cuda)
     out = torch.empty_like(batch["query"])
     kwargs = {"scale": 128**-0.5, "max_query_len": 40, "max_context_len": 1000, "out": out, "num_decodes": 6}
-    paged_attention_triton(**batch, **kwargs)  # compile outside the capture
+    def expected() -> torch.Tensor:
+        return paged_attention_reference(
+            batch["query"].float(), batch["key_cache"].float(), batch["value_cache"].float(),
+            batch["query_start"], batch["context_lens"], batch["block_tables"], scale=128**-0.5,
+        )
+
+    out.fill_(float("nan"))
+    paged_attention_triton(**batch, **kwargs)  # eager (and it compiles outside the capture)
+    torch.testing.assert_close(out.float(), expected(), atol=2e-2, rtol=2e-2)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         paged_attention_triton(**batch, **kwargs)
@@ -187,8 +195,4 @@ def test_gpu_two_launches_cuda_graph(concurrent, monkeypatch, seed) -> None:
         batch["context_lens"][:6].copy_(torch.randint(1, 301, (6,), device=cuda, dtype=torch.int32))
         out.fill_(float("nan"))
         graph.replay()
-        expected = paged_attention_reference(
-            batch["query"].float(), batch["key_cache"].float(), batch["value_cache"].float(),
-            batch["query_start"], batch["context_lens"], batch["block_tables"], scale=128**-0.5,
-        )
-        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(out.float(), expected(), atol=2e-2, rtol=2e-2)
