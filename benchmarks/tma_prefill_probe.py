@@ -5,12 +5,13 @@ The engine's chunk launch gathers keys from the paged cache with ``cp.async`` an
 ``wgmma`` at once: the tensor cores idle during each tile's softmax (NOTES-kernels, "Why the prefill
 branch is far from FA3"). A fresh prompt's keys and values are still contiguous in the fused QKV
 projection's output, so its attention can read them with TMA descriptors, the only loads under which
-Triton 3.6 warp-specializes a loop on sm_90 (a CPU compile for sm_90 of a kernel with one loop
-shows producer/consumer partitions, ``setmaxnreg``, at 4 warps; this kernel's second, masked loop
-makes the warp-specialized configs fail to compile, with or without its early return). This times
-such a kernel (causal, GQA, variable-length prompts, one program per 128-query tile and head) on
-fresh prompts against the engine's paged launch on the same prompts and torch's
-``scaled_dot_product_attention`` (its fastest backend), after checking its output against SDPA's.
+Triton 3.6 warp-specializes a loop on sm_90 (a CPU compile for sm_90 shows producer/consumer
+partitions, ``setmaxnreg``, at 4 warps; only for a kernel of one loop and no early return: a
+second loop for the diagonal tiles, or the return of a tile past its prompt, fails in the
+compiler, as the first GPU run of this probe found). This times such a kernel (causal, GQA,
+variable-length prompts, one program per 128-query tile and head) on fresh prompts against the
+engine's paged launch on the same prompts and torch's ``scaled_dot_product_attention`` (its
+fastest backend), after checking its output against SDPA's.
 
     python -m benchmarks.tma_prefill_probe [--out benchmarks/results]
 """
@@ -45,9 +46,9 @@ def _prefill_tma_kernel(
     tile, head, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(seq_starts_ptr + seq)
     length = tl.load(seq_starts_ptr + seq + 1) - start
+    # a tile past its prompt reads zeros and its store is clipped; an early return would stop
+    # Triton 3.6 from warp-specializing the kernel (an assertion in its task-id propagation)
     start_m = tile * BLOCK_M
-    if start_m >= length:
-        return
     kv_head = head // (HEADS // KV_HEADS)
     row_stride = (HEADS + 2 * KV_HEADS) * HEAD_DIM
     rows = qkv_ptr + start * row_stride
@@ -65,18 +66,10 @@ def _prefill_tma_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # key tiles wholly before this query tile: no mask
-    for start_n in tl.range(0, start_m, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        scores = tl.dot(q, k_desc.load([start_n, 0]).T) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        p = tl.math.exp2(scores - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(q.dtype), v_desc.load([start_n, 0]), acc * alpha[:, None])
-        m_i = m_new
-    # the diagonal tiles: causal mask (keys past the prompt read as zeros from TMA, masked too)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    for start_n in tl.range(start_m, start_m + BLOCK_M, BLOCK_N):
+    # one loop up to the diagonal, the causal mask on every tile: with a second loop for the
+    # diagonal tiles alone, Triton 3.6 cannot warp-specialize the kernel (compiler assertions)
+    for start_n in tl.range(0, start_m + BLOCK_M, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         scores = tl.dot(q, k_desc.load([start_n, 0]).T) * qk_scale
         scores = tl.where(offs_m[:, None] >= offs_n[None, :], scores, float("-inf"))
