@@ -22,7 +22,7 @@ head's group) pairs, so a GQA/MQA group shares every K/V tile it loads and the t
   the chunk branch's registers and warps). On a GPU the two run at once, the chunks on a side
   stream of high priority: the decodes are bound by memory and the chunks by the tensor cores, and
   each fills the other's partly empty last round of programs (``FASTGEN_ATTENTION_STREAMS=0``: one
-  after the other; measured in benchmarks/NOTES-kernels.md, "Two streams").
+  after the other; measured in benchmarks/NOTES-kernels.md, session 15).
 - Keys are visited in ``BLOCK_N`` tiles aligned to multiples of ``BLOCK_N``; tiles that every row
   sees whole (inside the causal limit and the sliding window) run without masks, the few at the
   diagonal and at the window's start with them.
@@ -537,8 +537,10 @@ def _side_by_side(device: torch.device) -> Iterator[contextlib.AbstractContextMa
         return
     main, side = torch.cuda.current_stream(device), _side_stream(device)
     side.wait_stream(main)
-    yield torch.cuda.stream(side)
-    main.wait_stream(side)
+    try:
+        yield torch.cuda.stream(side)
+    finally:  # a launch that raised may have queued work on the side stream all the same
+        main.wait_stream(side)
 
 
 def _launch(
