@@ -353,7 +353,13 @@ def main() -> None:
             blocks = (args.decodes + 1) * 84 + -(-(CHUNK_PREFIX + args.budget) // 16) + 200
             config = EngineConfig(load_format="dummy", num_kv_blocks=blocks, cuda_graphs=True, max_seqs=256,
                                   token_budget=2048)
-            runner = ModelRunner(None, config, ModelConfig.from_pretrained(path), 4096)
+            model_config = ModelConfig.from_pretrained(path)
+            try:
+                runner = ModelRunner(None, config, model_config, 4096)
+            except torch.OutOfMemoryError as error:  # e.g. MHA Llama-2-7B: 0.5 MiB a token of KV
+                raise SystemExit(
+                    f"{blocks} KV blocks ({args.decodes} decodes x 84 + the chunk) do not fit next to "
+                    f"the {args.shape} weights: use fewer --decodes (or --attention-only)") from error
             profile_runner(runner, args, flops, results)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
