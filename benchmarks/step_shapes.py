@@ -69,9 +69,10 @@ def simulate(
 
 
 def decode_rounds(decodes: int, kv_heads: int, sms: int) -> float:
-    """Rounds of resident programs the decode attention launch of ``decodes`` sequences runs, split
-    as `attention_triton.choose_num_splits` splits it (a launch of at most a quarter round splits
-    to fill one; the contexts are taken long enough for that)."""
+    """Rounds of resident programs the decode attention launch of ``decodes`` sequences runs when
+    only a launch of at most a quarter round splits, to fill one (the contexts taken long enough
+    for that). `attention_triton.choose_num_splits` now also splits larger launches to fill their
+    last round (`balanced_splits`, with its own cost constants): not modelled here."""
     resident = PROGRAMS_PER_SM * sms
     programs = decodes * kv_heads
     splits = max(1, resident // programs) if 0 < 4 * programs <= resident else 1
