@@ -240,9 +240,10 @@ def attention_split(args, bandwidth: float, results: dict) -> None:
     decode_start = query_start[: decodes + 1].clone()
     chunk_start = (query_start[decodes:] - decodes).contiguous()
 
-    def decode_part() -> None:
+    def decode_part(num_splits: int | None = None) -> None:
         kernels.paged_attention(query[:decodes], key_cache, value_cache, decode_start, context[:decodes],
-                                tables[:decodes], max_query_len=1, max_context_len=1300, **common)
+                                tables[:decodes], max_query_len=1, max_context_len=1300,
+                                num_splits=num_splits, **common)
 
     def chunk_part() -> None:
         kernels.paged_attention(query[decodes:], key_cache, value_cache, chunk_start, context[decodes:],
@@ -281,9 +282,9 @@ def queued_us(body, iters: int = 20) -> float:
 
 def concurrent_launches(decode_part, chunk_part) -> dict[str, float]:
     """The decode and chunk launches one after the other, and on two streams at once (the chunk on
-    a side stream, launched after the decodes or before them, at normal and at high priority), with
-    the rule's chunk tiles and with 64-key ones (190 registers, not 255: a decode program fits
-    beside a chunk program on a multiprocessor)."""
+    a side stream, launched after the decodes or before them, at normal and at high priority; the
+    decodes split by the rule or not at all), with the rule's chunk tiles and with 64-key ones (190
+    registers, not 255: a decode program fits beside a chunk program on a multiprocessor)."""
     side = torch.cuda.Stream()
     urgent = torch.cuda.Stream(priority=-1)
 
@@ -291,14 +292,14 @@ def concurrent_launches(decode_part, chunk_part) -> dict[str, float]:
         decode_part()
         chunk_part()
 
-    def on(stream: torch.cuda.Stream, chunk_first: bool = False):
+    def on(stream: torch.cuda.Stream, chunk_first: bool = False, decode_splits: int | None = None):
         def both() -> None:  # as attention_triton's _side_by_side: fork, launch, join
             main = torch.cuda.current_stream()
             stream.wait_stream(main)
             if chunk_first:
                 with torch.cuda.stream(stream):
                     chunk_part()
-            decode_part()
+            decode_part(decode_splits)
             if not chunk_first:
                 with torch.cuda.stream(stream):
                     chunk_part()
@@ -312,7 +313,8 @@ def concurrent_launches(decode_part, chunk_part) -> dict[str, float]:
         return dict(config, BLOCK_N=64) if kwargs.get("prefill_heavy") else config
 
     bodies = (("serial", serial), ("2 streams", on(side)), ("2 streams, chunk first", on(side, True)),
-              ("2 streams, chunk urgent", on(urgent)))
+              ("2 streams, chunk urgent", on(urgent)),
+              ("2 streams, chunk urgent, decodes unsplit", on(urgent, decode_splits=1)))
     times = {}
     try:
         for tiles, config_rule in (("rule", rule), ("n64", narrow_chunks)):
