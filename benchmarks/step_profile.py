@@ -241,9 +241,9 @@ def attention_split(args, bandwidth: float, results: dict) -> None:
     chunk_start = (query_start[decodes:] - decodes).contiguous()
 
     def decode_part(num_splits: int | None = None) -> None:
-        kernels.paged_attention(query[:decodes], key_cache, value_cache, decode_start, context[:decodes],
-                                tables[:decodes], max_query_len=1, max_context_len=1300,
-                                num_splits=num_splits, **common)
+        attention_triton.paged_attention_triton(
+            query[:decodes], key_cache, value_cache, decode_start, context[:decodes], tables[:decodes],
+            max_query_len=1, max_context_len=1300, num_splits=num_splits, **common)
 
     def chunk_part() -> None:
         kernels.paged_attention(query[decodes:], key_cache, value_cache, chunk_start, context[decodes:],
