@@ -196,3 +196,47 @@ def test_gpu_two_launches_cuda_graph(concurrent, monkeypatch, seed) -> None:
         out.fill_(float("nan"))
         graph.replay()
         torch.testing.assert_close(out.float(), expected(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_split_decodes_merge_in_a_graph(seed) -> None:
+    """Split decodes that merge in their own launch, captured as the decode graphs are (warmed up
+    on the capture stream, which makes its counters): replays on new contents and context lengths
+    from 1 key to the whole context (1 to 32 splits seeing keys) each equal the reference, and
+    300 eager batch-1 launches in 64 splits race on no counter."""
+    cuda = torch.device("cuda")
+    batch = make_batch([(1, 2048)] * 4, 32, 8, 128, 16, torch.bfloat16, cuda)
+    out = torch.empty_like(batch["query"])
+    kwargs = {"scale": 128**-0.5, "max_query_len": 1, "max_context_len": 2048, "out": out, "num_splits": 32}
+
+    def expected(batch: dict) -> torch.Tensor:
+        return paged_attention_reference(
+            batch["query"].float(), batch["key_cache"].float(), batch["value_cache"].float(),
+            batch["query_start"], batch["context_lens"], batch["block_tables"], scale=128**-0.5,
+        )
+
+    stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        paged_attention_triton(**batch, **kwargs)
+        assert (cuda, stream.cuda_stream) in attention_triton._COUNTERS
+        with torch.cuda.graph(graph, stream=stream):
+            paged_attention_triton(**batch, **kwargs)
+    torch.cuda.current_stream().wait_stream(stream)
+    for lengths in ([1, 2, 64, 65], [2048, 2047, 1000, 129], *([None] * 8)):
+        if lengths is None:
+            lengths = torch.randint(1, 2049, (4,)).tolist()
+        batch["query"].copy_(torch.randn_like(batch["query"]))
+        batch["context_lens"].copy_(torch.tensor(lengths, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.testing.assert_close(out.float(), expected(batch), atol=2e-2, rtol=2e-2,
+                                   msg=f"context {lengths}")
+    one = batch | {name: batch[name][:1] for name in ("query", "context_lens", "block_tables")}
+    one["query_start"] = batch["query_start"][:2]
+    kwargs |= {"num_splits": 64}
+    results = [paged_attention_triton(**one, **kwargs | {"out": torch.empty_like(one["query"])})
+               for _ in range(300)]
+    want = expected(one)
+    assert max((result.float() - want).abs().max().item() for result in results) < 2e-2
+    assert not attention_triton._split_counters(cuda, 1).any()
