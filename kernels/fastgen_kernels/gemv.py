@@ -292,6 +292,9 @@ def path_tile(block_m: int, use_dot: bool, weight_bytes: int = 2) -> tuple[int, 
     return {1: 16, 2: 16, 4: 8, 8: 4}[block_m], 256 * widen
 
 
+MIN_K_PER_SPLIT_FULL_GRID = 4096
+
+
 def choose_config(
     m: int, n: int, k: int, num_sms: int = 132, use_dot: bool | None = None, weight_bytes: int = 2
 ) -> GemvConfig:
@@ -302,7 +305,9 @@ def choose_config(
     - Split K by powers of two until the grid has at least two programs per SM (so every SM
       streams from two tiles and one program's pipeline ramp hides behind another's loads),
       at most 8 ways, keeping >= 4 K steps per split so the pipeline reaches steady state.
-      For Llama-2-7B this splits only the N = 4096 matrices (o_proj, down).
+      On the CUDA cores, a grid with a program on every SM already splits only where each split
+      keeps `MIN_K_PER_SPLIT_FULL_GRID` of K (Llama-2-7B at M = 1: o_proj, K = 4096, runs unsplit,
+      down, K = 11008, in two; benchmarks/NOTES-kernels.md, "GEMV split rule").
     """
     block_m = triton.next_power_of_2(max(m, 1))
     if use_dot is None:
@@ -312,6 +317,8 @@ def choose_config(
     k_steps = triton.cdiv(k, block_k)
     split_k = 1
     while tiles * split_k < 2 * num_sms and split_k < 8 and k_steps // (2 * split_k) >= 4:
+        if not use_dot and tiles >= num_sms and k // (2 * split_k) < MIN_K_PER_SPLIT_FULL_GRID:
+            break
         split_k *= 2
     return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k, use_dot=use_dot)
 
