@@ -35,8 +35,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 _POINTERS = ("query_ptr", "key_cache_ptr", "value_cache_ptr", "out_ptr", "partial_out_ptr", "partial_lse_ptr",
-             "query_start_ptr", "context_lens_ptr", "block_tables_ptr", "counters_ptr")
-_UNALIGNED = ("query_start_ptr", "context_lens_ptr", "block_tables_ptr", "counters_ptr")  # any offset
+             "query_start_ptr", "context_lens_ptr", "block_tables_ptr")
+_UNALIGNED = ("query_start_ptr", "context_lens_ptr", "block_tables_ptr")  # views at any offset
 _ALIGNED_INTS = ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_kt", "stride_kh",
                  "stride_vb", "stride_vt", "stride_vh", "stride_ps")
 _SASS_OPS = ("HGMMA", "HMMA", "LDGSTS", "LDG", "LDS", "LDSM", "F2F", "F2FP", "PRMT")
@@ -50,24 +50,21 @@ def parse_config(text: str) -> dict[str, int]:
     return {k: int(v) for k, v in found.items()}
 
 
-def constexprs(launch: str, config: dict[str, int], fp8: bool, f16_dots: bool, group: int = 4,
-               self_merge: bool = False) -> dict:
+def constexprs(launch: str, config: dict[str, int], fp8: bool, f16_dots: bool, group: int = 4) -> dict:
     chunk = launch == "chunk"
     block_m = config.get("m", 128)
     return dict(
         GROUP=group, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, TOKENS=block_m // group if chunk else 1,
         BLOCK_M=block_m, BLOCK_N=config["n"] if chunk else 64, BLOCK_M_DECODE=max(16, group),
-        BLOCK_N_DECODE=64 if chunk else config["n"], HAS_PREFILL=chunk, SPLIT=self_merge,
-        SELF_MERGE=self_merge,
+        BLOCK_N_DECODE=64 if chunk else config["n"], HAS_PREFILL=chunk, SPLIT=False,
         DOT_PRECISION="tf32", SOFTCAP=0.0, F16_DOT=fp8 and f16_dots, USE_PDL=False,
     )
 
 
-def compile_launch(launch: str, config: dict[str, int], fp8: bool = False, f16_dots: bool = False,
-                   self_merge: bool = False, maxnreg: int | None = None) -> dict:
+def compile_launch(launch: str, config: dict[str, int], fp8: bool = False, f16_dots: bool = False) -> dict:
     """Compile one launch config for sm_90 and read its resources and instructions."""
     kernel = attention_triton._paged_attention_kernel
-    values = constexprs(launch, config, fp8, f16_dots, self_merge=self_merge)
+    values = constexprs(launch, config, fp8, f16_dots)
     cache = "*fp8e4nv" if fp8 else "*bf16"
     signature, consts, attrs = {}, {}, {}
     for index, name in enumerate(inspect.signature(kernel.fn).parameters):
@@ -82,12 +79,9 @@ def compile_launch(launch: str, config: dict[str, int], fp8: bool = False, f16_d
             signature[name] = "fp32" if name == "qk_scale" else "i32"
             if name in _ALIGNED_INTS:
                 attrs[(index,)] = [["tt.divisibility", 16]]
-    options = dict(num_warps=config["w"], num_stages=config["s"])
-    if maxnreg:
-        options["maxnreg"] = maxnreg
     compiled = triton.compile(
         ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs),
-        target=GPUTarget("cuda", 90, 32), options=options,
+        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=config["w"], num_stages=config["s"]),
     )
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
@@ -140,14 +134,10 @@ def main() -> None:
                         help="comma list: m<BLOCK_M>n<BLOCK_N>w<warps>s<stages> (chunk), n..w..s.. (decode)")
     parser.add_argument("--cache-dtype", choices=("bf16", "fp8"), default="bf16")
     parser.add_argument("--f16-dots", action="store_true", help="an FP8 cache's dots in float16")
-    parser.add_argument("--self-merge", action="store_true",
-                        help="decode launch split over the keys, its last split merging them")
-    parser.add_argument("--maxnreg", type=int, default=None, help="cap the registers a thread (ptxas)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead")
     args = parser.parse_args()
     fp8 = args.cache_dtype == "fp8"
-    rows = {name: compile_launch(args.launch, parse_config(name), fp8, args.f16_dots, args.self_merge,
-                                 args.maxnreg)
+    rows = {name: compile_launch(args.launch, parse_config(name), fp8, args.f16_dots)
             for name in args.configs.split(",")}
     if args.json:
         print(json.dumps({"triton": triton.__version__, "configs": rows}, indent=1))

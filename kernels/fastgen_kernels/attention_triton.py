@@ -113,60 +113,19 @@ def _attend_range(
 
 
 @triton.jit
-def _merge_if_last(
-    out_ptr, partial_out_ptr, partial_lse_ptr, counter_ptr, tokens, heads, rows, row_valid, active,
-    num_splits, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Count this split done; the last of ``num_splits`` merges the ``active`` splits' partials
-    (log-sum-exp weighted) into ``out`` and leaves the counter at 0 (CUDA graphs replay the launch
-    with the same counters)."""
-    tl.debug_barrier()  # every thread's partial stores are issued before the count says "done"
-    done = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    if done == num_splits - 1:
-        # addresses built here, not kept from the stores: a [rows, dims] pointer tensor held
-        # across the count would take ~32 registers a thread
-        offs_d = tl.arange(0, BLOCK_D)
-        mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
-        lse_rows = partial_lse_ptr + rows * stride_lt + heads * stride_lh
-        partial_rows = partial_out_ptr + (rows * stride_pt + heads * stride_ph)[:, None] + offs_d[None, :]
-        m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        total = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for other in tl.range(0, active, num_stages=1):  # no prefetch: registers stay free
-            # .cg: read the other programs' stores from L2, not a stale L1 line
-            lse = tl.load(lse_rows + other, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
-            part = tl.load(partial_rows + other * stride_ps, mask=mask, other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m, lse)
-            keep = tl.exp2(m - m_new)
-            weight = tl.exp2(lse - m_new)
-            total = total * keep + weight
-            acc = acc * keep[:, None] + weight[:, None] * part
-            m = m_new
-        result = acc / tl.where(total > 0, total, 1.0)[:, None]
-        tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 result.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
 def _attend_query_tile(
     query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
     block_table_ptr, q_start, q_len, local_tile, context_len, kv_head, split, num_splits, window,
     first_token, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
-    counter_ptr,
     GROUP: tl.constexpr, TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, F16_DOT: tl.constexpr, SELF_MERGE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, F16_DOT: tl.constexpr,
 ):
     """Attention of ``TOKENS`` query tokens x ``GROUP`` heads of one sequence (or one split of it).
 
     ``q_start`` is absolute (a row of ``query``/``out``); partial rows count from ``first_token``.
-    With ``SELF_MERGE`` (decodes), the splits that see keys store their partials, every split
-    counts itself done at ``counter_ptr``, and the last one merges them into ``out`` and resets the
-    counter to 0 for the next launch.
     """
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -224,20 +183,8 @@ def _attend_query_tile(
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         rows = tokens - first_token
         base = rows * stride_pt + heads * stride_ph + split * stride_ps
-        lse_at = partial_lse_ptr + rows * stride_lt + heads * stride_lh + split
-        if SELF_MERGE:
-            # splits past the last key (a context shorter than the launch was sized for) store
-            # nothing: the merge reads only the splits that see keys
-            active = tl.cdiv(kv_hi - span_lo, part)
-            if split < active:
-                tl.store(partial_out_ptr + base[:, None] + offs_d[None, :], result, mask=q_mask)
-                tl.store(lse_at, lse, mask=row_valid)
-            _merge_if_last(out_ptr, partial_out_ptr, partial_lse_ptr, counter_ptr, tokens, heads, rows,
-                           row_valid, active, num_splits, stride_pt, stride_ph, stride_ps, stride_lt,
-                           stride_lh, stride_ot, stride_oh, HEAD_DIM, BLOCK_M, BLOCK_D)
-        else:
-            tl.store(partial_out_ptr + base[:, None] + offs_d[None, :], result, mask=q_mask)
-            tl.store(lse_at, lse, mask=row_valid)
+        tl.store(partial_out_ptr + base[:, None] + offs_d[None, :], result, mask=q_mask)
+        tl.store(partial_lse_ptr + rows * stride_lt + heads * stride_lh + split, lse, mask=row_valid)
     else:
         result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i == 0 only on padding rows
         tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -248,20 +195,20 @@ def _attend_query_tile(
 # per alignment or divisibility class of theirs, in the middle of serving): the sequence tables are
 # views at any offset (suffix launches), the block-table width is the step's longest context, and
 # the split scratch's strides follow num_splits.
-@triton.jit(do_not_specialize=["query_start_ptr", "context_lens_ptr", "block_tables_ptr", "counters_ptr",
+@triton.jit(do_not_specialize=["query_start_ptr", "context_lens_ptr", "block_tables_ptr",
                                "num_seqs", "num_splits", "window", "stride_bt",
                                "stride_pt", "stride_ph", "stride_lt", "stride_lh"])
 def _paged_attention_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
-    query_start_ptr, context_lens_ptr, block_tables_ptr, counters_ptr,
+    query_start_ptr, context_lens_ptr, block_tables_ptr,
     num_seqs, num_splits, window, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_bt, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_M_DECODE: tl.constexpr, BLOCK_N_DECODE: tl.constexpr,
-    HAS_PREFILL: tl.constexpr, SPLIT: tl.constexpr, SELF_MERGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, F16_DOT: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_PREFILL: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    F16_DOT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Grid ``(slots, num_kv_heads, num_splits)``; see the module docstring."""
     pdl.enter(USE_PDL)
@@ -298,9 +245,9 @@ def _paged_attention_kernel(
                 block_table_ptr, q_start, q_len, local_tile, context_len, kv_head, split, num_splits,
                 window, first_token, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh,
                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, counters_ptr,
+                stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
                 GROUP, TOKENS, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_SIZE, SPLIT, DOT_PRECISION,
-                SOFTCAP, F16_DOT, False,
+                SOFTCAP, F16_DOT,
             )
         else:
             _attend_query_tile(
@@ -308,9 +255,9 @@ def _paged_attention_kernel(
                 block_table_ptr, q_start, q_len, local_tile, context_len, kv_head, split, num_splits,
                 window, first_token, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh,
                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, counters_ptr,
+                stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
                 GROUP, 1, BLOCK_M_DECODE, BLOCK_N_DECODE, HEAD_DIM, BLOCK_D, BLOCK_SIZE, SPLIT,
-                DOT_PRECISION, SOFTCAP, F16_DOT, False,
+                DOT_PRECISION, SOFTCAP, F16_DOT,
             )
     else:
         _attend_query_tile(
@@ -319,9 +266,8 @@ def _paged_attention_kernel(
             window, first_token, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh,
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
             stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
-            counters_ptr + seq * tl.num_programs(1) + kv_head,
             GROUP, 1, BLOCK_M_DECODE, BLOCK_N_DECODE, HEAD_DIM, BLOCK_D, BLOCK_SIZE, SPLIT,
-            DOT_PRECISION, SOFTCAP, F16_DOT, SELF_MERGE,
+            DOT_PRECISION, SOFTCAP, F16_DOT,
         )
 
 
@@ -403,9 +349,6 @@ def launch_config(
 
 
 DECODE_PROGRAMS_PER_SM = 4  # 114 registers x 4 warps at two stages (ptxas, sm_90, Triton 3.6): four fit
-# the count-and-merge tail of a split decode launch takes ptxas to 150 registers a thread (three
-# programs a multiprocessor); capped at 128, four fit again, with 16 bytes spilled (sm90_compile)
-SELF_MERGE_MAX_REGISTERS = 128
 
 
 def programs_per_sm(config: dict[str, int], has_prefill: bool) -> int:
@@ -485,30 +428,6 @@ def launch_num_splits(
     """`choose_num_splits` for a launch of ``config`` with ``num_programs`` programs a split."""
     return choose_num_splits(num_programs, max_context_len, device, decode_only=not has_prefill,
                              programs_per_sm=programs_per_sm(config, has_prefill))
-
-
-# Per device and stream, the split decodes' done-counters, all 0 between launches: a CUDA graph
-# keeps the address it captured, so a buffer outgrown is kept, never freed
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
-_OUTGROWN_COUNTERS: list[torch.Tensor] = []
-MIN_COUNTERS = 4096
-
-
-def _split_counters(device: torch.device, size: int) -> torch.Tensor | None:
-    """int32 zeros, at least ``size``, for the launches on ``device``'s current stream; ``None``
-    when they would have to grow during a CUDA graph capture (allocating there records a memset
-    into the graph and hands out the graph's private memory)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    counters = _COUNTERS.get((device, stream))
-    if counters is not None and counters.numel() >= size:
-        return counters
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    if counters is not None:
-        _OUTGROWN_COUNTERS.append(counters)
-    grown = max(MIN_COUNTERS, size, 2 * (0 if counters is None else counters.numel()))
-    _COUNTERS[(device, stream)] = counters = torch.zeros(grown, dtype=torch.int32, device=device)
-    return counters
 
 
 def _empty_partials(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -664,17 +583,13 @@ def _launch(
         partial_lse = _empty_partials((num_tokens, num_heads, num_splits), query.device)
     else:
         partial_out = partial_lse = out  # unused placeholders
-    # split decodes merge in the launch itself (one kernel less a layer); split chunks keep the
-    # merge kernel, as does a graph capture that would have to allocate counters
-    counters = _split_counters(query.device, num_slots * num_kv_heads) if split and not has_prefill else None
-    self_merge = counters is not None
     block_d = max(16, triton.next_power_of_2(head_dim))
     window = NO_WINDOW if sliding_window is None else int(sliding_window)
     grid = (num_slots, num_kv_heads, num_splits)
     options = pdl.launch_options(query.device)
     _paged_attention_kernel[grid](
         query, key_cache, value_cache, out, partial_out, partial_lse,
-        query_start, context_lens, block_tables, counters if self_merge else context_lens,
+        query_start, context_lens, block_tables,
         num_seqs, num_splits, window, scale * math.log2(math.e),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
@@ -685,14 +600,13 @@ def _launch(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         TOKENS=tokens_per_tile, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         BLOCK_M_DECODE=config["BLOCK_M_DECODE"], BLOCK_N_DECODE=config["BLOCK_N_DECODE"],
-        HAS_PREFILL=has_prefill, SPLIT=split, SELF_MERGE=self_merge,
+        HAS_PREFILL=has_prefill, SPLIT=split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", SOFTCAP=float(softcap or 0.0),
         F16_DOT=config["fp8_f16_dot"] and key_cache.element_size() == 1 and query.dtype == torch.bfloat16,
         num_warps=config["num_warps_prefill" if has_prefill else "num_warps_decode"],
         num_stages=config["num_stages" if has_prefill else "num_stages_decode"], **options,
-        **({"maxnreg": SELF_MERGE_MAX_REGISTERS} if self_merge else {}),
     )
-    if split and not self_merge:
+    if split:
         _merge_splits_kernel[(num_tokens, num_heads)](
             partial_out, partial_lse, out, query_start, num_seqs, num_splits,
             *partial_out.stride()[:3], *partial_lse.stride()[:2], out.stride(0), out.stride(1),

@@ -214,17 +214,6 @@ def test_split_kv_decode(num_splits, device, seed) -> None:
     check(specs, 7, 1, 96, 32, torch.float16, device, num_splits=num_splits, sliding_window=50)
 
 
-def test_split_decodes_merge_in_their_launch(device, monkeypatch, seed) -> None:
-    """Split decodes need no merge kernel: the last split of a sequence and KV head to finish merges
-    the splits that saw keys, and leaves its counter at 0 for the next launch (a CUDA graph replays
-    the launch with the same counters)."""
-    monkeypatch.setattr(attention_triton, "_merge_splits_kernel", None)  # a launch of it would raise
-    for _ in range(2):
-        check([(1, 300), (1, 5), (1, 129)], 8, 2, 64, 16, torch.float32, device, num_splits=7)
-        check([(1, 40)], 4, 4, 64, 16, torch.float16, device, num_splits=64)  # 61 splits see no key
-    assert not attention_triton._split_counters(device, 1).any()
-
-
 def test_split_kv_mixed(small_tiles, device, seed) -> None:
     specs = [(1, 200), (40, 90), (1, 3), (20, 20)]
     check(specs, 4, 2, 64, 16, torch.float16, device, num_splits=3)
