@@ -5,9 +5,12 @@ small-batch kernel (``fastgen.kernels.gemv``), on the GPU machine.
     python benchmarks/gemv.py --out benchmarks/results    # also gemv-<device>-<date>.md there
     python benchmarks/gemv.py --variants             # also the grid of kernel variants
 
-Weights are bf16 [N, K] (nn.Linear layout), x [M, K] bf16, no bias. The weights are the only
-large traffic, so the figure of merit is GB/s of weight reads, next to the device-to-device copy
-bandwidth of a 1 GiB tensor measured in the same run (bytes read + written).
+Weights are bf16 [N, K] (nn.Linear layout), x [M, K] bf16, no bias; with ``--fp8`` the Triton
+kernel reads e4m3 weights with a float32 scale per row (``quantization="fp8"``), cuBLAS still
+the bf16 ones (the matmul they replace), and ``--variants`` adds tile shapes and pipeline depths.
+The weights are the only large traffic, so the figure of merit is GB/s of weight reads, next to
+the device-to-device copy bandwidth of a 1 GiB tensor measured in the same run (bytes read +
+written).
 
 Per matmul: the median of per-call CUDA-event times over many calls after a warm-up; each batch
 of calls is queued behind a GPU sleep so host launch cost stays out of the events, and the calls
@@ -49,19 +52,44 @@ LM_HEAD_COPIES = 3
 CALLS_PER_BATCH = 50
 BATCH_SLEEP_MS = 20.0  # covers the host time of queueing a batch (<= 400 us a call)
 
-Call = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+FP8 = torch.float8_e4m3fn
 
 
-def cublas(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, weight)
+@dataclass
+class Weight:
+    """One matrix: bf16, and (with ``--fp8``) its e4m3 copy with a float32 scale per row."""
+
+    bf16: torch.Tensor
+    fp8: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+
+    @property
+    def kernel_weight(self) -> torch.Tensor:
+        return self.bf16 if self.fp8 is None else self.fp8
+
+    def dequantized(self) -> torch.Tensor:
+        return self.bf16.float() if self.fp8 is None else self.fp8.float() * self.scale
+
+    def quantize(self) -> None:
+        largest = self.bf16.float().abs().amax(dim=1, keepdim=True)
+        self.scale = (largest / torch.finfo(FP8).max).clamp(min=1e-12)
+        self.fp8 = (self.bf16.float() / self.scale).to(FP8)
 
 
-def triton_rule(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return gemv.linear_small_batch_triton(x, weight)
+Call = Callable[[torch.Tensor, Weight], torch.Tensor]
+
+
+def cublas(x: torch.Tensor, weight: Weight) -> torch.Tensor:
+    return F.linear(x, weight.bf16)
+
+
+def triton_rule(x: torch.Tensor, weight: Weight) -> torch.Tensor:
+    return gemv.linear_small_batch_triton(x, weight.kernel_weight, weight_scale=weight.scale)
 
 
 def triton_with(config: GemvConfig) -> Call:
-    return lambda x, weight: gemv.linear_small_batch_with_config(x, weight, None, None, config)
+    return lambda x, weight: gemv.linear_small_batch_with_config(
+        x, weight.kernel_weight, None, None, config, weight.scale)
 
 
 class Timer:
@@ -109,19 +137,22 @@ def copy_gb_per_s(timer: Timer) -> float:
     return 2 * (1 << 30) / copy_us / 1e3
 
 
-def make_weights() -> dict[str, list[torch.Tensor]]:
+def make_weights(fp8: bool) -> dict[str, list[Weight]]:
     """Each layer's four matrices (distinct memory, as in a real model) and LM-head copies."""
-    weights: dict[str, list[torch.Tensor]] = {name: [] for name in SHAPES}
+    weights: dict[str, list[Weight]] = {name: [] for name in SHAPES}
     for name, (n, k) in SHAPES.items():
         copies = LM_HEAD_COPIES if name in LM_HEAD else NUM_LAYERS
         for _ in range(copies):
-            weights[name].append(torch.empty(n, k, dtype=DTYPE, device="cuda").normal_(0.0, 0.02))
+            weight = Weight(torch.empty(n, k, dtype=DTYPE, device="cuda").normal_(0.0, 0.02))
+            if fp8:
+                weight.quantize()
+            weights[name].append(weight)
     return weights
 
 
-def check(x: torch.Tensor, weight: torch.Tensor, call: Call) -> float:
-    """Relative error of ``call`` against float32 math on the same bf16 inputs (must be < 1e-2)."""
-    exact = F.linear(x.float(), weight.float())
+def check(x: torch.Tensor, weight: Weight, call: Call) -> float:
+    """Relative error of ``call`` against float32 math on the same inputs (must be < 1e-2)."""
+    exact = F.linear(x.float(), weight.dequantized())
     error = float((call(x, weight).float() - exact).norm() / exact.norm())
     if not error < 1e-2:
         raise AssertionError(f"wrong result: relative error {error:.3g}")
@@ -165,14 +196,23 @@ def replay_us(graph: torch.cuda.CUDAGraph, reps: int = 20) -> float:
     return statistics.median(times_ms) * 1e3
 
 
-def variant_configs(m: int, n: int, k: int, num_sms: int, grid: bool) -> dict[str, GemvConfig]:
-    rule = gemv.choose_config(m, n, k, num_sms)
+def variant_configs(m: int, n: int, k: int, num_sms: int, grid: bool, weight_bytes: int = 2
+                    ) -> dict[str, GemvConfig]:
+    rule = gemv.choose_config(m, n, k, num_sms, weight_bytes=weight_bytes)
     found = {"rule": rule}
     if rule.split_k > 1:
         found["rule, two-pass"] = replace(rule, atomic_reduce=False)
-    other = gemv.choose_config(m, n, k, num_sms, use_dot=not rule.use_dot)
+    other = gemv.choose_config(m, n, k, num_sms, use_dot=not rule.use_dot, weight_bytes=weight_bytes)
     found["other path"] = other
-    if grid:
+    if grid and weight_bytes == 1:  # the FP8 tiles were never swept: shapes and pipeline depths
+        for block_n, block_k in ((rule.block_n // 2, rule.block_k * 2), (rule.block_n, rule.block_k),
+                                 (rule.block_n * 2, rule.block_k // 2)):
+            for stages in (3, 4, 6):
+                for split in (1, 2):
+                    config = replace(rule, block_n=block_n, block_k=block_k, num_stages=stages, split_k=split)
+                    if triton.cdiv(k, block_k) // split >= 2 and config not in found.values():
+                        found[describe(config)] = config
+    elif grid:
         block_m = triton.next_power_of_2(m)
         for use_dot in (False, True):
             block_n, block_k = gemv.path_tile(block_m, use_dot)
@@ -205,8 +245,9 @@ class Row:
 
 
 class Report:
-    def __init__(self, copy_bw: float, reps: int) -> None:
+    def __init__(self, copy_bw: float, reps: int, element: int = 2) -> None:
         self.copy_bw = copy_bw
+        self.element = element  # bytes of a weight element the Triton kernel reads
         self.reps = reps
         self.rows: list[Row] = []
         self.variant_lines: list[str] = []
@@ -216,14 +257,15 @@ class Report:
         return f"{100 * gbps / self.copy_bw:.0f}"
 
 
-def time_matmuls(report: Report, timer: Timer, weights: dict[str, list[torch.Tensor]],
+def time_matmuls(report: Report, timer: Timer, weights: dict[str, list[Weight]],
                  xs: dict[int, torch.Tensor], m: int, num_sms: int, grid: bool) -> None:
     """Per-matmul rows (cuBLAS and the rule's Triton launch) and the variant lines of one M."""
     for name, (n, k) in SHAPES.items():
         x, ws = xs[k], weights[name]
-        weight_bytes = n * k * 2
+        element = ws[0].kernel_weight.element_size()
+        weight_bytes = n * k * element
         row = Row(name, m, timer.median_us(cublas, x, ws, report.reps), None,
-                  describe(gemv.choose_config(m, n, k, num_sms)))
+                  describe(gemv.choose_config(m, n, k, num_sms, weight_bytes=element)))
         try:
             check(x, ws[0], triton_rule)
             row.triton_us = timer.median_us(triton_rule, x, ws, report.reps)
@@ -231,7 +273,7 @@ def time_matmuls(report: Report, timer: Timer, weights: dict[str, list[torch.Ten
             traceback.print_exc()
             row.error = type(error).__name__
         report.rows.append(row)
-        for label, config in variant_configs(m, n, k, num_sms, grid).items():
+        for label, config in variant_configs(m, n, k, num_sms, grid, element).items():
             try:
                 call = triton_with(config)
                 check(x, ws[0], call)
@@ -255,7 +297,7 @@ def step_sum(rows: dict[str, Row], pick: Callable[[Row], float | None]) -> float
     return (NUM_LAYERS * sum(values[n] for n in LAYER) + sum(values[n] for n in LM_HEAD)) / 1e3
 
 
-def time_step(report: Report, weights: dict[str, list[torch.Tensor]], xs: dict[int, torch.Tensor],
+def time_step(report: Report, weights: dict[str, list[Weight]], xs: dict[int, torch.Tensor],
               m: int, step_bytes: int) -> None:
     rows = {r.name: r for r in report.rows if r.m == m}
     sums = {
@@ -275,14 +317,14 @@ def time_step(report: Report, weights: dict[str, list[torch.Tensor]], xs: dict[i
     def ms(value: float | None) -> str:
         return "error" if value is None else f"{value:.3f}"
 
-    def gbps(value: float | None) -> str:
-        return "" if value is None else f"{step_bytes / value / 1e6:.0f}"
+    def gbps(value: float | None, element: int) -> str:
+        return "" if value is None else f"{step_bytes * element / report.element / value / 1e6:.0f}"
 
     ratio = f"{graphs['cublas'] / graphs['triton']:.2f}" if graphs["cublas"] and graphs["triton"] else ""
     report.step_lines.append(
         f"| {m} | {ms(sums['cublas'])} | {ms(sums['triton'])} | {ms(sums['best'])} | "
-        f"{ms(graphs['cublas'])} ({gbps(graphs['cublas'])}) | {ms(graphs['triton'])} "
-        f"({gbps(graphs['triton'])}) | {ratio} |")
+        f"{ms(graphs['cublas'])} ({gbps(graphs['cublas'], 2)}) | {ms(graphs['triton'])} "
+        f"({gbps(graphs['triton'], report.element)}) | {ratio} |")
 
 
 def render(report: Report, header: str) -> str:
@@ -294,7 +336,7 @@ def render(report: Report, header: str) -> str:
         if r.triton_us is None:
             triton_cells = f"{r.error} | | | "
         else:
-            triton_gbps = n * k * 2 / r.triton_us / 1e3
+            triton_gbps = n * k * report.element / r.triton_us / 1e3
             triton_cells = (f"{r.triton_us:.1f} | {triton_gbps:.0f} | {report.pct(triton_gbps)} | "
                             f"{r.cublas_us / r.triton_us:.2f}")
         lines.append(f"| {r.name} | {n} x {k} | {r.m} | {r.cublas_us:.1f} | {cublas_gbps:.0f} | "
@@ -316,6 +358,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,2,4,8", help="values of M")
     parser.add_argument("--reps", type=int, default=200, help="timed calls per matmul")
     parser.add_argument("--variants", action="store_true", help="also the grid of splits x paths")
+    parser.add_argument("--fp8", action="store_true", help="Triton on e4m3 weights, scaled per row")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/gemv.py needs a CUDA GPU")
@@ -323,9 +366,11 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     num_sms = props.multi_processor_count
     timer = Timer()
-    report = Report(copy_gb_per_s(timer), args.reps)
-    weights = make_weights()
-    step_bytes = sum(n * k * 2 * (NUM_LAYERS if name in LAYER else 1) for name, (n, k) in SHAPES.items())
+    element = 1 if args.fp8 else 2
+    report = Report(copy_gb_per_s(timer), args.reps, element)
+    weights = make_weights(args.fp8)
+    step_bytes = sum(n * k * element * (NUM_LAYERS if name in LAYER else 1)
+                     for name, (n, k) in SHAPES.items())
     for m in [int(v) for v in args.rows.split(",")]:
         xs = {k: torch.randn(m, k, dtype=DTYPE, device="cuda") for k in {k for _, k in SHAPES.values()}}
         time_matmuls(report, timer, weights, xs, m, num_sms, args.variants)
@@ -340,7 +385,7 @@ def main() -> None:
         f"command: python {' '.join(sys.argv)}\n"
         f"ceiling: device copy {report.copy_bw:.0f} GB/s (1 GiB, read + write); medians of {args.reps} "
         f"calls; decode step = {NUM_LAYERS} x (qkv, o_proj, gate_up, down) + lm_head = "
-        f"{step_bytes / 1e9:.2f} GB of bf16 weights"
+        f"{step_bytes / 1e9:.2f} GB of {'e4m3' if args.fp8 else 'bf16'} weights (Triton; cuBLAS reads bf16)"
     )
     text = render(report, header)
     print(text)
@@ -348,7 +393,7 @@ def main() -> None:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-        path = out_dir / f"gemv-{slug}-{date}.md"
+        path = out_dir / f"gemv-{slug}-{date}{'-fp8' if args.fp8 else ''}.md"
         path.write_text(text)
         print(f"wrote {path}")
 
