@@ -292,7 +292,7 @@ def path_tile(block_m: int, use_dot: bool, weight_bytes: int = 2) -> tuple[int, 
     return {1: 16, 2: 16, 4: 8, 8: 4}[block_m], 256 * widen
 
 
-MIN_K_PER_SPLIT_FULL_GRID = 4096
+MIN_SPLIT_ROW_BYTES = 8192
 
 
 def choose_config(
@@ -306,8 +306,9 @@ def choose_config(
       streams from two tiles and one program's pipeline ramp hides behind another's loads),
       at most 8 ways, keeping >= 4 K steps per split so the pipeline reaches steady state.
       On the CUDA cores, a grid with a program on every SM already splits only where each split
-      keeps `MIN_K_PER_SPLIT_FULL_GRID` of K (Llama-2-7B at M = 1: o_proj, K = 4096, runs unsplit,
-      down, K = 11008, in two; benchmarks/NOTES-kernels.md, "GEMV split rule").
+      keeps `MIN_SPLIT_ROW_BYTES` of every weight row (Llama-2-7B at M = 1: o_proj, K = 4096,
+      runs unsplit, down, K = 11008, in two with bf16 weights and unsplit with e4m3 ones;
+      benchmarks/NOTES-kernels.md, "GEMV split rule").
     """
     block_m = triton.next_power_of_2(max(m, 1))
     if use_dot is None:
@@ -317,7 +318,7 @@ def choose_config(
     k_steps = triton.cdiv(k, block_k)
     split_k = 1
     while tiles * split_k < 2 * num_sms and split_k < 8 and k_steps // (2 * split_k) >= 4:
-        if not use_dot and tiles >= num_sms and k // (2 * split_k) < MIN_K_PER_SPLIT_FULL_GRID:
+        if not use_dot and tiles >= num_sms and k * weight_bytes // (2 * split_k) < MIN_SPLIT_ROW_BYTES:
             break
         split_k *= 2
     return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k, use_dot=use_dot)
