@@ -12,6 +12,7 @@ against two launches (the decodes, then the chunk), and those two one after the 
 both at once on two streams.
 
     python -m benchmarks.step_profile [--shape llama3-8b] [--decodes 80] [--budget 768] [--attention-only]
+    python -m benchmarks.step_profile --decode-only --quantization fp8   # the batch-1 step, FP8 weights
 """
 
 from __future__ import annotations
@@ -162,6 +163,8 @@ def profile_runner(runner: ModelRunner, args, matmul_flops_per_s: float, results
     results["decode_b1"] = dict(wall_ms=wall * 1e3, **kernel_breakdown(step, repeats=5))
     show("batch-1 decode (CUDA graph)", wall, results["decode_b1"])
     runner.execute(StepPlan(1 << 20, [0], [], []))
+    if args.decode_only:
+        return
 
     # (b) offline-like mixed step
     decodes, budget = args.decodes, args.budget
@@ -339,8 +342,10 @@ def main() -> None:
     parser.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
     parser.add_argument("--decodes", type=int, default=80)
     parser.add_argument("--budget", type=int, default=768)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="a JSON file for the figures")
     parser.add_argument("--attention-only", action="store_true", help="only the mixed step's attention")
+    parser.add_argument("--decode-only", action="store_true", help="only the batch-1 decode step")
+    parser.add_argument("--quantization", default=None, choices=["fp8"], help="FP8 linear weights")
     args = parser.parse_args()
     bandwidth = copy_bandwidth_bytes_per_s()
     flops = matmul_rate()
@@ -348,13 +353,15 @@ def main() -> None:
     print(f"{name}: copy {bandwidth / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s")
     results: dict = {"device": name, "shape": args.shape, "copy_tb_s": bandwidth / 1e12,
                      "matmul_tflops": flops / 1e12}
-    attention_split(args, bandwidth, results)
+    if not args.decode_only:
+        attention_split(args, bandwidth, results)
     if not args.attention_only:
         with tempfile.TemporaryDirectory() as tmp:
             path = write_config(Path(tmp), args.shape)
-            blocks = (args.decodes + 1) * 84 + -(-(CHUNK_PREFIX + args.budget) // 16) + 200
+            decodes = 0 if args.decode_only else args.decodes + 1
+            blocks = decodes * 84 + -(-(CHUNK_PREFIX + args.budget) // 16) + 200
             config = EngineConfig(load_format="dummy", num_kv_blocks=blocks, cuda_graphs=True, max_seqs=256,
-                                  token_budget=2048)
+                                  token_budget=2048, quantization=args.quantization)
             model_config = ModelConfig.from_pretrained(path)
             try:
                 runner = ModelRunner(None, config, model_config, 4096)
