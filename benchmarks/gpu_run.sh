@@ -72,7 +72,7 @@ for phase in "$@"; do
              # In GPU_TEST_PATHS name tests/kernels files before top-level ones: listed after them, they
              # errored at setup with "fixture 'seed' not found" (pytest-xdist, session 14)
              # -v names every finished test in the log; SIGINT at the limit still prints the summary
-             timeout -s INT "${TESTS_TIMEOUT_S:-420}" python3 -m pytest -m gpu -v -p no:cacheprovider \
+             timeout -s INT "${TESTS_TIMEOUT_S:-500}" python3 -m pytest -m gpu -v -p no:cacheprovider \
                -n "${GPU_TEST_WORKERS:-8}" -o faulthandler_timeout=240 --durations=12 --tb="${GPU_TEST_TB:-short}" \
                ${GPU_TEST_PATHS:-tests/kernels tests/test_gpu_engine.py \
                tests/test_fp8.py tests/test_gpu_stalls.py tests/test_fusions.py tests/test_fused_linears.py \

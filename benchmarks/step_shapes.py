@@ -2,11 +2,12 @@
 for every sample (no model, no GPU), so the kernel work can be sized before device time is spent.
 
 Per step: the decodes, the prompt tokens and the prompt chunks it carries. Reported: the steps by
-kind, decodes per step, prompt tokens per mixed step, and the decode attention launch's rounds of
-resident programs (decodes x KV heads programs, `PROGRAMS_PER_SM` on each of ``--sms``
-multiprocessors): a launch whose last round is nearly empty reads memory at a fraction of the
-copy rate for that round (benchmarks/NOTES-engine.md, session 14). The modelled efficiency counts
-a partial last round as ``max(SATURATING_ROUND, its fill)`` of a full one.
+kind, decodes per step, prompt tokens per mixed step, and the decode attention launch as the kernel
+splits it (decodes x KV heads programs, `attention_triton.DECODE_PROGRAMS_PER_SM` on each of
+``--sms`` multiprocessors; contexts long enough for any split): its modelled efficiency is the work
+of its programs over the kernel's own `attention_triton.round_cost` (a partly filled last round
+costs at least `attention_triton.PARTIAL_ROUND_COST` of a full one; benchmarks/NOTES-engine.md,
+sessions 14-15).
 
     python -m benchmarks.step_shapes [--workload 1200-128] [--requests 512] [--token-budget 2048]
 """
@@ -18,6 +19,7 @@ import collections
 import statistics
 from dataclasses import dataclass
 
+from fastgen.kernels import attention_triton
 from tqdm import tqdm
 
 from benchmarks.workloads import WorkloadStream, parse_workload
@@ -27,8 +29,7 @@ from fastgen.sampling_params import SamplingParams
 from fastgen.scheduler import Scheduler
 from fastgen.sequence import Sequence
 
-PROGRAMS_PER_SM = 4  # decode attention programs resident on a multiprocessor (attention_triton)
-SATURATING_ROUND = 0.55  # share of a round's programs that reads memory at the full rate
+LONG_CONTEXT = 1 << 20  # decode contexts taken long enough for any split count
 SAMPLE = 5  # the token every sample returns (not an end-of-sequence id)
 
 
@@ -68,23 +69,14 @@ def simulate(
     return shapes
 
 
-def decode_rounds(decodes: int, kv_heads: int, sms: int) -> float:
-    """Rounds of resident programs the decode attention launch of ``decodes`` sequences runs when
-    only a launch of at most a quarter round splits, to fill one (the contexts taken long enough
-    for that). `attention_triton.choose_num_splits` now also splits larger launches to fill their
-    last round (`balanced_splits`, with its own cost constants): not modelled here."""
-    resident = PROGRAMS_PER_SM * sms
+def decode_launch(decodes: int, kv_heads: int, sms: int) -> tuple[int, float]:
+    """The split count the kernel picks for the decode attention launch of ``decodes`` sequences,
+    and the launch's modelled efficiency: its programs' work in whole rounds over its
+    `attention_triton.round_cost`."""
+    resident = attention_triton.DECODE_PROGRAMS_PER_SM * sms
     programs = decodes * kv_heads
-    splits = max(1, resident // programs) if 0 < 4 * programs <= resident else 1
-    return programs * splits / resident
-
-
-def modelled_efficiency(rounds: float) -> float:
-    """Work over time of a launch of ``rounds`` rounds when a partial last round costs
-    ``max(SATURATING_ROUND, fill)`` of a full one."""
-    full, fill = divmod(rounds, 1.0)
-    time = full + (max(SATURATING_ROUND, fill) if fill > 1e-9 else 0.0)
-    return rounds / time if time else 1.0
+    splits = attention_triton.splits_for(programs, LONG_CONTEXT, resident)
+    return splits, programs / resident / attention_triton.round_cost(programs, splits, resident)
 
 
 def report(shapes: list[StepShape], kv_heads: int, sms: int) -> str:
@@ -107,19 +99,21 @@ def report(shapes: list[StepShape], kv_heads: int, sms: int) -> str:
         )
     with_decodes = [s for s in shapes if s.decodes]
     if with_decodes:
-        weighted = sum(s.decodes * modelled_efficiency(decode_rounds(s.decodes, kv_heads, sms))
+        weighted = sum(s.decodes * decode_launch(s.decodes, kv_heads, sms)[1]
                        for s in with_decodes) / sum(s.decodes for s in with_decodes)
-        lines.append(f"- decode attention launches ({kv_heads} KV heads, {sms} SMs x {PROGRAMS_PER_SM}): "
-                     f"modelled efficiency {weighted:.0%}, weighted by decodes")
-    lines += ["", "| decodes a step | steps | rounds of resident programs | modelled efficiency |",
-              "|---|---|---|---|"]
+        lines.append(f"- decode attention launches ({kv_heads} KV heads, {sms} SMs x "
+                     f"{attention_triton.DECODE_PROGRAMS_PER_SM}): modelled efficiency {weighted:.0%}, "
+                     "weighted by decodes")
+    lines += ["", "| decodes a step | steps | rounds of resident programs unsplit | splits | "
+              "modelled efficiency |", "|---|---|---|---|---|"]
     width = 32
     bins = collections.Counter(s.decodes // width for s in shapes)
     for low in sorted(bins):
         middle = low * width + width // 2
-        rounds = decode_rounds(middle, kv_heads, sms)
+        rounds = middle * kv_heads / (attention_triton.DECODE_PROGRAMS_PER_SM * sms)
+        splits, efficiency = decode_launch(middle, kv_heads, sms)
         label = f"{low * width}-{low * width + width - 1}"
-        lines.append(f"| {label} | {bins[low]} | {rounds:.2f} | {modelled_efficiency(rounds):.0%} |")
+        lines.append(f"| {label} | {bins[low]} | {rounds:.2f} | {splits} | {efficiency:.0%} |")
     return "\n".join(lines) + "\n"
 
 

@@ -727,11 +727,13 @@ def test_step_shapes_simulates_the_scheduler_to_the_end_and_models_decode_rounds
     assert sum(s.decodes for s in shapes) == sum(n - 1 for n in new_tokens)
     assert all(0 < s.decodes + s.prompt_tokens <= 64 and s.decodes <= 4 for s in shapes)
     assert any(s.decodes and s.prompt_tokens for s in shapes)  # Dynamic SplitFuse mixes them
-    # 528 resident programs (132 SMs x 4): 66 decodes x 8 heads fill one round exactly; 75 run
-    # 1.14 rounds, the last at 0.55 of a round's rate; 16 decodes (a quarter round) split to fill
-    assert step_shapes.decode_rounds(66, 8, 132) == 1.0
-    assert step_shapes.modelled_efficiency(step_shapes.decode_rounds(66, 8, 132)) == 1.0
-    assert abs(step_shapes.modelled_efficiency(600 / 528) - (600 / 528) / 1.55) < 1e-9
-    assert step_shapes.decode_rounds(16, 8, 132) == 128 * 4 / 528
+    # 528 resident programs (132 SMs x 4): 66 decodes x 8 heads fill one round exactly (unsplit);
+    # 75 (1.14 rounds) split 4 ways: 4.55 rounds of quarter-length programs, the last at its 0.65
+    # floor, plus the split's 5%; 16 decodes (a quarter round) split 4 ways to fill one round
+    assert step_shapes.decode_launch(66, 8, 132) == (1, 1.0)
+    splits, efficiency = step_shapes.decode_launch(75, 8, 132)
+    assert splits == 4 and abs(efficiency - (600 / 528) / (4.65 / 4 * 1.05)) < 1e-9
+    splits, efficiency = step_shapes.decode_launch(16, 8, 132)
+    assert splits == 4 and abs(efficiency - (128 / 528) / (512 / 528 / 4 * 1.05)) < 1e-9
     report = step_shapes.report(shapes, kv_heads=8, sms=132)
     assert f"- steps: {len(shapes)} (" in report and "| decodes a step |" in report

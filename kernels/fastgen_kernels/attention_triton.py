@@ -375,17 +375,36 @@ MAX_BALANCED_SPLITS = 4
 KEYS_PER_BALANCED_SPLIT = 256
 
 
+def round_cost(num_programs: int, splits: int, resident: int) -> float:
+    """Time of a decode-only launch of ``num_programs`` programs a split in ``splits`` splits, in
+    rounds of ``resident`` programs over whole contexts: each split program reads ``1 / splits`` of
+    the keys, a partly filled last round costs at least `PARTIAL_ROUND_COST` of a full one, and a
+    split launch pays `SPLIT_COST` for its merge and repeated query loads."""
+    full, rest = divmod(num_programs * splits, resident)
+    rounds = full + (max(PARTIAL_ROUND_COST, rest / resident) if rest else 0.0)
+    return rounds / splits * (1.0 + SPLIT_COST * (splits > 1))
+
+
 def balanced_splits(num_programs: int, resident: int, max_splits: int) -> int:
-    """The split count, up to ``max_splits``, whose rounds of ``resident`` programs cost least:
-    a split launch runs ``splits`` times the programs on ``1 / splits`` of the keys each, and its
-    last round, partly filled, costs at least `PARTIAL_ROUND_COST` of a full one."""
+    """The split count, up to ``max_splits``, of least `round_cost`."""
+    return min(range(1, max(1, max_splits) + 1),
+               key=lambda splits: (round_cost(num_programs, splits, resident), splits))
 
-    def cost(splits: int) -> float:
-        full, rest = divmod(num_programs * splits, resident)
-        rounds = full + (max(PARTIAL_ROUND_COST, rest / resident) if rest else 0.0)
-        return rounds / splits * (1.0 + SPLIT_COST * (splits > 1))
 
-    return min(range(1, max(1, max_splits) + 1), key=lambda splits: (cost(splits), splits))
+def splits_for(num_programs: int, max_context_len: int, resident: int, decode_only: bool = True) -> int:
+    """`choose_num_splits` for ``resident`` programs a round (a device's multiprocessors times the
+    programs each holds)."""
+    if decode_only:
+        if 4 * num_programs > resident:
+            return balanced_splits(num_programs, resident, min(
+                MAX_BALANCED_SPLITS, max_context_len // KEYS_PER_BALANCED_SPLIT))
+        keys_per_split = 64
+    elif max_context_len <= 512:
+        return 1
+    else:
+        keys_per_split = 256
+    wanted = resident // num_programs
+    return max(1, min(wanted, triton.cdiv(max_context_len, keys_per_split), MAX_SPLITS))
 
 
 def choose_num_splits(
@@ -408,18 +427,8 @@ def choose_num_splits(
     last round costs less than the merge's extra pass and the split programs' repeated query loads
     (measured per launch and shape in benchmarks/NOTES-kernels.md, "Attention launch sweeps").
     """
-    resident = programs_per_sm * _multiprocessor_count(device)
-    if decode_only:
-        if 4 * num_programs > resident:
-            return balanced_splits(num_programs, resident, min(
-                MAX_BALANCED_SPLITS, max_context_len // KEYS_PER_BALANCED_SPLIT))
-        keys_per_split = 64
-    elif max_context_len <= 512:
-        return 1
-    else:
-        keys_per_split = 256
-    wanted = resident // num_programs
-    return max(1, min(wanted, triton.cdiv(max_context_len, keys_per_split), MAX_SPLITS))
+    return splits_for(num_programs, max_context_len, programs_per_sm * _multiprocessor_count(device),
+                      decode_only)
 
 
 def launch_num_splits(
