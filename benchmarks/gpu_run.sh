@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_run.sh tests decode
 # phases: pdl (decode step with and without programmatic dependent launch), tests (needs the pytest-xdist and execnet wheels in .whl; GPU_TEST_PATHS picks files, GPU_TEST_TB the traceback style), enginetests, kernels, decode, gemv, sweep (attention launch parameters), profile, overhead, serving, async (batch-1 decode with
 # and without asynchronous scheduling), prefix (a closed loop with and without a shared prompt prefix),
+# b1profile (the batch-1 step's kernels, bf16 and FP8, both shapes; the FP8 step with each fusion off),
 # fusions (issue 13: the decode step with each fused kernel turned off in turn;
 # FUSIONS_ARGS, e.g. "--shape llama3-8b"), fp8 (batch-1 decode and the offline run with FP8 weights), kvfp8 (the same with an FP8 KV cache,
 # with bf16 and with FP8 weights, and the latter at a 2048-token budget), ab (batch-1 decode and the offline
@@ -119,6 +120,18 @@ for phase in "$@"; do
                --offline-requests 512 --skip-peer --time-limit-s 200 --kv-cache-dtype fp8 $extra --out "$D" 2>&1 \
                | tee -a "$D/kvfp8.log" | grep -E "engine:|batch-1 decode tok|^\| fastgen|Roofline"
            done ;;
+    b1profile) # the batch-1 decode step kernel by kernel, bf16 and FP8 weights, both shapes; then the
+               # FP8 step with each fusion off in turn (is the fixed cost beside FP8 matmuls the fusions'?)
+               for shape in llama2-7b llama3-8b; do
+                 for quant in "" "--quantization fp8"; do
+                   echo "--- $shape ${quant:-bf16}"
+                   timeout 150 python3 -m benchmarks.step_profile --shape "$shape" --decode-only $quant \
+                     --out "$D/step_profile-b1-$shape${quant:+-fp8}.json" 2>&1 | tee -a "$D/b1profile.log" | tail -14
+                 done
+               done
+               timeout "${FUSIONS_TIMEOUT_S:-300}" python3 benchmarks/decode_step.py --graphs on --batches 1 \
+                 --quantization fp8 --fusions-off "",gated_down,norm_linear,rotary_kv,all --out "$D" 2>&1 \
+                 | tee -a "$D/b1profile.log" | tail -10 ;;
     fibuild) FIBUILD_LOG="$OUT/flashinfer_build.log"
              if [ -n "${PACK:-}" ]; then mkdir -p "$OUT/_work/flashinfer"; FIBUILD_LOG="$OUT/_work/flashinfer/build.log"; fi
              timeout 420 nice -n 19 env MAX_JOBS=8 python3 benchmarks/flashinfer_peer.py --compile-only \
