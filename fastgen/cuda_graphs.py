@@ -3,8 +3,11 @@
 A decode step launches a few hundred small kernels; replaying a captured graph removes their
 launch cost. Graphs are captured once per padded batch size over static input buffers; a step's
 inputs are copied into the buffers and the graph of the next larger size is replayed. Padding
-rows write no KV (slot -1) and their logits are dropped. Attention is captured with
-``max_context_len = max_model_len``, so its launch shape (split-KV count) fits every replay.
+rows write no KV (slot -1) and their logits are dropped. Attention is captured with a
+``max_context_len`` that its launch shape (split-KV count) must fit: ``max_model_len``, and for
+batches of up to `BUCKETED_BATCH` rows also the shorter `CONTEXT_BUCKETS`, so that a short context
+is not split for the longest one (one sequence of Llama-3-8B in 64 splits where 8 see its keys); a
+step replays the graph of its padded size and of the shortest bucket that holds its contexts.
 """
 
 from __future__ import annotations
@@ -21,6 +24,27 @@ from fastgen.batch import HostBatch, upload_int_lists
 from fastgen.layers.attention import ForwardBatch
 
 logger = logging.getLogger(__name__)
+
+
+BUCKETED_BATCH = 8  # batches up to here get a graph per context bucket: their attention splits most
+CONTEXT_BUCKETS = (512, 2048)  # shorter context bounds than max_model_len, for the small batches
+
+
+def context_buckets(size: int, max_model_len: int) -> list[int]:
+    """The ``max_context_len`` values a batch of ``size`` rows is captured at, ascending."""
+    if size > BUCKETED_BATCH:
+        return [max_model_len]
+    return [*(bucket for bucket in CONTEXT_BUCKETS if bucket < max_model_len), max_model_len]
+
+
+def pick_graph(
+    sizes: list[int], max_model_len: int, num_seqs: int, longest_context: int
+) -> tuple[int, int]:
+    """The (padded size, context bucket) whose graph replays a decode step of ``num_seqs`` rows
+    whose longest context is ``longest_context``: the smallest of each that holds the step."""
+    size = next(s for s in sizes if s >= num_seqs)
+    bucket = next(b for b in context_buckets(size, max_model_len) if b >= longest_context)
+    return size, bucket
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -77,10 +101,10 @@ class DecodeGraphs:
         self.query_start = torch.arange(max_batch + 1, dtype=int32, device=device)
         self.context_lens = torch.ones(max_batch, dtype=int32, device=device)
         self.block_tables = torch.zeros(max_batch, self.max_blocks, dtype=int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # by (size, context bucket)
+        self.logits: dict[tuple[int, int], torch.Tensor] = {}
 
-    def _forward(self, size: int) -> torch.Tensor:
+    def _forward(self, size: int, max_context_len: int) -> torch.Tensor:
         batch = ForwardBatch(
             positions=self.positions[:size],
             slot_mapping=self.slots[:size],
@@ -88,17 +112,18 @@ class DecodeGraphs:
             context_lens=self.context_lens[:size],
             block_tables=self.block_tables[:size],
             max_query_len=1,
-            max_context_len=self.max_model_len,
+            max_context_len=max_context_len,
         )
         hidden = self.model(self.token_ids[:size], batch)
         return self.model.compute_logits(hidden)
 
     def _capture_one(self, size: int, pool, stream: torch.cuda.Stream) -> None:
-        self._forward(size)  # warm up: compile kernels, allocate workspaces
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, stream=stream):
-            self.logits[size] = self._forward(size)
-        self.graphs[size] = graph
+        for bucket in reversed(context_buckets(size, self.max_model_len)):
+            self._forward(size, bucket)  # warm up: compile kernels, allocate workspaces
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                self.logits[size, bucket] = self._forward(size, bucket)
+            self.graphs[size, bucket] = graph
 
     def capture(self) -> None:
         seconds = capture_sizes_on_side_stream(self.device, self.sizes, self._capture_one)
@@ -114,7 +139,7 @@ class DecodeGraphs:
         token ids in place once they are on the device (the runner's feed of tokens sampled on
         the device)."""
         count = host.num_seqs
-        size = next(s for s in self.sizes if s >= count)
+        size, bucket = pick_graph(self.sizes, self.max_model_len, count, max(host.context_lens))
         pad = size - count
         width = max(len(t) for t in host.block_tables)
         (token_ids, positions, slots), (context_lens, tables) = upload_int_lists(
@@ -129,5 +154,5 @@ class DecodeGraphs:
         self.block_tables[:count, :width].copy_(tables.view(count, width))
         if before_replay is not None:
             before_replay(self.token_ids[:count])
-        self.graphs[size].replay()
-        return self.logits[size][:count]
+        self.graphs[size, bucket].replay()
+        return self.logits[size, bucket][:count]
