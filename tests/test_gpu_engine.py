@@ -243,6 +243,54 @@ def test_piecewise_mixed_graphs_equal_eager_steps(toy_checkpoint, case):
         torch.testing.assert_close(with_graphs, eager, rtol=1e-4, atol=1e-4)
 
 
+def test_decode_graphs_of_every_context_bucket_equal_eager_steps(toy_checkpoint):
+    """Decode steps replayed from each context bucket's graph (batch 1 at contexts under 512, under
+    2048 and past it, of a 4096-token model; batches of 2 and 3) give the eager steps' logits."""
+    family, overrides = CASES["llama-gqa-llama3-rope"]
+    path = toy_checkpoint(family, **{**overrides, "max_position_embeddings": 4096})
+    rng = random.Random(3)
+    prompts = {0: 3000, 1: 1500, 2: 300}  # tokens of each sequence's prompt
+    blocks = 4096 // 16
+    plans: list[StepPlan] = []
+    for seq, length in prompts.items():  # each prompt alone, in chunks of up to 1024 tokens
+        for start in range(0, length, 1024):
+            tokens = [rng.randrange(3, 300) for _ in range(min(1024, length - start))]
+            new_blocks = list(range(seq * blocks, (seq + 1) * blocks)) if start == 0 else []
+            chunk = SequenceChunk(seq, tokens, start, new_blocks, start + len(tokens) == length)
+            started = [SequenceStart(seq, GREEDY, 0)] if start == 0 else []
+            plans.append(StepPlan(len(plans), [], started, [chunk]))
+    position = dict(prompts)
+    for group in ([2], [1], [0], [2, 1], [2, 1, 0], [0]):  # buckets 512, 2048, 4096, 2048, 4096, 4096
+        chunks = [SequenceChunk(seq, [rng.randrange(3, 300)], position[seq], [], True) for seq in group]
+        plans.append(StepPlan(len(plans), [], [], chunks))
+        for seq in group:
+            position[seq] += 1
+    logits = {}
+    for graphs in (True, False):
+        runner = ModelRunner(
+            path,
+            EngineConfig(dtype="float32", device="cuda", num_kv_blocks=3 * blocks + 8, token_budget=1024,
+                         cuda_graphs=graphs),
+            ModelConfig.from_pretrained(path),
+            4096,
+        )
+        if graphs:
+            assert {(1, 512), (1, 2048), (1, 4096), (4, 512), (4, 4096)} <= set(runner.graphs.graphs)
+        seen, sample = [], runner._sample
+
+        def spy(step_logits, states, seen=seen, sample=sample):
+            seen.append(step_logits.float().cpu())
+            return sample(step_logits, states)
+
+        runner._sample = spy
+        for plan in plans:
+            runner.execute(plan)
+        logits[graphs] = seen
+    assert len(logits[True]) == len(plans)
+    for step, (with_graphs, eager) in enumerate(zip(logits[True], logits[False], strict=True)):
+        torch.testing.assert_close(with_graphs, eager, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+
+
 def test_a_step_reports_its_own_device_span(toy_checkpoint):
     """`StepResult.device_us`: positive and within the step's wall time; two steps launched back to
     back each measure their own span (together within the pair's wall time)."""
