@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from fastgen.kernels import gemv
+from fastgen.kernels import gemv, quantize_rows
 from fastgen.kernels.gemv import GemvConfig
 
 DTYPE = torch.bfloat16
@@ -51,9 +51,6 @@ SHAPES = {**LAYER, **LM_HEAD}
 LM_HEAD_COPIES = 3
 CALLS_PER_BATCH = 50
 BATCH_SLEEP_MS = 20.0  # covers the host time of queueing a batch (<= 400 us a call)
-
-FP8 = torch.float8_e4m3fn
-
 
 @dataclass
 class Weight:
@@ -71,9 +68,8 @@ class Weight:
         return self.bf16.float() if self.fp8 is None else self.fp8.float() * self.scale
 
     def quantize(self) -> None:
-        largest = self.bf16.float().abs().amax(dim=1, keepdim=True)
-        self.scale = (largest / torch.finfo(FP8).max).clamp(min=1e-12)
-        self.fp8 = (self.bf16.float() / self.scale).to(FP8)
+        """As the engine quantizes a linear layer's weight (`quantize_linear_layers`)."""
+        self.fp8, self.scale = quantize_rows(self.bf16)
 
 
 Call = Callable[[torch.Tensor, Weight], torch.Tensor]
@@ -262,10 +258,9 @@ def time_matmuls(report: Report, timer: Timer, weights: dict[str, list[Weight]],
     """Per-matmul rows (cuBLAS and the rule's Triton launch) and the variant lines of one M."""
     for name, (n, k) in SHAPES.items():
         x, ws = xs[k], weights[name]
-        element = ws[0].kernel_weight.element_size()
-        weight_bytes = n * k * element
+        weight_bytes = n * k * report.element
         row = Row(name, m, timer.median_us(cublas, x, ws, report.reps), None,
-                  describe(gemv.choose_config(m, n, k, num_sms, weight_bytes=element)))
+                  describe(gemv.choose_config(m, n, k, num_sms, weight_bytes=report.element)))
         try:
             check(x, ws[0], triton_rule)
             row.triton_us = timer.median_us(triton_rule, x, ws, report.reps)
@@ -273,7 +268,7 @@ def time_matmuls(report: Report, timer: Timer, weights: dict[str, list[Weight]],
             traceback.print_exc()
             row.error = type(error).__name__
         report.rows.append(row)
-        for label, config in variant_configs(m, n, k, num_sms, grid, element).items():
+        for label, config in variant_configs(m, n, k, num_sms, grid, report.element).items():
             try:
                 call = triton_with(config)
                 check(x, ws[0], call)
