@@ -131,6 +131,42 @@ def rms_norm_linear_reference(
     return _norm_result(y, new_residual, residual_out)
 
 
+def norm_prologue(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Prologue] | None:
+    """(x with unit column stride, the ``rms_norm`` prologue) for a small-batch kernel reading
+    ``rms_norm(x (+ residual), norm_weight, eps)``, with a new residual buffer when none is given;
+    ``None`` where the fused norm does not apply (x not [M, K], K > MAX_NORM_WIDTH, a norm weight
+    not of x's dtype)."""
+    k = x.shape[-1]
+    if not (
+        x.dim() == 2
+        and 0 < k <= MAX_NORM_WIDTH
+        and norm_weight.shape == (k,)
+        and norm_weight.dtype == x.dtype
+        and norm_weight.is_contiguous()
+        and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))
+    ):
+        return None
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if residual is None:
+        return x, Prologue("rms_norm", norm_weight, eps)
+    if residual.stride(1) != 1:
+        residual = residual.contiguous()
+    if residual_out is None:
+        residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    elif residual_out.shape != x.shape or residual_out.dtype != x.dtype or residual_out.stride(1) != 1:
+        raise ValueError(f"residual_out must be {x.dtype} of shape {tuple(x.shape)} with unit column stride")
+    if residual_out.data_ptr() in (x.data_ptr(), residual.data_ptr()):
+        raise ValueError("residual_out must not alias x or residual: other programs still read them")
+    return x, Prologue("rms_norm", norm_weight, eps, residual, residual_out)
+
+
 def rms_norm_linear_triton(
     x: torch.Tensor,
     norm_weight: torch.Tensor,
@@ -144,37 +180,16 @@ def rms_norm_linear_triton(
 ) -> RMSNormLinearResult | None:
     """The fused kernel (``config`` from the shape rule unless given); ``None`` when it does not
     apply (the small-batch kernel would not, a norm weight not of x's dtype, K > MAX_NORM_WIDTH)."""
-    k = x.shape[-1]
-    if not (
-        _applies(x, weight, bias, weight_scale)
-        and x.dim() == 2
-        and 0 < k <= MAX_NORM_WIDTH
-        and norm_weight.shape == (k,)
-        and norm_weight.dtype == x.dtype
-        and norm_weight.is_contiguous()
-        and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))
-    ):
+    if not _applies(x, weight, bias, weight_scale):
         return None
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if residual is not None:
-        if residual.stride(1) != 1:
-            residual = residual.contiguous()
-        if residual_out is None:
-            residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        elif residual_out.shape != x.shape or residual_out.dtype != x.dtype or residual_out.stride(1) != 1:
-            raise ValueError(
-                f"residual_out must be {x.dtype} of shape {tuple(x.shape)} with unit column stride"
-            )
-        if residual_out.data_ptr() in (x.data_ptr(), residual.data_ptr()):
-            raise ValueError("residual_out must not alias x or residual: other programs still read them")
+    found = norm_prologue(x, norm_weight, eps, residual, residual_out)
+    if found is None:
+        return None
+    x, prologue = found
     if config is None:
         config = choose_config_for(x.shape[0], weight, x.device)
-    prologue = Prologue(
-        "rms_norm", norm_weight, eps, residual, residual_out if residual is not None else None
-    )
     y = linear_small_batch_with_config(x, weight, bias, None, config, weight_scale, prologue)
-    return y if residual is None else (y, residual_out)
+    return y if residual is None else (y, prologue.residual_out)
 
 
 def rms_norm_linear(

@@ -129,46 +129,18 @@ def _load_activations(
 
 
 @triton.jit
-def _gemv_kernel(
-    x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, workspace_ptr, counter_ptr,
-    residual_ptr, residual_out_ptr, norm_weight_ptr, eps,
-    M, N, K, k_per_split, stride_xm, stride_wn, stride_om, stride_rm, stride_rom,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_SCALE: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROW_BLOCK: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
-    USE_PDL: tl.constexpr, PREFETCH_ROW_BYTES: tl.constexpr, PREFETCH_PIECES: tl.constexpr,
+def _product_tile(
+    x_ptr, w_ptr, scale_ptr, residual_ptr, norm_weight_ptr, rstd, offs_m, offs_n, m_mask, n_mask,
+    k_start, k_end, K, stride_xm, stride_wn, stride_rm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of weight over K range pid_k.
-    ``PROLOGUE`` names what the activations are made of (see :func:`_load_activations`).
-    With ``USE_PDL`` the program first asks the L2 for the first ``PREFETCH_ROW_BYTES`` of each of
-    its weight rows, then waits for the previous kernel (``pdl.py``)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """float32 [BLOCK_M, BLOCK_N]: the activations' rows ``offs_m`` times the weight rows ``offs_n``
+    (any rows: a tile need not be contiguous) over K range [k_start, k_end), scaled per row for
+    FP8 weights; the loop of every small-batch kernel (the plain GEMV, the QKV one with rotary)."""
     offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
     w_rows = offs_n.to(tl.int64) * stride_wn
-    if PREFETCH_ROW_BYTES > 0:  # weights only: no kernel of the step writes them
-        row_bytes = tl.minimum((k_end - k_start) * w_ptr.dtype.element_ty.primitive_bitwidth // 8,
-                               PREFETCH_ROW_BYTES)
-        if row_bytes > 0:
-            # each row in PREFETCH_PIECES requests: a [BLOCK_N, PIECES] tile has a lane of its own
-            # per request (a [BLOCK_N] one would repeat each row's request on several lanes)
-            piece_bytes = row_bytes // PREFETCH_PIECES
-            rows = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn  # masked rows repeat the last
-            pieces = tl.arange(0, PREFETCH_PIECES).to(tl.int64) * piece_bytes
-            prefetch_to_l2((w_ptr + rows + k_start).to(tl.int64)[:, None] + pieces[None, :], piece_bytes)
-    pdl.enter(USE_PDL)
-    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if PROLOGUE == "rms_norm":
-        rstd = _rms_rows(x_ptr, residual_ptr, residual_out_ptr, M, K, eps, stride_xm, stride_rm, stride_rom,
-                         tl.where((pid_n == 0) & (pid_k == 0), K, 0), BLOCK_M, HAS_RESIDUAL, ROW_BLOCK)
-
     if USE_DOT:
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
         r_ptrs = residual_ptr + offs_m[:, None] * stride_rm + offs_k[None, :]
@@ -215,7 +187,54 @@ def _gemv_kernel(
         acc = tl.sum(acc3, axis=2)
     if HAS_SCALE:  # per output row; linear, so partial sums of a split may be scaled too
         acc *= tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    return acc
 
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, workspace_ptr, counter_ptr,
+    residual_ptr, residual_out_ptr, norm_weight_ptr, eps,
+    M, N, K, k_per_split, stride_xm, stride_wn, stride_om, stride_rm, stride_rom,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROW_BLOCK: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH_ROW_BYTES: tl.constexpr, PREFETCH_PIECES: tl.constexpr,
+):
+    """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of weight over K range pid_k.
+    ``PROLOGUE`` names what the activations are made of (see :func:`_load_activations`).
+    With ``USE_PDL`` the program first asks the L2 for the first ``PREFETCH_ROW_BYTES`` of each of
+    its weight rows, then waits for the previous kernel (``pdl.py``)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    if PREFETCH_ROW_BYTES > 0:  # weights only: no kernel of the step writes them
+        row_bytes = tl.minimum((k_end - k_start) * w_ptr.dtype.element_ty.primitive_bitwidth // 8,
+                               PREFETCH_ROW_BYTES)
+        if row_bytes > 0:
+            # each row in PREFETCH_PIECES requests: a [BLOCK_N, PIECES] tile has a lane of its own
+            # per request (a [BLOCK_N] one would repeat each row's request on several lanes)
+            piece_bytes = row_bytes // PREFETCH_PIECES
+            rows = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn  # masked rows repeat the last
+            pieces = tl.arange(0, PREFETCH_PIECES).to(tl.int64) * piece_bytes
+            prefetch_to_l2((w_ptr + rows + k_start).to(tl.int64)[:, None] + pieces[None, :], piece_bytes)
+    pdl.enter(USE_PDL)
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if PROLOGUE == "rms_norm":
+        rstd = _rms_rows(x_ptr, residual_ptr, residual_out_ptr, M, K, eps, stride_xm, stride_rm, stride_rom,
+                         tl.where((pid_n == 0) & (pid_k == 0), K, 0), BLOCK_M, HAS_RESIDUAL, ROW_BLOCK)
+
+    acc = _product_tile(
+        x_ptr, w_ptr, scale_ptr, residual_ptr, norm_weight_ptr, rstd, offs_m, offs_n, m_mask, n_mask,
+        k_start, k_end, K, stride_xm, stride_wn, stride_rm,
+        BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, HAS_SCALE, PROLOGUE, HAS_RESIDUAL, EVEN_N, EVEN_K,
+        DOT_PRECISION, NUM_STAGES,
+    )
     out_mask = m_mask[:, None] & n_mask[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     if SPLIT_K == 1:

@@ -82,6 +82,25 @@ def _rotate_pair(x1, x2, cos, sin):
 
 
 @triton.jit
+def _mul_rn(a, b):
+    """float32 ``a * b`` rounded on its own: PTX ``mul.rn`` is never contracted into an FMA (and,
+    unlike libdevice's ``mul_rn``, keeps subnormals, as a plain multiply does)."""
+    return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _rotate_pair_rounded(x1, x2, cos, sin, ROUNDED: tl.constexpr):
+    """`_rotate_pair` inside a kernel compiled with FMA contraction (the small-batch GEMV's):
+    ``ROUNDED`` rounds each product on its own, which gives the bits of `_rotate_pair` compiled
+    without contraction. The interpreter runs no PTX and never contracts: there ``ROUNDED`` is
+    False and the products are plain."""
+    if ROUNDED:
+        return _mul_rn(x1, cos) - _mul_rn(x2, sin), _mul_rn(x2, cos) + _mul_rn(x1, sin)
+    return _rotate_pair(x1, x2, cos, sin)
+
+
+@triton.jit
 def _rotate_heads(
     x_ptr, token, num_heads, stride_token, stride_head, cos, sin,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
