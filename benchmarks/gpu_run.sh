@@ -85,7 +85,7 @@ for phase in "$@"; do
              timeout "${GEMV_TIMEOUT_S:-360}" python3 benchmarks/gemv.py --out "$D" ${GEMV_ARGS:-} 2>&1 \
                | tee "$D/gemv.log" | tail -40 ;;
     fusions) timeout "${FUSIONS_TIMEOUT_S:-300}" python3 benchmarks/decode_step.py --graphs on \
-               --fusions-off "",gated_down,norm_linear,rotary_kv,all --out "$D" ${FUSIONS_ARGS:-} 2>&1 \
+               --fusions-off "",qkv_rotary,qkv_rotary+rotary_kv,gated_down,norm_linear,all --out "$D" ${FUSIONS_ARGS:-} 2>&1 \
                | tee "$D/fusions.log" | tail -24 ;;
     pdl)     # the decode step with programmatic dependent launch on and off (FASTGEN_PDL), both shapes; PDL_ARGS
              for shape in ${PDL_SHAPES:-llama2-7b llama3-8b}; do
@@ -130,7 +130,7 @@ for phase in "$@"; do
                  done
                done
                timeout "${FUSIONS_TIMEOUT_S:-300}" python3 benchmarks/decode_step.py --graphs on --batches 1 \
-                 --quantization fp8 --fusions-off "",gated_down,norm_linear,rotary_kv,all --out "$D" 2>&1 \
+                 --quantization fp8 --fusions-off "",qkv_rotary,gated_down,norm_linear,all --out "$D" 2>&1 \
                  | tee -a "$D/b1profile.log" | tail -10 ;;
     fibuild) FIBUILD_LOG="$OUT/flashinfer_build.log"
              if [ -n "${PACK:-}" ]; then mkdir -p "$OUT/_work/flashinfer"; FIBUILD_LOG="$OUT/_work/flashinfer/build.log"; fi

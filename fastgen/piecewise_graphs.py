@@ -41,16 +41,22 @@ from fastgen.layers.rotary import RotaryEmbedding
 logger = logging.getLogger(__name__)
 
 
+MIN_SEGMENT_ROWS = 16
+
+
 def token_buckets(max_tokens: int) -> list[int]:
-    """Padded token counts: powers of two up to 256, then steps of 128 (256 past 2048)."""
-    sizes, size = [], 16
+    """Padded token counts: powers of two from `MIN_SEGMENT_ROWS` up to 256, then steps of 128 (256
+    past 2048), the last one ``max_tokens`` (or `MIN_SEGMENT_ROWS` when that is smaller). Segments
+    never run decode-sized rows (up to 8): those take the small-batch kernels, whose QKV projection
+    can write the KV cache itself (the ``qkv_rotary`` fusion), and the cache belongs to the holes."""
+    sizes, size = [], MIN_SEGMENT_ROWS
     while size < min(max_tokens, 256):
         sizes.append(size)
         size *= 2
     while size < max_tokens:
         sizes.append(size)
         size += 128 if size < 2048 else 256
-    sizes.append(max_tokens)
+    sizes.append(max(max_tokens, MIN_SEGMENT_ROWS))
     return sizes
 
 
@@ -187,9 +193,10 @@ class MixedGraphs:
         self.model = model
         self.device = device
         self.sizes = token_buckets(max_tokens)
-        self.token_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.buffers = StaticBuffers(max_tokens, device)
+        rows = self.sizes[-1]
+        self.token_ids = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.buffers = StaticBuffers(rows, device)
         self.segments: dict[int, SegmentRecorder] = {}
         self.hidden: dict[int, torch.Tensor] = {}
 

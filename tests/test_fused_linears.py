@@ -17,7 +17,7 @@ import dataclasses
 
 import pytest
 import torch
-from fastgen.kernels import activation, fused_linear, gemv, norm
+from fastgen.kernels import activation, fused_linear, gemv, norm, qkv_rotary
 
 from fastgen.layers import linear as linear_layers
 from fastgen.layers import mlp as mlp_layers
@@ -112,11 +112,67 @@ def test_cpu_interpreted_fused_linears_change_no_logit(
     assert_logits_equal(step_logits(path, plans, dtype="float16", device="cpu"), unfused)
     gated_down_calls = silu_calls * num_layers * decode_steps
     assert count_calls == {"silu_and_mul_linear": gated_down_calls, "rms_norm_linear": 0}
-    fusions_off("")
+    fusions_off("qkv_rotary")  # its QKV projection normalizes too: tested below
     fused = step_logits(path, plans, dtype="float16", device="cpu")
     assert count_calls["silu_and_mul_linear"] == 2 * gated_down_calls
     assert count_calls["rms_norm_linear"] == norm_calls * num_layers * decode_steps
     assert_logits_close(fused, unfused, torch.float16)
+
+
+# qkv_rotary (the QKV projection rotating and writing the cache in its epilogue): whether the model
+# takes it, at one-row decode steps (a tile of pairs within a head of 16 features) and at 2-8 rows
+# where the head has 64 (the tensor-core tile holds 32 pairs; narrower heads take the two kernels)
+QKV_ROTARY_CASES = {
+    "llama-gqa-llama3-rope": True,
+    "llama-mha": True,
+    "llama-head-dim-64": True,
+    "qwen3-qk-norm-head-dim": False,  # q/k norms between the projection and the rotary
+    "phi-parallel-block-partial-rotary": False,  # partial rotary
+}
+QKV_ROTARY_MODELS = {**CASES, "llama-head-dim-64": ("llama", dict(head_dim=64))}
+
+
+@pytest.fixture
+def count_qkv_rotary(monkeypatch) -> list[int]:
+    """How many projections the fused kernel served (it returns None where it declines)."""
+    served = [0]
+    fused = qkv_rotary.qkv_rotary_linear_triton
+
+    def counting(*args, **kwargs):
+        result = fused(*args, **kwargs)
+        served[0] += result is not None
+        return result
+
+    monkeypatch.setattr(qkv_rotary, "qkv_rotary_linear_triton", counting)
+    return served
+
+
+@pytest.mark.parametrize("case", QKV_ROTARY_CASES)
+def test_cpu_interpreted_qkv_rotary_changes_no_logit(
+    toy_checkpoint, case, fusions_off, small_batch_kernels_on_cpu, count_qkv_rotary, monkeypatch
+):
+    """Logits to the bit with the QKV projection rotating and writing the cache (interpreted) and
+    with the projection and the references' rotary and cache write (the CPU model's own)."""
+    monkeypatch.setattr(qkv_rotary, "use_triton", lambda tensor: True)
+    family, overrides = QKV_ROTARY_MODELS[case]
+    path = toy_checkpoint(family, **overrides)
+    plans = [mixed_plans(num_mixed=1, num_decode_only=3), mixed_plans(num_mixed=3, num_decode_only=2, seed=1)]
+    fusions_off("qkv_rotary")
+    unfused = [step_logits(path, steps, dtype="float16", device="cpu") for steps in plans]
+    assert count_qkv_rotary[0] == 0
+    fusions_off("")
+    fused = [step_logits(path, steps, dtype="float16", device="cpu") for steps in plans]
+    num_layers = decoder.ModelConfig.from_pretrained(path).num_layers
+    if not QKV_ROTARY_CASES[case]:
+        assert count_qkv_rotary[0] == 0
+    elif case == "llama-head-dim-64":  # every decode-sized step of both plan lists
+        rows = [sum(len(chunk.token_ids) for chunk in plan.chunks) for steps in plans for plan in steps]
+        small_steps = sum(count <= 8 for count in rows)
+        assert count_qkv_rotary[0] == num_layers * small_steps
+    else:  # the one-row steps only
+        assert count_qkv_rotary[0] >= num_layers * 3
+    for got, want in zip(fused, unfused, strict=True):
+        assert_logits_equal(got, want)
 
 
 def test_cpu_keeps_the_unfused_path(toy_checkpoint, count_calls) -> None:
@@ -164,14 +220,37 @@ def test_gpu_fused_linears_change_no_logit(
     gated_down_only = step_logits(path, plans, **config)
     assert count_calls["rms_norm_linear"] == 0
     assert_logits_equal(gated_down_only, unfused)
-    fusions_off("")
+    fusions_off("qkv_rotary")
     fused = step_logits(path, plans, **config)
     assert count_calls["rms_norm_linear"] > 0
     assert_logits_close(fused, unfused, torch.bfloat16)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fusion", ["gated_down", "norm_linear"])
+@pytest.mark.parametrize("quantization", [None, "fp8"], ids=["bf16", "fp8-weights"])
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
+@pytest.mark.parametrize("case", QKV_ROTARY_CASES)
+def test_gpu_qkv_rotary_changes_no_logit(toy_checkpoint, case, cuda_graphs, quantization, fusions_off,
+                                         count_qkv_rotary, deterministic_split_k):
+    """bfloat16 steps (decode graphs at one row and at several, or eager) give the same logits, to
+    the bit, with the QKV projection rotating and writing the cache and with the two kernels."""
+    family, overrides = QKV_ROTARY_MODELS[case]
+    path = toy_checkpoint(family, **overrides)
+    config = dict(dtype="bfloat16", device="cuda", cuda_graphs=cuda_graphs, token_budget=64, max_seqs=16,
+                  quantization=quantization)  # fmt: skip
+    plans = [mixed_plans(num_mixed=1, num_decode_only=3), mixed_plans(num_mixed=3, num_decode_only=2, seed=1)]
+    fusions_off("qkv_rotary")
+    unfused = [step_logits(path, steps, **config) for steps in plans]
+    assert count_qkv_rotary[0] == 0
+    fusions_off("")
+    fused = [step_logits(path, steps, **config) for steps in plans]
+    assert (count_qkv_rotary[0] > 0) == QKV_ROTARY_CASES[case]
+    for got, want in zip(fused, unfused, strict=True):
+        assert_logits_equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fusion", ["gated_down", "norm_linear", "qkv_rotary"])
 def test_gpu_greedy_tokens_equal_with_fusion_on_and_off(toy_checkpoint, fusion, fusions_off):
     family, overrides = CASES["llama-gqa-llama3-rope"]
     path = toy_checkpoint(family, **overrides)

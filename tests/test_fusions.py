@@ -131,7 +131,7 @@ def test_every_fusion_serves_one_row_steps_by_default(monkeypatch):
     monkeypatch.delenv("FASTGEN_FUSIONS_OFF", raising=False)
     _dispatch._fusions_off.cache_clear()
     try:
-        for name in ("rotary_kv", "gated_down", "norm_linear"):
+        for name in ("rotary_kv", "gated_down", "norm_linear", "qkv_rotary"):
             assert kernels.fusion_enabled(name, 1) and not kernels.fusion_enabled(name, 2)
         monkeypatch.setenv("FASTGEN_FUSIONS_OFF", "norm_linear")
         _dispatch._fusions_off.cache_clear()
@@ -162,10 +162,10 @@ def test_gpu_rotary_kv_changes_no_logit(toy_checkpoint, case, kv_cache_dtype, cu
     plans = mixed_plans()
     config = dict(dtype="bfloat16", device="cuda", kv_cache_dtype=kv_cache_dtype, cuda_graphs=cuda_graphs,
                   token_budget=64, max_seqs=16)
-    fusions_off("rotary_kv")
+    fusions_off("rotary_kv,qkv_rotary")  # qkv_rotary would write decode rows' caches itself
     unfused = step_logits(path, plans, **config)
     assert count_fused_calls[0] == 0
-    fusions_off("")
+    fusions_off("qkv_rotary")
     fused = step_logits(path, plans, **config)
     assert (count_fused_calls[0] == 0) == (case == LOGN_CASE)
     for step, (got, want) in enumerate(zip(fused, unfused, strict=True)):

@@ -102,6 +102,13 @@ class PagedAttention(nn.Module):
                 batch.positions, q, k, v, self.key_cache, self.value_cache, batch.slot_mapping,
                 rotary.cos_sin_cache, rotary.rotary_dim,
             )  # fmt: skip
+        return self.attend_cached(q, batch, out)
+
+    def attend_cached(
+        self, q: torch.Tensor, batch: ForwardBatch, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attend over the cache as it is: this step's keys and values are in it already (written
+        by :meth:`attend`, or by the QKV projection's epilogue, the ``qkv_rotary`` fusion)."""
         return kernels.paged_attention(
             q,
             self.key_cache,

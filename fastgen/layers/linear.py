@@ -209,6 +209,16 @@ class QKVParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.weight_scale)
 
+    def forward_rotary_kv(self, x: torch.Tensor | RMSNormInput, write: kernels.RotaryKVWrite) -> torch.Tensor:
+        """`forward` with the rotary and the KV-cache write in the same kernel (the ``qkv_rotary``
+        fusion): the queries come back rotated, the keys as projected, and the rotated keys and the
+        values are in ``write``'s caches."""
+        norm = None
+        if isinstance(x, RMSNormInput):
+            norm = kernels.NormArgs(x.weight, x.eps, x.residual, x.residual_out)
+            x = x.hidden
+        return kernels.qkv_rotary_linear(x, self.weight, self.bias, self.weight_scale, write, norm)
+
 
 class RowParallelLinear(nn.Module):
     """``y = x W^T``, input features split across ranks, partial sums all-reduced."""

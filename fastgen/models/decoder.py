@@ -23,7 +23,13 @@ from torch import nn
 from fastgen import kernels
 from fastgen.layers.attention import ForwardBatch, PagedAttention
 from fastgen.layers.embedding import LMHead, PositionEmbedding, VocabParallelEmbedding
-from fastgen.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear, small_batch
+from fastgen.layers.linear import (
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RMSNormInput,
+    RowParallelLinear,
+    small_batch,
+)
 from fastgen.layers.mlp import MLP, GatedMLP
 from fastgen.layers.moe import MoE
 from fastgen.layers.norm import LayerNorm, RMSNorm
@@ -77,9 +83,16 @@ class Attention(nn.Module):
             softcap=config.attention_softcap,
         )
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor | RMSNormInput, batch: ForwardBatch
+    ) -> torch.Tensor:
+        q_size = self.qkv_proj.q_size
+        write = self._rotary_kv_write(positions, hidden, batch)
+        if write is not None:  # one kernel projects, rotates and fills the cache
+            q, _, _ = write.split(self.qkv_proj.forward_rotary_kv(hidden, write))
+            return self.o_proj(self.attn.attend_cached(q, batch).view(-1, q_size))
         qkv = self.qkv_proj(hidden)
-        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        kv_size = self.qkv_proj.kv_size
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.attn.num_heads, self.head_dim)
         k = k.view(-1, self.attn.num_kv_heads, self.head_dim)
@@ -96,6 +109,25 @@ class Attention(nn.Module):
             self.logn(positions, q)
         out = self.attn(q, k, v, batch, rotary=fused_rotary)
         return self.o_proj(out.view(-1, q_size))
+
+    def _rotary_kv_write(
+        self, positions: torch.Tensor, hidden: torch.Tensor | RMSNormInput, batch: ForwardBatch
+    ) -> kernels.RotaryKVWrite | None:
+        """What the QKV projection needs to rotate and write the cache itself (the ``qkv_rotary``
+        fusion), where it may: decode-sized rows on the Triton kernels, a full rotary and nothing
+        between the projection and the attention (no q/k norms, no log-length scaling)."""
+        rows = hidden.hidden if isinstance(hidden, RMSNormInput) else hidden
+        rotary = self.rotary
+        if (
+            rotary is None or rotary.rotary_dim != self.head_dim or self.q_norm is not None
+            or self.logn is not None or not small_batch(rows) or kernels.reference_forced()
+            or not kernels.fusion_enabled("qkv_rotary", rows.shape[0])
+        ):  # fmt: skip
+            return None
+        return kernels.RotaryKVWrite(
+            positions, batch.slot_mapping, rotary.cos_sin_cache, self.attn.key_cache, self.attn.value_cache,
+            self.attn.num_heads, self.attn.num_kv_heads, self.head_dim,
+        )  # fmt: skip
 
 
 def make_feed_forward(config: ModelConfig, tp: TensorParallel) -> nn.Module:

@@ -11,12 +11,15 @@ from .fused_linear import rms_norm_linear, silu_and_mul_linear
 from .gemv import linear_small_batch
 from .moe import fused_moe
 from .norm import layer_norm, rms_norm
+from .qkv_rotary import NormArgs, RotaryKVWrite, qkv_rotary_linear
 from .quant import quantize_rows
 from .rotary import apply_rotary
 from .rotary_kv import rotary_and_write_kv_cache
 from .sampling import sample
 
 __all__ = [
+    "NormArgs",
+    "RotaryKVWrite",
     "apply_rotary",
     "fused_moe",
     "fusion_enabled",
@@ -25,6 +28,7 @@ __all__ = [
     "layer_norm",
     "linear_small_batch",
     "paged_attention",
+    "qkv_rotary_linear",
     "quantize_rows",
     "reference_forced",
     "rms_norm",

@@ -4,9 +4,11 @@ batched CPU path besides, see ``attention.paged_attention``).
 ``FASTGEN_KERNELS=reference`` forces the reference everywhere (debugging on a GPU).
 ``FASTGEN_FUSIONS_OFF`` turns fused kernels off by name (a comma list, or ``all``; empty: none off)
 so that a benchmark can measure each fusion against the separate kernels it replaces; set, the
-fusions it leaves on serve every batch their kernels take. Unset, the measured default: every
-fusion for one-row steps only (batch-1 decode, where they were faster together; at eight rows the
-GEMV prologues were slower: benchmarks/NOTES-kernels.md, "Fusions").
+fusions it leaves on serve every batch their kernels take. The names: ``gated_down``, ``norm_linear``
+(``fused_linear.py``), ``rotary_kv`` (``rotary_kv.py``), ``qkv_rotary`` (``qkv_rotary.py``; where it
+serves, the QKV projection writes the cache and ``rotary_kv`` has nothing left to do). Unset, the
+measured default: every fusion for one-row steps only (batch-1 decode, where they were faster
+together; at eight rows the GEMV prologues were slower: benchmarks/NOTES-kernels.md, "Fusions").
 """
 
 from __future__ import annotations
