@@ -407,8 +407,16 @@ class ModelRunner:
         return launched
 
     def _overlaps(self, host: HostBatch, feed: list[tuple[int, int]]) -> bool:
-        """Whether this step's decodes replay beside its chunks (`EngineConfig.overlap_decodes`)."""
-        return self._overlap_stream is not None and decodes_replay_apart(host, feed, self.graphs.max_batch)
+        """Whether a step's leading decodes replay beside its chunks (`EngineConfig.overlap_decodes`):
+        more than ``gemv.MAX_ROWS`` of each (no small-batch GEMV on either stream: its split-K
+        workspace is one per device), every decode sampling and every fed token a decode's."""
+        if self._overlap_stream is None or not (gemv.MAX_ROWS < host.num_decodes <= self.graphs.max_batch):
+            return False
+        if host.num_tokens - host.query_start[host.num_decodes] <= gemv.MAX_ROWS:
+            return False
+        decode_tokens = host.query_start[host.num_decodes]
+        sampled = sum(1 for index in host.sample_indices if index < decode_tokens)
+        return sampled == host.num_decodes and all(index < decode_tokens for index, _ in feed)
 
     def _run_overlapped(self, host: HostBatch, fed: _TokenFeed | None) -> torch.Tensor:
         """Logits of the step's sampled rows: its decodes replayed from their graph on the overlap
@@ -603,19 +611,6 @@ class _PendingSample:
             self.copied.synchronize()  # without the GIL
         values = self.values.tolist()
         return self.unpack(values) if self.unpack is not None else (values, None)
-
-
-def decodes_replay_apart(host: HostBatch, feed: list[tuple[int, int]], max_graph_batch: int) -> bool:
-    """Whether a step's leading decodes can replay from a decode graph apart from its chunks: more
-    than ``gemv.MAX_ROWS`` of each (no small-batch GEMV on either stream: its split-K workspace is
-    one per device), at most ``max_graph_batch`` decodes, every one of them sampling, and every
-    token fed from the step before (``feed``: token index, row) a decode's."""
-    decode_tokens = host.num_decodes  # one token each
-    chunk_tokens = host.num_tokens - decode_tokens
-    if not (gemv.MAX_ROWS < host.num_decodes <= max_graph_batch and chunk_tokens > gemv.MAX_ROWS):
-        return False
-    sampled = sum(1 for index in host.sample_indices if index < decode_tokens)
-    return sampled == host.num_decodes and all(index < decode_tokens for index, _ in feed)
 
 
 def _chunk_offsets(chunks: list[SequenceChunk]) -> list[tuple[int, SequenceChunk]]:

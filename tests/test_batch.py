@@ -7,7 +7,6 @@ import torch
 
 from fastgen.batch import HostBatch, PackedLists
 from fastgen.plan import SequenceChunk
-from fastgen.runner import decodes_replay_apart
 
 
 def mixed_batch() -> HostBatch:
@@ -48,26 +47,6 @@ def test_split_equals_two_batches_built_apart(num_seqs):
         (head if index < num_seqs else tail).add(chunk, table, 4)
     assert whole.split(num_seqs) == (head, tail)
     assert whole.split(2)[0].is_decode_only and whole.split(2)[1].num_decodes == 0
-
-
-def decodes_and_chunk(decodes: int, chunk_tokens: int, sample_all: bool = True) -> HostBatch:
-    host = HostBatch()
-    for seq in range(decodes):
-        host.add(SequenceChunk(seq, [5], 20, [], sample_all or seq > 0), [1, 2], 16)
-    host.add(SequenceChunk(99, list(range(chunk_tokens)), 0, [], True), [3, 4, 5, 6], 16)
-    return host
-
-
-def test_which_steps_replay_their_decodes_apart():
-    """More than 8 decodes and more than 8 chunk tokens (no small-batch GEMV on either stream), the
-    decodes within the graphs' batch, all sampling, and every fed token a decode's."""
-    assert decodes_replay_apart(decodes_and_chunk(9, 9), [], 16)
-    assert decodes_replay_apart(decodes_and_chunk(9, 9), [(0, 3), (8, 1)], 16)
-    assert not decodes_replay_apart(decodes_and_chunk(8, 40), [], 16)
-    assert not decodes_replay_apart(decodes_and_chunk(20, 8), [], 16)
-    assert not decodes_replay_apart(decodes_and_chunk(17, 40), [], 16)  # past the largest graph
-    assert not decodes_replay_apart(decodes_and_chunk(9, 40, sample_all=False), [], 16)
-    assert not decodes_replay_apart(decodes_and_chunk(9, 40), [(9, 0)], 16)  # a chunk token fed
 
 
 def test_to_device_on_cpu_matches_the_lists():
