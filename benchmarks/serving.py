@@ -370,7 +370,6 @@ def engine_config(args: argparse.Namespace, token_budget: int) -> Any:
         "dtype": args.dtype,
         "cuda_graphs": not args.no_cuda_graphs,
         "async_scheduling": not args.no_async_scheduling,
-        "overlap_decodes": args.overlap_decodes,
         "quantization": args.quantization,
         "kv_cache_dtype": args.kv_cache_dtype,
         "gpu_memory_utilization": args.gpu_memory_utilization,
@@ -795,9 +794,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-async-scheduling", action="store_true", help="plan each step after the last")
     parser.add_argument(
         "--no-freeze-gc", action="store_true", help="leave the start-up heap in the garbage collector's scans"
-    )
-    parser.add_argument(
-        "--overlap-decodes", action="store_true", help="a mixed step's decodes replay beside its chunks"
     )
     parser.add_argument("--quantization", default=None, choices=["fp8"], help="FP8 (e4m3) linear weights")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8: e4m3 KV")

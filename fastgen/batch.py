@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import chain, pairwise
+from itertools import chain
 
 import torch
 
@@ -68,28 +68,6 @@ class HostBatch:
         self.max_query_len = max(self.max_query_len, count)
         if chunk.sample:
             self.sample_indices.append(end - 1)
-
-    def split(self, num_seqs: int) -> tuple[HostBatch, HostBatch]:
-        """(the first ``num_seqs`` sequences, the others) as batches of their own, as if their
-        chunks had been added to two batches."""
-        return self._part(0, num_seqs), self._part(num_seqs, self.num_seqs)
-
-    def _part(self, first: int, end: int) -> HostBatch:
-        """Sequences ``first`` to ``end - 1`` as a batch of their own."""
-        token_start, token_end = self.query_start[first], self.query_start[end]
-        starts = [start - token_start for start in self.query_start[first : end + 1]]
-        lengths = [stop - start for start, stop in pairwise(starts)]
-        return HostBatch(
-            token_ids=self.token_ids[token_start:token_end],
-            positions=self.positions[token_start:token_end],
-            slots=self.slots[token_start:token_end],
-            query_start=starts,
-            context_lens=self.context_lens[first:end],
-            block_tables=self.block_tables[first:end],
-            sample_indices=[i - token_start for i in self.sample_indices if token_start <= i < token_end],
-            max_query_len=max(lengths, default=0),
-            num_decodes=next((i for i, length in enumerate(lengths) if length != 1), len(lengths)),
-        )
 
     def padded_block_tables(self, width: int | None = None) -> list[list[int]]:
         width = width or max(len(t) for t in self.block_tables)

@@ -59,10 +59,6 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Bound of the waiting queue; beyond it requests are refused with `EngineOverloadedError`."""
     cuda_graphs: bool = True
     """Replay CUDA graphs for decode-only steps and piecewise graphs for steps with prompt chunks."""
-    overlap_decodes: bool = False
-    """In a step that carries prompt chunks beside more than 8 decodes, replay the decodes from their
-    CUDA graph on a second stream while the chunks' forward runs (one GPU, ``cuda_graphs`` on): the
-    decodes' memory-bound attention and weight reads overlap the chunks' compute-bound matmuls."""
     async_scheduling: bool = True
     """Plan step N+1 while step N runs, before its tokens reach the host (the workers fill them in),
     so the device does not wait for the engine between steps. A sequence that stops at N computes

@@ -26,7 +26,6 @@ from fastgen.batch import HostBatch
 from fastgen.config import EngineConfig
 from fastgen.cuda_graphs import DecodeGraphs
 from fastgen.kernel_warmup import warm_up_attention, warm_up_steps
-from fastgen.kernels import gemv
 from fastgen.kernels.attention import CpuAttentionWorkspace
 from fastgen.kernels.variants import CompileWatch
 from fastgen.layers.attention import PagedAttention
@@ -230,10 +229,6 @@ class ModelRunner:
                 block_size=self.block_size,
             )
             self.graphs.capture()
-        # decodes of a mixed step replay beside its chunks (one GPU: two streams' collectives could
-        # interleave differently on each rank)
-        overlap = use_graphs and config.overlap_decodes and tp.size == 1
-        self._overlap_stream = torch.cuda.Stream(self.device, priority=-1) if overlap else None
         self.compile_watch: CompileWatch | None = None
         if self.device.type == "cuda" and not kernels.reference_forced():
             warm_up_attention(self.attention_layers, self.dtype)
@@ -373,8 +368,6 @@ class ModelRunner:
         prompt_pending = None
         if self.graphs is not None and not scored and self.graphs.fits(host):
             logits = self.graphs.run(host, before_replay=fed)
-        elif not scored and self._overlaps(host, feed):
-            logits = self._run_overlapped(host, fed)
         else:
             token_ids, batch, sample_indices = host.to_device(self.device, self.cpu_attention_workspace)
             if fed is not None:
@@ -405,37 +398,6 @@ class ModelRunner:
         launched.compiles = self._count_compiles(plan.step_id)
         self._previous = launched  # last: a launch that raised is never collected, nor waited for
         return launched
-
-    def _overlaps(self, host: HostBatch, feed: list[tuple[int, int]]) -> bool:
-        """Whether a step's leading decodes replay beside its chunks (`EngineConfig.overlap_decodes`):
-        more than ``gemv.MAX_ROWS`` of each (no small-batch GEMV on either stream: its split-K
-        workspace is one per device), every decode sampling and every fed token a decode's."""
-        if self._overlap_stream is None or not (gemv.MAX_ROWS < host.num_decodes <= self.graphs.max_batch):
-            return False
-        if host.num_tokens - host.query_start[host.num_decodes] <= gemv.MAX_ROWS:
-            return False
-        decode_tokens = host.query_start[host.num_decodes]
-        sampled = sum(1 for index in host.sample_indices if index < decode_tokens)
-        return sampled == host.num_decodes and all(index < decode_tokens for index, _ in feed)
-
-    def _run_overlapped(self, host: HostBatch, fed: _TokenFeed | None) -> torch.Tensor:
-        """Logits of the step's sampled rows: its decodes replayed from their graph on the overlap
-        stream while this stream runs the chunks' forward."""
-        decodes, chunks = host.split(host.num_decodes)
-        main = torch.cuda.current_stream(self.device)
-        side = self._overlap_stream
-        side.wait_stream(main)  # the tokens fed from the step before, the cache it wrote
-        with torch.cuda.stream(side):
-            decode_logits = self.graphs.run(decodes, before_replay=fed)
-        token_ids, batch, sample_indices = chunks.to_device(self.device)
-        if self.mixed_graphs.fits(chunks.num_tokens):
-            hidden = self.mixed_graphs.run(token_ids, batch)
-        else:
-            hidden = self.model(token_ids, batch)
-        chunk_logits = self.model.compute_logits(hidden[sample_indices])
-        # after this, the main stream reuses nothing the side stream still reads
-        main.wait_stream(side)
-        return torch.cat([decode_logits, chunk_logits])
 
     def collect(self, launched: LaunchedStep) -> StepResult:
         """Wait for a launched step's sampled ids (and log-probabilities) and return its result.

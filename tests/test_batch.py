@@ -30,25 +30,6 @@ def test_host_batch_lists():
     assert host.padded_block_tables() == [[3, 5, 8], [6, 2, 0], [4, 0, 0]]
 
 
-CHUNKS = [  # (chunk, block table): decodes, a prompt chunk that samples not, a decode after it
-    (SequenceChunk(0, [7], 9, [], True), [3, 5, 8]),
-    (SequenceChunk(4, [6], 3, [], True), [1]),
-    (SequenceChunk(1, [1, 2, 3, 4, 5], 2, [], False), [6, 2]),
-    (SequenceChunk(3, [2], 4, [], True), [9, 7]),
-    (SequenceChunk(2, [9, 8, 7], 0, [], True), [4]),
-]
-
-
-@pytest.mark.parametrize("num_seqs", range(len(CHUNKS) + 1))
-def test_split_equals_two_batches_built_apart(num_seqs):
-    whole, head, tail = HostBatch(), HostBatch(), HostBatch()
-    for index, (chunk, table) in enumerate(CHUNKS):
-        whole.add(chunk, table, 4)
-        (head if index < num_seqs else tail).add(chunk, table, 4)
-    assert whole.split(num_seqs) == (head, tail)
-    assert whole.split(2)[0].is_decode_only and whole.split(2)[1].num_decodes == 0
-
-
 def test_to_device_on_cpu_matches_the_lists():
     host = mixed_batch()
     token_ids, batch, sample_indices = host.to_device(torch.device("cpu"))

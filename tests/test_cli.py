@@ -26,7 +26,6 @@ FLAG_VALUES = {
     "executor": ("--executor", "zmq", "zmq"),
     "max_queued_requests": ("--max-queued-requests", "10", 10),
     "cuda_graphs": ("--no-cuda-graphs", None, False),
-    "overlap_decodes": ("--overlap-decodes", None, True),
     "async_scheduling": ("--no-async-scheduling", None, False),
     "enable_prefix_caching": ("--no-prefix-caching", None, False),
     "quantization": ("--quantization", "fp8", "fp8"),

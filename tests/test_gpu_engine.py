@@ -14,7 +14,7 @@ import torch
 
 from fastgen import EngineConfig, SamplingParams
 from fastgen.models.config import ModelConfig
-from fastgen.plan import PENDING_TOKEN, SamplingOptions, SequenceChunk, SequenceStart, StepPlan
+from fastgen.plan import SamplingOptions, SequenceChunk, SequenceStart, StepPlan
 from fastgen.runner import ModelRunner
 from tests.helpers import collect, engine_greedy
 from tests.models.test_hf_parity import CASES, hf_reference, prompts_of_mixed_lengths
@@ -289,57 +289,6 @@ def test_decode_graphs_of_every_context_bucket_equal_eager_steps(toy_checkpoint)
     assert len(logits[True]) == len(plans)
     for step, (with_graphs, eager) in enumerate(zip(logits[True], logits[False], strict=True)):
         torch.testing.assert_close(with_graphs, eager, rtol=1e-4, atol=1e-4, msg=f"step {step}")
-
-
-def test_overlapped_decodes_equal_the_one_forward_steps(toy_checkpoint):
-    """`EngineConfig.overlap_decodes`: mixed steps whose decodes replay from their graph on a second
-    stream beside the chunks' forward sample from the logits of one forward (float32), the tokens
-    of the step before fed to them on the device."""
-    family, overrides = CASES["llama-gqa-llama3-rope"]
-    path = toy_checkpoint(family, **overrides)
-    rng = random.Random(5)
-    plans, position = [], {}
-    for step in range(16):
-        chunks = [SequenceChunk(seq, [PENDING_TOKEN], position[seq], [], True) for seq in position]
-        length = rng.choice([9, 40, 120])
-        chunks.append(SequenceChunk(step, [rng.randrange(3, 300) for _ in range(length)], 0,
-                                    list(range(step * 16, step * 16 + 16)), True))
-        plans.append(StepPlan(step, [], [SequenceStart(step, GREEDY, 0)], chunks))
-        for chunk in chunks:
-            position[chunk.seq_id] = chunk.start_position + len(chunk.token_ids)
-    results = {}
-    for overlap in (True, False):
-        runner = ModelRunner(
-            path,
-            EngineConfig(dtype="float32", device="cuda", num_kv_blocks=300, token_budget=256,
-                         overlap_decodes=overlap),
-            ModelConfig.from_pretrained(path),
-            256,
-        )
-        seen, sample, overlapped = [], runner._sample, []
-        run_overlapped = runner._run_overlapped
-
-        def spy(step_logits, states, seen=seen, sample=sample):
-            seen.append(step_logits.float().cpu())
-            return sample(step_logits, states)
-
-        def counting(*args, overlapped=overlapped, run_overlapped=run_overlapped):
-            overlapped.append(1)
-            return run_overlapped(*args)
-
-        runner._sample, runner._run_overlapped = spy, counting
-        # launched ahead, as the engine runs them: each step's decodes read the tokens sampled by the
-        # step before on the device
-        launched = [runner.launch(plan) for plan in plans[:1]]
-        for plan in plans[1:]:
-            launched.append(runner.launch(plan))
-            runner.collect(launched[-2])
-        tokens = [result.tokens for result in [runner.collect(launched[-1])]]
-        results[overlap] = (seen, len(overlapped), tokens)
-    assert results[True][1] >= 6 and results[False][1] == 0  # steps with more than 8 decodes
-    for step, (overlapped, one_forward) in enumerate(zip(results[True][0], results[False][0], strict=True)):
-        torch.testing.assert_close(overlapped, one_forward, rtol=1e-4, atol=1e-4, msg=f"step {step}")
-    assert results[True][2] == results[False][2]
 
 
 def test_a_step_reports_its_own_device_span(toy_checkpoint):
