@@ -5,7 +5,7 @@
 # phases: pdl (decode step with and without programmatic dependent launch), tests (needs the pytest-xdist and execnet wheels in .whl; GPU_TEST_PATHS picks files, GPU_TEST_TB the traceback style), enginetests, kernels, decode, gemv, sweep (attention launch parameters), profile, overhead, serving, async (batch-1 decode with
 # and without asynchronous scheduling), prefix (a closed loop with and without a shared prompt prefix),
 # b1profile (the batch-1 step's kernels, bf16 and FP8, both shapes; the FP8 step with each fusion off),
-# qkvrows (the decode step at 2-8 rows with qkv_rotary against rotary_kv; FUSIONS_ARGS as for fusions),
+# qkvrows (the decode step at 2-8 rows: no fusion, qkv_rotary alone, rotary_kv alone; FUSIONS_ARGS as for fusions),
 # fusions (issue 13: the decode step with each fused kernel turned off in turn;
 # FUSIONS_ARGS, e.g. "--shape llama3-8b"), fp8 (batch-1 decode and the offline run with FP8 weights), kvfp8 (the same with an FP8 KV cache,
 # with bf16 and with FP8 weights, and the latter at a 2048-token budget), ab (batch-1 decode and the offline
@@ -133,10 +133,11 @@ for phase in "$@"; do
                timeout "${FUSIONS_TIMEOUT_S:-300}" python3 benchmarks/decode_step.py --graphs on --batches 1 \
                  --quantization fp8 --fusions-off "",qkv_rotary,gated_down,norm_linear,all --out "$D" 2>&1 \
                  | tee -a "$D/b1profile.log" | tail -10 ;;
-    qkvrows) # qkv_rotary at 2-8 rows, where the default serves no fusion (the norm prologue costs there):
-             # the decode step with rotary_kv alone vs qkv_rotary (both without the GEMV prologues)
+    qkvrows) # 2-8 rows, where the default serves no fusion (the norm prologue costs there): the decode
+             # step with none (today's default), with qkv_rotary alone, with rotary_kv alone
              timeout "${FUSIONS_TIMEOUT_S:-300}" python3 benchmarks/decode_step.py --graphs on --batches 2 4 8 \
-               --context 384 --fusions-off gated_down+norm_linear+qkv_rotary,gated_down+norm_linear \
+               --context 384 \
+               --fusions-off all,gated_down+norm_linear+rotary_kv,gated_down+norm_linear+qkv_rotary \
                --out "$D" ${FUSIONS_ARGS:-} 2>&1 | tee -a "$D/qkvrows.log" | tail -10 ;;
     fibuild) FIBUILD_LOG="$OUT/flashinfer_build.log"
              if [ -n "${PACK:-}" ]; then mkdir -p "$OUT/_work/flashinfer"; FIBUILD_LOG="$OUT/_work/flashinfer/build.log"; fi
