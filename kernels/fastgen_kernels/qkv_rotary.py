@@ -17,6 +17,7 @@ cache equal the two-kernel path's bit for bit. A negative slot (padding) writes 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ import triton.language as tl
 
 from ._dispatch import use_triton
 from .cache import _cast_for_cache, check_write_layout
-from .fused_linear import norm_prologue, rms_norm_linear, rms_norm_linear_reference
+from .fused_linear import RMSNormLinearResult, norm_prologue, rms_norm_linear, rms_norm_linear_reference
 from .gemv import (
     NO_PROLOGUE,
     GemvConfig,
@@ -81,7 +82,19 @@ class NormArgs:
     residual_out: torch.Tensor | None = None
 
 
-def _unfused(x, weight, bias, weight_scale, write, norm, project, project_normed, rotate) -> torch.Tensor:
+def _unfused(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_scale: torch.Tensor | None,
+    write: RotaryKVWrite,
+    norm: NormArgs | None,
+    project: Callable[..., torch.Tensor],
+    project_normed: Callable[..., RMSNormLinearResult],
+    rotate: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """The projection (``project``, or ``project_normed`` with ``norm``), then ``rotate`` (the
+    rotary and cache write) on its query, key and value views: the two-kernel path's shape."""
     if norm is None:
         qkv = project(x, weight, bias, weight_scale=weight_scale)
     else:
@@ -233,7 +246,16 @@ def qkv_rotary_linear_triton(
     return _launch(x, weight, bias, weight_scale, write, prologue, config)
 
 
-def _launch(x, weight, bias, weight_scale, write: RotaryKVWrite, prologue: Prologue, config: GemvConfig):
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_scale: torch.Tensor | None,
+    write: RotaryKVWrite,
+    prologue: Prologue,
+    config: GemvConfig,
+) -> torch.Tensor:
+    """The kernel's launch over ``x`` [M, K] (unit column stride), one program a tile."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
