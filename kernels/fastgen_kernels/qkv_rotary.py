@@ -207,6 +207,8 @@ def _fused_config(rows: int, weight: torch.Tensor, write: RotaryKVWrite) -> Gemv
 
 
 def _write_applies(x: torch.Tensor, weight: torch.Tensor, write: RotaryKVWrite) -> bool:
+    """Whether ``write`` fits the kernel: the weight's rows are the heads' (q, k, v), a full rotary,
+    a position and a slot per row of ``x``, caches of the layer's KV heads."""
     head_dim = write.head_dim
     rows = x.shape[0]
     tables = (write.positions, write.slot_mapping)
@@ -216,7 +218,8 @@ def _write_applies(x: torch.Tensor, weight: torch.Tensor, write: RotaryKVWrite) 
         and write.rotary_dim == head_dim
         and write.cos_sin_cache.stride(-1) == 1
         and all(t.shape == (rows,) and t.is_contiguous() and t.device == x.device for t in tables)
-        and tuple(write.key_cache.shape[2:]) == (write.num_kv_heads, head_dim)
+        and all(tuple(cache.shape[2:]) == (write.num_kv_heads, head_dim)
+                for cache in (write.key_cache, write.value_cache))
     )
 
 
