@@ -2,7 +2,9 @@
 projection; ``norm_linear``: a pre-norm RMSNorm folded into the next projection): with
 ``gated_down`` on a step gives the same logits, to the bit, as with the fusions off; with
 ``norm_linear`` on too, the same logits to within :data:`LOGIT_ULPS` ulps of the model dtype at the
-step's largest logit (the comment at ``LOGIT_ULPS`` says why).
+step's largest logit (the comment at ``LOGIT_ULPS`` says why). ``qkv_rotary`` (the QKV projection
+rotating and writing the KV cache in its epilogue) gives the same logits, to the bit, as the
+projection followed by the rotary and the cache write.
 
 The model takes them where the small-batch kernel runs: half-precision decode rows on CUDA. On the
 CPU the test moves that rule onto CPU tensors and runs the norm, activation and linear kernels in
