@@ -440,6 +440,40 @@ def _prefetch_row_bytes(weight: torch.Tensor, config: GemvConfig) -> int:
     return config.prefetch_bytes // config.block_n // unit * unit
 
 
+def product_arguments(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_scale: torch.Tensor | None,
+    prologue: Prologue,
+    config: GemvConfig,
+) -> dict[str, object]:
+    """The launch arguments of a small-batch kernel's product (`_product_tile` and the norm
+    prologue, `_rms_rows`) for ``rows`` (unit column stride: [M, K], or [M, 2K] for the SiLU-mul
+    prologue) times ``weight`` [N, K], by the parameter names every such kernel shares; pointers a
+    launch does not use are placeholders."""
+    m, k = rows.shape[0], weight.shape[1]
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    residual = prologue.residual if prologue.residual is not None else rows
+    residual_out = prologue.residual_out if prologue.residual_out is not None else rows
+    return dict(
+        x_ptr=rows, w_ptr=weight,
+        scale_ptr=weight if weight_scale is None else weight_scale.reshape(-1),  # [N, 1]: a view
+        bias_ptr=weight if bias is None else bias, residual_ptr=residual, residual_out_ptr=residual_out,
+        norm_weight_ptr=prologue.norm_weight if prologue.kind == "rms_norm" else weight, eps=prologue.eps,
+        stride_xm=rows.stride(0), stride_wn=weight.stride(0), stride_rm=residual.stride(0),
+        stride_rom=residual_out.stride(0),
+        BLOCK_M=triton.next_power_of_2(m), BLOCK_K=config.block_k, USE_DOT=config.use_dot,
+        HAS_BIAS=bias is not None, HAS_SCALE=weight_scale is not None, PROLOGUE=prologue.kind,
+        HAS_RESIDUAL=prologue.residual is not None,
+        ROW_BLOCK=triton.next_power_of_2(k) if prologue.kind == "rms_norm" else 1,
+        EVEN_K=k % config.block_k == 0,
+        DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32", NUM_STAGES=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
 def linear_small_batch_with_config(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -463,11 +497,6 @@ def linear_small_batch_with_config(
     if k == 0:
         out_rows.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out_rows))
         return out
-    if bias is not None and bias.stride(0) != 1:
-        bias = bias.contiguous()
-    if weight_scale is not None:
-        weight_scale = weight_scale.reshape(-1)  # [N, 1] rows are one float apart: a view
-    block_m = triton.next_power_of_2(m)
     split_k = max(1, min(config.split_k, triton.cdiv(k, config.block_k)))
     k_per_split = triton.cdiv(triton.cdiv(k, config.block_k), split_k) * config.block_k
     atomic = config.atomic_reduce
@@ -479,30 +508,20 @@ def linear_small_batch_with_config(
             workspace = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
         else:
             workspace, counters = found
-    residual = prologue.residual if prologue.residual is not None else rows  # placeholders when unused
-    residual_out = prologue.residual_out if prologue.residual_out is not None else rows
+    product = product_arguments(rows, weight, bias, weight_scale, prologue, config)
     options = pdl.launch_options(x.device)
     grid = (triton.cdiv(n, config.block_n), split_k)
     _gemv_kernel[grid](
-        rows, weight, weight if weight_scale is None else weight_scale, weight if bias is None else bias,
-        out_rows, workspace, counters,
-        residual, residual_out, prologue.norm_weight if prologue.kind == "rms_norm" else weight, prologue.eps,
-        m, n, k, k_per_split, rows.stride(0), weight.stride(0), out_rows.stride(0),
-        residual.stride(0), residual_out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split_k,
-        ATOMIC=atomic, USE_DOT=config.use_dot, HAS_BIAS=bias is not None, HAS_SCALE=weight_scale is not None,
-        PROLOGUE=prologue.kind, HAS_RESIDUAL=prologue.residual is not None,
-        ROW_BLOCK=triton.next_power_of_2(k) if prologue.kind == "rms_norm" else 1,
-        EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", NUM_STAGES=config.num_stages,
+        out_ptr=out_rows, workspace_ptr=workspace, counter_ptr=counters,
+        M=m, N=n, K=k, k_per_split=k_per_split, stride_om=out_rows.stride(0),
+        BLOCK_N=config.block_n, SPLIT_K=split_k, ATOMIC=atomic, EVEN_N=n % config.block_n == 0,
         PREFETCH_ROW_BYTES=_prefetch_row_bytes(weight, config) if options["USE_PDL"] else 0,
-        PREFETCH_PIECES=PREFETCH_PIECES,
-        num_warps=config.num_warps, num_stages=config.num_stages, **options,
+        PREFETCH_PIECES=PREFETCH_PIECES, **product, **options,
     )
     if split_k > 1 and not atomic:
         block = min(1024, triton.next_power_of_2(n))
         _split_k_sum_kernel[(triton.cdiv(n, block), m)](
-            workspace, weight if bias is None else bias, out_rows, m, n, out_rows.stride(0),
+            workspace, product["bias_ptr"], out_rows, m, n, out_rows.stride(0),
             SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
         )
     return out

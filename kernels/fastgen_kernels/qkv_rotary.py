@@ -37,6 +37,7 @@ from .gemv import (
     choose_config_for,
     linear_small_batch,
     linear_small_batch_reference,
+    product_arguments,
 )
 from .quant import FP8
 from .rotary import _rotate_pair_rounded
@@ -271,28 +272,17 @@ def _launch(
     pair_tiles = (write.num_heads + write.num_kv_heads) * half // (config.block_n // 2)
     value_size = write.num_kv_heads * write.head_dim
     grid = (pair_tiles + triton.cdiv(value_size, config.block_n),)
-    residual = prologue.residual if prologue.residual is not None else x  # placeholders when unused
-    residual_out = prologue.residual_out if prologue.residual_out is not None else x
-    scale = weight if weight_scale is None else weight_scale.reshape(-1)
-    norm_weight = prologue.norm_weight if prologue.kind == "rms_norm" else weight
     _qkv_rotary_kernel[grid](
-        x, weight, scale, weight if bias is None else bias, out,
-        residual, residual_out, norm_weight, prologue.eps,
-        write.positions, write.cos_sin_cache, write.slot_mapping, key_cache, value_cache,
-        m, n, k, write.num_heads, write.num_kv_heads, pair_tiles,
-        x.stride(0), weight.stride(0), out.stride(0),
-        residual.stride(0), residual_out.stride(0), write.cos_sin_cache.stride(0),
-        key_cache.stride(1), key_cache.stride(2), value_cache.stride(1), value_cache.stride(2),
-        HEAD_DIM=write.head_dim, HALF=half,
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        USE_DOT=config.use_dot, HAS_BIAS=bias is not None, HAS_SCALE=weight_scale is not None,
-        PROLOGUE=prologue.kind, HAS_RESIDUAL=prologue.residual is not None,
-        ROW_BLOCK=triton.next_power_of_2(k) if prologue.kind == "rms_norm" else 1,
-        EVEN_V=value_size % config.block_n == 0, EVEN_K=k % config.block_k == 0,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", NUM_STAGES=config.num_stages,
+        out_ptr=out, positions_ptr=write.positions, cos_sin_ptr=write.cos_sin_cache,
+        slot_mapping_ptr=write.slot_mapping, key_cache_ptr=key_cache, value_cache_ptr=value_cache,
+        M=m, N=n, K=k, num_heads=write.num_heads, num_kv_heads=write.num_kv_heads, pair_tiles=pair_tiles,
+        stride_om=out.stride(0), stride_cos_sin=write.cos_sin_cache.stride(0),
+        stride_kc_slot=key_cache.stride(1), stride_kc_head=key_cache.stride(2),
+        stride_vc_slot=value_cache.stride(1), stride_vc_head=value_cache.stride(2),
+        HEAD_DIM=write.head_dim, HALF=half, BLOCK_N=config.block_n, EVEN_V=value_size % config.block_n == 0,
         TO_FP8=key_cache.dtype == FP8,
-        ROUNDED_PRODUCTS=x.is_cuda,  # the interpreter (CPU tensors) has no libdevice and never contracts
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        ROUNDED_PRODUCTS=x.is_cuda,  # the interpreter (CPU tensors) runs no PTX and never contracts
+        **product_arguments(x, weight, bias, weight_scale, prologue, config),
     )
     return out
 
